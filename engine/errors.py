@@ -1,0 +1,128 @@
+"""One exception hierarchy for everything tug raises.
+
+Callers catch :class:`MigrationError` and get a one-line ``str()`` fit for a
+terminal; the subclasses carry the structured details a program needs. Nothing
+from asyncssh, msgpack or subprocess leaks past the module that talks to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class MigrationError(Exception):
+    """Root of every error tug raises on purpose."""
+
+    #: Short machine-readable tag, stable across releases (used in JSON output).
+    kind = "migration"
+
+
+class ConfigError(MigrationError):
+    """Bad input from the user: unknown container, malformed URL or option."""
+
+    kind = "config"
+
+
+class PreconditionError(MigrationError):
+    """A host cannot take part in a migration (missing tool, version, feature)."""
+
+    kind = "precondition"
+
+
+class TransportError(MigrationError):
+    """The connection to the peer failed: unreachable, auth, host key, I/O."""
+
+    kind = "transport"
+
+
+class HostKeyError(TransportError):
+    """The peer's host key is unknown or does not match known_hosts."""
+
+    kind = "host-key"
+
+
+class AuthenticationError(TransportError):
+    """The peer refused our credentials."""
+
+    kind = "auth"
+
+
+class ProtocolError(MigrationError):
+    """The peer sent bytes that do not follow the tug wire protocol."""
+
+    kind = "protocol"
+
+
+class RemoteError(MigrationError):
+    """The agent on the destination reported a failure for a request."""
+
+    kind = "remote"
+
+    def __init__(self, message: str, *, remote_kind: str = "migration", details: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.remote_kind = remote_kind
+        self.details = dict(details or {})
+
+
+class RuntimeToolError(MigrationError):
+    """A container runtime command (runc) failed."""
+
+    kind = "runtime"
+
+    def __init__(self, message: str, *, argv: Sequence[str] = (), returncode: int | None = None, stderr: str = "") -> None:
+        super().__init__(message)
+        self.argv = tuple(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+class CriuError(RuntimeToolError):
+    """CRIU (directly or through runc) failed; carries its log's error lines."""
+
+    kind = "criu"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        argv: Sequence[str] = (),
+        returncode: int | None = None,
+        stderr: str = "",
+        log_path: Path | None = None,
+        error_lines: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message, argv=argv, returncode=returncode, stderr=stderr)
+        self.log_path = log_path
+        self.error_lines = tuple(error_lines)
+
+    def __str__(self) -> str:
+        base = super().__str__()
+        if self.error_lines:
+            base += ": " + self.error_lines[-1].strip()
+        if self.log_path is not None:
+            base += f" (log: {self.log_path})"
+        return base
+
+
+class PhaseTimeoutError(MigrationError):
+    """A migration phase ran past its deadline."""
+
+    kind = "timeout"
+
+    def __init__(self, phase: str, seconds: float) -> None:
+        super().__init__(f"phase {phase!r} did not finish within {seconds:g} s")
+        self.phase = phase
+        self.seconds = seconds
+
+
+class RollbackError(MigrationError):
+    """Rollback itself failed: the source may need manual attention."""
+
+    kind = "rollback"
+
+
+class AbortedByPolicy(MigrationError):
+    """The convergence policy decided the migration will never converge."""
+
+    kind = "policy-abort"
