@@ -1,0 +1,317 @@
+"""The destination agent: ``python -m tug.engine.agent``, started over SSH.
+
+It speaks the tug protocol on stdin/stdout, obeys the source, and reports.
+It owns everything it creates on this host until the source commits: if the
+session ends before commit (source crashed, link lost, rollback), the agent
+removes the bundle, the images and any container it restored, so a failed
+migration leaves nothing behind here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tug.transports import protocol as p
+from tug.transports.session import Session, StreamSink
+
+from . import criu, rootfs
+from .errors import ConfigError, MigrationError, PreconditionError, ProtocolError
+from .hostcfg import HostConfig
+from .runtime.runc import Runc
+
+log = logging.getLogger("tug.agent")
+
+SOFTWARE = "tug-agent/0.1"
+INCOMING_MARKER = ".tug-incoming"
+
+
+@dataclass(slots=True)
+class Incoming:
+    """One container this agent is receiving; the unit of cleanup."""
+
+    name: str
+    bundle: Path
+    work: Path
+    restored: bool = False
+    committed: bool = False
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def images(self) -> Path:
+        return self.work / "images"
+
+    @property
+    def criu_work(self) -> Path:
+        return self.work / "criu"
+
+
+class RecordSink:
+    """Receives a rootfs or images record stream into a directory."""
+
+    def __init__(self, root: Path, on_done: Any = None) -> None:
+        self.decoder = rootfs.RecordDecoder()
+        self.writer = rootfs.FileWriter(root)
+        self.on_done = on_done
+
+    async def write(self, data: bytes) -> None:
+        for entry, chunk, last in self.decoder.feed(data):
+            self.writer.write(entry, chunk, last)
+
+    async def close(self, meta: dict[str, Any]) -> None:
+        self.decoder.finish()
+        if self.on_done is not None:
+            self.on_done(self.writer)
+
+    async def abort(self, reason: str) -> None:
+        self.writer.abort()
+
+
+class Agent:
+    def __init__(self, host: HostConfig) -> None:
+        self.host = host
+        self.runc = Runc(host.runc_root, log_dir=host.data_dir / "logs")
+        self.incoming: dict[str, Incoming] = {}
+
+    # ---- dispatch ----------------------------------------------------------
+
+    async def handle_call(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
+        fn = getattr(self, f"call_{method}", None)
+        if fn is None:
+            raise ProtocolError(f"agent has no method {method!r}")
+        log.info("call %s %s", method, {k: v for k, v in args.items() if not isinstance(v, (bytes, list))})
+        result: dict[str, Any] = await fn(**args)
+        return result
+
+    async def open_stream(self, kind: str, meta: dict[str, Any]) -> StreamSink:
+        inc = self._get(meta.get("container"))
+        if kind == "rootfs":
+            return RecordSink(inc.bundle / "rootfs", lambda w: inc.stats.__setitem__("rootfs_bytes", inc.stats.get("rootfs_bytes", 0) + w.bytes))
+        if kind == "images":
+            inc.images.mkdir(parents=True, exist_ok=True)
+            return RecordSink(inc.images, lambda w: inc.stats.__setitem__("image_bytes", w.bytes))
+        raise ProtocolError(f"agent accepts no stream of kind {kind!r}")
+
+    def _get(self, name: object) -> Incoming:
+        if not isinstance(name, str) or name not in self.incoming:
+            raise ProtocolError(f"no migration in progress for container {name!r}")
+        return self.incoming[name]
+
+    # ---- calls -------------------------------------------------------------
+
+    async def call_preflight(self, container: str, criu_version: str, cpuinfo: bytes = b"") -> dict[str, Any]:
+        """Can this host take ``container``? Nothing is changed here."""
+        _check_name(container)
+        if os.geteuid() != 0:
+            raise PreconditionError(f"the agent on {self.host.name} is not root")
+        version = await criu.version()
+        if not version.supported:
+            raise PreconditionError(f"CRIU {version} on {self.host.name} is too old; need >= 4.2")
+        runc_version = await self.runc.version()
+        if await self.runc.state(container) is not None:
+            raise PreconditionError(f"destination {self.host.name} already runs a container named {container!r}")
+        bundle = self.host.bundle_dir(container)
+        if bundle.exists() and not (bundle / INCOMING_MARKER).exists():
+            raise PreconditionError(f"destination {self.host.name} already has a bundle for {container!r} at {bundle}")
+        if cpuinfo:
+            with tempfile.TemporaryDirectory(prefix="tug-cpuinfo-") as d:
+                Path(d, "cpuinfo.img").write_bytes(cpuinfo)
+                problem = await criu.cpuinfo_check(Path(d))
+            if problem:
+                raise PreconditionError(f"CPU of {self.host.name} cannot run this dump: {problem}")
+        return {"host": self.host.name, "criu": str(version), "runc": runc_version, "bundle": str(bundle)}
+
+    async def call_prepare(self, container: str, config: bytes) -> dict[str, Any]:
+        """Create the staging bundle and the work space (pre-restore)."""
+        _check_name(container)
+        bundle = self.host.bundle_dir(container)
+        if bundle.exists():
+            if not (bundle / INCOMING_MARKER).exists():
+                raise PreconditionError(f"bundle {bundle} already exists on {self.host.name}")
+            shutil.rmtree(bundle)  # leftover of an attempt that died before cleaning up
+        work = self.host.work_dir / container
+        shutil.rmtree(work, ignore_errors=True)
+        inc = Incoming(name=container, bundle=bundle, work=work)
+        self.incoming[container] = inc
+        bundle.mkdir(parents=True)
+        (bundle / INCOMING_MARKER).write_text(f"{os.getpid()}\n")
+        (bundle / "rootfs").mkdir()
+        work.mkdir(parents=True)
+        (bundle / "config.json").write_bytes(self._rewrite_config(container, config))
+        return {"bundle": str(bundle), "work": str(work)}
+
+    def _rewrite_config(self, container: str, raw: bytes) -> bytes:
+        try:
+            spec = json.loads(raw)
+        except ValueError as exc:
+            raise ConfigError(f"container config is not valid JSON: {exc}") from None
+        spec.setdefault("root", {})["path"] = "rootfs"
+        if self.host.cgroup_parent:
+            spec.setdefault("linux", {})["cgroupsPath"] = f"{self.host.cgroup_parent.rstrip('/')}/{container}"
+        return json.dumps(spec, indent=2).encode()
+
+    async def call_rootfs_plan(self, container: str, manifest: list[Any]) -> dict[str, Any]:
+        inc = self._get(container)
+        source = [rootfs.Entry.from_wire(item) for item in manifest]
+        root = inc.bundle / "rootfs"
+        plan = rootfs.plan(source, await asyncio.to_thread(rootfs.scan, root))
+        await asyncio.to_thread(rootfs.apply_structure, root, plan)
+        return {
+            "need": [e.path for e in plan.send],
+            "deleted": len(plan.delete),
+            "skipped": plan.skipped,
+        }
+
+    async def call_restore(self, container: str, tcp_established: bool = False, fault: str | None = None) -> dict[str, Any]:
+        inc = self._get(container)
+        if fault == "corrupt-images":
+            _corrupt_images(inc.images)
+        (inc.bundle / INCOMING_MARKER).unlink(missing_ok=True)
+        (inc.bundle / INCOMING_MARKER).write_text("restoring\n")
+        t0 = time.monotonic()
+        try:
+            await self.runc.restore_detached(
+                container, bundle=inc.bundle, image_dir=inc.images, work_dir=inc.criu_work, tcp_established=tcp_established
+            )
+        except MigrationError:
+            self._keep_log(inc, "restore.log")
+            raise
+        inc.restored = True
+        st = await self.runc.require(container)
+        return {"pid": st.pid, "status": st.status, "restore_ms": (time.monotonic() - t0) * 1000, **inc.stats}
+
+    async def call_commit(self, container: str) -> dict[str, Any]:
+        """The destination now owns the container: stop guarding it for cleanup."""
+        inc = self._get(container)
+        if not inc.restored:
+            raise ProtocolError(f"commit of {container!r} before restore")
+        inc.committed = True
+        (inc.bundle / INCOMING_MARKER).unlink(missing_ok=True)
+        shutil.rmtree(inc.work, ignore_errors=True)
+        del self.incoming[container]
+        return {"committed": True}
+
+    async def call_abort(self, container: str) -> dict[str, Any]:
+        inc = self.incoming.get(container)
+        if inc is not None:
+            await self._cleanup(inc)
+        return {"aborted": inc is not None}
+
+    # ---- cleanup -----------------------------------------------------------
+
+    async def _cleanup(self, inc: Incoming) -> None:
+        """Undo everything done for an uncommitted container."""
+        self.incoming.pop(inc.name, None)
+        if inc.committed:
+            return
+        with contextlib.suppress(MigrationError):
+            if await self.runc.state(inc.name) is not None:
+                await self.runc.delete(inc.name, force=True)
+        shutil.rmtree(inc.bundle, ignore_errors=True)
+        shutil.rmtree(inc.work, ignore_errors=True)
+        log.info("cleaned up uncommitted %s", inc.name)
+
+    async def cleanup_all(self) -> None:
+        for inc in list(self.incoming.values()):
+            await self._cleanup(inc)
+
+    def _keep_log(self, inc: Incoming, name: str) -> None:
+        src = inc.criu_work / name
+        if src.exists():
+            dst_dir = self.host.data_dir / "logs"
+            dst_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst_dir / f"{inc.name}-{name}")
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or name.startswith(".") or len(name) > 200:
+        raise ConfigError(f"invalid container name {name!r}")
+
+
+def _corrupt_images(images: Path) -> None:
+    """Test hook (``--fault corrupt-images``): damage the dump like a bad disk would."""
+    for img in sorted(images.glob("pagemap-*.img")) + sorted(images.glob("core-*.img")):
+        data = bytearray(img.read_bytes())
+        for i in range(8, len(data)):
+            data[i] ^= 0xFF
+        img.write_bytes(bytes(data))
+
+
+# ---- process entry -----------------------------------------------------------
+
+
+class _PipeStream:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def read(self) -> bytes:
+        return await self.reader.read(1 << 20)
+
+    async def write(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.writer.close()
+
+
+async def _stdio_stream() -> _PipeStream:
+    """Protocol on the original stdin/stdout; stray prints go to stderr."""
+    loop = asyncio.get_running_loop()
+    out_fd = os.dup(1)
+    os.dup2(2, 1)
+    reader = asyncio.StreamReader(limit=1 << 22)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", buffering=0))
+    transport, proto = await loop.connect_write_pipe(
+        asyncio.streams.FlowControlMixin, os.fdopen(out_fd, "wb", buffering=0)
+    )
+    writer = asyncio.StreamWriter(transport, proto, reader, loop)
+    return _PipeStream(reader, writer)
+
+
+async def serve(host: HostConfig | None = None) -> None:
+    host = host or HostConfig.from_env()
+    agent = Agent(host)
+    stream = await _stdio_stream()
+    session = Session(stream, p.Role.AGENT, handler=agent)
+    try:
+        info = {"criu": str(await criu.version()), "runc": await agent.runc.version(), "pid": os.getpid()}
+        await session.start(software=SOFTWARE, host=host.name, info=info)
+        await session.wait_closed()
+    except MigrationError as exc:
+        log.error("session ended: %s", exc)
+    finally:
+        await asyncio.shield(agent.cleanup_all())
+        await session.close()
+
+
+def main() -> None:
+    host = HostConfig.from_env()
+    logs = host.data_dir / "logs"
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    with contextlib.suppress(OSError):
+        logs.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(logs / "agent.log"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s agent[%(process)d] %(message)s", handlers=handlers)
+    try:
+        import uvloop
+
+        uvloop.run(serve(host))
+    except ImportError:
+        asyncio.run(serve(host))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The library API: ``await tug.engine.migrate(container, destination)``.
+
+Everything the CLI does goes through here, so a Python program gets the same
+validation, progress events, rollback and report as a terminal user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .events import Event, MigrationReport
+from .hostcfg import HostConfig
+
+STRATEGIES = ("stop-copy",)
+
+#: Seconds each phase may take before the migration is rolled back.
+DEFAULT_TIMEOUTS: Mapping[str, float] = {
+    "pre-checkpoint": 300.0,
+    "pre-restore": 60.0,
+    "checkpoint": 300.0,
+    "transfer": 1800.0,
+    "restore": 300.0,
+    "commit": 60.0,
+    "rollback": 120.0,
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigrationOptions:
+    strategy: str = "stop-copy"
+    #: SSH private key; default: TUG_SSH_IDENTITY, else asyncssh's defaults (~/.ssh/id_*).
+    identity: Path | None = None
+    #: known_hosts file checked against the destination's host key
+    #: (default: TUG_SSH_KNOWN_HOSTS, else ~/.ssh/known_hosts). Never skipped.
+    known_hosts: Path | None = None
+    #: Command that starts the agent on the destination; default: this
+    #: interpreter's path with ``-m tug.engine.agent`` (same install layout).
+    agent_command: str | None = None
+    connect_timeout: float = 15.0
+    timeouts: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TIMEOUTS))
+    tcp_established: bool = False
+    #: Testing only: make a step fail for real (e.g. "corrupt-images" damages
+    #: the images on the destination so that CRIU's restore fails).
+    fault: str | None = None
+    host: HostConfig | None = None
+
+    def timeout(self, phase: str) -> float:
+        return self.timeouts.get(phase, DEFAULT_TIMEOUTS.get(phase, 300.0))
+
+
+async def migrate(
+    container: str,
+    destination: str,
+    *,
+    options: MigrationOptions | None = None,
+    on_event: Callable[[Event], None] | None = None,
+) -> MigrationReport:
+    """Live-migrate ``container`` (running on this host) to ``destination``.
+
+    ``destination`` is ``ssh://user@host[:port]``. Returns the report of a
+    migration that completed. Raises a :class:`~tug.engine.errors.MigrationError`
+    otherwise; its ``report`` attribute (when set) tells whether the source was
+    resumed (``outcome == "rolled-back"``) and what happened up to then.
+    """
+    from .migration import Migration
+
+    opts = options or MigrationOptions()
+    return await Migration(container, destination, opts, on_event).run()
+
+
+def migrate_sync(container: str, destination: str, **kwargs: object) -> MigrationReport:
+    """Blocking wrapper for scripts that have no event loop of their own."""
+    return asyncio.run(migrate(container, destination, **kwargs))  # type: ignore[arg-type]
+
+
+__all__ = ["migrate", "migrate_sync", "MigrationOptions", "MigrationReport", "STRATEGIES", "DEFAULT_TIMEOUTS"]

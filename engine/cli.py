@@ -1,0 +1,279 @@
+"""The ``tug`` command: a thin layer over the library.
+
+Errors print as one line (``tug: error: ...``) and exit 1; usage errors exit 2.
+Progress goes to stderr so that ``--json`` leaves stdout with exactly one JSON
+document for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .errors import MigrationError
+from .events import Event, MigrationReport, Note, PhaseFinished, PhaseStarted, RoundCompleted, TransferProgress
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+class Progress:
+    """Live progress on stderr: one rewritten line on a terminal, plain lines otherwise."""
+
+    def __init__(self, stream: Any = sys.stderr, quiet: bool = False) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.quiet = quiet
+        self._line = False
+
+    def _clear(self) -> None:
+        if self._line:
+            self.stream.write("\r\033[K")
+            self._line = False
+
+    def __call__(self, ev: Event) -> None:
+        if self.quiet:
+            return
+        if isinstance(ev, TransferProgress):
+            total = f" / {human_bytes(ev.bytes_total)}" if ev.bytes_total else ""
+            text = f"[{ev.phase}] {ev.what}: {human_bytes(ev.bytes_done)}{total} at {human_bytes(ev.rate_bps)}/s"
+            if self.tty:
+                self.stream.write("\r\033[K" + text)
+                self._line = True
+                self.stream.flush()
+            return
+        self._clear()
+        if isinstance(ev, PhaseStarted):
+            self.stream.write(f"[{ev.at_s:7.3f}s] {ev.phase} ...\n")
+        elif isinstance(ev, PhaseFinished):
+            self.stream.write(f"[{ev.at_s:7.3f}s] {ev.phase} done in {ev.duration_s * 1000:.0f} ms\n")
+        elif isinstance(ev, RoundCompleted):
+            self.stream.write(
+                f"          round {ev.index}: {ev.dirty_pages} dirty pages, {human_bytes(ev.bytes)} "
+                f"in {ev.duration_ms:.0f} ms ({human_bytes(ev.bandwidth_bps)}/s) -> {ev.decision}\n"
+            )
+        elif isinstance(ev, Note):
+            prefix = "warning: " if ev.level == "warning" else ""
+            self.stream.write(f"          {prefix}{ev.message}\n")
+        self.stream.flush()
+
+
+def summary(r: MigrationReport) -> str:
+    rows = [
+        ("container", r.container),
+        ("from -> to", f"{r.source} -> {r.destination}"),
+        ("strategy", r.strategy),
+        ("outcome", r.outcome),
+        ("downtime", f"{r.downtime_ms:.0f} ms (source frozen {r.frozen_ms:.0f} ms)"),
+        ("total time", f"{r.total_s:.2f} s"),
+        ("bytes on the wire", f"{human_bytes(r.bytes_total)} ({human_bytes(r.frozen_bytes)} while frozen)"),
+        ("  CRIU images", human_bytes(r.image_bytes)),
+        ("  rootfs files", human_bytes(r.rootfs_bytes)),
+    ]
+    for phase, secs in r.phases.items():
+        rows.append((f"  {phase}", f"{secs * 1000:.0f} ms, {human_bytes(r.bytes_by_phase.get(phase, 0))}"))
+    if r.error is not None:
+        rows.append(("error", f"[{r.error.phase}] {r.error.message}"))
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
+
+
+def _die(msg: str, code: int = 1) -> NoReturn:
+    print(f"tug: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+# ---- migrate --------------------------------------------------------------
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .api import MigrationOptions, migrate
+
+    opts = MigrationOptions(
+        strategy=args.strategy,
+        identity=Path(args.identity) if args.identity else None,
+        known_hosts=Path(args.known_hosts) if args.known_hosts else None,
+        agent_command=args.agent_command,
+        connect_timeout=args.connect_timeout,
+        tcp_established=args.tcp_established,
+        fault=args.fault,
+    )
+    progress = Progress(quiet=args.quiet)
+    try:
+        report: MigrationReport = _run(migrate(args.container, args.to, options=opts, on_event=progress))
+    except MigrationError as exc:
+        progress._clear()
+        failed: MigrationReport | None = getattr(exc, "report", None)
+        if args.json and failed is not None:
+            print(json.dumps(failed.to_dict()))
+        if failed is not None and failed.outcome == "rolled-back" and failed.frozen_ms > 0:
+            print(f"tug: error: {exc} (rolled back: the source container is running again)", file=sys.stderr)
+        else:
+            print(f"tug: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        _die("interrupted (the source was resumed)", 130)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        print(summary(report))
+    return 0
+
+
+# ---- doctor ---------------------------------------------------------------
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    rows = _run(doctor.run_checks(
+        args.to, identity=Path(args.identity) if args.identity else None,
+        known_hosts=Path(args.known_hosts) if args.known_hosts else None,
+    ))
+    if args.json:
+        print(json.dumps({"ok": doctor.verdict(rows), "checks": [r.__dict__ if hasattr(r, "__dict__") else
+              {"name": r.name, "status": r.status, "detail": r.detail, "fix": r.fix} for r in rows]}))
+    else:
+        print(doctor.render(rows))
+        print("\nmigration can work on this host" if doctor.verdict(rows) else "\nmigration cannot work on this host: see the FAIL rows")
+    return 0 if doctor.verdict(rows) else 1
+
+
+# ---- lab --------------------------------------------------------------------
+
+
+def _say(msg: str) -> None:
+    print(f"lab: {msg}", file=sys.stderr)
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from .lab import demo, hosts
+
+    if args.lab_cmd == "up":
+        lab = hosts.up(args.hosts, rate=args.rate, delay=args.delay, log=_say)
+        for h in lab.hosts:
+            print(f"{h.name}\t{h.url}")
+    elif args.lab_cmd == "down":
+        hosts.down(log=_say)
+        _say("down")
+    elif args.lab_cmd == "status":
+        st = hosts.status()
+        if args.json:
+            print(json.dumps(st))
+        elif not st["hosts"]:
+            print("the lab is down")
+        else:
+            print(f"lab {'up' if st['up'] else 'DEGRADED'}: rate={st['rate'] or 'unlimited'} delay={st['delay'] or '0'}")
+            for h in st["hosts"]:
+                cs = ", ".join(f"{c['id']} ({c['status']})" for c in h["containers"]) or "-"
+                print(f"  {h['name']}  {h['url']}  sshd {h['sshd']}  containers: {cs}")
+        return 0 if st["up"] or not st["hosts"] else 1
+    elif args.lab_cmd == "url":
+        print(hosts.require().host(args.host).url)
+    elif args.lab_cmd == "run":
+        argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        hosts.exec_in_host(args.host, argv)
+    elif args.lab_cmd == "demo":
+        h = hosts.require().host(args.host)
+        spec = demo.WorkloadSpec(memory_mib=args.memory, dirty_rate=args.dirty_rate, hot_set=args.hot_set)
+        bundle = demo.start(h, args.name, spec)
+        _say(f"demo container {args.name} running on {h.name} ({args.memory} MiB, {args.dirty_rate} pages/s), bundle {bundle}")
+    elif args.lab_cmd == "check":
+        h = hosts.require().host(args.host)
+        result = demo.check(h, args.name)
+        print(json.dumps(result))
+        return 0 if result["ok"] else 1
+    return 0
+
+
+# ---- parser ---------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .api import STRATEGIES
+
+    ap = argparse.ArgumentParser(prog="tug", description="Live-migrate running containers between hosts with CRIU.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    m = sub.add_parser("migrate", help="live-migrate a running container to another host")
+    m.add_argument("container")
+    m.add_argument("--to", required=True, metavar="URL", help="destination, ssh://user@host[:port]")
+    m.add_argument("--strategy", default="stop-copy", choices=STRATEGIES)
+    m.add_argument("--identity", "-i", metavar="KEY", help="SSH private key (default: $TUG_SSH_IDENTITY or ~/.ssh)")
+    m.add_argument("--known-hosts", metavar="FILE", help="known_hosts to check the destination's host key against")
+    m.add_argument("--agent-command", metavar="CMD", help="command that starts the agent on the destination")
+    m.add_argument("--connect-timeout", type=float, default=15.0, metavar="S")
+    m.add_argument("--tcp-established", action="store_true", help="checkpoint established TCP connections")
+    m.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
+    m.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    m.add_argument("--fault", help=argparse.SUPPRESS)
+    m.set_defaults(fn=cmd_migrate)
+
+    d = sub.add_parser("doctor", help="check that this host (and a destination) can migrate")
+    d.add_argument("--to", metavar="URL", help="also check ssh reachability of this destination")
+    d.add_argument("--identity", "-i", metavar="KEY")
+    d.add_argument("--known-hosts", metavar="FILE")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(fn=cmd_doctor)
+
+    lab = sub.add_parser("lab", help="the built-in test lab: several hosts on this machine")
+    ls = lab.add_subparsers(dest="lab_cmd", required=True)
+    up = ls.add_parser("up", help="create the lab (idempotent)")
+    up.add_argument("--hosts", type=int, default=2)
+    up.add_argument("--rate", help="shape each host's link, e.g. 1gbit")
+    up.add_argument("--delay", help="add latency to each host's link, e.g. 1ms")
+    ls.add_parser("down", help="remove everything the lab created")
+    st = ls.add_parser("status")
+    st.add_argument("--json", action="store_true")
+    u = ls.add_parser("url", help="print the ssh URL of a host")
+    u.add_argument("host")
+    r = ls.add_parser("run", help="run a command inside a host: tug lab run a -- CMD")
+    r.add_argument("host")
+    r.add_argument("argv", nargs=argparse.REMAINDER)
+    dm = ls.add_parser("demo", help="start the demo workload container on a host")
+    dm.add_argument("host")
+    dm.add_argument("name")
+    dm.add_argument("--memory", type=int, default=64, metavar="MIB")
+    dm.add_argument("--dirty-rate", type=int, default=0, metavar="PAGES_PER_S")
+    dm.add_argument("--hot-set", type=float, default=1.0, metavar="FRACTION")
+    ck = ls.add_parser("check", help="verify a demo container: running, counter continuous, memory intact")
+    ck.add_argument("host")
+    ck.add_argument("name")
+    lab.set_defaults(fn=cmd_lab)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.fn(args)
+    except MigrationError as exc:
+        _die(str(exc))
+    except KeyboardInterrupt:
+        _die("interrupted", 130)
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""``tug doctor``: can this host take part in a live migration, and if not, why?
+
+Each check yields a row with a status and, for anything not OK, the fix. The
+wording is meant for someone who has never heard of soft-dirty bits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import criu, proc
+from .errors import MigrationError
+from .hostcfg import HostConfig
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+PIPE_MAX_WANTED = 16 << 20
+# _IOWR('f', 16, struct pm_scan_arg): 12 u64 fields = 96 bytes.
+PAGEMAP_SCAN = (3 << 30) | (96 << 16) | (ord("f") << 8) | 16
+TCP_REPAIR = 19
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Check:
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+
+async def run_checks(destination: str | None = None, *, identity: Path | None = None, known_hosts: Path | None = None) -> list[Check]:
+    rows: list[Check] = []
+    rows.append(Check(name="root", status=OK if os.geteuid() == 0 else FAIL,
+                      detail="running as root" if os.geteuid() == 0 else "not root",
+                      fix="" if os.geteuid() == 0 else "run tug as root (CRIU and runc need it)"))
+    rows += await _criu_checks()
+    rows.append(await _runc_check())
+    rows.append(_freezer_check())
+    rows.append(_netfilter_check())
+    rows.append(_pipe_check())
+    rows.append(_pagemap_scan_check())
+    rows.append(_tcp_repair_check())
+    if destination:
+        rows.append(await _ssh_check(destination, identity, known_hosts))
+    return rows
+
+
+async def _criu_checks() -> list[Check]:
+    try:
+        binary = criu.criu_binary()
+        v = await criu.version()
+    except MigrationError as exc:
+        return [Check(name="criu", status=FAIL, detail=str(exc), fix="run scripts/setup.sh (builds CRIU 4.2.1)")]
+    rows = [Check(
+        name="criu version", status=OK if v.supported else FAIL, detail=f"{v} ({binary})",
+        fix="" if v.supported else "CRIU < 4.2 cannot dump INET sockets on kernels >= 6.16; run scripts/setup.sh",
+    )]
+    passed, line = await criu.check()
+    rows.append(Check(name="criu check", status=OK if passed else FAIL, detail=line or ("passed" if passed else "failed"),
+                      fix="" if passed else "run 'criu check' for details; CRIU 3.x fails on this kernel (vDSO)"))
+    soft_dirty = await criu.has_feature("mem_dirty_track")
+    rows.append(Check(
+        name="soft-dirty (mem_dirty_track)", status=OK if soft_dirty else WARN,
+        detail="kernel tracks dirty pages: CRIU pre-dump works" if soft_dirty else
+        "this kernel has no soft-dirty page tracking (CONFIG_MEM_SOFT_DIRTY is off), so CRIU's pre-dump "
+        "cannot find the pages a running container changed; stop-copy works, and pre-copy must use "
+        "tug's content tracker instead",
+        fix="" if soft_dirty else "nothing to fix for stop-copy; use --tracker content for pre-copy",
+    ))
+    uffd = await criu.has_feature("uffd-noncoop")
+    rows.append(Check(
+        name="lazy pages (uffd)", status=OK if uffd else WARN,
+        detail="userfaultfd available: post-copy possible" if uffd else "no non-cooperative userfaultfd: no post-copy",
+        fix="" if uffd else "a kernel with CONFIG_USERFAULTFD is needed for post-copy",
+    ))
+    return rows
+
+
+async def _runc_check() -> Check:
+    if not shutil.which("runc"):
+        return Check(name="runc", status=FAIL, detail="not installed", fix="apt-get install runc (or scripts/setup.sh)")
+    res = await proc.run(["runc", "--version"], timeout=10, check=False)
+    return Check(name="runc", status=OK, detail=res.out.splitlines()[0] if res.out else "present")
+
+
+def _freezer_check() -> Check:
+    v1 = Path("/sys/fs/cgroup/freezer")
+    v2 = Path("/sys/fs/cgroup/cgroup.subtree_control")
+    if v1.is_dir() or v2.exists():
+        return Check(name="cgroup freezer", status=OK, detail="available: the source stays frozen until commit")
+    return Check(name="cgroup freezer", status=FAIL, detail="no freezer cgroup",
+                 fix="mount the freezer cgroup (v1) or use cgroup v2: the source must stay frozen, not die")
+
+
+def _netfilter_check() -> Check:
+    tools = [t for t in ("iptables", "nft") if shutil.which(t)]
+    if tools:
+        return Check(name="network lock", status=OK, detail=f"{', '.join(tools)} present (CRIU locks traffic during dump)")
+    return Check(name="network lock", status=FAIL, detail="neither iptables nor nft found", fix="apt-get install iptables")
+
+
+def _pipe_check() -> Check:
+    try:
+        size = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    except OSError:
+        return Check(name="pipe-max-size", status=WARN, detail="unreadable")
+    good = size >= PIPE_MAX_WANTED
+    return Check(
+        name="pipe-max-size", status=OK if good else WARN, detail=f"{size} bytes",
+        fix="" if good else f"echo {PIPE_MAX_WANTED} > /proc/sys/fs/pipe-max-size "
+        "(CRIU's lazy-pages page server fails without it when CAP_SYS_RESOURCE is missing)",
+    )
+
+
+def _pagemap_scan_check() -> Check:
+    """Probe the PAGEMAP_SCAN ioctl (Linux >= 6.7) used by the content tracker."""
+    buf = (ctypes.c_uint64 * 12)()
+    buf[0] = 96  # size
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            fcntl.ioctl(f.fileno(), PAGEMAP_SCAN, buf)
+        ok = True
+    except OSError as exc:
+        ok = exc.errno != errno.ENOTTY
+    return Check(
+        name="PAGEMAP_SCAN", status=OK if ok else WARN,
+        detail="ioctl available (fast written-page scans)" if ok else "not available (kernel < 6.7)",
+        fix="" if ok else "pre-copy falls back to hashing page contents",
+    )
+
+
+def _tcp_repair_check() -> Check:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+        return Check(name="tcp repair", status=OK, detail="TCP_REPAIR works: established connections can migrate")
+    except OSError as exc:
+        return Check(name="tcp repair", status=WARN, detail=f"TCP_REPAIR refused ({exc.strerror})",
+                     fix="needs CAP_NET_ADMIN; without it use --tcp-close")
+    finally:
+        s.close()
+
+
+async def _ssh_check(destination: str, identity: Path | None, known_hosts: Path | None) -> Check:
+    from tug.transports import protocol as p
+    from tug.transports.session import Session
+    from tug.transports.ssh import connect_agent, parse_url
+
+    host = HostConfig.from_env()
+    try:
+        target = parse_url(destination)
+        agent = await connect_agent(target, identity=identity or host.ssh_identity,
+                                    known_hosts=known_hosts or host.ssh_known_hosts, connect_timeout=10)
+    except MigrationError as exc:
+        return Check(name=f"ssh {destination}", status=FAIL, detail=str(exc), fix="check the URL, key and known_hosts")
+    session = Session(agent.stream, p.Role.SOURCE)
+    try:
+        peer = await session.start(software="tug-doctor", host=host.name, info={}, timeout=20)
+        return Check(name=f"ssh {destination}", status=OK,
+                     detail=f"agent on {peer.host}: CRIU {peer.info.get('criu')}, runc {peer.info.get('runc')}")
+    except MigrationError as exc:
+        tail = agent.stderr_tail()
+        return Check(name=f"ssh {destination}", status=FAIL, detail=f"agent did not start: {exc}",
+                     fix=tail[-1] if tail else "is tug installed at the same path on the destination? see --agent-command")
+    finally:
+        await session.close()
+        await agent.close()
+
+
+def render(rows: list[Check]) -> str:
+    w1 = max(len(r.name) for r in rows)
+    lines = [f"{'check'.ljust(w1)}  status  detail", f"{'-' * w1}  ------  ------"]
+    for r in rows:
+        lines.append(f"{r.name.ljust(w1)}  {r.status.ljust(6)}  {r.detail}")
+        if r.fix:
+            lines.append(f"{''.ljust(w1)}          fix: {r.fix}")
+    return "\n".join(lines)
+
+
+def verdict(rows: list[Check]) -> bool:
+    return all(r.status != FAIL for r in rows)
+
+
+def run_sync(destination: str | None = None, **kw: Path | None) -> list[Check]:
+    return asyncio.run(run_checks(destination, **kw))

@@ -1,0 +1,109 @@
+"""Structured data the engine emits: progress events and the final report.
+
+The CLI, library callers and bench all consume these same objects, so they
+are frozen dataclasses with plain-data fields and a ``to_dict`` for JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PhaseStarted:
+    phase: str
+    at_s: float  # seconds since the migration started
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PhaseFinished:
+    phase: str
+    at_s: float
+    duration_s: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransferProgress:
+    phase: str
+    what: str  # rootfs | images | pages
+    bytes_done: int
+    bytes_total: int | None
+    rate_bps: float  # bytes per second over the whole transfer so far
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Note:
+    """Something worth telling the user that is not an error."""
+
+    level: str  # info | warning
+    message: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoundCompleted:
+    index: int
+    duration_ms: float
+    pages_scanned: int
+    dirty_pages: int
+    pages_sent: int
+    bytes: int
+    bandwidth_bps: float
+    dirty_rate_pps: float
+    decision: str
+
+
+Event = PhaseStarted | PhaseFinished | TransferProgress | Note | RoundCompleted
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorInfo:
+    kind: str
+    message: str
+    phase: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigrationReport:
+    container: str
+    source: str
+    destination: str
+    strategy: str
+    #: migrated | rolled-back | failed (failed = could not even roll back cleanly)
+    outcome: str
+    total_s: float
+    #: From the freeze of the source to the destination's process running,
+    #: as the engine measures it (includes the confirmation's trip back).
+    downtime_ms: float
+    frozen_ms: float
+    bytes_total: int
+    #: Bytes that crossed the wire while the container was frozen.
+    frozen_bytes: int
+    bytes_by_phase: dict[str, int]
+    phases: dict[str, float]  # seconds per phase
+    rounds: list[RoundCompleted] = field(default_factory=list)
+    tracker: str | None = None
+    image_bytes: int = 0
+    rootfs_bytes: int = 0
+    error: ErrorInfo | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "migrated"
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = _plain(self)
+        return d

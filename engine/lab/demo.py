@@ -1,0 +1,161 @@
+"""The lab's demo container: busybox plus the tug-workload program.
+
+``start`` builds the image once (cached under the lab's data dir), copies it
+into a host's bundle directory and runs it with runc. ``check`` asks the
+workload to verify its memory and reads its heartbeat log: together they prove
+a migration kept memory intact and the counter continuous.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, PreconditionError
+from .hosts import DATA_DIR, LabHost, sh
+from .workload import analyze_heartbeat, build_workload, read_status, read_verify, verify_seq
+
+IMAGE_DIR = DATA_DIR / "image"
+APPLETS = ("sh", "ls", "cat", "echo", "sleep", "ps", "top", "kill", "wc", "head", "tail", "grep", "mkdir", "rm", "touch", "date", "env", "true", "false", "md5sum")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkloadSpec:
+    memory_mib: int = 64
+    dirty_rate: int = 0
+    hot_set: float = 1.0
+    port: int = 7000
+
+    def argv(self) -> list[str]:
+        return [
+            "/usr/bin/tug-workload", "--memory", str(self.memory_mib), "--dirty-rate", str(self.dirty_rate),
+            "--hot-set", repr(self.hot_set), "--state", "/state", "--port", str(self.port),
+        ]
+
+
+def image_rootfs() -> Path:
+    """The demo rootfs (busybox + workload), built once and reused."""
+    rootfs = IMAGE_DIR / "rootfs"
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        raise PreconditionError("busybox not found (apt-get install busybox-static)")
+    binary = build_workload(IMAGE_DIR / "tug-workload")
+    stamp = IMAGE_DIR / "rootfs.stamp"
+    want = f"{binary.stat().st_mtime_ns}"
+    if rootfs.exists() and stamp.exists() and stamp.read_text() == want:
+        return rootfs
+    shutil.rmtree(rootfs, ignore_errors=True)
+    for d in ("bin", "usr/bin", "proc", "sys", "dev", "tmp", "etc", "state", "root"):
+        (rootfs / d).mkdir(parents=True, exist_ok=True)
+    (rootfs / "tmp").chmod(0o1777)
+    shutil.copy2(busybox, rootfs / "bin" / "busybox")
+    for applet in APPLETS:
+        (rootfs / "bin" / applet).symlink_to("busybox")
+    shutil.copy2(binary, rootfs / "usr/bin/tug-workload")
+    (rootfs / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (rootfs / "etc/group").write_text("root:x:0:\n")
+    (rootfs / "etc/hostname").write_text("tug-demo\n")
+    stamp.write_text(want)
+    return rootfs
+
+
+def _spec(name: str, host: LabHost, workload: WorkloadSpec) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run(["runc", "spec"], cwd=d, check=True, capture_output=True)
+        spec: dict[str, Any] = json.loads(Path(d, "config.json").read_text())
+    spec["process"]["terminal"] = False
+    spec["process"]["args"] = workload.argv()
+    spec["root"] = {"path": "rootfs", "readonly": False}
+    spec["hostname"] = name
+    spec["linux"]["cgroupsPath"] = f"{host.cgroup_parent}/{name}"
+    return spec
+
+
+def start(host: LabHost, name: str, workload: WorkloadSpec) -> Path:
+    """Create and run demo container ``name`` on ``host``; returns its bundle."""
+    if not name or "/" in name or name.startswith("."):
+        raise ConfigError(f"invalid container name {name!r}")
+    if sh("runc", "--root", host.runc_root, "state", name, check=False).returncode == 0:
+        raise ConfigError(f"host {host.name} already has a container named {name!r}")
+    bundle = Path(host.data_dir) / "containers" / name
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    bundle.mkdir(parents=True)
+    sh("cp", "-a", str(image_rootfs()), str(bundle / "rootfs"))
+    (bundle / "config.json").write_text(json.dumps(_spec(name, host, workload), indent=2))
+    log = Path(host.data_dir) / "logs"
+    log.mkdir(parents=True, exist_ok=True)
+    with open("/dev/null", "rb") as null_in, open("/dev/null", "wb") as null_out:
+        res = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{host.netns}", "--", "runc", "--root", host.runc_root,
+             "--log", str(log / f"runc-{name}.log"), "run", "-d", "--bundle", str(bundle), name],
+            stdin=null_in, stdout=null_out, stderr=null_out,
+        )
+    if res.returncode != 0:
+        shutil.rmtree(bundle, ignore_errors=True)
+        tail = [ln for ln in (log / f"runc-{name}.log").read_text(errors="replace").splitlines() if ln.strip()]
+        raise PreconditionError(f"runc run {name} failed: {tail[-1] if tail else f'exit {res.returncode}'}")
+    state = bundle / "rootfs" / "state"
+    deadline = time.monotonic() + 30  # the first touch of fresh memory is slow here
+    while time.monotonic() < deadline:
+        if (state / "status.json").exists():
+            return bundle
+        time.sleep(0.05)
+    raise PreconditionError(f"demo container {name} started but its workload wrote no status within 30 s")
+
+
+def check(host: LabHost, name: str, timeout: float = 20.0) -> dict[str, Any]:
+    """Is ``name`` running on ``host`` with intact memory and an unbroken counter?"""
+    res = sh("runc", "--root", host.runc_root, "state", name, check=False)
+    if res.returncode != 0:
+        return {"host": host.name, "container": name, "running": False, "ok": False, "reason": "no such container"}
+    st = json.loads(res.stdout)
+    bundle = Path(st["bundle"])
+    state_dir = bundle / "rootfs" / "state"
+    out: dict[str, Any] = {"host": host.name, "container": name, "status": st["status"], "running": st["status"] == "running"}
+    if st["status"] != "running":
+        return {**out, "ok": False, "reason": f"container is {st['status']}"}
+    before = verify_seq(state_dir)
+    sh("runc", "--root", host.runc_root, "kill", name, str(int(signal.SIGUSR1)))
+    deadline = time.monotonic() + timeout
+    verify = None
+    while time.monotonic() < deadline:
+        verify = read_verify(state_dir)
+        if verify is not None and int(verify.get("seq", 0)) > before:
+            break
+        time.sleep(0.05)
+    else:
+        return {**out, "ok": False, "reason": f"workload did not answer the verify request within {timeout:g} s"}
+    hb = analyze_heartbeat(state_dir / "heartbeat.log")
+    status = read_status(state_dir)
+    problems = []
+    if not verify or not verify.get("ok"):
+        problems.append(f"memory checksum failed ({verify.get('bad_pages') if verify else '?'} bad pages)")
+    if hb.resets or hb.backwards:
+        problems.append(f"counter went backwards {hb.backwards} times / reset {hb.resets} times")
+    if hb.skipped:
+        problems.append(f"counter skipped values {hb.skipped} times")
+    return {
+        **out,
+        "ok": not problems,
+        "reason": "; ".join(problems),
+        "counter": status.get("counter"),
+        "memory_mib": status.get("memory_mib"),
+        "verify": verify,
+        "heartbeat": {
+            "lines": hb.lines,
+            "first_counter": hb.first_counter,
+            "last_counter": hb.last_counter,
+            "resets": hb.resets,
+            "backwards": hb.backwards,
+            "skipped": hb.skipped,
+            "max_gap_ms": hb.max_gap_ms,
+        },
+    }

@@ -1,0 +1,341 @@
+"""One migration, source side: the phases, the commit point, the rollback.
+
+:class:`Migration` is the single owner of the phase machine. Each phase runs
+under its own deadline; any failure before the commit point rolls back under
+``asyncio.shield`` (resume the frozen source, tell the agent to discard what
+it received) so neither a timeout nor Ctrl-C can leave the source frozen.
+
+Commit protocol: the agent restores and answers (downtime ends there), then
+the source sends ``commit`` and waits for the acknowledgement. Only then is
+the frozen source deleted. If that acknowledgement is lost we cannot know
+whether the destination kept the container, so the source is left frozen (not
+resumed, not deleted) and the error says so: a duplicate or a lost container
+would both be worse than a paused one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from tug.transports import protocol as p
+from tug.transports.session import Session
+from tug.transports.ssh import AgentProcess, connect_agent, parse_url
+
+from . import criu, rootfs
+from .api import MigrationOptions
+from .errors import (
+    ConfigError,
+    MigrationError,
+    PhaseTimeoutError,
+    PreconditionError,
+    RollbackError,
+    TransportError,
+)
+from .events import ErrorInfo, Event, MigrationReport, Note, PhaseFinished, PhaseStarted
+from .hostcfg import HostConfig
+from .phases import Phase, PhaseMachine
+from .runtime.runc import Runc
+from .transfer import Meter, send_entries
+
+SOFTWARE = "tug/0.1"
+
+
+class Migration:
+    def __init__(
+        self, container: str, destination: str, opts: MigrationOptions, on_event: Callable[[Event], None] | None
+    ) -> None:
+        if opts.strategy != "stop-copy":
+            raise ConfigError(f"unknown strategy {opts.strategy!r} (available: stop-copy)")
+        self.name = container
+        self.target = parse_url(destination)
+        self.opts = opts
+        self.on_event = on_event
+        self.host = opts.host or HostConfig.from_env()
+        self.runc = Runc(self.host.runc_root, log_dir=self.host.data_dir / "logs")
+        self.machine = PhaseMachine()
+        self.t0 = time.monotonic()
+        self.agent: AgentProcess | None = None
+        self.session: Session | None = None
+        self.work = self.host.work_dir / f"{container}.out"
+        self.bundle: Path | None = None
+        self.rootfs_dir: Path | None = None
+        self.paused = False
+        self.commit_unconfirmed = False
+        self.frozen_at: float | None = None
+        self.running_at: float | None = None
+        self.frozen_sent_at_freeze = 0
+        self.frozen_bytes = 0
+        self.bytes_by_phase: dict[str, int] = {}
+        self.image_bytes = 0
+        self.rootfs_bytes = 0
+        self.notes: list[str] = []
+
+    # ---- plumbing -----------------------------------------------------------
+
+    def emit(self, ev: Event) -> None:
+        if self.on_event is not None:
+            self.on_event(ev)
+
+    def note(self, message: str, level: str = "info") -> None:
+        self.notes.append(message)
+        self.emit(Note(level=level, message=message))
+
+    def _wire_bytes(self) -> int:
+        s = self.session
+        return 0 if s is None else s.bytes_sent + s.bytes_received
+
+    async def _phase(self, phase: Phase, body: Callable[[], Awaitable[None]]) -> None:
+        self.machine.advance(phase)
+        start = time.monotonic()
+        before = self._wire_bytes()
+        self.emit(PhaseStarted(phase=phase.value, at_s=start - self.t0))
+        seconds = self.opts.timeout(phase.value)
+        try:
+            async with asyncio.timeout(seconds):
+                await body()
+        except TimeoutError:
+            raise PhaseTimeoutError(phase.value, seconds) from None
+        finally:
+            self.bytes_by_phase[phase.value] = self.bytes_by_phase.get(phase.value, 0) + self._wire_bytes() - before
+        end = time.monotonic()
+        self.emit(PhaseFinished(phase=phase.value, at_s=end - self.t0, duration_s=end - start))
+
+    @property
+    def s(self) -> Session:
+        assert self.session is not None
+        return self.session
+
+    # ---- the flow -----------------------------------------------------------
+
+    async def run(self) -> MigrationReport:
+        try:
+            await self._phase(Phase.PRE_CHECKPOINT, self._pre_checkpoint)
+            await self._phase(Phase.PRE_RESTORE, self._pre_restore)
+            await self._phase(Phase.CHECKPOINT, self._checkpoint)
+            await self._phase(Phase.TRANSFER, self._transfer)
+            await self._phase(Phase.RESTORE, self._restore)
+            await self._phase(Phase.COMMIT, self._commit)
+            self.machine.advance(Phase.DONE)
+            return self._report("migrated")
+        except BaseException as exc:
+            report = await asyncio.shield(self._fail(exc))
+            if isinstance(exc, MigrationError):
+                exc.report = report  # type: ignore[attr-defined]
+                raise
+            if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt)):
+                raise
+            err = MigrationError(f"internal error: {type(exc).__name__}: {exc}")
+            err.report = report  # type: ignore[attr-defined]
+            raise err from exc
+        finally:
+            await asyncio.shield(self._close())
+
+    async def _pre_checkpoint(self) -> None:
+        st = await self.runc.require(self.name)
+        if st.status != "running":
+            raise ConfigError(f"container {self.name!r} is {st.status}; only a running container can be migrated")
+        self.bundle = st.bundle
+        config_raw = (st.bundle / "config.json").read_bytes()
+        spec = json.loads(config_raw)
+        root = Path(spec.get("root", {}).get("path", "rootfs"))
+        self.rootfs_dir = root if root.is_absolute() else st.bundle / root
+        version = await criu.version()
+        if not version.supported:
+            raise PreconditionError(f"CRIU {version} here is too old; need >= 4.2 (run 'tug doctor')")
+
+        self.agent = await connect_agent(
+            self.target,
+            identity=self.opts.identity or self.host.ssh_identity,
+            known_hosts=self.opts.known_hosts or self.host.ssh_known_hosts,
+            agent_command=self.opts.agent_command,
+            connect_timeout=self.opts.connect_timeout,
+        )
+        self.session = Session(self.agent.stream, p.Role.SOURCE, on_notice=self._on_notice)
+        try:
+            peer = await self.session.start(
+                software=SOFTWARE, host=self.host.name, info={"criu": str(version)}, timeout=self.opts.connect_timeout + 15
+            )
+        except MigrationError as exc:
+            tail = [ln for ln in self.agent.stderr_tail() if ln.strip()]
+            hint = f" (agent said: {tail[-1].strip()})" if tail else ""
+            raise TransportError(f"the tug agent on {self.target} did not start: {exc}{hint}") from None
+        self.note(f"agent on {peer.host}: CRIU {peer.info.get('criu')}, runc {peer.info.get('runc')}")
+
+        with tempfile.TemporaryDirectory(prefix="tug-cpuinfo-") as d:
+            cpuinfo = (await criu.cpuinfo_dump(Path(d))).read_bytes()
+        await self.s.call("preflight", container=self.name, criu_version=str(version), cpuinfo=cpuinfo)
+        await self.s.call("prepare", container=self.name, config=config_raw)
+        await self._sync_rootfs(Phase.PRE_CHECKPOINT)
+
+    async def _pre_restore(self) -> None:
+        # The destination's bundle is staged; nothing else to prepare for stop-copy.
+        self.work.mkdir(parents=True, exist_ok=True)
+
+    async def _checkpoint(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.paused = True  # before the call: a half-done pause must still be undone
+        self.frozen_at = time.monotonic()
+        self.frozen_sent_at_freeze = self._wire_bytes()
+        await self.runc.pause(self.name)
+        await self.runc.checkpoint_frozen(
+            self.name,
+            image_dir=self.work / "images",
+            work_dir=self.work / "criu",
+            tcp_established=self.opts.tcp_established,
+            timeout=self.opts.timeout(Phase.CHECKPOINT.value),
+        )
+        st = await self.runc.require(self.name)
+        if st.status != "paused":
+            raise MigrationError(f"container {self.name!r} is {st.status} after checkpoint; expected paused")
+
+    async def _transfer(self) -> None:
+        images = self.work / "images"
+        entries = [e for e in await asyncio.to_thread(rootfs.scan, images) if e.kind == rootfs.FILE]
+        meter = Meter(Phase.TRANSFER.value, "images", sum(e.size for e in entries), self.emit)
+
+        async def send_images() -> None:
+            self.image_bytes = await send_entries(
+                self.s, kind="images", container=self.name, root=images, entries=entries, meter=meter
+            )
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(send_images())
+            tg.create_task(self._sync_rootfs(Phase.TRANSFER))
+
+    async def _restore(self) -> None:
+        res = await self.s.call(
+            "restore", container=self.name, tcp_established=self.opts.tcp_established, fault=self.opts.fault
+        )
+        self.running_at = time.monotonic()
+        self.frozen_bytes = self._wire_bytes() - self.frozen_sent_at_freeze
+        self.note(f"restored on {self.target.host} as pid {res.get('pid')} in {res.get('restore_ms', 0):.0f} ms")
+
+    async def _commit(self) -> None:
+        self.commit_unconfirmed = True
+        await self.s.call("commit", container=self.name)
+        self.commit_unconfirmed = False
+        # Past the commit point: the destination owns the container. Failures
+        # from here on are reported, never rolled back.
+        try:
+            await self.runc.delete(self.name, force=True)
+            self.paused = False
+        except MigrationError as exc:
+            self.note(f"could not delete the frozen source container: {exc}", "warning")
+        if self.bundle is not None and self.bundle.parent == self.host.bundles_dir:
+            shutil.rmtree(self.bundle, ignore_errors=True)
+
+    async def _sync_rootfs(self, phase: Phase) -> None:
+        assert self.rootfs_dir is not None
+        entries = await asyncio.to_thread(rootfs.scan, self.rootfs_dir)
+        res = await self.s.call("rootfs_plan", container=self.name, manifest=[e.to_wire() for e in entries])
+        need = set(res.get("need", []))
+        send = [e for e in entries if e.path in need]
+        if res.get("skipped"):
+            self.note(f"rootfs: {len(res['skipped'])} special files not copied (e.g. {res['skipped'][0]})", "warning")
+        meter = Meter(phase.value, "rootfs", sum(e.size for e in send), self.emit)
+        self.rootfs_bytes += await send_entries(
+            self.s, kind="rootfs", container=self.name, root=self.rootfs_dir, entries=send, meter=meter
+        )
+
+    def _on_notice(self, ev: p.Notice) -> None:
+        self.emit(Note(level=ev.level, message=f"{self.target.host}: {ev.message}"))
+
+    # ---- failure and cleanup ------------------------------------------------
+
+    async def _fail(self, exc: BaseException) -> MigrationReport:
+        failed_in = self.machine.phase.value
+        outcome = "rolled-back"
+        if self.machine.phase is Phase.INIT:
+            self.machine.advance(Phase.FAILED)
+            return self._report("failed", exc, failed_in)
+        if self.machine.can_roll_back:
+            self.machine.advance(Phase.ROLLBACK)
+            self.emit(PhaseStarted(phase=Phase.ROLLBACK.value, at_s=time.monotonic() - self.t0))
+        try:
+            async with asyncio.timeout(self.opts.timeout(Phase.ROLLBACK.value)):
+                if self.commit_unconfirmed:
+                    outcome = "failed"
+                    self.note(
+                        f"the destination did not confirm the commit: {self.name!r} is left frozen here; "
+                        f"check {self.target.host}, then 'runc resume' or 'runc delete' it here",
+                        "warning",
+                    )
+                else:
+                    if self.paused:
+                        await self._resume_source()
+                    await self._abort_destination()
+        except (MigrationError, TimeoutError) as rb:
+            outcome = "failed"
+            self.note(f"rollback incomplete: {rb}", "warning")
+        if self.machine.phase is not Phase.FAILED:
+            self.machine.advance(Phase.FAILED)
+        return self._report(outcome, exc, failed_in)
+
+    async def _resume_source(self) -> None:
+        st = await self.runc.state(self.name)
+        if st is None:
+            raise RollbackError(f"source container {self.name!r} vanished during the migration")
+        if st.status == "paused":
+            await self.runc.resume(self.name)
+        self.paused = False
+        self.note(f"source container {self.name!r} resumed")
+
+    async def _abort_destination(self) -> None:
+        if self.session is None or self.session.peer is None:
+            return
+        try:
+            await self.s.call("abort", container=self.name, timeout=60)
+        except MigrationError as exc:
+            # The agent also cleans up when the session ends; say so, don't fail.
+            self.note(f"destination abort call failed ({exc}); the agent cleans up when the session ends")
+
+    async def _close(self) -> None:
+        if self.session is not None:
+            with contextlib.suppress(MigrationError):
+                await self.session.close()
+        if self.agent is not None:
+            await self.agent.close()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def _report(self, outcome: str, exc: BaseException | None = None, phase: str = "") -> MigrationReport:
+        now = time.monotonic()
+        downtime = 0.0
+        if self.frozen_at is not None:
+            downtime = ((self.running_at or now) - self.frozen_at) * 1000
+        error = None
+        if exc is not None:
+            kind = exc.kind if isinstance(exc, MigrationError) else ("cancelled" if isinstance(exc, asyncio.CancelledError) else "internal")
+            details: dict[str, Any] = {}
+            lines = getattr(exc, "error_lines", None)
+            if lines:
+                details["error_lines"] = list(lines)
+            log_path = getattr(exc, "log_path", None)
+            if log_path:
+                details["log_path"] = str(log_path)
+            error = ErrorInfo(kind=kind, message=str(exc) or type(exc).__name__, phase=phase, details=details)
+        return MigrationReport(
+            container=self.name,
+            source=self.host.name,
+            destination=str(self.target),
+            strategy=self.opts.strategy,
+            outcome=outcome,
+            total_s=now - self.t0,
+            downtime_ms=downtime if outcome == "migrated" else 0.0,
+            frozen_ms=downtime,
+            bytes_total=self._wire_bytes(),
+            frozen_bytes=self.frozen_bytes,
+            bytes_by_phase=dict(self.bytes_by_phase),
+            phases=self.machine.durations(),
+            image_bytes=self.image_bytes,
+            rootfs_bytes=self.rootfs_bytes,
+            error=error,
+            notes=list(self.notes),
+        )

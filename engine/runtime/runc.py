@@ -1,0 +1,169 @@
+"""The runc adapter: every runc invocation tug makes, in one place.
+
+The important trick lives in :meth:`Runc.checkpoint_frozen`: runc has no
+"dump and keep frozen" mode (plain checkpoint kills the container,
+``--leave-running`` lets it run on and diverge). Pausing first puts the
+container's cgroup freezer in FROZEN; CRIU records the freezer's original
+state and puts it back after a ``--leave-running`` dump, so the container stays
+frozen and resumable until we either ``resume`` (rollback) or ``delete``
+(commit). Verified on runc 1.1.5 with CRIU 4.2.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal as _signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import proc
+from ..criu import error_from_tool
+from ..errors import ConfigError, PreconditionError, RuntimeToolError
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ContainerState:
+    id: str
+    pid: int
+    status: str  # created | running | paused | stopped
+    bundle: Path
+
+    @property
+    def rootfs(self) -> Path:
+        return self.bundle / "rootfs"
+
+
+class Runc:
+    """runc bound to one state root (one "host" in the lab)."""
+
+    def __init__(self, root: Path, *, binary: str = "runc", log_dir: Path | None = None) -> None:
+        self.root = root
+        self.binary = binary
+        self.log_dir = log_dir
+
+    def _argv(self, *args: str) -> list[str]:
+        return [self.binary, "--root", str(self.root), *args]
+
+    async def version(self) -> str:
+        res = await proc.run([self.binary, "--version"], timeout=10)
+        first = res.out.splitlines()[0] if res.out else ""
+        return first.replace("runc version", "").strip()
+
+    async def state(self, name: str) -> ContainerState | None:
+        res = await proc.run(self._argv("state", name), timeout=15, check=False)
+        if res.returncode != 0:
+            if "does not exist" in res.err or "not exist" in res.err:
+                return None
+            raise RuntimeToolError(
+                f"runc state {name} failed: {res.err.strip()}", argv=res.argv, returncode=res.returncode, stderr=res.err
+            )
+        data = json.loads(res.out)
+        return ContainerState(id=data["id"], pid=int(data.get("pid", 0)), status=data["status"], bundle=Path(data["bundle"]))
+
+    async def require(self, name: str) -> ContainerState:
+        st = await self.state(name)
+        if st is None:
+            raise ConfigError(f"container {name!r} not found on this host (runc root {self.root})")
+        return st
+
+    async def list(self) -> list[ContainerState]:
+        res = await proc.run(self._argv("list", "--format", "json"), timeout=15)
+        items = json.loads(res.out or "null") or []
+        return [
+            ContainerState(id=i["id"], pid=int(i.get("pid", 0)), status=i["status"], bundle=Path(i["bundle"]))
+            for i in items
+        ]
+
+    async def pause(self, name: str) -> None:
+        await proc.run(self._argv("pause", name), timeout=30)
+
+    async def resume(self, name: str) -> None:
+        await proc.run(self._argv("resume", name), timeout=30)
+
+    async def kill(self, name: str, sig: int = _signal.SIGTERM) -> None:
+        await proc.run(self._argv("kill", name, str(int(sig))), timeout=15)
+
+    async def delete(self, name: str, *, force: bool = True) -> None:
+        args = ["delete", "--force", name] if force else ["delete", name]
+        await proc.run(self._argv(*args), timeout=60)
+
+    async def run_detached(self, name: str, bundle: Path) -> None:
+        """Start a container whose stdio is /dev/null.
+
+        CRIU cannot dump fds that point at deleted files or at our pipes, so
+        the container gets /dev/null; runc's own errors go to its --log file.
+        """
+        log = self._log_file(name)
+        argv = [self.binary, "--root", str(self.root), "--log", str(log), "run", "-d", "--bundle", str(bundle), name]
+        try:
+            await proc.run(argv, timeout=60, stdout_devnull=True)
+        except RuntimeToolError as exc:
+            raise RuntimeToolError(
+                f"runc run {name} failed: {self._tail(log) or exc}", argv=argv, returncode=exc.returncode
+            ) from None
+
+    async def checkpoint_frozen(
+        self, name: str, *, image_dir: Path, work_dir: Path, tcp_established: bool = False, timeout: float = 300
+    ) -> None:
+        """Dump a *paused* container and leave it paused (see module doc)."""
+        image_dir.mkdir(parents=True, exist_ok=True)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        argv = self._argv(
+            "checkpoint", "--leave-running", "--image-path", str(image_dir), "--work-path", str(work_dir),
+        )
+        if tcp_established:
+            argv.append("--tcp-established")
+        argv.append(name)
+        try:
+            await proc.run(argv, timeout=timeout)
+        except RuntimeToolError as exc:
+            raise error_from_tool(exc, f"checkpoint of {name}", work_dir / "dump.log") from None
+
+    async def restore_detached(
+        self,
+        name: str,
+        *,
+        bundle: Path,
+        image_dir: Path,
+        work_dir: Path,
+        tcp_established: bool = False,
+        timeout: float = 300,
+    ) -> None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        argv = self._argv(
+            "restore", "-d", "--image-path", str(image_dir), "--work-path", str(work_dir), "--bundle", str(bundle)
+        )
+        if tcp_established:
+            argv.append("--tcp-established")
+        argv.append(name)
+        try:
+            await proc.run(argv, timeout=timeout, stdout_devnull=True)
+        except RuntimeToolError as exc:
+            raise error_from_tool(exc, f"restore of {name}", work_dir / "restore.log") from None
+
+    def _log_file(self, name: str) -> Path:
+        d = self.log_dir or (self.root / "logs")
+        d.mkdir(parents=True, exist_ok=True)
+        return d / f"{name}.log"
+
+    @staticmethod
+    def _tail(path: Path) -> str:
+        try:
+            lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        return lines[-1] if lines else ""
+
+
+def require_runc() -> str:
+    from shutil import which
+
+    found = which("runc")
+    if not found:
+        raise PreconditionError("runc: not installed (apt-get install runc, or run scripts/setup.sh)")
+    return found
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0

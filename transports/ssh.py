@@ -1,0 +1,171 @@
+"""asyncssh: reach the destination, start the tug agent, carry the session.
+
+This is the only module that imports asyncssh; every asyncssh exception is
+translated here into :mod:`tug.engine.errors` with a message a user can act
+on, so nothing asyncssh-specific escapes ``tug.transports``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shlex
+import socket
+import sys
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncssh
+
+from tug.engine.errors import AuthenticationError, ConfigError, HostKeyError, TransportError
+
+#: AES-GCM runs on AES-NI: ~3x chacha20's throughput through asyncssh
+#: (see shared/platform.md). Others stay as fallbacks for peers without it.
+CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com", "aes128-ctr")
+READ_SIZE = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class SshTarget:
+    user: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ssh://{self.user}@{host}:{self.port}"
+
+
+def parse_url(url: str) -> SshTarget:
+    """``ssh://user@host[:port]`` (also accepts ``user@host`` and ``host``)."""
+    if "://" not in url:
+        url = "ssh://" + url
+    parts = urlsplit(url)
+    if parts.scheme != "ssh":
+        raise ConfigError(f"destination must be an ssh:// URL, got {url!r}")
+    if not parts.hostname:
+        raise ConfigError(f"destination URL has no host: {url!r}")
+    try:
+        port = parts.port or 22
+    except ValueError:
+        raise ConfigError(f"bad port in destination URL {url!r}") from None
+    return SshTarget(user=parts.username or "root", host=parts.hostname, port=port)
+
+
+class _ProcessStream:
+    """The agent's stdin/stdout as a :class:`~tug.transports.session.ByteStream`."""
+
+    def __init__(self, process: asyncssh.SSHClientProcess[bytes], target: SshTarget) -> None:
+        self._p = process
+        self._target = target
+
+    async def read(self) -> bytes:
+        try:
+            data: bytes = await self._p.stdout.read(READ_SIZE)
+            return data
+        except (asyncssh.Error, OSError) as exc:
+            raise TransportError(f"connection to {self._target} lost: {exc}") from None
+
+    async def write(self, data: bytes) -> None:
+        try:
+            self._p.stdin.write(data)
+            await self._p.stdin.drain()
+        except (asyncssh.Error, OSError) as exc:
+            raise TransportError(f"connection to {self._target} lost: {exc}") from None
+
+    async def close(self) -> None:
+        with contextlib.suppress(asyncssh.Error, OSError):
+            self._p.stdin.write_eof()
+
+
+class AgentProcess:
+    """A tug agent running on the destination over one SSH connection."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection, process: asyncssh.SSHClientProcess[bytes], target: SshTarget) -> None:
+        self._conn = conn
+        self._process = process
+        self.target = target
+        self.stream = _ProcessStream(process, target)
+        self._stderr: deque[str] = deque(maxlen=50)
+        self._stderr_task = asyncio.create_task(self._drain_stderr(), name="tug-agent-stderr")
+
+    async def _drain_stderr(self) -> None:
+        with contextlib.suppress(asyncssh.Error, OSError, asyncio.CancelledError):
+            async for line in self._process.stderr:
+                text = line.decode(errors="replace") if isinstance(line, bytes) else str(line)
+                self._stderr.append(text.rstrip())
+
+    def stderr_tail(self) -> list[str]:
+        return list(self._stderr)
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Let the agent exit on its own (it cleans up), then drop the link."""
+        with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):
+            self._process.stdin.write_eof()
+            async with asyncio.timeout(timeout):
+                await self._process.wait_closed()
+        self._process.close()
+        self._conn.close()
+        with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._conn.wait_closed()
+        self._stderr_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._stderr_task
+
+
+async def connect_agent(
+    target: SshTarget,
+    *,
+    identity: Path | None = None,
+    known_hosts: Path | None = None,
+    agent_command: str | None = None,
+    connect_timeout: float = 15.0,
+    env: dict[str, str] | None = None,
+) -> AgentProcess:
+    """Open SSH to ``target`` and start ``python -m tug.engine.agent`` there."""
+    if identity is not None and not identity.exists():
+        raise ConfigError(f"identity file {identity} does not exist")
+    if known_hosts is not None and not known_hosts.exists():
+        raise ConfigError(f"known_hosts file {known_hosts} does not exist")
+    options: dict[str, object] = {
+        "port": target.port,
+        "username": target.user,
+        "encryption_algs": list(CIPHERS),
+        "connect_timeout": connect_timeout,
+        "preferred_auth": "publickey",
+        "known_hosts": str(known_hosts) if known_hosts is not None else (),
+    }
+    if identity is not None:
+        options["client_keys"] = [str(identity)]
+        options["agent_path"] = None
+    try:
+        conn = await asyncssh.connect(target.host, **options)
+    except asyncssh.HostKeyNotVerifiable as exc:
+        where = known_hosts or "~/.ssh/known_hosts"
+        raise HostKeyError(
+            f"host key of {target.host}:{target.port} is not trusted ({where} has no matching entry): {exc.reason}"
+        ) from None
+    except asyncssh.PermissionDenied:
+        key = f"key {identity}" if identity else "our keys"
+        raise AuthenticationError(f"{target} refused {key} (permission denied)") from None
+    except asyncssh.KeyImportError as exc:
+        raise ConfigError(f"cannot load identity {identity}: {exc}") from None
+    except (TimeoutError, asyncio.TimeoutError):
+        raise TransportError(f"cannot reach {target.host}:{target.port}: timed out after {connect_timeout:g} s") from None
+    except socket.gaierror as exc:
+        raise TransportError(f"cannot resolve {target.host}: {exc.strerror}") from None
+    except OSError as exc:
+        raise TransportError(f"cannot reach {target.host}:{target.port}: {exc.strerror or exc}") from None
+    except asyncssh.Error as exc:
+        raise TransportError(f"ssh to {target} failed: {exc.reason}") from None
+
+    command = agent_command or f"{shlex.quote(sys.executable)} -m tug.engine.agent"
+    try:
+        process = await conn.create_process(command, encoding=None, env=env or {})
+    except (asyncssh.Error, OSError) as exc:
+        conn.close()
+        raise TransportError(f"cannot start the tug agent on {target}: {exc}") from None
+    return AgentProcess(conn, process, target)
