@@ -26,7 +26,8 @@ from tug.transports import protocol as p
 from tug.transports.session import Session, StreamSink
 
 from . import criu, rootfs
-from .errors import ConfigError, MigrationError, PreconditionError, ProtocolError
+from .fsutil import remove_tree
+from .errors import ConfigError, CriuError, MigrationError, PreconditionError, ProtocolError
 from .hostcfg import HostConfig
 from .runtime.runc import Runc
 
@@ -140,7 +141,7 @@ class Agent:
                 raise PreconditionError(f"bundle {bundle} already exists on {self.host.name}")
             shutil.rmtree(bundle)  # leftover of an attempt that died before cleaning up
         work = self.host.work_dir / container
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tree(work)
         inc = Incoming(name=container, bundle=bundle, work=work)
         self.incoming[container] = inc
         bundle.mkdir(parents=True)
@@ -183,8 +184,8 @@ class Agent:
             await self.runc.restore_detached(
                 container, bundle=inc.bundle, image_dir=inc.images, work_dir=inc.criu_work, tcp_established=tcp_established
             )
-        except MigrationError:
-            self._keep_log(inc, "restore.log")
+        except CriuError as exc:
+            exc.log_path = self._keep_log(inc, "restore.log") or exc.log_path
             raise
         inc.restored = True
         st = await self.runc.require(container)
@@ -197,7 +198,7 @@ class Agent:
             raise ProtocolError(f"commit of {container!r} before restore")
         inc.committed = True
         (inc.bundle / INCOMING_MARKER).unlink(missing_ok=True)
-        shutil.rmtree(inc.work, ignore_errors=True)
+        remove_tree(inc.work)
         del self.incoming[container]
         return {"committed": True}
 
@@ -218,19 +219,23 @@ class Agent:
             if await self.runc.state(inc.name) is not None:
                 await self.runc.delete(inc.name, force=True)
         shutil.rmtree(inc.bundle, ignore_errors=True)
-        shutil.rmtree(inc.work, ignore_errors=True)
+        remove_tree(inc.work)
         log.info("cleaned up uncommitted %s", inc.name)
 
     async def cleanup_all(self) -> None:
         for inc in list(self.incoming.values()):
             await self._cleanup(inc)
 
-    def _keep_log(self, inc: Incoming, name: str) -> None:
+    def _keep_log(self, inc: Incoming, name: str) -> Path | None:
+        """Copy a CRIU log out of the work dir, which cleanup will remove."""
         src = inc.criu_work / name
-        if src.exists():
-            dst_dir = self.host.data_dir / "logs"
-            dst_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst_dir / f"{inc.name}-{name}")
+        if not src.exists():
+            return None
+        dst_dir = self.host.data_dir / "logs"
+        dst_dir.mkdir(parents=True, exist_ok=True)
+        dst = dst_dir / f"{inc.name}-{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+        shutil.copy2(src, dst)
+        return dst
 
 
 def _check_name(name: str) -> None:

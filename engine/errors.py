@@ -99,7 +99,8 @@ class CriuError(RuntimeToolError):
     def __str__(self) -> str:
         base = super().__str__()
         if self.error_lines:
-            base += ": " + self.error_lines[-1].strip()
+            # CRIU's first error is the cause; later ones are its consequences.
+            base += ": " + _strip_stamp(self.error_lines[0])
         if self.log_path is not None:
             base += f" (log: {self.log_path})"
         return base
@@ -126,3 +127,11 @@ class AbortedByPolicy(MigrationError):
     """The convergence policy decided the migration will never converge."""
 
     kind = "policy-abort"
+
+
+def _strip_stamp(line: str) -> str:
+    """'(00.035190) Error (criu/bfd.c:330): bfd: BUG' -> 'Error (criu/bfd.c:330): bfd: BUG'."""
+    line = line.strip()
+    if line.startswith("(") and ") " in line:
+        line = line.split(") ", 1)[1]
+    return line

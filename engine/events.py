@@ -81,7 +81,8 @@ class MigrationReport:
     source: str
     destination: str
     strategy: str
-    #: migrated | rolled-back | failed (failed = could not even roll back cleanly)
+    #: migrated | aborted (failed before anything changed) | rolled-back (source
+    #: resumed, destination cleaned) | failed (rollback incomplete: see notes)
     outcome: str
     total_s: float
     #: From the freeze of the source to the destination's process running,

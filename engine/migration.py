@@ -30,6 +30,7 @@ from tug.transports.session import Session
 from tug.transports.ssh import AgentProcess, connect_agent, parse_url
 
 from . import criu, rootfs
+from .fsutil import remove_tree
 from .api import MigrationOptions
 from .errors import (
     ConfigError,
@@ -68,6 +69,9 @@ class Migration:
         self.bundle: Path | None = None
         self.rootfs_dir: Path | None = None
         self.paused = False
+        #: Set once anything was changed on either host; before that a failure
+        #: has nothing to undo and its outcome is "aborted", not "rolled-back".
+        self.changed = False
         self.commit_unconfirmed = False
         self.frozen_at: float | None = None
         self.running_at: float | None = None
@@ -172,6 +176,7 @@ class Migration:
         with tempfile.TemporaryDirectory(prefix="tug-cpuinfo-") as d:
             cpuinfo = (await criu.cpuinfo_dump(Path(d))).read_bytes()
         await self.s.call("preflight", container=self.name, criu_version=str(version), cpuinfo=cpuinfo)
+        self.changed = True
         await self.s.call("prepare", container=self.name, config=config_raw)
         await self._sync_rootfs(Phase.PRE_CHECKPOINT)
 
@@ -180,7 +185,7 @@ class Migration:
         self.work.mkdir(parents=True, exist_ok=True)
 
     async def _checkpoint(self) -> None:
-        shutil.rmtree(self.work, ignore_errors=True)
+        remove_tree(self.work)
         self.paused = True  # before the call: a half-done pause must still be undone
         self.frozen_at = time.monotonic()
         self.frozen_sent_at_freeze = self._wire_bytes()
@@ -252,13 +257,14 @@ class Migration:
 
     async def _fail(self, exc: BaseException) -> MigrationReport:
         failed_in = self.machine.phase.value
-        outcome = "rolled-back"
+        outcome = "rolled-back" if self.changed else "aborted"
         if self.machine.phase is Phase.INIT:
             self.machine.advance(Phase.FAILED)
-            return self._report("failed", exc, failed_in)
+            return self._report("aborted", exc, failed_in)
         if self.machine.can_roll_back:
             self.machine.advance(Phase.ROLLBACK)
-            self.emit(PhaseStarted(phase=Phase.ROLLBACK.value, at_s=time.monotonic() - self.t0))
+            if self.changed:
+                self.emit(PhaseStarted(phase=Phase.ROLLBACK.value, at_s=time.monotonic() - self.t0))
         try:
             async with asyncio.timeout(self.opts.timeout(Phase.ROLLBACK.value)):
                 if self.commit_unconfirmed:
@@ -303,7 +309,7 @@ class Migration:
                 await self.session.close()
         if self.agent is not None:
             await self.agent.close()
-        shutil.rmtree(self.work, ignore_errors=True)
+        remove_tree(self.work)
 
     def _report(self, outcome: str, exc: BaseException | None = None, phase: str = "") -> MigrationReport:
         now = time.monotonic()

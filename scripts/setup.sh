@@ -116,7 +116,7 @@ setup_venv() {
   local py="${TUG_PYTHON:-}"
   if [ -z "$py" ]; then
     for cand in python3.13 python3.12 python3.11 python3; do
-      if command -v "$cand" >/dev/null && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then
         py="$(command -v "$cand")"; break
       fi
     done

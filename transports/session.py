@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from tug.engine.errors import (
@@ -302,9 +302,3 @@ class Session:
         with contextlib.suppress(MigrationError):
             await self._send(reply)
 
-
-async def gather_streams(*aws: Awaitable[Any]) -> list[Any]:
-    """Run sends concurrently under a TaskGroup (first failure cancels the rest)."""
-    async with asyncio.TaskGroup() as tg:
-        tasks = [tg.create_task(a) for a in aws]  # type: ignore[arg-type]
-    return [t.result() for t in tasks]

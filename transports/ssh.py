@@ -143,10 +143,11 @@ async def connect_agent(
         options["agent_path"] = None
     try:
         conn = await asyncssh.connect(target.host, **options)
-    except asyncssh.HostKeyNotVerifiable as exc:
+    except asyncssh.HostKeyNotVerifiable:
         where = known_hosts or "~/.ssh/known_hosts"
         raise HostKeyError(
-            f"host key of {target.host}:{target.port} is not trusted ({where} has no matching entry): {exc.reason}"
+            f"host key of {target.host}:{target.port} is unknown or changed: no matching entry in {where} "
+            f"(verify it, then add it with ssh-keyscan, or pass --known-hosts)"
         ) from None
     except asyncssh.PermissionDenied:
         key = f"key {identity}" if identity else "our keys"

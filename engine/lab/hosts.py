@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, PreconditionError
+from ..fsutil import remove_tree
 
 PREFIX = "tuglab"
 RUN_DIR = Path("/run/tug-lab")
@@ -380,7 +381,7 @@ def down(log: Any = None) -> None:
         except (OSError, ValueError):
             pass
         sh("ip", "netns", "del", f"{PREFIX}-{name}", check=False)
-        shutil.rmtree(f"/dev/shm/{PREFIX}-{name}", ignore_errors=True)
+        remove_tree(Path(f"/dev/shm/{PREFIX}-{name}"))
         _remove_cgroups(f"{PREFIX}-{name}")
     sh("ip", "netns", "del", BRIDGE_NS, check=False)
     for link in sh("ip", "-o", "link", "show", check=False).stdout.splitlines():

@@ -1,0 +1,144 @@
+"""Fixtures for end-to-end tests in the lab: real CRIU, runc, sshd, namespaces.
+
+Everything goes through the ``tug`` CLI, the same surface a user and the
+acceptance checks use. A missing prerequisite fails with what to install.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TUG = str(Path(sys.executable).with_name("tug"))
+_names = itertools.count(1)
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+def tug(*args: str, timeout: float = 300, check: bool = False) -> Result:
+    res = subprocess.run([TUG, *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    out = Result(res.returncode, res.stdout, res.stderr)
+    if check and res.returncode != 0:
+        raise AssertionError(f"tug {' '.join(args)} exited {res.returncode}:\n{res.stderr}\n{res.stdout}")
+    return out
+
+
+def on(host: str, *argv: str, timeout: float = 300, check: bool = False) -> Result:
+    return tug("lab", "run", host, "--", *argv, timeout=timeout, check=check)
+
+
+def require_prerequisites() -> None:
+    missing = [t for t in ("runc", "criu", "ip", "nsenter", "tc") if not shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin")]
+    if not os.path.exists("/usr/sbin/sshd"):
+        missing.append("openssh-server")
+    if os.geteuid() != 0:
+        pytest.fail("end-to-end tests need root (CRIU, runc, network namespaces)")
+    if missing:
+        pytest.fail(f"end-to-end tests need {', '.join(missing)}: run 'make test' (scripts/setup.sh installs them)")
+
+
+@dataclass
+class Lab:
+    urls: dict[str, str]
+
+    def url(self, host: str) -> str:
+        return self.urls[host]
+
+    def runc_root(self, host: str) -> str:
+        return f"/run/tug-lab/{host}/runc"
+
+    def bundle(self, host: str, name: str) -> Path:
+        return Path(f"/var/lib/tug-lab/hosts/{host}/containers/{name}")
+
+    def state(self, host: str, name: str) -> dict[str, Any] | None:
+        res = subprocess.run(["runc", "--root", self.runc_root(host), "state", name], capture_output=True, text=True)
+        return json.loads(res.stdout) if res.returncode == 0 else None
+
+    def containers(self, host: str) -> list[str]:
+        res = subprocess.run(["runc", "--root", self.runc_root(host), "list", "-q"], capture_output=True, text=True)
+        return res.stdout.split()
+
+    def check(self, host: str, name: str) -> dict[str, Any]:
+        res = tug("lab", "check", host, name)
+        data: dict[str, Any] = json.loads(res.stdout)
+        assert (res.returncode == 0) == bool(data["ok"])
+        return data
+
+    def exec(self, host: str, name: str, *argv: str) -> str:
+        res = subprocess.run(["runc", "--root", self.runc_root(host), "exec", name, *argv], capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    def remove(self, name: str) -> None:
+        for host in self.urls:
+            subprocess.run(["runc", "--root", self.runc_root(host), "delete", "--force", name], capture_output=True)
+            shutil.rmtree(self.bundle(host, name), ignore_errors=True)
+
+    def leftovers(self, host: str, name: str) -> list[str]:
+        """Anything a failed migration of ``name`` could have left on ``host``."""
+        found = []
+        if self.state(host, name) is not None:
+            found.append(f"runc container {name}")
+        if self.bundle(host, name).exists():
+            found.append(f"bundle {self.bundle(host, name)}")
+        work = Path(f"/dev/shm/tuglab-{host}")
+        if work.exists():
+            found += [str(p) for p in work.iterdir()]
+        mounts = Path("/proc/self/mountinfo").read_text()
+        if f"/dev/shm/tuglab-{host}/" in mounts:
+            found.append("mounts under the work dir")
+        return found
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    require_prerequisites()
+    was_up = tug("lab", "status", "--json").json().get("up", False)
+    res = tug("lab", "up", timeout=120)
+    if res.returncode != 0:
+        pytest.fail(f"'tug lab up' failed: {res.stderr.strip()}")
+    status = tug("lab", "status", "--json", check=True).json()
+    yield Lab(urls={h["name"]: h["url"] for h in status["hosts"]})
+    if not was_up:
+        tug("lab", "down", timeout=120)
+
+
+@pytest.fixture
+def demo(lab: Lab) -> Iterator[str]:
+    """A fresh demo container on host a; removed from every host afterwards."""
+    name = f"t{os.getpid()}-{next(_names)}"
+    tug("lab", "demo", "a", name, "--memory", "32", "--dirty-rate", "200", check=True)
+    yield name
+    lab.remove(name)
+
+
+def migrate(src: str, name: str, dest_url: str, *extra: str) -> Result:
+    return on(src, "tug", "migrate", name, "--to", dest_url, "--json", *extra)
+
+
+def wait_for(pred: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False

@@ -1,0 +1,118 @@
+"""Stop-copy live migration between two lab hosts, its rollback, and bad input."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import Lab, migrate, on, tug
+
+#: The workload writes a heartbeat line every 10 ms. The longest gap a client
+#: of the container sees may exceed the engine's downtime by one interval plus
+#: scheduling noise: the engine's clock starts just before the freeze and stops
+#: when the destination's answer arrives, the heartbeat's when the next line is
+#: written.
+HEARTBEAT_SLACK_MS = 50
+
+
+def test_migrate_there_and_back(lab: Lab, demo: str) -> None:
+    lab.exec("a", demo, "sh", "-c", "echo carried-over > /root/marker")
+    before = lab.check("a", demo)
+    assert before["ok"], before
+
+    res = migrate("a", demo, lab.url("b"))
+    assert res.returncode == 0, res.stderr
+    report = res.json()
+    assert report["outcome"] == "migrated"
+    assert report["strategy"] == "stop-copy"
+    assert report["downtime_ms"] > 0
+    # 32 MiB of touched memory crossed the wire, and all of it while frozen.
+    assert report["bytes_total"] >= 32 << 20
+    assert report["frozen_bytes"] >= 32 << 20
+    assert set(report["phases"]) >= {"pre-checkpoint", "pre-restore", "checkpoint", "transfer", "restore", "commit"}
+
+    after = lab.check("b", demo)
+    assert after["ok"], after
+    assert after["verify"]["ok"] and after["verify"]["bad_pages"] == 0
+    hb = after["heartbeat"]
+    assert hb["resets"] == 0 and hb["backwards"] == 0 and hb["skipped"] == 0
+    assert hb["last_counter"] > before["heartbeat"]["last_counter"]
+    assert hb["max_gap_ms"] <= report["downtime_ms"] + HEARTBEAT_SLACK_MS
+    assert lab.exec("b", demo, "cat", "/root/marker").strip() == "carried-over"
+
+    # The source is gone: no container, no bundle, no work files.
+    assert lab.state("a", demo) is None
+    assert lab.leftovers("a", demo) == []
+    assert lab.containers("b").count(demo) == 1
+
+    back = migrate("b", demo, lab.url("a"))
+    assert back.returncode == 0, back.stderr
+    assert back.json()["outcome"] == "migrated"
+    final = lab.check("a", demo)
+    assert final["ok"], final
+    assert lab.exec("a", demo, "cat", "/root/marker").strip() == "carried-over"
+    assert lab.leftovers("b", demo) == []
+
+
+def test_rollback_when_restore_fails(lab: Lab, demo: str) -> None:
+    """CRIU fails for real on damaged images: the source runs on, b is clean."""
+    res = migrate("a", demo, lab.url("b"), "--fault", "corrupt-images")
+    assert res.returncode == 1
+    report = res.json()
+    assert report["outcome"] == "rolled-back"
+    assert report["error"]["kind"] == "criu"
+    assert report["error"]["phase"] == "restore"
+    assert report["error"]["details"]["error_lines"], "CriuError must carry CRIU's error lines"
+    assert Path(report["error"]["details"]["log_path"]).exists(), "the CRIU log must survive cleanup"
+    assert "rolled back" in res.stderr
+
+    st = lab.state("a", demo)
+    assert st is not None and st["status"] == "running"
+    after = lab.check("a", demo)
+    assert after["ok"], after
+    assert lab.leftovers("b", demo) == []
+
+
+def test_destination_name_taken(lab: Lab, demo: str) -> None:
+    """Refused in pre-checkpoint: neither host changes."""
+    tug("lab", "demo", "b", demo, "--memory", "8", check=True)
+    try:
+        res = migrate("a", demo, lab.url("b"))
+        assert res.returncode == 1
+        assert res.json()["outcome"] == "aborted"
+        assert "already runs a container" in res.stderr
+        assert lab.check("a", demo)["ok"]
+        assert lab.check("b", demo)["ok"]
+    finally:
+        subprocess.run(["runc", "--root", lab.runc_root("b"), "delete", "--force", demo], capture_output=True)
+
+
+def _bad_input_cases(lab: Lab, demo: str, tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    wrong_key = tmp_path / "wrong_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(wrong_key)], check=True)
+    empty_known = tmp_path / "known_hosts"
+    empty_known.write_text("")
+    b = lab.url("b")
+    return {
+        "unknown container": (["no-such-container", "--to", b], "not found on this host"),
+        "unreachable host": ([demo, "--to", "ssh://root@10.231.77.250:22", "--connect-timeout", "2"], "cannot reach"),
+        "wrong key": ([demo, "--to", b, "--identity", str(wrong_key)], "refused key"),
+        "unknown host key": ([demo, "--to", b, "--known-hosts", str(empty_known)], "host key"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unknown container", "unreachable host", "wrong key", "unknown host key"])
+def test_bad_input_one_line_error_nothing_changed(lab: Lab, demo: str, tmp_path: Path, case: str) -> None:
+    argv, expected = _bad_input_cases(lab, demo, tmp_path)[case]
+    res = on("a", "tug", "migrate", *argv, "--quiet")
+    assert res.returncode == 1
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("tug: error: ") and expected in lines[0], lines[0]
+    assert res.stdout == ""
+    # Nothing changed on either host.
+    assert lab.check("a", demo)["ok"]
+    assert lab.leftovers("b", demo) == []
+    assert lab.leftovers("a", demo) == [] or lab.state("a", demo) is not None
