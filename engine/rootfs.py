@@ -143,48 +143,59 @@ def encode_record_header(entry: Entry) -> bytes:
 
 
 class RecordDecoder:
-    """Splits the rootfs stream back into (entry, data chunk, is_last) pieces."""
+    """Splits the record stream back into (entry, data chunk, is_last) pieces.
+
+    Only headers are buffered; file data is handed on as views of the caller's
+    bytes, so a 1 MiB chunk of pages goes from the frame to ``os.write``
+    without another copy.
+    """
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._hdr = bytearray()
         self._entry: Entry | None = None
         self._left = 0
 
-    def feed(self, data: bytes) -> Iterator[tuple[Entry, bytes, bool]]:
-        self._buf += data
-        while True:
+    def feed(self, data: bytes | memoryview) -> Iterator[tuple[Entry, memoryview, bool]]:
+        view = memoryview(data)
+        while view:
             if self._entry is None:
-                if len(self._buf) < 4:
-                    return
-                (n,) = _HDR.unpack_from(self._buf)
-                if n > 1 << 20:
-                    raise ProtocolError("rootfs record header too large")
-                if len(self._buf) < 4 + n:
-                    return
+                # Fill the 4-byte length, then the header it announces.
+                want = 4 if len(self._hdr) < 4 else 4 + self._header_len()
+                take = want - len(self._hdr)
+                self._hdr += view[:take]
+                view = view[take:]
+                if len(self._hdr) < 4 or len(self._hdr) < 4 + self._header_len():
+                    continue
                 try:
-                    item = msgpack.unpackb(bytes(self._buf[4 : 4 + n]), raw=False)
+                    item = msgpack.unpackb(bytes(self._hdr[4:]), raw=False)
                 except Exception as exc:  # msgpack raises several unrelated types
                     raise ProtocolError(f"bad rootfs record header: {exc}") from None
-                del self._buf[: 4 + n]
-                self._entry = Entry.from_wire(item)
-                self._left = self._entry.size
+                self._hdr.clear()
+                entry = Entry.from_wire(item)
+                if entry.kind != FILE or entry.size < 0:
+                    raise ProtocolError(f"record for a non-file: {entry.path!r}")
+                self._entry, self._left = entry, entry.size
                 if self._left == 0:
-                    entry, self._entry = self._entry, None
-                    yield entry, b"", True
+                    self._entry = None
+                    yield entry, memoryview(b""), True
                 continue
-            if not self._buf:
-                return
-            take = min(self._left, len(self._buf))
-            chunk = bytes(self._buf[:take])
-            del self._buf[:take]
+            take = min(self._left, len(view))
+            chunk, view = view[:take], view[take:]
             self._left -= take
             entry = self._entry
             if self._left == 0:
                 self._entry = None
             yield entry, chunk, self._left == 0
+        return
+
+    def _header_len(self) -> int:
+        (n,) = _HDR.unpack_from(self._hdr)
+        if n > 1 << 20:
+            raise ProtocolError("rootfs record header too large")
+        return int(n)
 
     def finish(self) -> None:
-        if self._entry is not None or self._buf:
+        if self._entry is not None or self._hdr:
             raise ProtocolError("rootfs stream ended in the middle of a file")
 
 
@@ -241,7 +252,7 @@ class FileWriter:
         self.files = 0
         self.bytes = 0
 
-    def write(self, entry: Entry, chunk: bytes, last: bool) -> None:
+    def write(self, entry: Entry, chunk: bytes | memoryview, last: bool) -> None:
         if self._fd is None:
             final = self.root / entry.path
             self._tmp = final.with_name(f".{final.name}.tug-tmp")
