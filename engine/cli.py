@@ -198,6 +198,10 @@ def cmd_lab(args: argparse.Namespace) -> int:
         spec = demo.WorkloadSpec(memory_mib=args.memory, dirty_rate=args.dirty_rate, hot_set=args.hot_set)
         bundle = demo.start(h, args.name, spec)
         _say(f"demo container {args.name} running on {h.name} ({args.memory} MiB, {args.dirty_rate} pages/s), bundle {bundle}")
+    elif args.lab_cmd == "rm":
+        h = hosts.require().host(args.host)
+        if demo.remove(h, args.name):
+            _say(f"removed {args.name} from {h.name}")
     elif args.lab_cmd == "check":
         h = hosts.require().host(args.host)
         result = demo.check(h, args.name)
@@ -256,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--memory", type=int, default=64, metavar="MIB")
     dm.add_argument("--dirty-rate", type=int, default=0, metavar="PAGES_PER_S")
     dm.add_argument("--hot-set", type=float, default=1.0, metavar="FRACTION")
+    rm = ls.add_parser("rm", help="delete a container and its bundle from a host")
+    rm.add_argument("host")
+    rm.add_argument("name")
     ck = ls.add_parser("check", help="verify a demo container: running, counter continuous, memory intact")
     ck.add_argument("host")
     ck.add_argument("name")

@@ -10,7 +10,7 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "lab: two hosts (network namespaces with their own sshd, runc root and data dir)"
 $TUG lab up
-for h in a b; do $TUG lab run "$h" -- runc --root "/run/tug-lab/$h/runc" delete --force demo >/dev/null 2>&1 || true; done
+for h in a b; do $TUG lab rm "$h" demo; done  # a previous demo run's container, if any
 
 step "start the demo container on host a (${MEM} MiB of checked memory, ${RATE} pages/s dirtied)"
 $TUG lab demo a demo --memory "$MEM" --dirty-rate "$RATE"
@@ -21,12 +21,12 @@ step "live-migrate demo from a to b over SSH (stop-copy)"
 $TUG lab run a -- tug migrate demo --to "$($TUG lab url b)"
 
 step "check on b: running, counter continuous, memory intact, rootfs file carried over"
-$TUG lab check b demo | python3 -c '
+$TUG lab check b demo | .venv/bin/python -c '
 import json, sys
 r = json.load(sys.stdin)
 hb = r["heartbeat"]
-print(f"ok={r[\"ok\"]} counter={r[\"counter\"]} memory_check={r[\"verify\"][\"ok\"]} "
-      f"longest heartbeat gap={hb[\"max_gap_ms\"]:.0f} ms resets={hb[\"resets\"]}")
+print("ok=%s counter=%s memory_check=%s longest_heartbeat_gap=%.0f ms resets=%d"
+      % (r["ok"], r["counter"], r["verify"]["ok"], hb["max_gap_ms"], hb["resets"]))
 sys.exit(0 if r["ok"] else 1)'
 $TUG lab run b -- runc --root /run/tug-lab/b/runc exec demo cat /root/hello.txt
 $TUG lab status

@@ -111,6 +111,18 @@ def start(host: LabHost, name: str, workload: WorkloadSpec) -> Path:
     raise PreconditionError(f"demo container {name} started but its workload wrote no status within 30 s")
 
 
+def remove(host: LabHost, name: str) -> bool:
+    """Delete container ``name`` and its bundle from ``host``; True if anything was there."""
+    existed = sh("runc", "--root", host.runc_root, "state", name, check=False).returncode == 0
+    if existed:
+        sh("runc", "--root", host.runc_root, "delete", "--force", name)
+    bundle = Path(host.data_dir) / "containers" / name
+    if bundle.exists():
+        shutil.rmtree(bundle)
+        existed = True
+    return existed
+
+
 def check(host: LabHost, name: str, timeout: float = 20.0) -> dict[str, Any]:
     """Is ``name`` running on ``host`` with intact memory and an unbroken counter?"""
     res = sh("runc", "--root", host.runc_root, "state", name, check=False)
