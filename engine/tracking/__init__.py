@@ -1,0 +1,1 @@
+"""Dirty-page trackers for pre-copy: which pages changed since they were sent."""
