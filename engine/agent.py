@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -27,6 +28,8 @@ from tug.transports.session import Session, StreamSink
 
 from . import criu, rootfs
 from .fsutil import remove_tree
+from .pagestore import PageStore
+from .pagestream import RunDecoder
 from .errors import ConfigError, CriuError, MigrationError, PreconditionError, ProtocolError
 from .hostcfg import HostConfig
 from .runtime.runc import Runc
@@ -45,6 +48,7 @@ class Incoming:
     bundle: Path
     work: Path
     restored: bool = False
+    store: PageStore | None = None
     committed: bool = False
     stats: dict[str, int] = field(default_factory=dict)
 
@@ -78,6 +82,24 @@ class RecordSink:
         self.writer.abort()
 
 
+class PagesSink:
+    """Receives page runs (pre-copy rounds and the final delta) into the store."""
+
+    def __init__(self, store: PageStore) -> None:
+        self.store = store
+        self.decoder = RunDecoder()
+
+    async def write(self, data: bytes) -> None:
+        for pid, vaddr, piece in self.decoder.feed(data):
+            self.store.write(pid, vaddr, piece)
+
+    async def close(self, meta: dict[str, Any]) -> None:
+        self.decoder.finish()
+
+    async def abort(self, reason: str) -> None:
+        pass
+
+
 class Agent:
     def __init__(self, host: HostConfig) -> None:
         self.host = host
@@ -98,6 +120,10 @@ class Agent:
         inc = self._get(meta.get("container"))
         if kind == "rootfs":
             return RecordSink(inc.bundle / "rootfs", lambda w: inc.stats.__setitem__("rootfs_bytes", inc.stats.get("rootfs_bytes", 0) + w.bytes))
+        if kind == "pages":
+            if inc.store is None:
+                inc.store = PageStore(inc.work / "store")
+            return PagesSink(inc.store)
         if kind == "images":
             inc.images.mkdir(parents=True, exist_ok=True)
             return RecordSink(inc.images, lambda w: inc.stats.__setitem__("image_bytes", w.bytes))
@@ -173,8 +199,16 @@ class Agent:
             "skipped": plan.skipped,
         }
 
-    async def call_restore(self, container: str, tcp_established: bool = False, fault: str | None = None) -> dict[str, Any]:
+    async def call_restore(
+        self, container: str, tcp_established: bool = False, rebuild_pages: bool = False, fault: str | None = None
+    ) -> dict[str, Any]:
         inc = self._get(container)
+        if rebuild_pages:
+            if inc.store is None:
+                raise ProtocolError("asked to rebuild pages images, but no pages were received")
+            t_rebuild = time.monotonic()
+            inc.stats.update(await asyncio.to_thread(inc.store.rebuild, inc.images))
+            inc.stats["rebuild_ms"] = int((time.monotonic() - t_rebuild) * 1000)
         if fault == "corrupt-images":
             _corrupt_images(inc.images)
         (inc.bundle / INCOMING_MARKER).unlink(missing_ok=True)
@@ -197,10 +231,12 @@ class Agent:
         if not inc.restored:
             raise ProtocolError(f"commit of {container!r} before restore")
         inc.committed = True
+        if inc.store is not None:
+            inc.store.close()
         (inc.bundle / INCOMING_MARKER).unlink(missing_ok=True)
         remove_tree(inc.work)
         del self.incoming[container]
-        return {"committed": True}
+        return {"committed": True, **_usage()}
 
     async def call_abort(self, container: str) -> dict[str, Any]:
         inc = self.incoming.get(container)
@@ -213,6 +249,8 @@ class Agent:
     async def _cleanup(self, inc: Incoming) -> None:
         """Undo everything done for an uncommitted container."""
         self.incoming.pop(inc.name, None)
+        if inc.store is not None:
+            inc.store.close()
         if inc.committed:
             return
         with contextlib.suppress(MigrationError):
@@ -236,6 +274,17 @@ class Agent:
         dst = dst_dir / f"{inc.name}-{time.strftime('%Y%m%d-%H%M%S')}-{name}"
         shutil.copy2(src, dst)
         return dst
+
+
+def _usage() -> dict[str, float]:
+    """This agent's CPU time and peak memory (with its children: runc, CRIU)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "cpu_s": me.ru_utime + me.ru_stime,
+        "children_cpu_s": kids.ru_utime + kids.ru_stime,
+        "max_rss_kib": float(me.ru_maxrss),
+    }
 
 
 def _check_name(name: str) -> None:

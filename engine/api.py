@@ -11,15 +11,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tug.policies import ConvergencePolicy
+
 from .events import Event, MigrationReport
 from .hostcfg import HostConfig
 
-STRATEGIES = ("stop-copy",)
+STRATEGIES = ("stop-copy", "precopy")
 
 #: Seconds each phase may take before the migration is rolled back.
 DEFAULT_TIMEOUTS: Mapping[str, float] = {
     "pre-checkpoint": 300.0,
     "pre-restore": 60.0,
+    "precopy": 1800.0,
     "checkpoint": 300.0,
     "transfer": 1800.0,
     "restore": 300.0,
@@ -41,6 +44,11 @@ class MigrationOptions:
     agent_command: str | None = None
     connect_timeout: float = 15.0
     timeouts: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TIMEOUTS))
+    #: precopy only: when to stop iterating. A policy object (anything with
+    #: ``decide(history)``) or a spec string such as "phaul" or "max-iter=8,min-dirty=64".
+    policy: ConvergencePolicy | str = "phaul"
+    #: precopy only: how dirty pages are found: auto | content | soft-dirty.
+    tracker: str = "auto"
     tcp_established: bool = False
     #: Testing only: make a step fail for real (e.g. "corrupt-images" damages
     #: the images on the destination so that CRIU's restore fails).

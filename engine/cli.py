@@ -73,7 +73,7 @@ def summary(r: MigrationReport) -> str:
     rows = [
         ("container", r.container),
         ("from -> to", f"{r.source} -> {r.destination}"),
-        ("strategy", r.strategy),
+        ("strategy", r.strategy + (f" (tracker {r.tracker}, {len(r.rounds)} rounds)" if r.tracker else "")),
         ("outcome", r.outcome),
         ("downtime", f"{r.downtime_ms:.0f} ms (source frozen {r.frozen_ms:.0f} ms)"),
         ("total time", f"{r.total_s:.2f} s"),
@@ -116,6 +116,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         agent_command=args.agent_command,
         connect_timeout=args.connect_timeout,
         tcp_established=args.tcp_established,
+        policy=args.policy,
+        tracker=args.tracker,
         fault=args.fault,
     )
     progress = Progress(quiet=args.quiet)
@@ -223,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("container")
     m.add_argument("--to", required=True, metavar="URL", help="destination, ssh://user@host[:port]")
     m.add_argument("--strategy", default="stop-copy", choices=STRATEGIES)
+    m.add_argument("--policy", default="phaul", metavar="SPEC",
+                   help="precopy: when to do the final dump, e.g. phaul, incus, qemu, 'max-iter=8,min-dirty=64,max-growth=1.1'")
+    m.add_argument("--tracker", default="auto", choices=("auto", "content", "soft-dirty"),
+                   help="precopy: how dirty pages are found (auto: soft-dirty if the kernel has it, else content)")
     m.add_argument("--identity", "-i", metavar="KEY", help="SSH private key (default: $TUG_SSH_IDENTITY or ~/.ssh)")
     m.add_argument("--known-hosts", metavar="FILE", help="known_hosts to check the destination's host key against")
     m.add_argument("--agent-command", metavar="CMD", help="command that starts the agent on the destination")

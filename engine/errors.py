@@ -135,3 +135,9 @@ def _strip_stamp(line: str) -> str:
     if line.startswith("(") and ") " in line:
         line = line.split(") ", 1)[1]
     return line
+
+
+class ImageFormatError(MigrationError):
+    """A CRIU image file is malformed or uses a layout tug does not read or write."""
+
+    kind = "image"

@@ -31,7 +31,9 @@ from tug.transports.ssh import AgentProcess, connect_agent, parse_url
 
 from . import criu, rootfs
 from .fsutil import remove_tree
-from .api import MigrationOptions
+from tug.policies import ConvergencePolicy, PolicySpecError, parse_policy
+
+from .api import STRATEGIES, MigrationOptions
 from .errors import (
     ConfigError,
     MigrationError,
@@ -44,6 +46,7 @@ from .events import ErrorInfo, Event, MigrationReport, Note, PhaseFinished, Phas
 from .hostcfg import HostConfig
 from .phases import Phase, PhaseMachine
 from .runtime.runc import Runc
+from .precopy import Precopy, choose_tracker
 from .transfer import Meter, send_entries
 
 SOFTWARE = "tug/0.1"
@@ -53,8 +56,14 @@ class Migration:
     def __init__(
         self, container: str, destination: str, opts: MigrationOptions, on_event: Callable[[Event], None] | None
     ) -> None:
-        if opts.strategy != "stop-copy":
-            raise ConfigError(f"unknown strategy {opts.strategy!r} (available: stop-copy)")
+        if opts.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {opts.strategy!r} (available: {', '.join(STRATEGIES)})")
+        self.policy: ConvergencePolicy | None = None
+        if opts.strategy == "precopy":
+            try:
+                self.policy = parse_policy(opts.policy) if isinstance(opts.policy, str) else opts.policy
+            except PolicySpecError as exc:
+                raise ConfigError(f"bad --policy: {exc}") from None
         self.name = container
         self.target = parse_url(destination)
         self.opts = opts
@@ -72,6 +81,10 @@ class Migration:
         #: Set once anything was changed on either host; before that a failure
         #: has nothing to undo and its outcome is "aborted", not "rolled-back".
         self.changed = False
+        self.rebuild_pages = False
+        self.agent_usage: dict[str, float] = {}
+        #: Steps inside the frozen window, in ms (pause, dump, rebuild, restore).
+        self.timings: dict[str, float] = {}
         self.commit_unconfirmed = False
         self.frozen_at: float | None = None
         self.running_at: float | None = None
@@ -81,6 +94,9 @@ class Migration:
         self.image_bytes = 0
         self.rootfs_bytes = 0
         self.notes: list[str] = []
+        self.precopy: Precopy | None = None
+        self.tracker: str | None = None
+        self._meter: Meter | None = None
 
     # ---- plumbing -----------------------------------------------------------
 
@@ -123,6 +139,8 @@ class Migration:
         try:
             await self._phase(Phase.PRE_CHECKPOINT, self._pre_checkpoint)
             await self._phase(Phase.PRE_RESTORE, self._pre_restore)
+            if self.precopy is not None:
+                await self._phase(Phase.PRECOPY, self.precopy.run)
             await self._phase(Phase.CHECKPOINT, self._checkpoint)
             await self._phase(Phase.TRANSFER, self._transfer)
             await self._phase(Phase.RESTORE, self._restore)
@@ -154,6 +172,9 @@ class Migration:
         version = await criu.version()
         if not version.supported:
             raise PreconditionError(f"CRIU {version} here is too old; need >= 4.2 (run 'tug doctor')")
+        if self.policy is not None:
+            self.tracker = await choose_tracker(self.opts.tracker)
+            self.precopy = Precopy(self, self.policy)
 
         self.agent = await connect_agent(
             self.target,
@@ -190,6 +211,7 @@ class Migration:
         self.frozen_at = time.monotonic()
         self.frozen_sent_at_freeze = self._wire_bytes()
         await self.runc.pause(self.name)
+        t_dump = time.monotonic()
         await self.runc.checkpoint_frozen(
             self.name,
             image_dir=self.work / "images",
@@ -197,13 +219,21 @@ class Migration:
             tcp_established=self.opts.tcp_established,
             timeout=self.opts.timeout(Phase.CHECKPOINT.value),
         )
+        self.timings["pause_ms"] = (t_dump - self.frozen_at) * 1000
+        self.timings["dump_ms"] = (time.monotonic() - t_dump) * 1000
         st = await self.runc.require(self.name)
         if st.status != "paused":
             raise MigrationError(f"container {self.name!r} is {st.status} after checkpoint; expected paused")
 
     async def _transfer(self) -> None:
         images = self.work / "images"
-        entries = [e for e in await asyncio.to_thread(rootfs.scan, images) if e.kind == rootfs.FILE]
+        rebuilt: set[str] = set()
+        if self.precopy is not None:
+            self.start_meter("pages", None)
+            rebuilt = await self.precopy.send_final(images)
+        entries = [
+            e for e in await asyncio.to_thread(rootfs.scan, images) if e.kind == rootfs.FILE and e.path not in rebuilt
+        ]
         meter = Meter(Phase.TRANSFER.value, "images", sum(e.size for e in entries), self.emit)
 
         async def send_images() -> None:
@@ -214,19 +244,28 @@ class Migration:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(send_images())
             tg.create_task(self._sync_rootfs(Phase.TRANSFER))
+        self.rebuild_pages = bool(rebuilt)
 
     async def _restore(self) -> None:
         res = await self.s.call(
-            "restore", container=self.name, tcp_established=self.opts.tcp_established, fault=self.opts.fault
+            "restore",
+            container=self.name,
+            tcp_established=self.opts.tcp_established,
+            rebuild_pages=self.rebuild_pages,
+            fault=self.opts.fault,
         )
         self.running_at = time.monotonic()
         self.frozen_bytes = self._wire_bytes() - self.frozen_sent_at_freeze
+        for key in ("restore_ms", "rebuild_ms"):
+            if isinstance(res.get(key), (int, float)):
+                self.timings[key] = float(res[key])
         self.note(f"restored on {self.target.host} as pid {res.get('pid')} in {res.get('restore_ms', 0):.0f} ms")
 
     async def _commit(self) -> None:
         self.commit_unconfirmed = True
-        await self.s.call("commit", container=self.name)
+        ack = await self.s.call("commit", container=self.name)
         self.commit_unconfirmed = False
+        self.agent_usage = {k: float(v) for k, v in ack.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         # Past the commit point: the destination owns the container. Failures
         # from here on are reported, never rolled back.
         try:
@@ -249,6 +288,17 @@ class Migration:
         self.rootfs_bytes += await send_entries(
             self.s, kind="rootfs", container=self.name, root=self.rootfs_dir, entries=send, meter=meter
         )
+
+    async def sync_rootfs_now(self) -> None:
+        """A rootfs pass in the current phase (pre-copy rounds run one each)."""
+        await self._sync_rootfs(self.machine.phase)
+
+    def start_meter(self, what: str, total: int | None) -> None:
+        self._meter = Meter(self.machine.phase.value, what, total, self.emit)
+
+    def meter_add(self, n: int) -> None:
+        if self._meter is not None:
+            self._meter.add(n)
 
     def _on_notice(self, ev: p.Notice) -> None:
         self.emit(Note(level=ev.level, message=f"{self.target.host}: {ev.message}"))
@@ -344,4 +394,10 @@ class Migration:
             rootfs_bytes=self.rootfs_bytes,
             error=error,
             notes=list(self.notes),
+            rounds=list(self.precopy.events) if self.precopy is not None else [],
+            tracker=self.tracker,
+            frozen_steps_ms=dict(self.timings),
+            agent_cpu_s=self.agent_usage.get("cpu_s"),
+            agent_children_cpu_s=self.agent_usage.get("children_cpu_s"),
+            agent_max_rss_kib=self.agent_usage.get("max_rss_kib"),
         )

@@ -128,9 +128,9 @@ setup_venv() {
   fi
   local stamp="$VENV/.tug-installed"
   if [ ! -f "$stamp" ] || [ "$REPO/pyproject.toml" -nt "$stamp" ]; then
-    log "installing tug (editable) with test extras into $VENV"
+    log "installing tug (editable) with test and bench extras into $VENV"
     "$VENV/bin/pip" install -q --upgrade pip >&2
-    "$VENV/bin/pip" install -q -e "$REPO[test]" >&2
+    "$VENV/bin/pip" install -q -e "$REPO[test,bench]" >&2
     touch "$stamp"
   fi
 }

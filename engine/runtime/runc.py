@@ -67,13 +67,18 @@ class Runc:
             raise ConfigError(f"container {name!r} not found on this host (runc root {self.root})")
         return st
 
-    async def list(self) -> list[ContainerState]:
+    async def containers(self) -> list[ContainerState]:
         res = await proc.run(self._argv("list", "--format", "json"), timeout=15)
         items = json.loads(res.out or "null") or []
         return [
             ContainerState(id=i["id"], pid=int(i.get("pid", 0)), status=i["status"], bundle=Path(i["bundle"]))
             for i in items
         ]
+
+    async def pids(self, name: str) -> list[int]:
+        """Host pids of every process in the container."""
+        res = await proc.run(self._argv("ps", "--format", "json", name), timeout=15)
+        return [int(p) for p in json.loads(res.out or "[]")]
 
     async def pause(self, name: str) -> None:
         await proc.run(self._argv("pause", name), timeout=30)

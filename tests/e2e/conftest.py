@@ -101,11 +101,13 @@ class Lab:
         if self.bundle(host, name).exists():
             found.append(f"bundle {self.bundle(host, name)}")
         work = Path(f"/dev/shm/tuglab-{host}")
-        if work.exists():
-            found += [str(p) for p in work.iterdir()]
+        for p in (work / name, work / f"{name}.out"):
+            if p.exists():
+                found.append(str(p))
         mounts = Path("/proc/self/mountinfo").read_text()
-        if f"/dev/shm/tuglab-{host}/" in mounts:
-            found.append("mounts under the work dir")
+        for prefix in (f"{work}/{name}/", f"{work}/{name}.out/"):
+            if prefix in mounts:
+                found.append(f"mounts under {prefix}")
         return found
 
 

@@ -1,0 +1,203 @@
+"""Iterative pre-copy, source side: rounds while the container runs, then a delta.
+
+Each round scans the container's memory with the content tracker and streams
+changed pages to the agent *while the scan goes on*: a scanner task reads and
+diffs chunks in a worker thread and puts changed runs on a bounded queue; a
+sender task drains it into the "pages" stream (the bound is the backpressure:
+a slow link slows the scan instead of buffering the container's memory).
+Rootfs changes sync in the same TaskGroup.
+
+After each round the convergence policy, a pure function of the round
+history, decides: another round, the final dump, or abort. At the final dump
+the frozen container is dumped in full to tmpfs; each page CRIU wrote is
+compared with the shadow copy of what the destination holds, and only the
+differing pages cross the wire. The agent rebuilds the pages images from its
+store, so CRIU restores from complete, ordinary images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tug.policies import Action, ConvergencePolicy, RoundStats
+
+from . import images, pagestream
+from .errors import AbortedByPolicy, PreconditionError
+from .events import RoundCompleted
+from .tracking.content import PAGE, ContentTracker, ProcessMemory
+
+if TYPE_CHECKING:
+    from .migration import Migration
+
+TRACKERS = ("auto", "content", "soft-dirty")
+QUEUE_DEPTH = 8  # chunks of up to 4 MiB in flight between scanner and sender
+
+
+async def choose_tracker(requested: str) -> str:
+    """auto picks soft-dirty where the kernel has it, else content."""
+    from . import criu
+
+    if requested not in TRACKERS:
+        raise PreconditionError(f"unknown tracker {requested!r} (choose from {', '.join(TRACKERS)})")
+    soft_dirty = await criu.has_feature("mem_dirty_track")
+    if requested == "soft-dirty":
+        if not soft_dirty:
+            raise PreconditionError("kernel lacks soft-dirty (see tug doctor); use --tracker content")
+        raise PreconditionError("the soft-dirty tracker (CRIU pre-dump) is not available in this tug version; use --tracker content")
+    return "content"
+
+
+@dataclass(slots=True)
+class _RoundCounters:
+    scanned: int = 0
+    dirty: int = 0
+    bytes: int = 0
+    runs: list[int] = field(default_factory=list)
+
+
+class Precopy:
+    def __init__(self, migration: Migration, policy: ConvergencePolicy) -> None:
+        self.m = migration
+        self.policy = policy
+        self.tracker = ContentTracker()
+        self.history: list[RoundStats] = []
+        self.events: list[RoundCompleted] = []
+        self._last_round_start: float | None = None
+
+    async def run(self) -> None:
+        """Rounds until the policy says final (or abort)."""
+        index = 0
+        while True:
+            stats = await self.round(index)
+            self.history.append(stats)
+            decision = self.policy.decide(self.history)
+            ev = RoundCompleted(
+                index=stats.index,
+                duration_ms=stats.duration_s * 1000,
+                pages_scanned=stats.pages_scanned,
+                dirty_pages=stats.dirty_pages,
+                pages_sent=stats.pages_sent,
+                bytes=stats.bytes_sent,
+                bandwidth_bps=stats.bandwidth_bps,
+                dirty_rate_pps=stats.dirty_rate_pps,
+                decision=f"{decision.action.name.lower()}: {decision.reason}",
+            )
+            self.events.append(ev)
+            self.m.emit(ev)
+            if decision.action is Action.FINAL:
+                return
+            if decision.action is Action.ABORT:
+                raise AbortedByPolicy(f"pre-copy will not converge: {decision.reason}")
+            index += 1
+
+    async def round(self, index: int) -> RoundStats:
+        t0 = time.monotonic()
+        since = t0 - self._last_round_start if self._last_round_start is not None else 0.0
+        self._last_round_start = t0
+        c = _RoundCounters()
+        queue: asyncio.Queue[tuple[int, list[tuple[int, bytes]]] | None] = asyncio.Queue(QUEUE_DEPTH)
+        sent_before = self.m.s.bytes_sent
+
+        async def scanner() -> None:
+            try:
+                for host_pid in await self.m.runc.pids(self.m.name):
+                    try:
+                        mem = await asyncio.to_thread(ProcessMemory, host_pid)
+                    except (FileNotFoundError, ProcessLookupError):
+                        continue  # exited since ps
+                    try:
+                        regions = await asyncio.to_thread(mem.regions)
+                        for region in regions:
+                            try:
+                                runs = await asyncio.to_thread(mem.runs, region)
+                            except OSError:
+                                continue  # unmapped meanwhile
+                            for vaddr, npages in runs:
+                                res = await asyncio.to_thread(self.tracker.scan, mem, vaddr, npages)
+                                c.scanned += res.scanned
+                                if res.changed:
+                                    c.dirty += res.changed_pages
+                                    await queue.put((mem.ns_pid, res.changed))
+                    finally:
+                        mem.close()
+            finally:
+                await queue.put(None)
+
+        async def sender() -> None:
+            out = await self.m.s.open_stream("pages", {"container": self.m.name, "round": index})
+            while (item := await queue.get()) is not None:
+                pid, runs = item
+                for vaddr, data in runs:
+                    await out.write(pagestream.encode_header(pid, vaddr, len(data) // PAGE))
+                    await out.write(data)
+                    c.bytes += len(data)
+                    self.m.meter_add(len(data))
+            await out.close({"round": index})
+
+        self.m.start_meter("pages", None)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(scanner())
+            tg.create_task(sender())
+            tg.create_task(self.m.sync_rootfs_now())
+        duration = time.monotonic() - t0
+        wire = self.m.s.bytes_sent - sent_before
+        return RoundStats(
+            index=index,
+            duration_s=duration,
+            pages_scanned=c.scanned,
+            dirty_pages=c.dirty,
+            pages_sent=c.dirty,
+            pages_skipped=c.scanned - c.dirty,
+            bytes_sent=wire,
+            bandwidth_bps=wire / duration if duration > 0 else 0.0,
+            dirty_rate_pps=(c.dirty / since) if since > 0 else 0.0,
+        )
+
+    async def send_final(self, images_dir: Path) -> set[str]:
+        """Send the frozen dump's pages that differ from the destination's copy.
+
+        Returns the names of the pages images the agent must rebuild (the
+        caller sends every other image file whole). A pagemap whose layout we
+        cannot account for (e.g. pages kept in a parent dump) is sent whole:
+        falling back costs bytes, never correctness.
+        """
+        plan: list[tuple[int, Path, list[tuple[int, int, int]]]] = []
+        for pm_path in sorted(images_dir.glob("pagemap-*.img")):
+            pid = images.process_pagemap_pid(pm_path.name)
+            if pid is None:
+                continue
+            try:
+                pm = images.read_pagemap(pm_path.read_bytes())
+                layout = images.page_layout(pm)
+            except images.ImageFormatError:
+                continue
+            plan.append((pid, images_dir / images.pages_file_name(pm.pages_id), layout))
+
+        t0 = time.monotonic()
+        out = await self.m.s.open_stream("pages", {"container": self.m.name, "round": "final"})
+        delta = 0
+        for pid, pages_path, layout in plan:
+            with open(pages_path, "rb") as f:
+                size = pages_path.stat().st_size
+                mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) if size else None
+                try:
+                    for vaddr, n, off in layout:
+                        data = mm[off : off + n * PAGE] if mm is not None else b""
+                        res = await asyncio.to_thread(self.tracker.diff, pid, vaddr, data)
+                        for run_vaddr, run in res.changed:
+                            await out.write(pagestream.encode_header(pid, run_vaddr, len(run) // PAGE))
+                            await out.write(run)
+                            delta += len(run)
+                            self.m.meter_add(len(run))
+                finally:
+                    if mm is not None:
+                        mm.close()
+        await out.close({"round": "final", "bytes": delta})
+        self.final_delta_bytes = delta
+        self.m.timings["delta_ms"] = (time.monotonic() - t0) * 1000
+        return {p.name for _, p, _ in plan}
