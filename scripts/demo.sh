@@ -17,7 +17,7 @@ $TUG lab demo a demo --memory "$MEM" --dirty-rate "$RATE"
 $TUG lab run a -- runc --root /run/tug-lab/a/runc exec demo sh -c 'echo "written on a at $(date)" > /root/hello.txt'
 $TUG lab check a demo >/dev/null && echo "demo is running on a; its memory checksum verifies"
 
-step "live-migrate demo from a to b over SSH (stop-copy)"
+step "live-migrate demo from a to b over SSH (stop-copy: everything moves while frozen)"
 $TUG lab run a -- tug migrate demo --to "$($TUG lab url b)"
 
 step "check on b: running, counter continuous, memory intact, rootfs file carried over"
@@ -29,6 +29,14 @@ print("ok=%s counter=%s memory_check=%s longest_heartbeat_gap=%.0f ms resets=%d"
       % (r["ok"], r["counter"], r["verify"]["ok"], hb["max_gap_ms"], hb["resets"]))
 sys.exit(0 if r["ok"] else 1)'
 $TUG lab run b -- runc --root /run/tug-lab/b/runc exec demo cat /root/hello.txt
+
+step "and back from b to a with iterative pre-copy (content tracker, p.haul's convergence rule)"
+$TUG lab run b -- tug migrate demo --to "$($TUG lab url a)" --strategy precopy --policy phaul
+$TUG lab check a demo | .venv/bin/python -c '
+import json, sys
+r = json.load(sys.stdin)
+print("ok=%s counter=%s memory_check=%s resets=%d" % (r["ok"], r["counter"], r["verify"]["ok"], r["heartbeat"]["resets"]))
+sys.exit(0 if r["ok"] else 1)'
 $TUG lab status
 
 step "done: the lab stays up for you to play with ('tug lab down' removes it)"
