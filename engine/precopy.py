@@ -20,11 +20,11 @@ from __future__ import annotations
 import asyncio
 import mmap
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tug.policies import Action, ConvergencePolicy, RoundStats
+from tug.policies import Action, ConvergencePolicy, Decision, RoundStats
 
 from . import images, pagestream
 from .errors import AbortedByPolicy, PreconditionError
@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 
 TRACKERS = ("auto", "content", "soft-dirty")
 QUEUE_DEPTH = 8  # chunks of up to 4 MiB in flight between scanner and sender
+#: Whatever the policy says, stop iterating after this many rounds: a policy
+#: (possibly the user's own) that never says final must not pin the source.
+SAFETY_MAX_ROUNDS = 30
 
 
 async def choose_tracker(requested: str) -> str:
@@ -57,7 +60,9 @@ class _RoundCounters:
     scanned: int = 0
     dirty: int = 0
     bytes: int = 0
-    runs: list[int] = field(default_factory=list)
+    #: Seconds the sender spent handing data to the transport (incl. waits
+    #: for flow control): with the link saturated, bytes/send_s is its rate.
+    send_s: float = 0.0
 
 
 class Precopy:
@@ -68,6 +73,10 @@ class Precopy:
         self.history: list[RoundStats] = []
         self.events: list[RoundCompleted] = []
         self._last_round_start: float | None = None
+        #: Best link-rate estimate so far (bytes/s). A round that is bound by
+        #: the scan, not the link, says nothing about the link; round 0 (the
+        #: full copy) saturates it, so keep the best rate any round showed.
+        self.bandwidth_bps = 0.0
 
     async def run(self) -> None:
         """Rounds until the policy says final (or abort)."""
@@ -76,6 +85,9 @@ class Precopy:
             stats = await self.round(index)
             self.history.append(stats)
             decision = self.policy.decide(self.history)
+            if decision.action is Action.CONTINUE and index + 1 >= SAFETY_MAX_ROUNDS:
+                self.m.note(f"policy still says continue after {index + 1} rounds; going final (safety cap)", "warning")
+                decision = Decision(action=Action.FINAL, reason=f"safety cap of {SAFETY_MAX_ROUNDS} rounds")
             ev = RoundCompleted(
                 index=stats.index,
                 duration_ms=stats.duration_s * 1000,
@@ -132,11 +144,13 @@ class Precopy:
             out = await self.m.s.open_stream("pages", {"container": self.m.name, "round": index})
             while (item := await queue.get()) is not None:
                 pid, runs = item
+                t_send = time.monotonic()
                 for vaddr, data in runs:
                     await out.write(pagestream.encode_header(pid, vaddr, len(data) // PAGE))
                     await out.write(data)
                     c.bytes += len(data)
                     self.m.meter_add(len(data))
+                c.send_s += time.monotonic() - t_send
             await out.close({"round": index})
 
         self.m.start_meter("pages", None)
@@ -146,6 +160,8 @@ class Precopy:
             tg.create_task(self.m.sync_rootfs_now())
         duration = time.monotonic() - t0
         wire = self.m.s.bytes_sent - sent_before
+        if c.send_s > 0 and c.bytes >= (4 << 20):  # too little data says nothing about the link
+            self.bandwidth_bps = max(self.bandwidth_bps, c.bytes / c.send_s)
         return RoundStats(
             index=index,
             duration_s=duration,
@@ -154,7 +170,7 @@ class Precopy:
             pages_sent=c.dirty,
             pages_skipped=c.scanned - c.dirty,
             bytes_sent=wire,
-            bandwidth_bps=wire / duration if duration > 0 else 0.0,
+            bandwidth_bps=self.bandwidth_bps,
             dirty_rate_pps=(c.dirty / since) if since > 0 else 0.0,
         )
 
