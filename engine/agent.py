@@ -32,6 +32,8 @@ from .pagestore import PageStore
 from .pagestream import RunDecoder
 from .errors import ConfigError, CriuError, MigrationError, PreconditionError, ProtocolError
 from .hostcfg import HostConfig
+from .runtime import network as netif
+from .runtime.network import EndpointSpec
 from .runtime.runc import Runc
 
 log = logging.getLogger("tug.agent")
@@ -49,6 +51,8 @@ class Incoming:
     work: Path
     restored: bool = False
     store: PageStore | None = None
+    network: EndpointSpec | None = None
+    endpoint: Path | None = None
     committed: bool = False
     stats: dict[str, int] = field(default_factory=dict)
 
@@ -136,9 +140,19 @@ class Agent:
 
     # ---- calls -------------------------------------------------------------
 
-    async def call_preflight(self, container: str, criu_version: str, cpuinfo: bytes = b"") -> dict[str, Any]:
+    async def call_preflight(
+        self, container: str, criu_version: str, cpuinfo: bytes = b"", network: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Can this host take ``container``? Nothing is changed here."""
         _check_name(container)
+        if network is not None:
+            EndpointSpec.from_dict(network)
+            if self.host.network is None:
+                raise PreconditionError(
+                    f"{container!r} has a network endpoint, but {self.host.name} has no bridge for it (set TUG_BRIDGE)"
+                )
+            if self.host.network.netns_path(container).exists() and not self.host.bundle_dir(container).exists():
+                raise PreconditionError(f"destination {self.host.name} already has network namespace {self.host.network.netns(container)}")
         if os.geteuid() != 0:
             raise PreconditionError(f"the agent on {self.host.name} is not root")
         version = await criu.version()
@@ -158,8 +172,8 @@ class Agent:
                 raise PreconditionError(f"CPU of {self.host.name} cannot run this dump: {problem}")
         return {"host": self.host.name, "criu": str(version), "runc": runc_version, "bundle": str(bundle)}
 
-    async def call_prepare(self, container: str, config: bytes) -> dict[str, Any]:
-        """Create the staging bundle and the work space (pre-restore)."""
+    async def call_prepare(self, container: str, config: bytes, network: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Create the staging bundle and the work space."""
         _check_name(container)
         bundle = self.host.bundle_dir(container)
         if bundle.exists():
@@ -169,15 +183,38 @@ class Agent:
         work = self.host.work_dir / container
         remove_tree(work)
         inc = Incoming(name=container, bundle=bundle, work=work)
+        inc.network = EndpointSpec.from_dict(network) if network is not None else None
         self.incoming[container] = inc
         bundle.mkdir(parents=True)
         (bundle / INCOMING_MARKER).write_text(f"{os.getpid()}\n")
         (bundle / "rootfs").mkdir()
         work.mkdir(parents=True)
-        (bundle / "config.json").write_bytes(self._rewrite_config(container, config))
+        (bundle / "config.json").write_bytes(self._rewrite_config(container, config, inc.network is not None))
+        if inc.network is not None:
+            netif.save_spec(bundle, inc.network)
         return {"bundle": str(bundle), "work": str(work)}
 
-    def _rewrite_config(self, container: str, raw: bytes) -> bytes:
+    async def call_prepare_network(self, container: str) -> dict[str, Any]:
+        """Pre-restore: the endpoint exists, with its outer link still down."""
+        inc = self._get(container)
+        if inc.network is None:
+            return {"endpoint": None}
+        net = self.host.network
+        assert net is not None  # checked in preflight
+        t0 = time.monotonic()
+        inc.endpoint = await asyncio.to_thread(netif.create, net, container, inc.network, up=False)
+        return {"endpoint": str(inc.endpoint), "ms": (time.monotonic() - t0) * 1000}
+
+    def _criu_config(self, inc: Incoming, options: list[str]) -> None:
+        """Point runc at a CRIU config file for this restore (org.criu.config)."""
+        conf = inc.work / "criu-restore.conf"
+        conf.write_text("\n".join(options) + "\n")
+        cfg_path = inc.bundle / "config.json"
+        spec = json.loads(cfg_path.read_text())
+        spec.setdefault("annotations", {})["org.criu.config"] = str(conf)
+        cfg_path.write_text(json.dumps(spec, indent=2))
+
+    def _rewrite_config(self, container: str, raw: bytes, has_endpoint: bool) -> bytes:
         try:
             spec = json.loads(raw)
         except ValueError as exc:
@@ -185,6 +222,9 @@ class Agent:
         spec.setdefault("root", {})["path"] = "rootfs"
         if self.host.cgroup_parent:
             spec.setdefault("linux", {})["cgroupsPath"] = f"{self.host.cgroup_parent.rstrip('/')}/{container}"
+        if has_endpoint:
+            assert self.host.network is not None
+            netif.set_netns_path_in_spec(spec, self.host.network.netns_path(container))
         return json.dumps(spec, indent=2).encode()
 
     async def call_rootfs_plan(self, container: str, manifest: list[Any]) -> dict[str, Any]:
@@ -200,9 +240,11 @@ class Agent:
         }
 
     async def call_restore(
-        self, container: str, tcp_established: bool = False, rebuild_pages: bool = False, fault: str | None = None
+        self, container: str, tcp_close: bool = False, rebuild_pages: bool = False, fault: str | None = None
     ) -> dict[str, Any]:
         inc = self._get(container)
+        if tcp_close:
+            self._criu_config(inc, ["tcp-close"])
         if rebuild_pages:
             if inc.store is None:
                 raise ProtocolError("asked to rebuild pages images, but no pages were received")
@@ -216,12 +258,19 @@ class Agent:
         t0 = time.monotonic()
         try:
             await self.runc.restore_detached(
-                container, bundle=inc.bundle, image_dir=inc.images, work_dir=inc.criu_work, tcp_established=tcp_established
+                container, bundle=inc.bundle, image_dir=inc.images, work_dir=inc.criu_work, tcp_established=not tcp_close
             )
         except CriuError as exc:
             exc.log_path = self._keep_log(inc, "restore.log") or exc.log_path
             raise
         inc.restored = True
+        if inc.network is not None and inc.endpoint is not None:
+            # Only now may packets reach the restored sockets (see runtime.network).
+            assert self.host.network is not None
+            t_net = time.monotonic()
+            await asyncio.to_thread(netif.set_link, self.host.network, container, up=True)
+            await asyncio.to_thread(netif.announce, inc.endpoint, inc.network)
+            inc.stats["network_up_ms"] = int((time.monotonic() - t_net) * 1000)
         st = await self.runc.require(container)
         return {"pid": st.pid, "status": st.status, "restore_ms": (time.monotonic() - t0) * 1000, **inc.stats}
 
@@ -256,6 +305,8 @@ class Agent:
         with contextlib.suppress(MigrationError):
             if await self.runc.state(inc.name) is not None:
                 await self.runc.delete(inc.name, force=True)
+        if inc.endpoint is not None and self.host.network is not None:
+            await asyncio.to_thread(netif.delete, self.host.network, inc.name)
         shutil.rmtree(inc.bundle, ignore_errors=True)
         remove_tree(inc.work)
         log.info("cleaned up uncommitted %s", inc.name)

@@ -49,7 +49,10 @@ class MigrationOptions:
     policy: ConvergencePolicy | str = "phaul"
     #: precopy only: how dirty pages are found: auto | content | soft-dirty.
     tracker: str = "auto"
-    tcp_established: bool = False
+    #: Established TCP connections are always checkpointed (TCP repair) and,
+    #: by default, restored intact. With tcp_close they are restored closed:
+    #: for clients that reconnect anyway, and cheaper than a repair.
+    tcp_close: bool = False
     #: Testing only: make a step fail for real (e.g. "corrupt-images" damages
     #: the images on the destination so that CRIU's restore fails).
     fault: str | None = None

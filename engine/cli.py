@@ -61,7 +61,7 @@ class Progress:
         elif isinstance(ev, RoundCompleted):
             self.stream.write(
                 f"          round {ev.index}: {ev.dirty_pages} dirty pages, {human_bytes(ev.bytes)} "
-                f"in {ev.duration_ms:.0f} ms ({human_bytes(ev.bandwidth_bps)}/s) -> {ev.decision}\n"
+                f"in {ev.duration_ms:.0f} ms (link ~{human_bytes(ev.bandwidth_bps)}/s) -> {ev.decision}\n"
             )
         elif isinstance(ev, Note):
             prefix = "warning: " if ev.level == "warning" else ""
@@ -115,7 +115,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         known_hosts=Path(args.known_hosts) if args.known_hosts else None,
         agent_command=args.agent_command,
         connect_timeout=args.connect_timeout,
-        tcp_established=args.tcp_established,
+        tcp_close=args.tcp_close,
         policy=args.policy,
         tracker=args.tracker,
         fault=args.fault,
@@ -201,15 +201,46 @@ def cmd_lab(args: argparse.Namespace) -> int:
         bundle = demo.start(h, args.name, spec)
         _say(f"demo container {args.name} running on {h.name} ({args.memory} MiB, {args.dirty_rate} pages/s), bundle {bundle}")
     elif args.lab_cmd == "rm":
-        h = hosts.require().host(args.host)
+        lab = hosts.require()
+        h = lab.host(args.host)
         if demo.remove(h, args.name):
             _say(f"removed {args.name} from {h.name}")
+        if not any((Path(o.data_dir) / "containers" / args.name).exists() for o in lab.hosts):
+            hosts.release_address(args.name)
+    elif args.lab_cmd == "client":
+        return _lab_client(args)
     elif args.lab_cmd == "check":
         h = hosts.require().host(args.host)
         result = demo.check(h, args.name)
         print(json.dumps(result))
         return 0 if result["ok"] else 1
     return 0
+
+
+def _lab_client(args: argparse.Namespace) -> int:
+    """Runs inside the lab's client namespace (re-executing itself there)."""
+    from .lab import client, hosts
+
+    address = hosts.address_of(args.name)
+    if os.environ.get("TUG_LAB_IN_CLIENT") != "1":
+        hosts.require()
+        os.environ["TUG_LAB_IN_CLIENT"] = "1"
+        argv = [sys.executable, "-m", "tug.engine", *sys.argv[1:]]
+        os.execvp("nsenter", ["nsenter", f"--net=/run/netns/{hosts.CLIENT_NS}", "--", *argv])
+    result = _run(client.run(
+        address, port=args.port, duration=args.duration, connections=args.connections,
+        interval_ms=args.interval_ms, bulk_bytes=args.bulk, upload_bytes=args.upload, rate=args.rate,
+    ))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['replies']} replies over {result['connections']} connection(s), longest gap "
+              f"{result['max_gap_ms']:.0f} ms, {result['reconnects']} reconnects, {result['errors']} errors, "
+              f"{result['out_of_order']} out of order")
+        for key in ("bulk", "upload"):
+            if key in result:
+                print(f"{key}: {result[key]}")
+    return 0 if result["ok"] else 1
 
 
 # ---- parser ---------------------------------------------------------------
@@ -233,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--known-hosts", metavar="FILE", help="known_hosts to check the destination's host key against")
     m.add_argument("--agent-command", metavar="CMD", help="command that starts the agent on the destination")
     m.add_argument("--connect-timeout", type=float, default=15.0, metavar="S")
-    m.add_argument("--tcp-established", action="store_true", help="checkpoint established TCP connections")
+    m.add_argument("--tcp-close", action="store_true",
+                   help="restore established TCP connections closed instead of intact (for clients that reconnect)")
     m.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
     m.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     m.add_argument("--fault", help=argparse.SUPPRESS)
@@ -269,6 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     rm = ls.add_parser("rm", help="delete a container and its bundle from a host")
     rm.add_argument("host")
     rm.add_argument("name")
+    cl = ls.add_parser("client", help="hold connections to a demo container from the lab's client host")
+    cl.add_argument("name")
+    cl.add_argument("--duration", type=float, default=10.0, metavar="S")
+    cl.add_argument("--connections", type=int, default=1)
+    cl.add_argument("--interval-ms", type=float, default=5.0)
+    cl.add_argument("--bulk", type=int, default=0, metavar="BYTES", help="also download BYTES, verified")
+    cl.add_argument("--upload", type=int, default=0, metavar="BYTES", help="also upload BYTES, verified")
+    cl.add_argument("--rate", type=float, default=2 << 20, metavar="BYTES_PER_S", help="pace of bulk/upload")
+    cl.add_argument("--port", type=int, default=7000)
+    cl.add_argument("--json", action="store_true")
     ck = ls.add_parser("check", help="verify a demo container: running, counter continuous, memory intact")
     ck.add_argument("host")
     ck.add_argument("name")

@@ -13,6 +13,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from .runtime.network import HostNetwork
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HostConfig:
@@ -25,6 +27,17 @@ class HostConfig:
     cgroup_parent: str | None
     ssh_identity: Path | None
     ssh_known_hosts: Path | None
+    #: Bridge that container endpoints join, and the netns it lives in
+    #: (None: this process's own). Without a bridge, containers with a
+    #: managed endpoint cannot be received here.
+    bridge: str | None = None
+    bridge_netns: str | None = None
+
+    @property
+    def network(self) -> HostNetwork | None:
+        if not self.bridge:
+            return None
+        return HostNetwork(host=self.name, bridge=self.bridge, bridge_netns=self.bridge_netns)
 
     @property
     def bundles_dir(self) -> Path:
@@ -50,6 +63,8 @@ class HostConfig:
             cgroup_parent=e.get("TUG_CGROUP_PARENT") or None,
             ssh_identity=path("TUG_SSH_IDENTITY"),
             ssh_known_hosts=path("TUG_SSH_KNOWN_HOSTS"),
+            bridge=e.get("TUG_BRIDGE") or None,
+            bridge_netns=e.get("TUG_BRIDGE_NETNS") or None,
         )
 
     def env(self) -> dict[str, str]:
@@ -66,4 +81,8 @@ class HostConfig:
             out["TUG_SSH_IDENTITY"] = str(self.ssh_identity)
         if self.ssh_known_hosts:
             out["TUG_SSH_KNOWN_HOSTS"] = str(self.ssh_known_hosts)
+        if self.bridge:
+            out["TUG_BRIDGE"] = self.bridge
+        if self.bridge_netns:
+            out["TUG_BRIDGE_NETNS"] = self.bridge_netns
         return out

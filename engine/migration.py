@@ -45,6 +45,8 @@ from .errors import (
 from .events import ErrorInfo, Event, MigrationReport, Note, PhaseFinished, PhaseStarted
 from .hostcfg import HostConfig
 from .phases import Phase, PhaseMachine
+from .runtime import network as netif
+from .runtime.network import EndpointSpec
 from .runtime.runc import Runc
 from .precopy import Precopy, choose_tracker
 from .transfer import Meter, send_entries
@@ -78,6 +80,9 @@ class Migration:
         self.bundle: Path | None = None
         self.rootfs_dir: Path | None = None
         self.paused = False
+        self.endpoint: EndpointSpec | None = None
+        #: True while the source's outer link is down (the network lock).
+        self.net_locked = False
         #: Set once anything was changed on either host; before that a failure
         #: has nothing to undo and its outcome is "aborted", not "rolled-back".
         self.changed = False
@@ -169,6 +174,15 @@ class Migration:
         spec = json.loads(config_raw)
         root = Path(spec.get("root", {}).get("path", "rootfs"))
         self.rootfs_dir = root if root.is_absolute() else st.bundle / root
+        self.endpoint = netif.load_spec(st.bundle)
+        joined = netif.netns_path_in_spec(spec)
+        if self.endpoint is None and joined:
+            raise PreconditionError(
+                f"container {self.name!r} joins network namespace {joined}, which tug does not manage "
+                f"(no {netif.SPEC_FILE} in its bundle): its network cannot be recreated on the destination"
+            )
+        if self.endpoint is not None and self.host.network is None:
+            raise PreconditionError(f"container {self.name!r} has a network endpoint but TUG_BRIDGE is not set here")
         version = await criu.version()
         if not version.supported:
             raise PreconditionError(f"CRIU {version} here is too old; need >= 4.2 (run 'tug doctor')")
@@ -196,27 +210,33 @@ class Migration:
 
         with tempfile.TemporaryDirectory(prefix="tug-cpuinfo-") as d:
             cpuinfo = (await criu.cpuinfo_dump(Path(d))).read_bytes()
-        await self.s.call("preflight", container=self.name, criu_version=str(version), cpuinfo=cpuinfo)
+        network = self.endpoint.to_dict() if self.endpoint is not None else None
+        await self.s.call("preflight", container=self.name, criu_version=str(version), cpuinfo=cpuinfo, network=network)
         self.changed = True
-        await self.s.call("prepare", container=self.name, config=config_raw)
+        await self.s.call("prepare", container=self.name, config=config_raw, network=network)
         await self._sync_rootfs(Phase.PRE_CHECKPOINT)
 
     async def _pre_restore(self) -> None:
-        # The destination's bundle is staged; nothing else to prepare for stop-copy.
         self.work.mkdir(parents=True, exist_ok=True)
+        if self.endpoint is not None:
+            await self.s.call("prepare_network", container=self.name)
 
     async def _checkpoint(self) -> None:
         remove_tree(self.work)
         self.paused = True  # before the call: a half-done pause must still be undone
         self.frozen_at = time.monotonic()
         self.frozen_sent_at_freeze = self._wire_bytes()
+        if self.endpoint is not None:
+            assert self.host.network is not None
+            self.net_locked = True
+            await asyncio.to_thread(netif.set_link, self.host.network, self.name, up=False)
         await self.runc.pause(self.name)
         t_dump = time.monotonic()
         await self.runc.checkpoint_frozen(
             self.name,
             image_dir=self.work / "images",
             work_dir=self.work / "criu",
-            tcp_established=self.opts.tcp_established,
+            tcp_established=True,
             timeout=self.opts.timeout(Phase.CHECKPOINT.value),
         )
         self.timings["pause_ms"] = (t_dump - self.frozen_at) * 1000
@@ -250,13 +270,13 @@ class Migration:
         res = await self.s.call(
             "restore",
             container=self.name,
-            tcp_established=self.opts.tcp_established,
+            tcp_close=self.opts.tcp_close,
             rebuild_pages=self.rebuild_pages,
             fault=self.opts.fault,
         )
         self.running_at = time.monotonic()
         self.frozen_bytes = self._wire_bytes() - self.frozen_sent_at_freeze
-        for key in ("restore_ms", "rebuild_ms"):
+        for key in ("restore_ms", "rebuild_ms", "network_up_ms"):
             if isinstance(res.get(key), (int, float)):
                 self.timings[key] = float(res[key])
         self.note(f"restored on {self.target.host} as pid {res.get('pid')} in {res.get('restore_ms', 0):.0f} ms")
@@ -273,6 +293,9 @@ class Migration:
             self.paused = False
         except MigrationError as exc:
             self.note(f"could not delete the frozen source container: {exc}", "warning")
+        if self.endpoint is not None and self.host.network is not None:
+            await asyncio.to_thread(netif.delete, self.host.network, self.name)
+            self.net_locked = False
         if self.bundle is not None and self.bundle.parent == self.host.bundles_dir:
             shutil.rmtree(self.bundle, ignore_errors=True)
 
@@ -325,9 +348,16 @@ class Migration:
                         "warning",
                     )
                 else:
+                    # Destination first: if it restored just before the link
+                    # broke, its copy must be gone before the source's address
+                    # comes back, or both would answer for one IP and MAC.
+                    await self._abort_destination()
                     if self.paused:
                         await self._resume_source()
-                    await self._abort_destination()
+                    if self.net_locked:
+                        assert self.host.network is not None
+                        await asyncio.to_thread(netif.set_link, self.host.network, self.name, up=True)
+                        self.net_locked = False
         except (MigrationError, TimeoutError) as rb:
             outcome = "failed"
             self.note(f"rollback incomplete: {rb}", "warning")

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, PreconditionError
-from .hosts import DATA_DIR, LabHost, sh
+from ..runtime import network as netif
+from .hosts import DATA_DIR, LabHost, address_of, sh
 from .workload import analyze_heartbeat, build_workload, read_status, read_verify, verify_seq
 
 IMAGE_DIR = DATA_DIR / "image"
@@ -66,6 +67,13 @@ def image_rootfs() -> Path:
     return rootfs
 
 
+def endpoint_spec(name: str) -> netif.EndpointSpec:
+    """The container's address on the lab segment, and a MAC derived from it."""
+    ip = address_of(name, allocate=True)
+    last = int(ip.rsplit(".", 1)[1])
+    return netif.EndpointSpec(address=f"{ip}/24", mac=f"02:74:75:67:{(last >> 8) & 0xff:02x}:{last & 0xff:02x}")
+
+
 def _spec(name: str, host: LabHost, workload: WorkloadSpec) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         subprocess.run(["runc", "spec"], cwd=d, check=True, capture_output=True)
@@ -75,6 +83,7 @@ def _spec(name: str, host: LabHost, workload: WorkloadSpec) -> dict[str, Any]:
     spec["root"] = {"path": "rootfs", "readonly": False}
     spec["hostname"] = name
     spec["linux"]["cgroupsPath"] = f"{host.cgroup_parent}/{name}"
+    netif.set_netns_path_in_spec(spec, host.network().netns_path(name))
     return spec
 
 
@@ -89,6 +98,9 @@ def start(host: LabHost, name: str, workload: WorkloadSpec) -> Path:
         shutil.rmtree(bundle)
     bundle.mkdir(parents=True)
     sh("cp", "-a", str(image_rootfs()), str(bundle / "rootfs"))
+    endpoint = endpoint_spec(name)
+    netif.create(host.network(), name, endpoint, up=True)
+    netif.save_spec(bundle, endpoint)
     (bundle / "config.json").write_text(json.dumps(_spec(name, host, workload), indent=2))
     log = Path(host.data_dir) / "logs"
     log.mkdir(parents=True, exist_ok=True)
@@ -100,6 +112,7 @@ def start(host: LabHost, name: str, workload: WorkloadSpec) -> Path:
         )
     if res.returncode != 0:
         shutil.rmtree(bundle, ignore_errors=True)
+        netif.delete(host.network(), name)
         tail = [ln for ln in (log / f"runc-{name}.log").read_text(errors="replace").splitlines() if ln.strip()]
         raise PreconditionError(f"runc run {name} failed: {tail[-1] if tail else f'exit {res.returncode}'}")
     state = bundle / "rootfs" / "state"
@@ -119,6 +132,9 @@ def remove(host: LabHost, name: str) -> bool:
     bundle = Path(host.data_dir) / "containers" / name
     if bundle.exists():
         shutil.rmtree(bundle)
+        existed = True
+    if host.network().netns_path(name).exists():
+        netif.delete(host.network(), name)
         existed = True
     return existed
 

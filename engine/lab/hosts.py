@@ -28,6 +28,7 @@ from typing import Any
 
 from ..errors import ConfigError, PreconditionError
 from ..fsutil import remove_tree
+from ..runtime.network import HostNetwork
 
 PREFIX = "tuglab"
 RUN_DIR = Path("/run/tug-lab")
@@ -40,6 +41,13 @@ IDENTITY = DATA_DIR / "client_ed25519"
 KNOWN_HOSTS = DATA_DIR / "known_hosts"
 AUTHORIZED_KEYS = DATA_DIR / "authorized_keys"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+CLIENT_NS = f"{PREFIX}-client"
+CLIENT_ADDRESS = f"{SUBNET}.5"
+#: Container addresses: .100 to .199, handed out by name and kept across moves.
+POOL = range(100, 200)
+ADDRESSES = RUN_DIR / "addresses.json"
+#: Bumped when the lab's shape changes; an older lab is rebuilt by ``up``.
+LAB_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,7 +76,12 @@ class LabHost:
             "TUG_CGROUP_PARENT": self.cgroup_parent,
             "TUG_SSH_IDENTITY": str(IDENTITY),
             "TUG_SSH_KNOWN_HOSTS": str(KNOWN_HOSTS),
+            "TUG_BRIDGE": "br0",
+            "TUG_BRIDGE_NETNS": BRIDGE_NS,
         }
+
+    def network(self) -> HostNetwork:
+        return HostNetwork(host=self.name, bridge="br0", bridge_netns=BRIDGE_NS)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,6 +90,7 @@ class Lab:
     rate: str | None
     delay: str | None
     created: float
+    version: int = LAB_VERSION
 
     def host(self, name: str) -> LabHost:
         for h in self.hosts:
@@ -120,7 +134,13 @@ def load() -> Lab | None:
         data = json.loads(STATE_FILE.read_text())
     except (OSError, ValueError):
         return None
-    return Lab(hosts=[LabHost(**h) for h in data["hosts"]], rate=data.get("rate"), delay=data.get("delay"), created=data["created"])
+    return Lab(
+        hosts=[LabHost(**h) for h in data["hosts"]],
+        rate=data.get("rate"),
+        delay=data.get("delay"),
+        created=data["created"],
+        version=int(data.get("version", 1)),
+    )
 
 
 def require() -> Lab:
@@ -132,7 +152,10 @@ def require() -> Lab:
 
 def _save(lab: Lab) -> None:
     RUN_DIR.mkdir(parents=True, exist_ok=True)
-    data = {"hosts": [asdict(h) for h in lab.hosts], "rate": lab.rate, "delay": lab.delay, "created": lab.created}
+    data = {
+        "hosts": [asdict(h) for h in lab.hosts], "rate": lab.rate, "delay": lab.delay,
+        "created": lab.created, "version": lab.version,
+    }
     tmp = STATE_FILE.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(STATE_FILE)
@@ -167,6 +190,10 @@ def up(hosts: int = 2, rate: str | None = None, delay: str | None = None, log: A
         raise ConfigError("the lab needs at least 2 hosts")
     say = log or (lambda msg: None)
     existing = load()
+    if existing is not None and existing.version != LAB_VERSION:
+        say("the lab was made by an older tug; rebuilding it")
+        down()
+        existing = None
     if existing is not None and healthy(existing):
         if len(existing.hosts) != hosts:
             raise ConfigError(
@@ -203,6 +230,8 @@ def up(hosts: int = 2, rate: str | None = None, delay: str | None = None, log: A
             lab_hosts.append(h := LabHost(**{**asdict(h), "sshd_pid": _read_pid(h)}))
             known.append(f"{h.address} {pub}")
             say(f"host {name}: {h.url}")
+        _make_client()
+        say(f"client: {CLIENT_ADDRESS} (netns {CLIENT_NS})")
         KNOWN_HOSTS.write_text("\n".join(known) + "\n")
         lab = Lab(hosts=lab_hosts, rate=rate, delay=delay, created=time.time())
         _save(lab)
@@ -247,6 +276,51 @@ def _make_host(i: int, name: str) -> LabHost:
     in_ns(ns, "ip", "addr", "add", f"{h.address}/24", "dev", "eth0")
     in_ns(ns, "ip", "link", "set", "eth0", "up")
     return h
+
+
+def _make_client() -> None:
+    """A namespace on the segment for traffic generators (no sshd, no runc)."""
+    sh("ip", "netns", "add", CLIENT_NS)
+    sh("ip", "link", "add", "tl-client", "type", "veth", "peer", "name", "tlb-client")
+    sh("ip", "link", "set", "tl-client", "netns", CLIENT_NS)
+    sh("ip", "link", "set", "tlb-client", "netns", BRIDGE_NS)
+    in_ns(BRIDGE_NS, "ip", "link", "set", "tlb-client", "master", "br0", "up")
+    in_ns(CLIENT_NS, "ip", "link", "set", "lo", "up")
+    in_ns(CLIENT_NS, "ip", "link", "set", "tl-client", "name", "eth0")
+    in_ns(CLIENT_NS, "ip", "addr", "add", f"{CLIENT_ADDRESS}/24", "dev", "eth0")
+    in_ns(CLIENT_NS, "ip", "link", "set", "eth0", "up")
+
+
+def address_of(container: str, *, allocate: bool = False) -> str:
+    """The lab address of a container, kept for its whole life in the lab."""
+    try:
+        table: dict[str, str] = json.loads(ADDRESSES.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if container in table:
+        return table[container]
+    if not allocate:
+        raise ConfigError(f"no lab address for container {container!r} (start it with 'tug lab demo')")
+    used = set(table.values())
+    for i in POOL:
+        addr = f"{SUBNET}.{i}"
+        if addr not in used:
+            table[container] = addr
+            RUN_DIR.mkdir(parents=True, exist_ok=True)
+            tmp = ADDRESSES.with_suffix(".tmp")
+            tmp.write_text(json.dumps(table, indent=2))
+            tmp.replace(ADDRESSES)
+            return addr
+    raise ConfigError("the lab's container address pool is exhausted")
+
+
+def release_address(container: str) -> None:
+    try:
+        table = json.loads(ADDRESSES.read_text())
+    except (OSError, ValueError):
+        return
+    if table.pop(container, None) is not None:
+        ADDRESSES.write_text(json.dumps(table, indent=2))
 
 
 def _shape(h: LabHost, rate: str | None, delay: str | None) -> None:
@@ -331,7 +405,10 @@ def _wait_ssh(lab: Lab, timeout: float = 10.0) -> None:
 
 def healthy(lab: Lab) -> bool:
     nss = set(_netns_list())
-    return BRIDGE_NS in nss and all(h.netns in nss and _pid_alive(h.sshd_pid) for h in lab.hosts)
+    return (
+        BRIDGE_NS in nss and CLIENT_NS in nss and lab.version == LAB_VERSION
+        and all(h.netns in nss and _pid_alive(h.sshd_pid) for h in lab.hosts)
+    )
 
 
 def status() -> dict[str, Any]:
@@ -358,7 +435,11 @@ def status() -> dict[str, Any]:
                 "containers": containers,
             }
         )
-    return {"up": healthy(lab), "rate": lab.rate, "delay": lab.delay, "identity": str(IDENTITY), "known_hosts": str(KNOWN_HOSTS), "hosts": hosts}
+    return {
+        "up": healthy(lab), "rate": lab.rate, "delay": lab.delay, "identity": str(IDENTITY),
+        "known_hosts": str(KNOWN_HOSTS), "hosts": hosts,
+        "client": {"name": "client", "address": CLIENT_ADDRESS, "netns": CLIENT_NS, "netns_present": CLIENT_NS in nss},
+    }
 
 
 def down(log: Any = None) -> None:
@@ -381,8 +462,12 @@ def down(log: Any = None) -> None:
         except (OSError, ValueError):
             pass
         sh("ip", "netns", "del", f"{PREFIX}-{name}", check=False)
+        for ns in _netns_list():
+            if ns.startswith(f"tug-{name}-"):  # container endpoints of this host
+                sh("ip", "netns", "del", ns, check=False)
         remove_tree(Path(f"/dev/shm/{PREFIX}-{name}"))
         _remove_cgroups(f"{PREFIX}-{name}")
+    sh("ip", "netns", "del", CLIENT_NS, check=False)
     sh("ip", "netns", "del", BRIDGE_NS, check=False)
     for link in sh("ip", "-o", "link", "show", check=False).stdout.splitlines():
         parts = link.split(":")
@@ -417,13 +502,17 @@ def _remove_cgroups(parent: str) -> None:
 
 
 def exec_in_host(name: str, argv: list[str]) -> None:
-    """Replace this process with argv running inside lab host ``name``."""
+    """Replace this process with argv running inside lab host ``name`` (or "client")."""
     lab = require()
-    h = lab.host(name)
     if not argv:
         raise ConfigError("nothing to run: tug lab run HOST -- CMD...")
     env = dict(os.environ)
-    env.update(h.env())
+    if name == "client":
+        ns = CLIENT_NS
+    else:
+        h = lab.host(name)
+        ns = h.netns
+        env.update(h.env())
     bindir = os.path.dirname(sys.executable)
     env["PATH"] = f"{bindir}:{env.get('PATH', '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin')}"
-    os.execvpe("nsenter", ["nsenter", f"--net=/run/netns/{h.netns}", "--", *argv], env)
+    os.execvpe("nsenter", ["nsenter", f"--net=/run/netns/{ns}", "--", *argv], env)

@@ -135,6 +135,8 @@ class Runc:
         tcp_established: bool = False,
         timeout: float = 300,
     ) -> None:
+        """Restore detached. CRIU options runc lacks (e.g. tcp-close) go in a
+        CRIU config file named by the bundle's ``org.criu.config`` annotation."""
         work_dir.mkdir(parents=True, exist_ok=True)
         argv = self._argv(
             "restore", "-d", "--image-path", str(image_dir), "--work-path", str(work_dir), "--bundle", str(bundle)
