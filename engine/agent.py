@@ -53,6 +53,8 @@ class Incoming:
     store: PageStore | None = None
     network: EndpointSpec | None = None
     endpoint: Path | None = None
+    link: netif.LinkSwitch | None = None
+    announcer: netif.Announcer | None = None
     committed: bool = False
     stats: dict[str, int] = field(default_factory=dict)
 
@@ -194,15 +196,19 @@ class Agent:
             netif.save_spec(bundle, inc.network)
         return {"bundle": str(bundle), "work": str(work)}
 
-    async def call_prepare_network(self, container: str) -> dict[str, Any]:
+    async def call_prepare_network(self, container: str, fault: str | None = None) -> dict[str, Any]:
         """Pre-restore: the endpoint exists, with its outer link still down."""
         inc = self._get(container)
         if inc.network is None:
             return {"endpoint": None}
         net = self.host.network
         assert net is not None  # checked in preflight
+        if fault == "network-conflict":
+            await asyncio.to_thread(_occupy_link_name, net, container)
         t0 = time.monotonic()
         inc.endpoint = await asyncio.to_thread(netif.create, net, container, inc.network, up=False)
+        inc.link = await netif.LinkSwitch.open(net, container)
+        inc.announcer = await asyncio.to_thread(netif.Announcer, inc.endpoint, inc.network)
         return {"endpoint": str(inc.endpoint), "ms": (time.monotonic() - t0) * 1000}
 
     def _criu_config(self, inc: Incoming, options: list[str]) -> None:
@@ -264,12 +270,14 @@ class Agent:
             exc.log_path = self._keep_log(inc, "restore.log") or exc.log_path
             raise
         inc.restored = True
-        if inc.network is not None and inc.endpoint is not None:
+        if inc.link is not None and inc.announcer is not None:
             # Only now may packets reach the restored sockets (see runtime.network).
             assert self.host.network is not None
             t_net = time.monotonic()
-            await asyncio.to_thread(netif.set_link, self.host.network, container, up=True)
-            await asyncio.to_thread(netif.announce, inc.endpoint, inc.network)
+            if fault == "lose-link":
+                await asyncio.to_thread(_remove_outer_link, self.host.network, container)
+            await inc.link.set(up=True)
+            inc.announcer.send()
             inc.stats["network_up_ms"] = int((time.monotonic() - t_net) * 1000)
         st = await self.runc.require(container)
         return {"pid": st.pid, "status": st.status, "restore_ms": (time.monotonic() - t0) * 1000, **inc.stats}
@@ -282,6 +290,7 @@ class Agent:
         inc.committed = True
         if inc.store is not None:
             inc.store.close()
+        await _close_endpoint_handles(inc)
         (inc.bundle / INCOMING_MARKER).unlink(missing_ok=True)
         remove_tree(inc.work)
         del self.incoming[container]
@@ -300,6 +309,7 @@ class Agent:
         self.incoming.pop(inc.name, None)
         if inc.store is not None:
             inc.store.close()
+        await _close_endpoint_handles(inc)
         if inc.committed:
             return
         with contextlib.suppress(MigrationError):
@@ -341,6 +351,34 @@ def _usage() -> dict[str, float]:
 def _check_name(name: str) -> None:
     if not name or "/" in name or name.startswith(".") or len(name) > 200:
         raise ConfigError(f"invalid container name {name!r}")
+
+
+async def _close_endpoint_handles(inc: Incoming) -> None:
+    if inc.link is not None:
+        await inc.link.close()
+    if inc.announcer is not None:
+        inc.announcer.close()
+    inc.link = inc.announcer = None
+
+
+def _occupy_link_name(net: netif.HostNetwork, container: str) -> None:
+    """Test hook (``--fault network-conflict``): the endpoint's outer link
+    name is already taken on the bridge's side, so creating it fails for real."""
+    from pyroute2 import IPRoute, NetNS
+
+    with NetNS(net.bridge_netns) if net.bridge_netns else IPRoute() as ipr:
+        ipr.link("add", ifname=net.outer(container), kind="dummy")
+
+
+def _remove_outer_link(net: netif.HostNetwork, container: str) -> None:
+    """Test hook (``--fault lose-link``): the restored container's outer link
+    vanishes before it comes up, so the restore fails after CRIU succeeded."""
+    from pyroute2 import IPRoute, NetNS
+
+    with NetNS(net.bridge_netns) if net.bridge_netns else IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=net.outer(container))
+        if idx:
+            ipr.link("del", index=idx[0])
 
 
 def _corrupt_images(images: Path) -> None:

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -227,10 +228,21 @@ def _lab_client(args: argparse.Namespace) -> int:
         os.environ["TUG_LAB_IN_CLIENT"] = "1"
         argv = [sys.executable, "-m", "tug.engine", *sys.argv[1:]]
         os.execvp("nsenter", ["nsenter", f"--net=/run/netns/{hosts.CLIENT_NS}", "--", *argv])
-    result = _run(client.run(
-        address, port=args.port, duration=args.duration, connections=args.connections,
-        interval_ms=args.interval_ms, bulk_bytes=args.bulk, upload_bytes=args.upload, rate=args.rate,
-    ))
+
+    async def until_signalled() -> dict[str, Any]:
+        # SIGINT/SIGTERM end the run early and still print the result: a
+        # script starts the client, migrates, then stops it.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        result: dict[str, Any] = await client.run(
+            address, port=args.port, duration=args.duration, connections=args.connections,
+            interval_ms=args.interval_ms, bulk_bytes=args.bulk, upload_bytes=args.upload, rate=args.rate, stop=stop,
+        )
+        return result
+
+    result = _run(until_signalled())
     if args.json:
         print(json.dumps(result))
     else:
@@ -303,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("name")
     cl = ls.add_parser("client", help="hold connections to a demo container from the lab's client host")
     cl.add_argument("name")
-    cl.add_argument("--duration", type=float, default=10.0, metavar="S")
+    cl.add_argument("--duration", type=float, default=10.0, metavar="S",
+                    help="seconds to hold the connections (SIGINT or SIGTERM ends the run early, result still printed)")
     cl.add_argument("--connections", type=int, default=1)
     cl.add_argument("--interval-ms", type=float, default=5.0)
     cl.add_argument("--bulk", type=int, default=0, metavar="BYTES", help="also download BYTES, verified")

@@ -117,6 +117,12 @@ class PhaseTimeoutError(MigrationError):
         self.seconds = seconds
 
 
+class NetworkError(MigrationError):
+    """A container's network endpoint could not be created, locked or moved."""
+
+    kind = "network"
+
+
 class RollbackError(MigrationError):
     """Rollback itself failed: the source may need manual attention."""
 

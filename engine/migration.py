@@ -81,6 +81,8 @@ class Migration:
         self.rootfs_dir: Path | None = None
         self.paused = False
         self.endpoint: EndpointSpec | None = None
+        #: The endpoint's outer link, opened before the freeze (see LinkSwitch).
+        self.link: netif.LinkSwitch | None = None
         #: True while the source's outer link is down (the network lock).
         self.net_locked = False
         #: Set once anything was changed on either host; before that a failure
@@ -219,17 +221,18 @@ class Migration:
     async def _pre_restore(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
         if self.endpoint is not None:
-            await self.s.call("prepare_network", container=self.name)
+            assert self.host.network is not None
+            self.link = await netif.LinkSwitch.open(self.host.network, self.name)
+            await self.s.call("prepare_network", container=self.name, fault=self.opts.fault)
 
     async def _checkpoint(self) -> None:
         remove_tree(self.work)
         self.paused = True  # before the call: a half-done pause must still be undone
         self.frozen_at = time.monotonic()
         self.frozen_sent_at_freeze = self._wire_bytes()
-        if self.endpoint is not None:
-            assert self.host.network is not None
-            self.net_locked = True
-            await asyncio.to_thread(netif.set_link, self.host.network, self.name, up=False)
+        if self.link is not None:
+            self.net_locked = True  # before the call, like paused
+            await self.link.set(up=False)
         await self.runc.pause(self.name)
         t_dump = time.monotonic()
         await self.runc.checkpoint_frozen(
@@ -294,6 +297,9 @@ class Migration:
         except MigrationError as exc:
             self.note(f"could not delete the frozen source container: {exc}", "warning")
         if self.endpoint is not None and self.host.network is not None:
+            if self.link is not None:
+                await self.link.close()
+                self.link = None
             await asyncio.to_thread(netif.delete, self.host.network, self.name)
             self.net_locked = False
         if self.bundle is not None and self.bundle.parent == self.host.bundles_dir:
@@ -354,9 +360,8 @@ class Migration:
                     await self._abort_destination()
                     if self.paused:
                         await self._resume_source()
-                    if self.net_locked:
-                        assert self.host.network is not None
-                        await asyncio.to_thread(netif.set_link, self.host.network, self.name, up=True)
+                    if self.net_locked and self.link is not None:
+                        await self.link.set(up=True)
                         self.net_locked = False
         except (MigrationError, TimeoutError) as rb:
             outcome = "failed"
@@ -389,6 +394,8 @@ class Migration:
                 await self.session.close()
         if self.agent is not None:
             await self.agent.close()
+        if self.link is not None:
+            await self.link.close()
         remove_tree(self.work)
 
     def _report(self, outcome: str, exc: BaseException | None = None, phase: str = "") -> MigrationReport:

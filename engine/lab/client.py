@@ -56,10 +56,17 @@ class ConnStats:
     error_messages: list[str] = field(default_factory=list)
 
 
-async def _get_loop(host: str, port: int, end: float, interval: float, st: ConnStats) -> None:
+def _running(end: float, stop: asyncio.Event) -> bool:
+    return time.monotonic() < end and not stop.is_set()
+
+
+async def _get_loop(host: str, port: int, end: float, stop: asyncio.Event, interval: float, st: ConnStats) -> None:
     req = 0
     connected_once = False
-    while time.monotonic() < end:
+    #: Time of the last reply, kept across reconnects: a gap that spans a
+    #: broken connection is downtime too.
+    last: float | None = None
+    while _running(end, stop):
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2.0)
         except (OSError, TimeoutError) as exc:
@@ -70,9 +77,8 @@ async def _get_loop(host: str, port: int, end: float, interval: float, st: ConnS
         if connected_once:
             st.reconnects += 1
         connected_once = True
-        last = time.monotonic()
         try:
-            while time.monotonic() < end:
+            while _running(end, stop):
                 req += 1
                 writer.write(b"GET %d\n" % req)
                 await writer.drain()
@@ -80,7 +86,8 @@ async def _get_loop(host: str, port: int, end: float, interval: float, st: ConnS
                 if not line:
                     raise ConnectionResetError("connection closed by the server")
                 now = time.monotonic()
-                st.max_gap_ms = max(st.max_gap_ms, (now - last) * 1000)
+                if last is not None:
+                    st.max_gap_ms = max(st.max_gap_ms, (now - last) * 1000)
                 last = now
                 parts = line.split()
                 if not parts or parts[0] != str(req).encode():
@@ -104,6 +111,7 @@ async def _bulk(host: str, port: int, nbytes: int, rate: float, seed: int = 42) 
     got = 0
     ok = True
     t0 = time.monotonic()
+    started_at = time.time()
     try:
         while got < nbytes:
             chunk = await asyncio.wait_for(reader.read(min(65536, nbytes - got)), READ_TIMEOUT)
@@ -119,7 +127,7 @@ async def _bulk(host: str, port: int, nbytes: int, rate: float, seed: int = 42) 
         return {"bytes": nbytes, "received": got, "ok": False, "error": repr(exc)}
     finally:
         writer.close()
-    return {"bytes": nbytes, "received": got, "ok": ok}
+    return {"bytes": nbytes, "received": got, "ok": ok, "started_at": started_at, "finished_at": time.time()}
 
 
 async def _upload(host: str, port: int, nbytes: int, rate: float, seed: int = 7) -> dict[str, Any]:
@@ -130,6 +138,7 @@ async def _upload(host: str, port: int, nbytes: int, rate: float, seed: int = 7)
     h = 0xCBF29CE484222325
     sent = 0
     t0 = time.monotonic()
+    started_at = time.time()
     try:
         while sent < nbytes:
             chunk = src.take(min(16384, nbytes - sent))
@@ -145,7 +154,10 @@ async def _upload(host: str, port: int, nbytes: int, rate: float, seed: int = 7)
         return {"bytes": nbytes, "sent": sent, "ok": False, "error": repr(exc)}
     finally:
         writer.close()
-    return {"bytes": nbytes, "sent": sent, "ok": line.strip() == f"{h:016x}".encode(), "server_sum": line.strip().decode()}
+    return {
+        "bytes": nbytes, "sent": sent, "ok": line.strip() == f"{h:016x}".encode(), "server_sum": line.strip().decode(),
+        "started_at": started_at, "finished_at": time.time(),
+    }
 
 
 async def run(
@@ -158,13 +170,20 @@ async def run(
     bulk_bytes: int = 0,
     upload_bytes: int = 0,
     rate: float = 2 << 20,
+    stop: asyncio.Event | None = None,
 ) -> dict[str, Any]:
+    """Hold the connections for ``duration`` seconds or until ``stop`` is set.
+
+    Bulk transfers always run to their end (or their error): stopping early
+    must not turn an intact stream into a truncated one.
+    """
+    stop = stop or asyncio.Event()
     end = time.monotonic() + duration
     stats = [ConnStats() for _ in range(connections)]
     t0 = time.monotonic()
     async with asyncio.TaskGroup() as tg:
         for st in stats:
-            tg.create_task(_get_loop(host, port, end, interval_ms / 1000, st))
+            tg.create_task(_get_loop(host, port, end, stop, interval_ms / 1000, st))
         bulk = tg.create_task(_bulk(host, port, bulk_bytes, rate)) if bulk_bytes else None
         upload = tg.create_task(_upload(host, port, upload_bytes, rate)) if upload_bytes else None
     out: dict[str, Any] = {

@@ -14,6 +14,8 @@ a crash) removes everything whose name starts with the lab's prefix.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -22,6 +24,7 @@ import string
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -291,36 +294,55 @@ def _make_client() -> None:
     in_ns(CLIENT_NS, "ip", "link", "set", "eth0", "up")
 
 
-def address_of(container: str, *, allocate: bool = False) -> str:
-    """The lab address of a container, kept for its whole life in the lab."""
+def _address_table() -> dict[str, str]:
     try:
         table: dict[str, str] = json.loads(ADDRESSES.read_text())
     except (OSError, ValueError):
-        table = {}
+        return {}
+    return table
+
+
+@contextlib.contextmanager
+def _addresses_locked() -> Iterator[dict[str, str]]:
+    """The address table under an exclusive lock; changes are written back.
+
+    Several lab users (tests, a benchmark, a person) start containers at
+    once: without the lock two of them could be handed the same address.
+    """
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    with open(RUN_DIR / "addresses.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        table = _address_table()
+        before = dict(table)
+        yield table
+        if table != before:
+            tmp = ADDRESSES.with_suffix(".tmp")
+            tmp.write_text(json.dumps(table, indent=2))
+            tmp.replace(ADDRESSES)
+
+
+def address_of(container: str, *, allocate: bool = False) -> str:
+    """The lab address of a container, kept for its whole life in the lab."""
+    table = _address_table()
     if container in table:
         return table[container]
     if not allocate:
         raise ConfigError(f"no lab address for container {container!r} (start it with 'tug lab demo')")
-    used = set(table.values())
-    for i in POOL:
-        addr = f"{SUBNET}.{i}"
-        if addr not in used:
-            table[container] = addr
-            RUN_DIR.mkdir(parents=True, exist_ok=True)
-            tmp = ADDRESSES.with_suffix(".tmp")
-            tmp.write_text(json.dumps(table, indent=2))
-            tmp.replace(ADDRESSES)
-            return addr
-    raise ConfigError("the lab's container address pool is exhausted")
+    with _addresses_locked() as table:
+        if container in table:
+            return table[container]
+        used = set(table.values())
+        for i in POOL:
+            addr = f"{SUBNET}.{i}"
+            if addr not in used:
+                table[container] = addr
+                return addr
+    raise ConfigError("the lab's container address pool is exhausted (remove containers with 'tug lab rm')")
 
 
 def release_address(container: str) -> None:
-    try:
-        table = json.loads(ADDRESSES.read_text())
-    except (OSError, ValueError):
-        return
-    if table.pop(container, None) is not None:
-        ADDRESSES.write_text(json.dumps(table, indent=2))
+    with _addresses_locked() as table:
+        table.pop(container, None)
 
 
 def _shape(h: LabHost, rate: str | None, delay: str | None) -> None:
@@ -416,12 +438,16 @@ def status() -> dict[str, Any]:
     if lab is None:
         return {"up": False, "hosts": []}
     nss = set(_netns_list())
+    addresses = _address_table()
     hosts = []
     for h in lab.hosts:
         containers: list[dict[str, Any]] = []
         res = sh("runc", "--root", h.runc_root, "list", "--format", "json", check=False)
         if res.returncode == 0:
-            containers = [{"id": c["id"], "status": c["status"], "pid": c["pid"]} for c in json.loads(res.stdout or "null") or []]
+            containers = [
+                {"id": c["id"], "status": c["status"], "pid": c["pid"], "address": addresses.get(c["id"])}
+                for c in json.loads(res.stdout or "null") or []
+            ]
         hosts.append(
             {
                 "name": h.name,

@@ -20,6 +20,8 @@ async callers run them in a thread.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
@@ -31,9 +33,12 @@ import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from ..errors import ConfigError, PreconditionError
+from ..errors import ConfigError, NetworkError, PreconditionError
+
+T = TypeVar("T")
 
 SPEC_FILE = "tug-network.json"
 NETNS_DIR = Path("/run/netns")
@@ -144,22 +149,72 @@ def create(net: HostNetwork, container: str, spec: EndpointSpec, *, up: bool) ->
         raise
     except Exception as exc:  # pyroute2 raises NetlinkError, OSError, ...
         delete(net, container)
-        raise PreconditionError(f"cannot create the network endpoint of {container!r}: {exc}") from None
+        raise NetworkError(f"cannot create the network endpoint of {container!r}: {exc}") from None
     return net.netns_path(container)
 
 
-def set_link(net: HostNetwork, container: str, *, up: bool) -> None:
-    """Bring the outer end up or down: the network lock."""
-    try:
-        with _ipr(net.bridge_netns) as br:
-            idx = _index(br, net.outer(container))
-            if idx is None:
-                raise PreconditionError(f"network endpoint of {container!r} is missing ({net.outer(container)})")
-            br.link("set", index=idx, state="up" if up else "down")
-    except PreconditionError:
-        raise
-    except Exception as exc:
-        raise PreconditionError(f"cannot set the link of {container!r} {'up' if up else 'down'}: {exc}") from None
+class LinkSwitch:
+    """The outer end of one container's veth, held open: the network lock.
+
+    Opened before the freeze because opening is the slow part (importing
+    pyroute2 and entering the bridge's netns cost ~150 ms the first time);
+    :meth:`set` is then one netlink message, about a millisecond of downtime.
+
+    pyroute2's synchronous API runs an asyncio loop of its own, which cannot
+    nest inside ours (and its netlink transport does not run on uvloop), so
+    the handle lives on one dedicated thread for its whole life.
+    """
+
+    def __init__(self, net: HostNetwork, container: str) -> None:
+        self.container = container
+        self.ifname = net.outer(container)
+        self._net = net
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tug-link")
+        self._ipr: Any = None
+        self._index: int | None = None
+
+    @classmethod
+    async def open(cls, net: HostNetwork, container: str) -> LinkSwitch:
+        sw = cls(net, container)
+        try:
+            await sw._call(sw._open)
+        except BaseException:
+            await sw.close()
+            raise
+        return sw
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        return await asyncio.wrap_future(self._thread.submit(fn))
+
+    def _open(self) -> None:
+        try:
+            self._ipr = _ipr(self._net.bridge_netns)
+        except Exception as exc:  # pyroute2 raises NetlinkError, OSError, ...
+            raise NetworkError(f"cannot open the network of {self.container!r}: {exc}") from None
+        self._index = _index(self._ipr, self.ifname)
+        if self._index is None:
+            raise NetworkError(f"network endpoint of {self.container!r} is missing ({self.ifname})")
+
+    async def set(self, *, up: bool) -> None:
+        def flip() -> None:
+            try:
+                self._ipr.link("set", index=self._index, state="up" if up else "down")
+            except Exception as exc:
+                raise NetworkError(
+                    f"cannot set the link of {self.container!r} {'up' if up else 'down'}: {exc}"
+                ) from None
+
+        await self._call(flip)
+
+    async def close(self) -> None:
+        def shut() -> None:
+            if self._ipr is not None:
+                with contextlib.suppress(Exception):
+                    self._ipr.close()
+                self._ipr = None
+
+        await self._call(shut)
+        self._thread.shutdown(wait=False)
 
 
 def delete(net: HostNetwork, container: str) -> None:
@@ -176,17 +231,48 @@ def delete(net: HostNetwork, container: str) -> None:
             pnetns.remove(net.netns(container))
 
 
-def announce(netns_path: Path, spec: EndpointSpec, ifname: str = "eth0", count: int = 2) -> None:
-    """Send gratuitous ARPs for spec from inside the container's netns.
+class Announcer:
+    """Gratuitous ARP for the endpoint, from inside its netns, socket made ahead.
 
-    A socket belongs to the netns it was created in, so a short-lived thread
-    enters the netns (setns affects only the calling thread), makes the
-    packet socket and sends; the rest of the process is untouched.
+    After the move the bridge must learn the MAC's new port at once, and
+    peers with the IP cached learn nothing new but refresh. The packet socket
+    is made before the freeze (a socket belongs to the netns it was created
+    in, so a short-lived thread enters the netns; setns affects only that
+    thread), leaving just the sends inside the downtime.
     """
-    mac = bytes.fromhex(spec.mac.replace(":", ""))
-    ip = socket.inet_aton(spec.ip)
-    arp = b"\x00\x01\x08\x00\x06\x04\x00\x01" + mac + ip + b"\x00" * 6 + ip  # who-has ip tell ip
-    frame = b"\xff" * 6 + mac + b"\x08\x06" + arp
+
+    def __init__(self, netns_path: Path, spec: EndpointSpec, ifname: str = "eth0") -> None:
+        mac = bytes.fromhex(spec.mac.replace(":", ""))
+        ip = socket.inet_aton(spec.ip)
+        arp = b"\x00\x01\x08\x00\x06\x04\x00\x01" + mac + ip + b"\x00" * 6 + ip  # who-has ip tell ip
+        self.frame = b"\xff" * 6 + mac + b"\x08\x06" + arp
+        self.ip = spec.ip
+        self.sock = _in_netns(netns_path, lambda: _packet_socket(ifname))
+
+    def send(self, count: int = 2) -> None:
+        try:
+            for _ in range(count):
+                self.sock.send(self.frame)
+        except OSError as exc:
+            raise NetworkError(f"gratuitous ARP for {self.ip} failed: {exc}") from None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _packet_socket(ifname: str) -> socket.socket:
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    try:
+        s.bind((ifname, 0))
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def _in_netns(netns_path: Path, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a thread that has entered ``netns_path``; the process stays put."""
+    result: list[T] = []
     errors: list[BaseException] = []
 
     def work() -> None:
@@ -198,18 +284,16 @@ def announce(netns_path: Path, spec: EndpointSpec, ifname: str = "eth0", count: 
                     raise OSError(ctypes.get_errno(), "setns")
             finally:
                 os.close(fd)
-            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
-                s.bind((ifname, 0))
-                for _ in range(count):
-                    s.send(frame)
-        except BaseException as exc:  # reported to the caller below
+            result.append(fn())
+        except BaseException as exc:  # re-raised in the caller below
             errors.append(exc)
 
-    t = threading.Thread(target=work, name="tug-garp")
+    t = threading.Thread(target=work, name="tug-netns")
     t.start()
     t.join()
     if errors:
-        raise PreconditionError(f"gratuitous ARP for {spec.ip} failed: {errors[0]}")
+        raise NetworkError(f"cannot work in network namespace {netns_path}: {errors[0]}")
+    return result[0]
 
 
 def netns_path_in_spec(spec: dict[str, Any]) -> str | None:

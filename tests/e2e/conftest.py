@@ -20,6 +20,9 @@ from typing import Any
 
 import pytest
 
+from tug.engine.lab.hosts import BRIDGE_NS
+from tug.engine.runtime.network import HostNetwork
+
 TUG = str(Path(sys.executable).with_name("tug"))
 _names = itertools.count(1)
 
@@ -89,9 +92,21 @@ class Lab:
         return res.stdout
 
     def remove(self, name: str) -> None:
+        """``tug lab rm`` on every host: container, bundle, network endpoint, address."""
         for host in self.urls:
-            subprocess.run(["runc", "--root", self.runc_root(host), "delete", "--force", name], capture_output=True)
-            shutil.rmtree(self.bundle(host, name), ignore_errors=True)
+            tug("lab", "rm", host, name, check=True)
+
+    def netns(self, host: str, name: str) -> Path:
+        """The network namespace of ``name``'s endpoint on ``host``."""
+        return Path(f"/run/netns/tug-{host}-{name}")
+
+    def address(self, name: str) -> str:
+        """The container's lab address (the same on every host)."""
+        for h in tug("lab", "status", "--json", check=True).json()["hosts"]:
+            for c in h["containers"]:
+                if c["id"] == name and c.get("address"):
+                    return str(c["address"])
+        raise AssertionError(f"{name} has no lab address")
 
     def leftovers(self, host: str, name: str) -> list[str]:
         """Anything a failed migration of ``name`` could have left on ``host``."""
@@ -104,6 +119,11 @@ class Lab:
         for p in (work / name, work / f"{name}.out"):
             if p.exists():
                 found.append(str(p))
+        if self.netns(host, name).exists():
+            found.append(f"network namespace {self.netns(host, name)}")
+        outer = HostNetwork(host=host, bridge="br0", bridge_netns=BRIDGE_NS).outer(name)
+        if subprocess.run(["ip", "-n", BRIDGE_NS, "link", "show", outer], capture_output=True).returncode == 0:
+            found.append(f"veth {outer} on the lab bridge")
         mounts = Path("/proc/self/mountinfo").read_text()
         for prefix in (f"{work}/{name}/", f"{work}/{name}.out/"):
             if prefix in mounts:

@@ -1,0 +1,164 @@
+"""Network migration: a container keeps its IP, its MAC and its open TCP connections.
+
+A client in the lab's ``client`` host holds connections to the demo
+container's TCP server (``tug lab client``) while the container moves. The
+client checks every reply itself: exactly one per request, in order, on the
+same connection; bulk streams in both directions are verified byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from typing import Any
+
+import pytest
+
+from .conftest import TUG, Lab, migrate, wait_for
+
+CLIENT_NS = "tuglab-client"
+
+
+class Client:
+    """``tug lab client NAME`` in the background; :meth:`stop` ends it with SIGINT."""
+
+    def __init__(self, lab: Lab, name: str, *extra: str, connections: int = 1) -> None:
+        self.address = lab.address(name)
+        self.connections = connections
+        self.proc = subprocess.Popen(
+            [TUG, "lab", "client", name, "--duration", "600", "--json", "--connections", str(connections), *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        )
+        want = connections + (1 if "--bulk" in extra else 0) + (1 if "--upload" in extra else 0)
+        if not wait_for(lambda: self.established() >= want, timeout=20):
+            out = self.stop()
+            raise AssertionError(f"client did not connect to {self.address}: {out}")
+
+    def sockets(self) -> set[str]:
+        """Local ends (addr:port) of the client's established connections to the container."""
+        res = subprocess.run(
+            ["ip", "netns", "exec", CLIENT_NS, "ss", "-Htn", "state", "established"], capture_output=True, text=True
+        )
+        return {ln.split()[2] for ln in res.stdout.splitlines() if f"{self.address}:7000" in ln}
+
+    def established(self) -> int:
+        return len(self.sockets())
+
+    def stop(self) -> dict[str, Any]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        out, err = self.proc.communicate(timeout=120)
+        assert out.strip(), f"client printed nothing (exit {self.proc.returncode}): {err}"
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+
+def endpoint(lab: Lab, host: str, name: str) -> tuple[str, str]:
+    """(address/prefix, MAC) of eth0 in the container's network namespace on ``host``."""
+    res = subprocess.run(
+        ["ip", "-n", lab.netns(host, name).name, "-j", "addr", "show", "eth0"], capture_output=True, text=True, check=True
+    )
+    link = json.loads(res.stdout)[0]
+    inet = [f"{a['local']}/{a['prefixlen']}" for a in link["addr_info"] if a["family"] == "inet"]
+    return inet[0], link["address"]
+
+
+def assert_clean_run(result: dict[str, Any]) -> None:
+    """No reset, no reconnect, every request answered once and in order."""
+    assert result["replies"] > 0, result
+    assert result["errors"] == 0, result["per_connection"]
+    assert result["reconnects"] == 0, result["per_connection"]
+    assert result["out_of_order"] == 0, result["per_connection"]
+    assert result["ok"] is True, result
+
+
+def test_connection_survives_there_and_back(lab: Lab, demo: str, record_property: Any) -> None:
+    before = endpoint(lab, "a", demo)
+    client = Client(lab, demo)
+    try:
+        there = migrate("a", demo, lab.url("b"))
+        assert there.returncode == 0, there.stderr
+        replies_on_b = client.established()
+        assert endpoint(lab, "b", demo) == before, "the endpoint must keep its address and MAC"
+        assert not lab.netns(lab_host := "a", demo).exists(), f"old endpoint left on {lab_host}"
+        back = migrate("b", demo, lab.url("a"))
+        assert back.returncode == 0, back.stderr
+    finally:
+        result = client.stop()
+    assert replies_on_b == 1, "the client's one connection is still established after the move"
+    assert_clean_run(result)
+    assert endpoint(lab, "a", demo) == before
+    record_property("client_max_gap_ms", result["max_gap_ms"])
+    record_property("engine_downtime_ms", [there.json()["downtime_ms"], back.json()["downtime_ms"]])
+    assert lab.check("a", demo)["ok"]
+    assert lab.leftovers("b", demo) == []
+
+
+def test_many_connections_and_data_in_flight(lab: Lab, demo: str) -> None:
+    """Four request loops plus a paced download and upload, both verified, across two moves."""
+    size = 24 << 20
+    client = Client(lab, demo, "--bulk", str(size), "--upload", str(size), "--rate", str(2 << 20), connections=4)
+    try:
+        t_start = time.time()
+        assert migrate("a", demo, lab.url("b")).returncode == 0
+        assert migrate("b", demo, lab.url("a")).returncode == 0
+        t_end = time.time()
+    finally:
+        result = client.stop()
+    assert_clean_run(result)
+    assert result["connections"] == 4 and all(c["replies"] > 0 for c in result["per_connection"])
+    for key in ("bulk", "upload"):
+        xfer = result[key]
+        assert xfer["ok"], (key, xfer)
+        # The streams really were in flight across both freezes.
+        assert xfer["started_at"] < t_start and xfer["finished_at"] > t_end, (key, xfer, t_start, t_end)
+    assert result["bulk"]["received"] == size and result["upload"]["sent"] == size
+
+
+@pytest.mark.parametrize(
+    ("fault", "phase"),
+    [
+        ("corrupt-images", "restore"),  # CRIU's restore fails on the destination
+        ("network-conflict", "pre-restore"),  # the destination cannot create the endpoint
+        ("lose-link", "restore"),  # restored, then the endpoint's link vanishes
+    ],
+)
+def test_rollback_keeps_connections(lab: Lab, demo: str, fault: str, phase: str) -> None:
+    before = endpoint(lab, "a", demo)
+    client = Client(lab, demo, connections=2)
+    try:
+        res = migrate("a", demo, lab.url("b"), "--fault", fault)
+        assert res.returncode == 1
+        report = res.json()
+        assert report["outcome"] == "rolled-back", report
+        assert report["error"]["phase"] == phase, report["error"]
+        # The client keeps talking to the resumed source.
+        count = client.established()
+    finally:
+        result = client.stop()
+    assert count == 2
+    assert_clean_run(result)
+    assert endpoint(lab, "a", demo) == before
+    assert lab.check("a", demo)["ok"]
+    assert lab.leftovers("b", demo) == []
+
+
+def test_tcp_close_drops_connections_but_keeps_listening(lab: Lab, demo: str) -> None:
+    """--tcp-close: established connections end on the move, the server still accepts."""
+    client = Client(lab, demo)
+    first = client.sockets()
+    try:
+        res = migrate("a", demo, lab.url("b"), "--tcp-close")
+        assert res.returncode == 0, res.stderr
+        # The client notices the closed connection and connects anew, to b.
+        assert wait_for(lambda: bool(client.sockets()) and client.sockets() != first, timeout=30)
+    finally:
+        result = client.stop()
+    assert result["reconnects"] >= 1, result["per_connection"]
+    assert result["out_of_order"] == 0
+    fresh = subprocess.run([TUG, "lab", "client", demo, "--duration", "1", "--json"], capture_output=True, text=True)
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    assert_clean_run(json.loads(fresh.stdout))
+    assert lab.check("b", demo)["ok"]
