@@ -4,15 +4,20 @@
 types by hand today, run from the source host as one shell script so it pays
 the same one-time wrapper cost (``tug lab run a -- ...``) as ``tug migrate``:
 
-1. ``runc checkpoint`` into a tmpfs directory. This kills the container: from
-   here on it is down, and there is no way back if a later step fails.
+1. ``runc checkpoint --tcp-established`` into a tmpfs directory (CRIU
+   refuses to dump established connections without the flag). This kills the
+   container: from here on it is down, and there is no way back if a later
+   step fails. Then its network namespace is deleted, so its address leaves
+   the segment.
 2. ``rsync -a`` the image directory to the destination over ssh (the lab's
    key and known_hosts, strict host key checking).
 3. ``rsync -a`` the bundle (config.json + rootfs) the same way. The rootfs is
    copied after the checkpoint on purpose: that is what carries the files the
    process wrote up to its last instant (the heartbeat log among them).
-4. Over ssh on the destination: rewrite the bundle's ``cgroupsPath`` to the
-   destination's cgroup parent (``sed``), then ``runc restore -d``.
+4. Over ssh on the destination: rewrite the bundle's ``cgroupsPath`` and
+   network namespace path (``sed``), recreate the endpoint with ``ip`` (a
+   netns, a veth on the lab bridge, the same IP and MAC), then
+   ``runc restore -d --tcp-established``.
 
 Each step prints a ``@@ <step> <CLOCK_REALTIME>`` marker (bash's
 ``$EPOCHREALTIME``: no fork) so phase durations come from the script itself;
@@ -24,6 +29,8 @@ destination's CPU for naive is a lower bound, and results.json says so.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shlex
 from collections.abc import Callable
@@ -64,6 +71,16 @@ def naive_mux(name: str, src: Host, dst: Host, lab: LabInfo, timeout: float) -> 
     return _naive(name, src, dst, lab, timeout, mux=True)
 
 
+#: The lab's bridge namespace (engine/lab/hosts.py BRIDGE_NS), where container endpoints attach.
+LAB_BRIDGE_NS = "tuglab-br"
+
+
+def endpoint(host: Host, name: str) -> dict[str, str]:
+    """The container's address (CIDR) and MAC, as ``tug lab demo`` recorded them in its bundle."""
+    data: dict[str, str] = json.loads((host.bundle(name) / "tug-network.json").read_text())
+    return data
+
+
 def _naive(name: str, src: Host, dst: Host, lab: LabInfo, timeout: float, *, mux: bool) -> MigrateResult:
     src_img, src_work = _paths(name, src)
     dst_img, dst_work = _paths(name, dst)
@@ -84,13 +101,26 @@ def _naive(name: str, src: Host, dst: Host, lab: LabInfo, timeout: float, *, mux
         ]
         ssh += " -o ControlMaster=no"
     dest_cgroup = f"/tuglab-{dst.name}/{name}"  # the lab's cgroup parent convention
+    ep = endpoint(src, name)
+    src_ns, dst_ns = f"tug-{src.name}-{name}", f"tug-{dst.name}-{name}"  # the lab's netns convention
+    outer = "nv" + hashlib.sha1(f"{dst.name}/{name}".encode()).hexdigest()[:12]
+    cfg = q(str(dst_bundle / "config.json"))
     remote = "; ".join([
         "set -e",
-        f"sed -i 's#\"cgroupsPath\": *\"[^\"]*\"#\"cgroupsPath\": \"{dest_cgroup}\"#' {q(str(dst_bundle / 'config.json'))}",
+        f"sed -i 's#\"cgroupsPath\": *\"[^\"]*\"#\"cgroupsPath\": \"{dest_cgroup}\"#' {cfg}",
+        # The endpoint by hand: same IP and MAC, the veth's outer end on the lab bridge.
+        f"sed -i 's#/run/netns/{src_ns}\"#/run/netns/{dst_ns}\"#' {cfg}",
+        f"ip netns add {dst_ns}",
+        f"ip -n {LAB_BRIDGE_NS} link add {outer} type veth peer name eth0 netns {dst_ns}",
+        f"ip -n {LAB_BRIDGE_NS} link set {outer} master br0 up",
+        f"ip -n {dst_ns} link set lo up",
+        f"ip -n {dst_ns} link set eth0 address {ep['mac']}",
+        f"ip -n {dst_ns} addr add {ep['address']} dev eth0",
+        f"ip -n {dst_ns} link set eth0 up",
         f"mkdir -p {q(str(dst_work))}",
-        f"runc --root {q(dst.runc_root)} restore -d --image-path {q(str(dst_img))} --work-path {q(str(dst_work))} "
-        f"--bundle {q(str(dst_bundle))} {q(name)} </dev/null >/dev/null 2>{q(str(dst_work / 'runc.err'))} "
-        f"|| {{ cat {q(str(dst_work / 'runc.err'))} >&2; exit 1; }}",
+        f"runc --root {q(dst.runc_root)} restore -d --tcp-established --image-path {q(str(dst_img))} "
+        f"--work-path {q(str(dst_work))} --bundle {q(str(dst_bundle))} {q(name)} </dev/null >/dev/null "
+        f"2>{q(str(dst_work / 'runc.err'))} || {{ cat {q(str(dst_work / 'runc.err'))} >&2; exit 1; }}",
         "echo @@times",
         "times",
     ])
@@ -100,7 +130,10 @@ def _naive(name: str, src: Host, dst: Host, lab: LabInfo, timeout: float, *, mux
         f"mkdir -p {q(str(src_work))}",
         *mux_setup,
         "mark checkpoint",
-        f"runc --root {q(src.runc_root)} checkpoint --image-path {q(str(src_img))} --work-path {q(str(src_work))} {q(name)}",
+        f"runc --root {q(src.runc_root)} checkpoint --tcp-established --image-path {q(str(src_img))} "
+        f"--work-path {q(str(src_work))} {q(name)}",
+        # The dead container's address must leave the segment before it reappears on the destination.
+        f"ip netns del {src_ns}",
         "mark rsync-images",
         f"rsync -a --mkpath --stats -e {q(ssh)} {q(str(src_img))}/ root@{dst.address}:{q(str(dst_img))}/",
         "mark rsync-bundle",

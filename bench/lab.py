@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,3 +192,64 @@ def container_memory(host: Host, name: str) -> dict[str, int | None]:
     except (OSError, KeyError, ValueError):
         pass  # cgroup v2 or a layout we do not know: leave the figures null
     return out
+
+
+# ---- a client of the container's service, as a user of it would see it ------
+
+#: The lab's client host (engine/lab/hosts.py CLIENT_NS).
+CLIENT_NS = "tuglab-client"
+SERVICE_PORT = 7000
+
+
+def address(name: str) -> str:
+    """The container's address on the lab segment (the same on every host)."""
+    for h in status().get("hosts", []):
+        for c in h.get("containers", []):
+            if c["id"] == name and c.get("address"):
+                return str(c["address"])
+    raise LabError(f"container {name} has no lab address")
+
+
+class TcpClient:
+    """``tug lab client NAME`` held across a migration, stopped with SIGINT.
+
+    One connection, a request every 5 ms: the longest wait for a reply is the
+    downtime a client of the service saw, TCP retransmission backoff included.
+    """
+
+    def __init__(self, name: str, limit_s: float) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(
+            [TUG, "lab", "client", name, "--duration", f"{limit_s:g}", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        )
+
+    def wait_connected(self, timeout: float = 20.0) -> None:
+        target = f"{address(self.name)}:{SERVICE_PORT}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            res = subprocess.run(["ip", "netns", "exec", CLIENT_NS, "ss", "-Htn", "state", "established"],
+                                 capture_output=True, text=True)
+            if target in res.stdout:
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise LabError(f"the lab client did not connect to {target} within {timeout:g} s")
+
+    def stop(self, timeout: float = 120.0) -> dict[str, Any]:
+        """End the run (the request in flight still gets its reply) and return the client's JSON."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        try:
+            data: dict[str, Any] = json.loads(out)
+        except json.JSONDecodeError:
+            lines = [ln for ln in err.splitlines() if ln.strip()]
+            raise LabError(f"lab client: {lines[-1] if lines else f'exit {self.proc.returncode}'}") from None
+        return data

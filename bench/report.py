@@ -81,8 +81,8 @@ def groups(runs: list[dict[str, Any]], order: dict[str, Any]) -> list[Group]:
 
 
 COLUMNS = ("strategy | memory MiB | RSS MiB | dirty pg/s | dirty MB/s | link | ok/runs | downtime p50 (client) ms "
-           "| client min–max ms | engine downtime p50 ms | total s | MB sent | MB while down | rounds | src CPU s "
-           "| dst CPU s | src peak RSS MiB | x vs naive")
+           "| client min–max ms | reconnects | engine downtime p50 ms | heartbeat gap p50 ms | total s | MB sent "
+           "| MB while down | rounds | src CPU s | dst CPU s | src peak RSS MiB | x vs naive")
 
 
 def table(gs: list[Group]) -> str:
@@ -104,7 +104,9 @@ def table(gs: list[Group]) -> str:
             f"{len(g.ok)}/{len(g.runs)}",
             _fmt(client, 0),
             f"{span[0]:.0f}–{span[1]:.0f}" if span else "–",
+            str(sum(int(r.get("client_reconnects") or 0) for r in g.ok)),
             _fmt(g.p50(lambda r: r.get("engine_downtime_ms")), 0),
+            _fmt(g.p50(lambda r: r.get("heartbeat_gap_ms")), 0),
             _fmt(g.p50(lambda r: r.get("wall_s")), 2),
             _fmt(_div(g.p50(lambda r: r.get("bytes_total")), 1e6), 1),
             _fmt(_div(g.p50(lambda r: r.get("frozen_bytes")), 1e6), 1),
@@ -140,10 +142,13 @@ def summary(meta: dict[str, Any], runs: list[dict[str, Any]], plots: list[Path])
         "",
         table(gs),
         "",
-        "Medians over the runs that passed (`ok/runs`). **Client downtime** is the longest gap between two "
-        "consecutive heartbeat lines (written every 10 ms, CLOCK_REALTIME) on the destination, from the last line "
-        "before the migration started; **engine downtime** is the report's `downtime_ms` (naive: the script's span "
-        "from `runc checkpoint` to `runc restore` returning, during which the container is dead). **total s** is the "
+        "Medians over the runs that passed (`ok/runs`). **Client downtime** is the longest wait for a reply seen by "
+        "a client in the lab's client host that holds one TCP connection to the container's service across the "
+        "migration and sends a request every 5 ms (TCP retransmission backoff included); **reconnects** counts "
+        "connections it had to reopen, summed over the runs (a reconnect's time is inside the gap). **engine "
+        "downtime** is the report's `downtime_ms` (naive: the script's span from `runc checkpoint` to `runc "
+        "restore` returning, during which the container is dead); **heartbeat gap** is the longest gap between "
+        "the workload's own heartbeat lines (every 10 ms, CLOCK_REALTIME). **total s** is the "
         "wall clock of the migration command. **MB** are 10^6 bytes on the wire (naive: rsync's `--stats` sent + "
         "received). **RSS** is the container's memory cgroup `rss` before the migration; **dirty MB/s** is measured "
         "from the workload's own counter while it settled. **src CPU** is user+sys of the migration command's whole "

@@ -2,13 +2,18 @@
 
 The figures that matter and where each comes from:
 
-* **client downtime**: the largest CLOCK_REALTIME gap between consecutive
-  heartbeat lines (one every 10 ms) in the log on the host where the
-  container ended up, counted from the last line written *before* the
-  migration command started. That is what a client of the container saw,
-  independent of what the engine believes. It is read shortly after the
-  command returns and *before* ``tug lab check``: the check's memory
-  verification runs inside the workload's loop and would add a gap of its own.
+* **client downtime**: the longest wait for a reply seen by ``tug lab
+  client`` in the lab's client host, which holds one TCP connection to the
+  container's service across the migration and sends a request every 5 ms.
+  That is what a user of the service saw, TCP retransmission backoff
+  included, independent of what the engine believes. A broken connection is
+  reopened and counted (``client_reconnects``); the gap then spans the
+  reconnect. The client is stopped shortly after the command returns and
+  *before* ``tug lab check``, whose memory verification runs inside the
+  workload's loop and would add a gap of its own.
+* **heartbeat gap**: the largest CLOCK_REALTIME gap between consecutive
+  heartbeat lines (one every 10 ms) the workload wrote, from the last line
+  before the migration command started: the process's own view.
 * **engine downtime**: the report's ``downtime_ms`` (for naive: the script's
   checkpoint-start to restore-end span).
 * **total**: wall clock of the migration command, as a user would time it.
@@ -23,6 +28,7 @@ the lab. Anything else is recorded with its reason and left out of medians.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -37,9 +43,10 @@ from . import baselines, lab
 from .matrix import PAGE_BYTES, Case, Strategy
 from .proc import MigrateResult, run_child
 
-#: Pause after the migration command returns before reading the heartbeat
-#: log: the restored process writes its first line within one 10 ms tick, so
-#: this leaves ample margin without reaching into the check's verification.
+#: Pause after the migration command returns before the client is stopped and
+#: the heartbeat log read: the restored process writes its first line within
+#: one 10 ms tick. A request still waiting for a retransmission when the client
+#: is stopped is waited for, so its gap is counted however long it is.
 POST_MIGRATE_S = 0.5
 
 
@@ -144,6 +151,7 @@ def run_case(case: Case, settings: RunSettings, attempt: int = 0) -> dict[str, A
         info = lab.info()
     src, dst = info.hosts[settings.src], info.hosts[settings.dst]
     log_parts: list[str] = []
+    client: lab.TcpClient | None = None
     try:
         rec["other_containers"] = lab.others_containers()
         if info.link != case.link:  # someone re-shaped the lab since the last run
@@ -161,6 +169,8 @@ def run_case(case: Case, settings: RunSettings, attempt: int = 0) -> dict[str, A
         rec["measured_dirty_mb_s"] = rate * PAGE_BYTES / 1e6 if rate is not None else None
         rec["workload_pages"] = {"pages": st1.get("pages"), "hot_pages": st1.get("hot_pages")}
         rec["container_memory"] = lab.container_memory(src, name)
+        client = lab.TcpClient(name, limit_s=settings.timeout_s + 300)
+        client.wait_connected()
         since = lab.last_heartbeat_counter(src, name)
         rec["since_counter"] = since
 
@@ -172,13 +182,18 @@ def run_case(case: Case, settings: RunSettings, attempt: int = 0) -> dict[str, A
 
         ended = dst if lab.running_on(dst, name) else src if lab.running_on(src, name) else None
         rec["ended_on"] = ended.name if ended else None
+        time.sleep(POST_MIGRATE_S)
+        tcp = client.stop()
+        client = None
+        rec["tcp_client"] = {k: tcp.get(k) for k in ("replies", "errors", "reconnects", "out_of_order", "max_gap_ms", "ok")}
+        rec["client_downtime_ms"] = tcp["max_gap_ms"] if tcp.get("replies") else None
+        rec["client_reconnects"] = tcp.get("reconnects")
         if ended is not None:
-            time.sleep(POST_MIGRATE_S)
             log = lab.heartbeat_log(ended, name)
             if log.exists():
                 hb = analyze_heartbeat(log, since_counter=since)
                 rec["heartbeat"] = dataclasses.asdict(hb)
-                rec["client_downtime_ms"] = hb.max_gap_ms if hb.lines >= 2 else None
+                rec["heartbeat_gap_ms"] = hb.max_gap_ms if hb.lines >= 2 else None
             check = lab.check(ended, name)
             rec["check"] = check
             rec["check_ok"] = bool(check.get("ok"))
@@ -195,6 +210,9 @@ def run_case(case: Case, settings: RunSettings, attempt: int = 0) -> dict[str, A
         rec["status"], rec["error"] = "error", f"{type(exc).__name__}: {exc}"
         rec["excluded_reason"] = f"harness: {rec['error']}"
     finally:
+        if client is not None:
+            with contextlib.suppress(lab.LabError):
+                client.stop(timeout=30)
         for host in (src, dst):
             lab.remove(host, name)
         baselines.cleanup(name)
@@ -252,7 +270,7 @@ def _verdict(rec: dict[str, Any], mr: MigrateResult, dst: str) -> tuple[str, str
     if not rec.get("check_ok"):
         return "failed", f"check failed: {(rec.get('check') or {}).get('reason') or 'no check'}"
     if rec.get("client_downtime_ms") is None:
-        return "failed", "no heartbeat lines to measure client downtime"
+        return "failed", "the TCP client got no replies"
     if rec.get("link_before") != rec.get("link"):
         return "failed", f"could not apply link shaping {rec.get('link')}: lab reports {rec.get('link_before')}"
     return "ok", None

@@ -3,12 +3,39 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 TUG=.venv/bin/tug
+PY=.venv/bin/python
 MEM="${DEMO_MEMORY:-256}"
 RATE="${DEMO_DIRTY_RATE:-500}"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "lab: two hosts (network namespaces with their own sshd, runc root and data dir)"
+# A client on the lab's client host holds a TCP connection to the container
+# across a move; `tug lab check` runs only after it stopped, because the
+# check's memory verification pauses the workload's loop (and its replies).
+CLIENT_OUT="$(mktemp)"
+CLIENT_PID=
+trap '[ -n "$CLIENT_PID" ] && kill -INT "$CLIENT_PID" 2>/dev/null; rm -f "$CLIENT_OUT"' EXIT
+client_start() {
+  $TUG lab client demo --duration 600 --json >"$CLIENT_OUT" &
+  CLIENT_PID=$!
+  sleep 1
+  echo "client: holding one TCP connection to demo ($($TUG lab status --json | $PY -c '
+import json, sys
+print(next(c["address"] for h in json.load(sys.stdin)["hosts"] for c in h["containers"] if c["id"] == "demo"))'):7000), a request every 5 ms"
+}
+client_stop() {
+  kill -INT "$CLIENT_PID"
+  wait "$CLIENT_PID" || true
+  CLIENT_PID=
+  $PY -c '
+import json, sys
+r = json.load(open(sys.argv[1]))
+print("client: %d replies on the same connection: errors=%d reconnects=%d out_of_order=%d; longest wait for a reply %.0f ms"
+      % (r["replies"], r["errors"], r["reconnects"], r["out_of_order"], r["max_gap_ms"]))
+sys.exit(0 if r["ok"] else 1)' "$CLIENT_OUT"
+}
+
+step "lab: two hosts (network namespaces with their own sshd, runc root and data dir) and a client host"
 $TUG lab up
 for h in a b; do $TUG lab rm "$h" demo; done  # a previous demo run's container, if any
 
@@ -18,10 +45,12 @@ $TUG lab run a -- runc --root /run/tug-lab/a/runc exec demo sh -c 'echo "written
 $TUG lab check a demo >/dev/null && echo "demo is running on a; its memory checksum verifies"
 
 step "live-migrate demo from a to b over SSH (stop-copy: everything moves while frozen)"
+client_start
 $TUG lab run a -- tug migrate demo --to "$($TUG lab url b)"
+client_stop
 
 step "check on b: running, counter continuous, memory intact, rootfs file carried over"
-$TUG lab check b demo | .venv/bin/python -c '
+$TUG lab check b demo | $PY -c '
 import json, sys
 r = json.load(sys.stdin)
 hb = r["heartbeat"]
@@ -31,8 +60,10 @@ sys.exit(0 if r["ok"] else 1)'
 $TUG lab run b -- runc --root /run/tug-lab/b/runc exec demo cat /root/hello.txt
 
 step "and back from b to a with iterative pre-copy (content tracker, p.haul's convergence rule)"
+client_start
 $TUG lab run b -- tug migrate demo --to "$($TUG lab url a)" --strategy precopy --policy phaul
-$TUG lab check a demo | .venv/bin/python -c '
+client_stop
+$TUG lab check a demo | $PY -c '
 import json, sys
 r = json.load(sys.stdin)
 print("ok=%s counter=%s memory_check=%s resets=%d" % (r["ok"], r["counter"], r["verify"]["ok"], r["heartbeat"]["resets"]))
