@@ -98,10 +98,9 @@ def _die(msg: str, code: int = 1) -> NoReturn:
 def _run(coro: Any) -> Any:
     try:
         import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:
+    except ImportError:  # only the import: an ImportError from inside coro must surface
         return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 # ---- migrate --------------------------------------------------------------
