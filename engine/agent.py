@@ -33,6 +33,7 @@ from .pagestream import RunDecoder
 from .errors import ConfigError, CriuError, MigrationError, PreconditionError, ProtocolError
 from .hostcfg import HostConfig
 from .runtime import network as netif
+from .runtime.netlock import FrameInjector, LinkSwitch
 from .runtime.network import EndpointSpec
 from .runtime.runc import Runc
 
@@ -53,8 +54,9 @@ class Incoming:
     store: PageStore | None = None
     network: EndpointSpec | None = None
     endpoint: Path | None = None
-    link: netif.LinkSwitch | None = None
+    link: LinkSwitch | None = None
     announcer: netif.Announcer | None = None
+    injector: FrameInjector | None = None
     committed: bool = False
     stats: dict[str, int] = field(default_factory=dict)
 
@@ -196,8 +198,11 @@ class Agent:
             netif.save_spec(bundle, inc.network)
         return {"bundle": str(bundle), "work": str(work)}
 
-    async def call_prepare_network(self, container: str, fault: str | None = None) -> dict[str, Any]:
-        """Pre-restore: the endpoint exists, with its outer link still down."""
+    async def call_prepare_network(
+        self, container: str, neighbors: list[dict[str, Any]] | None = None, fault: str | None = None
+    ) -> dict[str, Any]:
+        """Pre-restore: the endpoint exists, with its outer link still down and
+        the container's neighbour cache in place (see network.read_neighbors)."""
         inc = self._get(container)
         if inc.network is None:
             return {"endpoint": None}
@@ -207,8 +212,11 @@ class Agent:
             await asyncio.to_thread(_occupy_link_name, net, container)
         t0 = time.monotonic()
         inc.endpoint = await asyncio.to_thread(netif.create, net, container, inc.network, up=False)
-        inc.link = await netif.LinkSwitch.open(net, container)
+        inc.link = await LinkSwitch.open(net, container)
         inc.announcer = await asyncio.to_thread(netif.Announcer, inc.endpoint, inc.network)
+        inc.injector = await asyncio.to_thread(FrameInjector, net, container)
+        if neighbors:
+            await asyncio.to_thread(netif.add_neighbors, net, container, neighbors)
         return {"endpoint": str(inc.endpoint), "ms": (time.monotonic() - t0) * 1000}
 
     def _criu_config(self, inc: Incoming, options: list[str]) -> None:
@@ -281,6 +289,13 @@ class Agent:
             inc.stats["network_up_ms"] = int((time.monotonic() - t_net) * 1000)
         st = await self.runc.require(container)
         return {"pid": st.pid, "status": st.status, "restore_ms": (time.monotonic() - t0) * 1000, **inc.stats}
+
+    async def call_deliver(self, container: str, frames: list[bytes]) -> dict[str, Any]:
+        """Frames sent to the container while it was frozen (see runtime.netlock)."""
+        inc = self._get(container)
+        if not inc.restored or inc.injector is None:
+            raise ProtocolError(f"frames for {container!r} before its network is up")
+        return {"delivered": inc.injector.send(frames)}
 
     async def call_commit(self, container: str) -> dict[str, Any]:
         """The destination now owns the container: stop guarding it for cleanup."""
@@ -356,9 +371,10 @@ def _check_name(name: str) -> None:
 async def _close_endpoint_handles(inc: Incoming) -> None:
     if inc.link is not None:
         await inc.link.close()
-    if inc.announcer is not None:
-        inc.announcer.close()
-    inc.link = inc.announcer = None
+    for handle in (inc.announcer, inc.injector):
+        if handle is not None:
+            handle.close()
+    inc.link = inc.announcer = inc.injector = None
 
 
 def _occupy_link_name(net: netif.HostNetwork, container: str) -> None:

@@ -100,10 +100,13 @@ class MigrationReport:
     rootfs_bytes: int = 0
     error: ErrorInfo | None = None
     notes: list[str] = field(default_factory=list)
-    #: The destination agent's own CPU seconds, its children's (runc, CRIU),
-    #: and its peak RSS; None when the migration did not reach commit.
     #: Where the frozen window went: pause_ms, dump_ms, rebuild_ms, restore_ms.
     frozen_steps_ms: dict[str, float] = field(default_factory=dict)
+    #: The network lock: frames sent to the container while it was frozen,
+    #: held and then delivered to wherever it runs (held, delivered, dropped).
+    held_frames: dict[str, int] = field(default_factory=dict)
+    #: The destination agent's own CPU seconds, its children's (runc, CRIU),
+    #: and its peak RSS; None when the migration did not reach commit.
     agent_cpu_s: float | None = None
     agent_children_cpu_s: float | None = None
     agent_max_rss_kib: float | None = None

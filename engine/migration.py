@@ -46,6 +46,7 @@ from .events import ErrorInfo, Event, MigrationReport, Note, PhaseFinished, Phas
 from .hostcfg import HostConfig
 from .phases import Phase, PhaseMachine
 from .runtime import network as netif
+from .runtime.netlock import FrameHold
 from .runtime.network import EndpointSpec
 from .runtime.runc import Runc
 from .precopy import Precopy, choose_tracker
@@ -81,10 +82,11 @@ class Migration:
         self.rootfs_dir: Path | None = None
         self.paused = False
         self.endpoint: EndpointSpec | None = None
-        #: The endpoint's outer link, opened before the freeze (see LinkSwitch).
-        self.link: netif.LinkSwitch | None = None
-        #: True while the source's outer link is down (the network lock).
+        #: The network lock, made ready before the freeze (runtime.netlock).
+        self.hold: FrameHold | None = None
+        #: True while frames to the source container are held (the lock is on).
         self.net_locked = False
+        self.held_frames: dict[str, int] = {}
         #: Set once anything was changed on either host; before that a failure
         #: has nothing to undo and its outcome is "aborted", not "rolled-back".
         self.changed = False
@@ -221,18 +223,20 @@ class Migration:
     async def _pre_restore(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
         if self.endpoint is not None:
-            assert self.host.network is not None
-            self.link = await netif.LinkSwitch.open(self.host.network, self.name)
-            await self.s.call("prepare_network", container=self.name, fault=self.opts.fault)
+            net = self.host.network
+            assert net is not None
+            self.hold = await FrameHold.open(net, self.name, self.endpoint.mac)
+            neighbors = await asyncio.to_thread(netif.read_neighbors, net, self.name)
+            await self.s.call("prepare_network", container=self.name, neighbors=neighbors, fault=self.opts.fault)
 
     async def _checkpoint(self) -> None:
         remove_tree(self.work)
         self.paused = True  # before the call: a half-done pause must still be undone
         self.frozen_at = time.monotonic()
         self.frozen_sent_at_freeze = self._wire_bytes()
-        if self.link is not None:
+        if self.hold is not None:
             self.net_locked = True  # before the call, like paused
-            await self.link.set(up=False)
+            await self.hold.engage()
         await self.runc.pause(self.name)
         t_dump = time.monotonic()
         await self.runc.checkpoint_frozen(
@@ -244,6 +248,8 @@ class Migration:
         )
         self.timings["pause_ms"] = (t_dump - self.frozen_at) * 1000
         self.timings["dump_ms"] = (time.monotonic() - t_dump) * 1000
+        if self.hold is not None:
+            await self.hold.silence_source()
         st = await self.runc.require(self.name)
         if st.status != "paused":
             raise MigrationError(f"container {self.name!r} is {st.status} after checkpoint; expected paused")
@@ -279,6 +285,11 @@ class Migration:
         )
         self.running_at = time.monotonic()
         self.frozen_bytes = self._wire_bytes() - self.frozen_sent_at_freeze
+        if self.hold is not None:
+            # What clients sent during the freeze, answered now by the destination.
+            frames = self.hold.take()
+            got = await self.s.call("deliver", container=self.name, frames=frames)
+            self.held_frames = {"held": len(frames), "delivered": int(got.get("delivered", 0)), "dropped": self.hold.dropped}
         for key in ("restore_ms", "rebuild_ms", "network_up_ms"):
             if isinstance(res.get(key), (int, float)):
                 self.timings[key] = float(res[key])
@@ -297,9 +308,9 @@ class Migration:
         except MigrationError as exc:
             self.note(f"could not delete the frozen source container: {exc}", "warning")
         if self.endpoint is not None and self.host.network is not None:
-            if self.link is not None:
-                await self.link.close()
-                self.link = None
+            if self.hold is not None:
+                await self.hold.close()
+                self.hold = None
             await asyncio.to_thread(netif.delete, self.host.network, self.name)
             self.net_locked = False
         if self.bundle is not None and self.bundle.parent == self.host.bundles_dir:
@@ -360,9 +371,11 @@ class Migration:
                     await self._abort_destination()
                     if self.paused:
                         await self._resume_source()
-                    if self.net_locked and self.link is not None:
-                        await self.link.set(up=True)
+                    if self.net_locked and self.hold is not None:
+                        dropped = self.hold.dropped
+                        delivered = await self.hold.release()
                         self.net_locked = False
+                        self.held_frames = {"held": delivered, "delivered": delivered, "dropped": dropped}
         except (MigrationError, TimeoutError) as rb:
             outcome = "failed"
             self.note(f"rollback incomplete: {rb}", "warning")
@@ -394,8 +407,8 @@ class Migration:
                 await self.session.close()
         if self.agent is not None:
             await self.agent.close()
-        if self.link is not None:
-            await self.link.close()
+        if self.hold is not None:
+            await self.hold.close()
         remove_tree(self.work)
 
     def _report(self, outcome: str, exc: BaseException | None = None, phase: str = "") -> MigrationReport:
@@ -434,6 +447,7 @@ class Migration:
             rounds=list(self.precopy.events) if self.precopy is not None else [],
             tracker=self.tracker,
             frozen_steps_ms=dict(self.timings),
+            held_frames=dict(self.held_frames),
             agent_cpu_s=self.agent_usage.get("cpu_s"),
             agent_children_cpu_s=self.agent_usage.get("children_cpu_s"),
             agent_max_rss_kib=self.agent_usage.get("max_rss_kib"),

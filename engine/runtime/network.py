@@ -6,9 +6,8 @@ CRIU's TCP repair) keep their addresses. The outer end of the veth joins the
 host's bridge; on the lab that bridge lives in its own namespace, so the
 bridge's netns is configurable (``TUG_BRIDGE``, ``TUG_BRIDGE_NETNS``).
 
-The outer link is also the network lock. From the freeze until commit or
-rollback the source's outer link is down: the frozen container's kernel can
-neither acknowledge nor reset anything, so no byte is lost or duplicated. The
+The network lock (what keeps the frozen source's kernel from answering
+anything, and what happens to the frames meanwhile) is :mod:`.netlock`. The
 destination's link stays down until its restore has finished (a packet
 reaching a netns with no socket yet would be answered with a reset), then
 comes up and announces the MAC with a gratuitous ARP so the bridge forwards
@@ -20,8 +19,6 @@ async callers run them in a thread.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
@@ -43,6 +40,9 @@ T = TypeVar("T")
 SPEC_FILE = "tug-network.json"
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
+SOL_PACKET = 263
+PACKET_VNET_HDR = 15
+ETH_P_ALL = 0x0003
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,70 +153,6 @@ def create(net: HostNetwork, container: str, spec: EndpointSpec, *, up: bool) ->
     return net.netns_path(container)
 
 
-class LinkSwitch:
-    """The outer end of one container's veth, held open: the network lock.
-
-    Opened before the freeze because opening is the slow part (importing
-    pyroute2 and entering the bridge's netns cost ~150 ms the first time);
-    :meth:`set` is then one netlink message, about a millisecond of downtime.
-
-    pyroute2's synchronous API runs an asyncio loop of its own, which cannot
-    nest inside ours (and its netlink transport does not run on uvloop), so
-    the handle lives on one dedicated thread for its whole life.
-    """
-
-    def __init__(self, net: HostNetwork, container: str) -> None:
-        self.container = container
-        self.ifname = net.outer(container)
-        self._net = net
-        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tug-link")
-        self._ipr: Any = None
-        self._index: int | None = None
-
-    @classmethod
-    async def open(cls, net: HostNetwork, container: str) -> LinkSwitch:
-        sw = cls(net, container)
-        try:
-            await sw._call(sw._open)
-        except BaseException:
-            await sw.close()
-            raise
-        return sw
-
-    async def _call(self, fn: Callable[[], T]) -> T:
-        return await asyncio.wrap_future(self._thread.submit(fn))
-
-    def _open(self) -> None:
-        try:
-            self._ipr = _ipr(self._net.bridge_netns)
-        except Exception as exc:  # pyroute2 raises NetlinkError, OSError, ...
-            raise NetworkError(f"cannot open the network of {self.container!r}: {exc}") from None
-        self._index = _index(self._ipr, self.ifname)
-        if self._index is None:
-            raise NetworkError(f"network endpoint of {self.container!r} is missing ({self.ifname})")
-
-    async def set(self, *, up: bool) -> None:
-        def flip() -> None:
-            try:
-                self._ipr.link("set", index=self._index, state="up" if up else "down")
-            except Exception as exc:
-                raise NetworkError(
-                    f"cannot set the link of {self.container!r} {'up' if up else 'down'}: {exc}"
-                ) from None
-
-        await self._call(flip)
-
-    async def close(self) -> None:
-        def shut() -> None:
-            if self._ipr is not None:
-                with contextlib.suppress(Exception):
-                    self._ipr.close()
-                self._ipr = None
-
-        await self._call(shut)
-        self._thread.shutdown(wait=False)
-
-
 def delete(net: HostNetwork, container: str) -> None:
     """Remove the endpoint; missing pieces are fine (idempotent cleanup)."""
     from pyroute2 import netns as pnetns
@@ -260,14 +196,73 @@ class Announcer:
         self.sock.close()
 
 
-def _packet_socket(ifname: str) -> socket.socket:
-    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+def _packet_socket(ifname: str, *, vnet_hdr: bool = False, receive: bool = False) -> socket.socket:
+    """A raw packet socket on ``ifname``; it receives frames only if ``receive``."""
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL) if receive else 0)
     try:
-        s.bind((ifname, 0))
+        if vnet_hdr:
+            s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+        s.bind((ifname, ETH_P_ALL if receive else 0))
     except OSError:
         s.close()
         raise
     return s
+
+
+def bridge_socket(net: HostNetwork, ifname: str, *, vnet_hdr: bool = False, receive: bool = False) -> socket.socket:
+    """A packet socket on an interface in the bridge's network namespace."""
+    def make() -> socket.socket:
+        return _packet_socket(ifname, vnet_hdr=vnet_hdr, receive=receive)
+
+    if net.bridge_netns is None:
+        try:
+            return make()
+        except OSError as exc:
+            raise NetworkError(f"cannot open a packet socket on {ifname}: {exc}") from None
+    return _in_netns(NETNS_DIR / net.bridge_netns, make)
+
+
+#: Neighbour states worth carrying over: the entry has a link-layer address.
+NUD_REACHABLE, NUD_STALE, NUD_DELAY, NUD_PROBE, NUD_PERMANENT = 0x02, 0x04, 0x08, 0x10, 0x80
+_KNOWN = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANENT
+
+
+def read_neighbors(net: HostNetwork, container: str) -> list[dict[str, Any]]:
+    """The container's ARP/NDP cache on eth0: part of its state that CRIU does not carry.
+
+    Without it the restored kernel must resolve its peers first, and its
+    first attempt happens while the destination's link is still down (the
+    window probe CRIU's TCP repair sends on restore), so the answer to a
+    client would wait for the neighbour retry timer, a full second.
+    """
+    from pyroute2 import NetNS
+
+    try:
+        with NetNS(net.netns(container)) as ns:
+            eth = _index(ns, "eth0")
+            out = []
+            for n in ns.get_neighbours(ifindex=eth):
+                dst, lladdr = n.get_attr("NDA_DST"), n.get_attr("NDA_LLADDR")
+                if dst and lladdr and n["state"] & _KNOWN:
+                    out.append({"family": int(n["family"]), "dst": str(dst), "lladdr": str(lladdr)})
+            return out
+    except Exception as exc:  # pyroute2 raises NetlinkError, OSError, ...
+        raise NetworkError(f"cannot read the neighbour table of {container!r}: {exc}") from None
+
+
+def add_neighbors(net: HostNetwork, container: str, entries: list[dict[str, Any]]) -> int:
+    """Seed the endpoint's neighbour cache (as STALE: used at once, confirmed on use)."""
+    from pyroute2 import NetNS
+
+    try:
+        with NetNS(net.netns(container)) as ns:
+            eth = _index(ns, "eth0")
+            for e in entries:
+                ns.neigh("replace", family=int(e["family"]), dst=str(e["dst"]), lladdr=str(e["lladdr"]),
+                         ifindex=eth, state=NUD_STALE)
+    except Exception as exc:
+        raise NetworkError(f"cannot seed the neighbour table of {container!r}: {exc}") from None
+    return len(entries)
 
 
 def _in_netns(netns_path: Path, fn: Callable[[], T]) -> T:

@@ -75,6 +75,8 @@ def assert_clean_run(result: dict[str, Any]) -> None:
 
 
 def test_connection_survives_there_and_back(lab: Lab, demo: str, record_property: Any) -> None:
+    """One connection, A -> B -> A: no reset, nothing lost, and the requests sent during each freeze
+    are answered by the destination (the network lock holds them, then delivers them)."""
     before = endpoint(lab, "a", demo)
     client = Client(lab, demo)
     try:
@@ -89,6 +91,10 @@ def test_connection_survives_there_and_back(lab: Lab, demo: str, record_property
         result = client.stop()
     assert replies_on_b == 1, "the client's one connection is still established after the move"
     assert_clean_run(result)
+    for report in (there.json(), back.json()):
+        # The client's requests during the freeze were held, then delivered to the destination.
+        held = report["held_frames"]
+        assert held["held"] > 0 and held["delivered"] == held["held"] and held["dropped"] == 0, held
     assert endpoint(lab, "a", demo) == before
     record_property("client_max_gap_ms", result["max_gap_ms"])
     record_property("engine_downtime_ms", [there.json()["downtime_ms"], back.json()["downtime_ms"]])
@@ -134,6 +140,9 @@ def test_rollback_keeps_connections(lab: Lab, demo: str, fault: str, phase: str)
         report = res.json()
         assert report["outcome"] == "rolled-back", report
         assert report["error"]["phase"] == phase, report["error"]
+        if phase != "pre-restore":  # the lock was on: what it held went to the resumed source
+            held = report["held_frames"]
+            assert held["held"] > 0 and held["delivered"] == held["held"], held
         # The client keeps talking to the resumed source.
         count = client.established()
     finally:
