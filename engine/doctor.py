@@ -44,7 +44,8 @@ async def run_checks(destination: str | None = None, *, identity: Path | None = 
     rows += await _criu_checks()
     rows.append(await _runc_check())
     rows.append(_freezer_check())
-    rows.append(_netfilter_check())
+    rows.append(await _network_lock_check())
+    rows.append(_iptables_check())
     rows.append(_pipe_check())
     rows.append(_pagemap_scan_check())
     rows.append(_tcp_repair_check())
@@ -73,7 +74,7 @@ async def _criu_checks() -> list[Check]:
         "this kernel has no soft-dirty page tracking (CONFIG_MEM_SOFT_DIRTY is off), so CRIU's pre-dump "
         "cannot find the pages a running container changed; stop-copy works, and pre-copy must use "
         "tug's content tracker instead",
-        fix="" if soft_dirty else "nothing to fix for stop-copy; use --tracker content for pre-copy",
+        fix="" if soft_dirty else "nothing to fix: --tracker auto (the default) picks the content tracker here",
     ))
     uffd = await criu.has_feature("uffd-noncoop")
     rows.append(Check(
@@ -100,11 +101,26 @@ def _freezer_check() -> Check:
                  fix="mount the freezer cgroup (v1) or use cgroup v2: the source must stay frozen, not die")
 
 
-def _netfilter_check() -> Check:
+async def _network_lock_check() -> Check:
+    from .runtime import netlock
+
+    problem = await asyncio.to_thread(netlock.probe)
+    if problem is None:
+        return Check(name="network lock", status=OK,
+                     detail="tc clsact + u32 + mirred work: frames sent during the freeze are held, then delivered")
+    return Check(
+        name="network lock", status=FAIL, detail=f"cannot redirect frames with tc ({problem})",
+        fix="a kernel with CONFIG_NET_SCH_INGRESS, CONFIG_NET_CLS_U32 and CONFIG_NET_ACT_MIRRED "
+        "is needed to migrate containers with a network endpoint",
+    )
+
+
+def _iptables_check() -> Check:
     tools = [t for t in ("iptables", "nft") if shutil.which(t)]
     if tools:
-        return Check(name="network lock", status=OK, detail=f"{', '.join(tools)} present (CRIU locks traffic during dump)")
-    return Check(name="network lock", status=FAIL, detail="neither iptables nor nft found", fix="apt-get install iptables")
+        return Check(name="iptables/nft", status=OK, detail=f"{', '.join(tools)} present (CRIU locks TCP connections it dumps)")
+    return Check(name="iptables/nft", status=FAIL, detail="neither iptables nor nft found",
+                 fix="apt-get install iptables (CRIU needs it to dump established TCP connections)")
 
 
 def _pipe_check() -> Check:
@@ -132,8 +148,8 @@ def _pagemap_scan_check() -> Check:
         ok = exc.errno != errno.ENOTTY
     return Check(
         name="PAGEMAP_SCAN", status=OK if ok else WARN,
-        detail="ioctl available (fast written-page scans)" if ok else "not available (kernel < 6.7)",
-        fix="" if ok else "pre-copy falls back to hashing page contents",
+        detail=("ioctl available" if ok else "not available (kernel < 6.7)")
+        + "; tug's content tracker does not need it (it compares page contents with what it sent)",
     )
 
 

@@ -302,3 +302,32 @@ def inject(sock: socket.socket, frames: list[bytes]) -> int:
         except OSError:
             continue
     return sent
+
+
+def probe() -> str | None:
+    """Can this kernel hold frames (clsact, u32, mirred)? None if yes, else why not.
+
+    Tried for real in a throwaway network namespace, which is the only
+    reliable test: the features are config options, often modules, and
+    minimal kernels (this project's CI among them) leave some out.
+    """
+    import os
+
+    from pyroute2 import NetNS
+    from pyroute2 import netns as pnetns
+
+    name = f"tug-probe-{os.getpid()}"
+    try:
+        pnetns.create(name)
+        with NetNS(name) as ns:
+            ns.link("add", ifname="p0", kind="veth", peer={"ifname": "p1"})
+            p0, p1 = ns.link_lookup(ifname="p0")[0], ns.link_lookup(ifname="p1")[0]
+            ns.tc("add", "clsact", p0)
+            ns.tc("add-filter", "u32", p0, parent=TC_EGRESS, protocol=ETH_P_ALL, prio=1, target=0x10001,
+                  keys=["0x0/0x0+0"], action={"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": p1})
+        return None
+    except Exception as exc:  # pyroute2 raises NetlinkError, OSError, ...
+        return str(exc) or type(exc).__name__
+    finally:
+        with contextlib.suppress(Exception):
+            pnetns.remove(name)
