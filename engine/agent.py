@@ -466,10 +466,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agent[%(process)d] %(message)s", handlers=handlers)
     try:
         import uvloop
-
-        uvloop.run(serve(host))
-    except ImportError:
+    except ImportError:  # only the import: an ImportError from inside serve() must surface
         asyncio.run(serve(host))
+        return
+    uvloop.run(serve(host))
 
 
 if __name__ == "__main__":
