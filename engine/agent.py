@@ -33,7 +33,7 @@ from .pagestream import RunDecoder
 from .errors import ConfigError, CriuError, MigrationError, PreconditionError, ProtocolError
 from .hostcfg import HostConfig
 from .runtime import network as netif
-from .runtime.netlock import FrameInjector, LinkSwitch
+from .runtime.netlock import FrameHold, LinkSwitch
 from .runtime.network import EndpointSpec
 from .runtime.runc import Runc
 
@@ -56,7 +56,7 @@ class Incoming:
     endpoint: Path | None = None
     link: LinkSwitch | None = None
     announcer: netif.Announcer | None = None
-    injector: FrameInjector | None = None
+    hold: FrameHold | None = None
     committed: bool = False
     stats: dict[str, int] = field(default_factory=dict)
 
@@ -214,7 +214,7 @@ class Agent:
         inc.endpoint = await asyncio.to_thread(netif.create, net, container, inc.network, up=False)
         inc.link = await LinkSwitch.open(net, container)
         inc.announcer = await asyncio.to_thread(netif.Announcer, inc.endpoint, inc.network)
-        inc.injector = await asyncio.to_thread(FrameInjector, net, container)
+        inc.hold = await FrameHold.open(net, container)
         if neighbors:
             await asyncio.to_thread(netif.add_neighbors, net, container, neighbors)
         return {"endpoint": str(inc.endpoint), "ms": (time.monotonic() - t0) * 1000}
@@ -254,8 +254,15 @@ class Agent:
         }
 
     async def call_restore(
-        self, container: str, tcp_close: bool = False, rebuild_pages: bool = False, fault: str | None = None
+        self,
+        container: str,
+        tcp_close: bool = False,
+        rebuild_pages: bool = False,
+        frames: list[bytes] | None = None,
+        fault: str | None = None,
     ) -> dict[str, Any]:
+        """Restore; ``frames`` were held by the source's network lock, to be
+        delivered once the restored sockets exist (see runtime.netlock)."""
         inc = self._get(container)
         if tcp_close:
             self._criu_config(inc, ["tcp-close"])
@@ -270,6 +277,11 @@ class Agent:
         (inc.bundle / INCOMING_MARKER).unlink(missing_ok=True)
         (inc.bundle / INCOMING_MARKER).write_text("restoring\n")
         t0 = time.monotonic()
+        if inc.link is not None and inc.hold is not None:
+            # Link up before CRIU: what the restored processes send must not
+            # meet a down link. What arrives is held until the sockets exist.
+            await inc.hold.engage(outbound=False)
+            await inc.link.set(up=True)
         try:
             await self.runc.restore_detached(
                 container, bundle=inc.bundle, image_dir=inc.images, work_dir=inc.criu_work, tcp_established=not tcp_close
@@ -278,13 +290,16 @@ class Agent:
             exc.log_path = self._keep_log(inc, "restore.log") or exc.log_path
             raise
         inc.restored = True
-        if inc.link is not None and inc.announcer is not None:
-            # Only now may packets reach the restored sockets (see runtime.network).
+        if inc.hold is not None and inc.announcer is not None:
+            # Only now may frames reach the restored sockets: the source's held
+            # ones first, then those held here.
             assert self.host.network is not None
             t_net = time.monotonic()
             if fault == "lose-link":
                 await asyncio.to_thread(_remove_outer_link, self.host.network, container)
-            await inc.link.set(up=True)
+            own = await inc.hold.open_gate()
+            inc.stats["frames_delivered"] = inc.hold.inject(list(frames or ()) + own)
+            inc.stats["frames_held_here"] = len(own)
             inc.announcer.send()
             inc.stats["network_up_ms"] = int((time.monotonic() - t_net) * 1000)
         st = await self.runc.require(container)
@@ -293,9 +308,9 @@ class Agent:
     async def call_deliver(self, container: str, frames: list[bytes]) -> dict[str, Any]:
         """Frames sent to the container while it was frozen (see runtime.netlock)."""
         inc = self._get(container)
-        if not inc.restored or inc.injector is None:
+        if not inc.restored or inc.hold is None:
             raise ProtocolError(f"frames for {container!r} before its network is up")
-        return {"delivered": inc.injector.send(frames)}
+        return {"delivered": inc.hold.inject(frames)}
 
     async def call_commit(self, container: str) -> dict[str, Any]:
         """The destination now owns the container: stop guarding it for cleanup."""
@@ -312,10 +327,12 @@ class Agent:
         return {"committed": True, **_usage()}
 
     async def call_abort(self, container: str) -> dict[str, Any]:
+        """Undo everything; frames held here go back to the source with the answer."""
         inc = self.incoming.get(container)
+        frames = inc.hold.take() if inc is not None and inc.hold is not None else []
         if inc is not None:
             await self._cleanup(inc)
-        return {"aborted": inc is not None}
+        return {"aborted": inc is not None, "frames": frames}
 
     # ---- cleanup -----------------------------------------------------------
 
@@ -324,14 +341,20 @@ class Agent:
         self.incoming.pop(inc.name, None)
         if inc.store is not None:
             inc.store.close()
-        await _close_endpoint_handles(inc)
         if inc.committed:
+            await _close_endpoint_handles(inc)
             return
+        if inc.link is not None:
+            # Cut the endpoint off first: the killed container's sockets would
+            # send resets to peers the resumed source still talks to.
+            with contextlib.suppress(MigrationError):
+                await inc.link.set(up=False)
         with contextlib.suppress(MigrationError):
             if await self.runc.state(inc.name) is not None:
                 await self.runc.delete(inc.name, force=True)
         if inc.endpoint is not None and self.host.network is not None:
             await asyncio.to_thread(netif.delete, self.host.network, inc.name)
+        await _close_endpoint_handles(inc)
         shutil.rmtree(inc.bundle, ignore_errors=True)
         remove_tree(inc.work)
         log.info("cleaned up uncommitted %s", inc.name)
@@ -371,10 +394,11 @@ def _check_name(name: str) -> None:
 async def _close_endpoint_handles(inc: Incoming) -> None:
     if inc.link is not None:
         await inc.link.close()
-    for handle in (inc.announcer, inc.injector):
-        if handle is not None:
-            handle.close()
-    inc.link = inc.announcer = inc.injector = None
+    if inc.hold is not None:
+        await inc.hold.close()
+    if inc.announcer is not None:
+        inc.announcer.close()
+    inc.link = inc.announcer = inc.hold = None
 
 
 def _occupy_link_name(net: netif.HostNetwork, container: str) -> None:
@@ -383,7 +407,7 @@ def _occupy_link_name(net: netif.HostNetwork, container: str) -> None:
     from pyroute2 import IPRoute, NetNS
 
     with NetNS(net.bridge_netns) if net.bridge_netns else IPRoute() as ipr:
-        ipr.link("add", ifname=net.outer(container), kind="dummy")
+        ipr.link("add", ifname=net.outer(container), kind="veth", peer={"ifname": f"tx{os.getpid()}"})
 
 
 def _remove_outer_link(net: netif.HostNetwork, container: str) -> None:

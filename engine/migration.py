@@ -87,6 +87,12 @@ class Migration:
         #: True while frames to the source container are held (the lock is on).
         self.net_locked = False
         self.held_frames: dict[str, int] = {}
+        #: Held frames handed to the destination with the restore call: if
+        #: that restore fails they belong to the resumed source again.
+        self.frames_in_flight: list[bytes] = []
+        #: Gratuitous ARP from the source's endpoint, for a rollback after the
+        #: bridge may have learned the MAC on the destination's port.
+        self.announcer: netif.Announcer | None = None
         #: Set once anything was changed on either host; before that a failure
         #: has nothing to undo and its outcome is "aborted", not "rolled-back".
         self.changed = False
@@ -225,7 +231,8 @@ class Migration:
         if self.endpoint is not None:
             net = self.host.network
             assert net is not None
-            self.hold = await FrameHold.open(net, self.name, self.endpoint.mac)
+            self.hold = await FrameHold.open(net, self.name)
+            self.announcer = await asyncio.to_thread(netif.Announcer, net.netns_path(self.name), self.endpoint)
             neighbors = await asyncio.to_thread(netif.read_neighbors, net, self.name)
             await self.s.call("prepare_network", container=self.name, neighbors=neighbors, fault=self.opts.fault)
 
@@ -234,10 +241,13 @@ class Migration:
         self.paused = True  # before the call: a half-done pause must still be undone
         self.frozen_at = time.monotonic()
         self.frozen_sent_at_freeze = self._wire_bytes()
+        await self.runc.pause(self.name)
         if self.hold is not None:
+            # After the pause: no process can answer anything any more, and
+            # whatever the kernel still sends before this point is older
+            # than the dump, TCP timestamps included (see runtime.netlock).
             self.net_locked = True  # before the call, like paused
             await self.hold.engage()
-        await self.runc.pause(self.name)
         t_dump = time.monotonic()
         await self.runc.checkpoint_frozen(
             self.name,
@@ -248,8 +258,6 @@ class Migration:
         )
         self.timings["pause_ms"] = (t_dump - self.frozen_at) * 1000
         self.timings["dump_ms"] = (time.monotonic() - t_dump) * 1000
-        if self.hold is not None:
-            await self.hold.silence_source()
         st = await self.runc.require(self.name)
         if st.status != "paused":
             raise MigrationError(f"container {self.name!r} is {st.status} after checkpoint; expected paused")
@@ -276,20 +284,29 @@ class Migration:
         self.rebuild_pages = bool(rebuilt)
 
     async def _restore(self) -> None:
+        # What clients sent during the freeze goes along, to be answered by the
+        # destination the moment its sockets exist (runtime.netlock).
+        self.frames_in_flight = self.hold.take() if self.hold is not None else []
         res = await self.s.call(
             "restore",
             container=self.name,
             tcp_close=self.opts.tcp_close,
             rebuild_pages=self.rebuild_pages,
+            frames=self.frames_in_flight,
             fault=self.opts.fault,
         )
         self.running_at = time.monotonic()
         self.frozen_bytes = self._wire_bytes() - self.frozen_sent_at_freeze
         if self.hold is not None:
-            # What clients sent during the freeze, answered now by the destination.
-            frames = self.hold.take()
-            got = await self.s.call("deliver", container=self.name, frames=frames)
-            self.held_frames = {"held": len(frames), "delivered": int(got.get("delivered", 0)), "dropped": self.hold.dropped}
+            held = len(self.frames_in_flight) + int(res.get("frames_held_here", 0))
+            delivered = int(res.get("frames_delivered", 0))
+            self.frames_in_flight = []
+            late = self.hold.take()  # arrived here while the destination restored
+            if late:
+                got = await self.s.call("deliver", container=self.name, frames=late)
+                held += len(late)
+                delivered += int(got.get("delivered", 0))
+            self.held_frames = {"held": held, "delivered": delivered, "dropped": self.hold.dropped}
         for key in ("restore_ms", "rebuild_ms", "network_up_ms"):
             if isinstance(res.get(key), (int, float)):
                 self.timings[key] = float(res[key])
@@ -308,11 +325,16 @@ class Migration:
         except MigrationError as exc:
             self.note(f"could not delete the frozen source container: {exc}", "warning")
         if self.endpoint is not None and self.host.network is not None:
+            # The endpoint goes before the lock is lifted: the killed source's
+            # sockets may still want to send a FIN or a reset to its peers.
+            await asyncio.to_thread(netif.delete, self.host.network, self.name)
+            self.net_locked = False
             if self.hold is not None:
                 await self.hold.close()
                 self.hold = None
-            await asyncio.to_thread(netif.delete, self.host.network, self.name)
-            self.net_locked = False
+            if self.announcer is not None:
+                self.announcer.close()
+                self.announcer = None
         if self.bundle is not None and self.bundle.parent == self.host.bundles_dir:
             shutil.rmtree(self.bundle, ignore_errors=True)
 
@@ -368,14 +390,11 @@ class Migration:
                     # Destination first: if it restored just before the link
                     # broke, its copy must be gone before the source's address
                     # comes back, or both would answer for one IP and MAC.
-                    await self._abort_destination()
+                    returned = await self._abort_destination()
                     if self.paused:
                         await self._resume_source()
                     if self.net_locked and self.hold is not None:
-                        dropped = self.hold.dropped
-                        delivered = await self.hold.release()
-                        self.net_locked = False
-                        self.held_frames = {"held": delivered, "delivered": delivered, "dropped": dropped}
+                        await self._unlock_source(returned)
         except (MigrationError, TimeoutError) as rb:
             outcome = "failed"
             self.note(f"rollback incomplete: {rb}", "warning")
@@ -392,14 +411,29 @@ class Migration:
         self.paused = False
         self.note(f"source container {self.name!r} resumed")
 
-    async def _abort_destination(self) -> None:
+    async def _unlock_source(self, returned: list[bytes]) -> None:
+        """Rollback of the network lock: every held frame goes to the resumed source, oldest first."""
+        assert self.hold is not None
+        frames = self.frames_in_flight + await self.hold.open_gate() + returned
+        self.frames_in_flight = []
+        self.net_locked = False
+        delivered = self.hold.inject(frames)
+        if self.announcer is not None:
+            self.announcer.send()  # the bridge may have learned the MAC on the destination's port
+        self.held_frames = {"held": len(frames), "delivered": delivered, "dropped": self.hold.dropped}
+
+    async def _abort_destination(self) -> list[bytes]:
+        """Tell the agent to undo everything; returns the frames it had held."""
         if self.session is None or self.session.peer is None:
-            return
+            return []
         try:
-            await self.s.call("abort", container=self.name, timeout=60)
+            res = await self.s.call("abort", container=self.name, timeout=60)
         except MigrationError as exc:
             # The agent also cleans up when the session ends; say so, don't fail.
             self.note(f"destination abort call failed ({exc}); the agent cleans up when the session ends")
+            return []
+        frames = res.get("frames", [])
+        return [f for f in frames if isinstance(f, bytes)] if isinstance(frames, list) else []
 
     async def _close(self) -> None:
         if self.session is not None:
@@ -409,6 +443,8 @@ class Migration:
             await self.agent.close()
         if self.hold is not None:
             await self.hold.close()
+        if self.announcer is not None:
+            self.announcer.close()
         remove_tree(self.work)
 
     def _report(self, outcome: str, exc: BaseException | None = None, phase: str = "") -> MigrationReport:

@@ -17,10 +17,24 @@ and the client's retransmission timers never come into play. On rollback they
 are injected into the resumed source instead. Either way each frame reaches
 exactly one kernel that holds the dumped state.
 
-After its dump, frames the frozen source itself sends are redirected into the
-other end of the sink and dropped: once the destination has announced the MAC
-a stray retransmission from the old port would make the bridge learn the MAC
-there again.
+Frames the frozen source itself sends are redirected into the other end of
+the sink and dropped, from the same moment (just after the freezer stopped its
+processes, just before the dump). Two reasons. Once the destination has
+announced the MAC, a stray retransmission from the old port would make the
+bridge learn the MAC there again. And TCP timestamps: CRIU restores a
+socket's timestamp clock at the value it had when dumped, so any segment the
+source sent after its dump (CRIU's own window probe when it leaves repair
+mode, a retransmission) would carry a newer timestamp than the destination's
+first ones, and the peer's PAWS check would silently drop the destination's
+segments until its clock caught up.
+
+The destination holds frames too, from the moment its link comes up (just
+before CRIU restores, so that nothing the restored processes send is lost to a
+down link and retransmitted only after TCP's initial 1 s timeout) until its
+restore has finished (a frame reaching the namespace before its socket exists
+would be answered with a reset). Its link carries the destination's own
+frames at once, so the bridge may learn the MAC there early; what clients then
+send is held on the destination's side and delivered after the source's.
 
 Frames keep their virtio-net header (``PACKET_VNET_HDR``): a frame from a
 local veth carries only a partial checksum and may be a GSO super-frame, and
@@ -39,7 +53,6 @@ import contextlib
 import hashlib
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..errors import NetworkError
@@ -131,19 +144,11 @@ class LinkSwitch:
         await self._nl.close()
 
 
-@dataclass(frozen=True, slots=True)
-class HoldStats:
-    held: int
-    held_bytes: int
-    dropped: int
-
-
 class FrameHold:
-    """The source side of the lock: hold frames sent to the frozen container (module doc)."""
+    """Hold the frames sent to one container's endpoint, then deliver them (module doc)."""
 
-    def __init__(self, nl: BridgeNetlink, net: HostNetwork, container: str, mac: str) -> None:
+    def __init__(self, nl: BridgeNetlink, net: HostNetwork, container: str) -> None:
         self._nl, self.net, self.container = nl, net, container
-        self._mac = bytes.fromhex(mac.replace(":", ""))
         tag = hashlib.sha1(f"{net.host}/{container}".encode()).hexdigest()[:12]
         self.outer = net.outer(container)
         #: The sink pair: held frames go out of ``_sink_in`` and arrive at
@@ -160,9 +165,9 @@ class FrameHold:
         self.dropped = 0
 
     @classmethod
-    async def open(cls, net: HostNetwork, container: str, mac: str) -> FrameHold:
+    async def open(cls, net: HostNetwork, container: str) -> FrameHold:
         """Everything but the filters, made before the freeze."""
-        hold = cls(BridgeNetlink(net), net, container, mac)
+        hold = cls(BridgeNetlink(net), net, container)
         try:
             await hold._prepare()
         except BaseException:
@@ -204,16 +209,15 @@ class FrameHold:
             ),
         )
 
-    async def engage(self) -> None:
-        """From now on nothing reaches the container: frames are held."""
+    async def engage(self, *, outbound: bool = True) -> None:
+        """From now on nothing reaches the container (frames are held); with
+        ``outbound`` nothing it sends leaves its port either."""
         assert self._sock is not None
         asyncio.get_running_loop().add_reader(self._sock.fileno(), self._drain)
         self._engaged = True
         await self._redirect(TC_EGRESS, self._sink_in)
-
-    async def silence_source(self) -> None:
-        """After the dump: what the frozen source sends no longer leaves its port."""
-        await self._redirect(TC_INGRESS, self._sink_out)
+        if outbound:
+            await self._redirect(TC_INGRESS, self._sink_out)
 
     def _drain(self) -> None:
         assert self._sock is not None
@@ -238,16 +242,20 @@ class FrameHold:
         out, self.frames, self._bytes = self.frames, [], 0
         return out
 
-    @property
-    def stats(self) -> HoldStats:
-        return HoldStats(held=len(self.frames), held_bytes=self._bytes, dropped=self.dropped)
+    async def open_gate(self) -> list[bytes]:
+        """Frames flow to the container again; returns those held until now.
 
-    async def release(self) -> int:
-        """Rollback: frames flow to the source again, and the held ones are delivered to it."""
+        The caller injects them (:meth:`inject`), usually after frames that
+        are older still, held elsewhere.
+        """
         held = self.take()
         await self._remove_filters()
+        return held + self.take()  # any that arrived while the filters went
+
+    def inject(self, frames: list[bytes]) -> int:
+        """Deliver frames into the container, as if from the bridge."""
         assert self._inject is not None
-        return inject(self._inject, held)
+        return inject(self._inject, frames)
 
     async def _remove_filters(self) -> None:
         if self._engaged and self._sock is not None:
@@ -273,19 +281,6 @@ class FrameHold:
         with contextlib.suppress(NetworkError):
             await self._nl.call(f"removing the frame hold of {self.container!r}", remove_sink)
         await self._nl.close()
-
-
-class FrameInjector:
-    """The destination side: deliver frames into a container's endpoint as if from the bridge."""
-
-    def __init__(self, net: HostNetwork, container: str) -> None:
-        self._sock = bridge_socket(net, net.outer(container), vnet_hdr=True)
-
-    def send(self, frames: list[bytes]) -> int:
-        return inject(self._sock, frames)
-
-    def close(self) -> None:
-        self._sock.close()
 
 
 def inject(sock: socket.socket, frames: list[bytes]) -> int:
