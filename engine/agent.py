@@ -3,8 +3,9 @@
 It speaks the tug protocol on stdin/stdout, obeys the source, and reports.
 It owns everything it creates on this host until the source commits: if the
 session ends before commit (source crashed, link lost, rollback), the agent
-removes the bundle, the images and any container it restored, so a failed
-migration leaves nothing behind here.
+removes the bundle, the images and any container it restored, and kills and
+reaps any CRIU page server it started, so a failed migration leaves nothing
+behind here (no process, no listening port).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import resource
 import shutil
 import sys
@@ -28,6 +30,7 @@ from tug.transports.session import Session, StreamSink
 
 from . import criu, rootfs
 from .fsutil import remove_tree
+from .pageserver import NOT_FLUSHED, PageServer, pages_bytes
 from .pagestore import PageStore
 from .pagestream import RunDecoder
 from .errors import ConfigError, CriuError, MigrationError, PreconditionError, ProtocolError
@@ -59,6 +62,8 @@ class Incoming:
     hold: FrameHold | None = None
     committed: bool = False
     stats: dict[str, int] = field(default_factory=dict)
+    #: CRIU page servers started for this container, one per dump, by id.
+    page_servers: dict[int, PageServer] = field(default_factory=dict)
 
     @property
     def images(self) -> Path:
@@ -253,6 +258,49 @@ class Agent:
             "skipped": plan.skipped,
         }
 
+    async def call_page_server_start(
+        self, container: str, images: str, parent: str | None = None, fault: str | None = None
+    ) -> dict[str, Any]:
+        """Start a CRIU page server for one dump into ``images`` (under the work dir).
+
+        ``images`` is ``images`` (the final dump) or ``rounds/N`` (a pre-copy
+        round); ``parent`` (``../N-1`` or ``../rounds/N-1``) names the previous
+        round's dir, which must be here already: the server links it as
+        ``parent`` and checks the pre-dump's holes against it.
+        """
+        inc = self._get(container)
+        images_dir = _work_subdir(inc.work, images)
+        if parent is not None:
+            _check_parent(inc.work, images_dir, parent)
+        images_dir.mkdir(parents=True, exist_ok=True)
+        if any(images_dir.glob("pagemap-*.img")):
+            raise ProtocolError(f"{images} already holds a dump; each dump needs a fresh directory")
+        ident = max(inc.page_servers, default=0) + 1
+        ps = PageServer(ident, images_dir, inc.criu_work / f"page-server-{ident}.log", parent)
+        inc.page_servers[ident] = ps
+        t0 = time.monotonic()
+        try:
+            port = await ps.start()
+        except CriuError as exc:
+            exc.log_path = self._keep_log(inc, ps.log.name) or exc.log_path
+            raise
+        if fault == "kill-page-server":
+            ps.kill_when_receiving()
+        return {"id": ident, "port": port, "ms": (time.monotonic() - t0) * 1000}
+
+    async def call_page_server_wait(self, container: str, id: int) -> dict[str, Any]:
+        """Reap a page server after its session (it exits once it has written
+        everything); a failure raises its CriuError with the log kept."""
+        inc = self._get(container)
+        ps = inc.page_servers.get(id)
+        if ps is None:
+            raise ProtocolError(f"no page server {id} for {container!r}")
+        rc = await ps.wait()
+        if rc != 0:
+            ps.reported = True
+            raise ps.failure(kept_log=self._keep_log(inc, ps.log.name))
+        return {"exit": rc, "pages_bytes": pages_bytes(ps.images_dir)}
+
     async def call_restore(
         self,
         container: str,
@@ -318,6 +366,7 @@ class Agent:
         if not inc.restored:
             raise ProtocolError(f"commit of {container!r} before restore")
         inc.committed = True
+        await _stop_page_servers(inc)
         if inc.store is not None:
             inc.store.close()
         await _close_endpoint_handles(inc)
@@ -327,23 +376,36 @@ class Agent:
         return {"committed": True, **_usage()}
 
     async def call_abort(self, container: str) -> dict[str, Any]:
-        """Undo everything; frames held here go back to the source with the answer."""
+        """Roll back: clean up; the answer carries the frames held here (they go back
+        to the source) and which page servers had died on their own."""
         inc = self.incoming.get(container)
         frames = inc.hold.take() if inc is not None and inc.hold is not None else []
+        failed: list[str] = []
         if inc is not None:
-            await self._cleanup(inc)
-        return {"aborted": inc is not None, "frames": frames}
+            failed = await self._cleanup(inc)
+        return {"aborted": inc is not None, "frames": frames, "page_servers": failed}
 
     # ---- cleanup -----------------------------------------------------------
 
-    async def _cleanup(self, inc: Incoming) -> None:
-        """Undo everything done for an uncommitted container."""
+    async def _cleanup(self, inc: Incoming) -> list[str]:
+        """Undo everything done for an uncommitted container.
+
+        Returns how page servers that died on their own ended (their logs
+        are kept); a server whose client merely went away is not news.
+        """
         self.incoming.pop(inc.name, None)
+        failed: list[str] = []
+        for ps in inc.page_servers.values():
+            if ps.failed_on_its_own and not ps.reported:
+                err = ps.failure(kept_log=self._keep_log(inc, ps.log.name))
+                if not any(NOT_FLUSHED in ln for ln in err.error_lines):
+                    failed.append(str(err))
+        await _stop_page_servers(inc)
         if inc.store is not None:
             inc.store.close()
         if inc.committed:
             await _close_endpoint_handles(inc)
-            return
+            return failed
         if inc.link is not None:
             # Cut the endpoint off first: the killed container's sockets would
             # send resets to peers the resumed source still talks to.
@@ -358,6 +420,7 @@ class Agent:
         shutil.rmtree(inc.bundle, ignore_errors=True)
         remove_tree(inc.work)
         log.info("cleaned up uncommitted %s", inc.name)
+        return failed
 
     async def cleanup_all(self) -> None:
         for inc in list(self.incoming.values()):
@@ -384,6 +447,32 @@ def _usage() -> dict[str, float]:
         "children_cpu_s": kids.ru_utime + kids.ru_stime,
         "max_rss_kib": float(me.ru_maxrss),
     }
+
+
+_WORK_SUBDIR = re.compile(r"images|rounds/[0-9]{1,6}")
+_PARENT = re.compile(r"\.\./(rounds/)?[0-9]{1,6}")
+
+
+def _work_subdir(work: Path, rel: str) -> Path:
+    """A dump directory the source may name: ``images`` or ``rounds/N``."""
+    if not isinstance(rel, str) or not _WORK_SUBDIR.fullmatch(rel):
+        raise ProtocolError(f"invalid dump directory {rel!r}")
+    return work / rel
+
+
+def _check_parent(work: Path, images_dir: Path, parent: str) -> None:
+    """``parent`` is relative to ``images_dir``, stays in ``work`` and exists."""
+    if not isinstance(parent, str) or not _PARENT.fullmatch(parent):
+        raise ProtocolError(f"invalid parent dump directory {parent!r}")
+    target = (images_dir / parent).resolve()
+    if not target.is_relative_to(work.resolve()) or not target.is_dir():
+        raise ProtocolError(f"parent dump directory {parent!r} (from {images_dir.name}) does not exist here")
+
+
+async def _stop_page_servers(inc: Incoming) -> None:
+    """Kill (if still running) and reap every page server of ``inc``."""
+    for ps in inc.page_servers.values():
+        await ps.kill()
 
 
 def _check_name(name: str) -> None:

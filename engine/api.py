@@ -49,6 +49,13 @@ class MigrationOptions:
     policy: ConvergencePolicy | str = "phaul"
     #: precopy only: how dirty pages are found: auto | content | soft-dirty.
     tracker: str = "auto"
+    #: stop-copy: stream the frozen dump's memory straight to a CRIU page
+    #: server on the destination (through an SSH forward) while CRIU dumps,
+    #: instead of dumping to local files and sending them afterwards: dump
+    #: and transfer overlap inside the frozen window. Needs TCP forwarding in
+    #: the destination's sshd. Pre-copy ignores it: the content tracker needs
+    #: the local dump, the soft-dirty tracker always streams.
+    stream_dump: bool = True
     #: Established TCP connections are always checkpointed (TCP repair) and,
     #: by default, restored intact. With tcp_close they are restored closed:
     #: for clients that reconnect anyway, and cheaper than a repair.

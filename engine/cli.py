@@ -80,6 +80,7 @@ def summary(r: MigrationReport) -> str:
         ("total time", f"{r.total_s:.2f} s"),
         ("bytes on the wire", f"{human_bytes(r.bytes_total)} ({human_bytes(r.frozen_bytes)} while frozen)"),
         ("  CRIU images", human_bytes(r.image_bytes)),
+        *([("  page server", human_bytes(r.page_server_bytes))] if r.dump_streamed else []),
         ("  rootfs files", human_bytes(r.rootfs_bytes)),
     ]
     for phase, secs in r.phases.items():
@@ -118,6 +119,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         tcp_close=args.tcp_close,
         policy=args.policy,
         tracker=args.tracker,
+        stream_dump=args.stream_dump,
         fault=args.fault,
     )
     progress = Progress(quiet=args.quiet)
@@ -258,7 +260,7 @@ def _lab_client(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .api import STRATEGIES
+    from .api import STRATEGIES, MigrationOptions
 
     ap = argparse.ArgumentParser(prog="tug", description="Live-migrate running containers between hosts with CRIU.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -271,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precopy: when to do the final dump, e.g. phaul, incus, qemu, 'max-iter=8,min-dirty=64,max-growth=1.1'")
     m.add_argument("--tracker", default="auto", choices=("auto", "content", "soft-dirty"),
                    help="precopy: how dirty pages are found (auto: soft-dirty if the kernel has it, else content)")
+    m.add_argument("--stream-dump", action=argparse.BooleanOptionalAction, default=MigrationOptions().stream_dump,
+                   help="stop-copy: stream the frozen dump's memory to a CRIU page server on the destination while "
+                        "CRIU dumps (overlaps dump and transfer; needs sshd TCP forwarding) instead of dumping to "
+                        "files first (default: %(default)s)")
     m.add_argument("--identity", "-i", metavar="KEY", help="SSH private key (default: $TUG_SSH_IDENTITY or ~/.ssh)")
     m.add_argument("--known-hosts", metavar="FILE", help="known_hosts to check the destination's host key against")
     m.add_argument("--agent-command", metavar="CMD", help="command that starts the agent on the destination")

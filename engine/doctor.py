@@ -50,7 +50,7 @@ async def run_checks(destination: str | None = None, *, identity: Path | None = 
     rows.append(_pagemap_scan_check())
     rows.append(_tcp_repair_check())
     if destination:
-        rows.append(await _ssh_check(destination, identity, known_hosts))
+        rows += await _ssh_checks(destination, identity, known_hosts)
     return rows
 
 
@@ -165,7 +165,7 @@ def _tcp_repair_check() -> Check:
         s.close()
 
 
-async def _ssh_check(destination: str, identity: Path | None, known_hosts: Path | None) -> Check:
+async def _ssh_checks(destination: str, identity: Path | None, known_hosts: Path | None) -> list[Check]:
     from tug.transports import protocol as p
     from tug.transports.session import Session
     from tug.transports.ssh import connect_agent, parse_url
@@ -176,16 +176,25 @@ async def _ssh_check(destination: str, identity: Path | None, known_hosts: Path 
         agent = await connect_agent(target, identity=identity or host.ssh_identity,
                                     known_hosts=known_hosts or host.ssh_known_hosts, connect_timeout=10)
     except MigrationError as exc:
-        return Check(name=f"ssh {destination}", status=FAIL, detail=str(exc), fix="check the URL, key and known_hosts")
+        return [Check(name=f"ssh {destination}", status=FAIL, detail=str(exc), fix="check the URL, key and known_hosts")]
     session = Session(agent.stream, p.Role.SOURCE)
     try:
         peer = await session.start(software="tug-doctor", host=host.name, info={}, timeout=20)
-        return Check(name=f"ssh {destination}", status=OK,
-                     detail=f"agent on {peer.host}: CRIU {peer.info.get('criu')}, runc {peer.info.get('runc')}")
+        rows = [Check(name=f"ssh {destination}", status=OK,
+                      detail=f"agent on {peer.host}: CRIU {peer.info.get('criu')}, runc {peer.info.get('runc')}")]
+        forwarding = await agent.forwarding_allowed()
+        rows.append(Check(
+            name="ssh TCP forwarding", status=OK if forwarding else WARN,
+            detail="allowed: the frozen dump streams to a CRIU page server there" if forwarding else
+            "refused by the destination's sshd: stop-copy must dump to files first (--no-stream-dump) "
+            "and the soft-dirty pre-copy tracker cannot run",
+            fix="" if forwarding else "set 'AllowTcpForwarding local' (or yes) in the destination's sshd_config",
+        ))
+        return rows
     except MigrationError as exc:
         tail = agent.stderr_tail()
-        return Check(name=f"ssh {destination}", status=FAIL, detail=f"agent did not start: {exc}",
-                     fix=tail[-1] if tail else "is tug installed at the same path on the destination? see --agent-command")
+        return [Check(name=f"ssh {destination}", status=FAIL, detail=f"agent did not start: {exc}",
+                      fix=tail[-1] if tail else "is tug installed at the same path on the destination? see --agent-command")]
     finally:
         await session.close()
         await agent.close()

@@ -48,6 +48,10 @@ class AuthenticationError(TransportError):
     kind = "auth"
 
 
+class ForwardingRefusedError(TransportError):
+    """The destination's sshd does not allow TCP forwarding (AllowTcpForwarding)."""
+
+
 class ProtocolError(MigrationError):
     """The peer sent bytes that do not follow the tug wire protocol."""
 

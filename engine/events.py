@@ -96,6 +96,10 @@ class MigrationReport:
     phases: dict[str, float]  # seconds per phase
     rounds: list[RoundCompleted] = field(default_factory=list)
     tracker: str | None = None
+    #: The frozen dump's memory went straight to a CRIU page server on the
+    #: destination (page_server_bytes of it, both ways) instead of image files.
+    dump_streamed: bool = False
+    page_server_bytes: int = 0
     image_bytes: int = 0
     rootfs_bytes: int = 0
     error: ErrorInfo | None = None

@@ -33,7 +33,12 @@ The format, as CRIU (4.x, unchanged since 3.x) writes it:
 * Process pagemaps are named ``pagemap-<vpid>.img`` (vpid: the pid inside the
   dumped tree's pid namespace); shared memory (anon shared, memfd, SysV shm) uses
   ``pagemap-shmem-<shmid>.img``, whose vaddrs are offsets into the object. All
-  pagemaps of one dump draw their pages_id from one counter starting at 1.
+  pagemaps of one dump draw their pages_id from one counter starting at 1
+  (a page server's from 0x10001).
+
+The one other image tug reads is CRIU's ``stats-dump`` (:func:`read_dump_stats`):
+a (pre-)dump's page counts, which is how soft-dirty pre-copy learns how many
+pages each round found dirty.
 """
 
 from __future__ import annotations
@@ -54,14 +59,17 @@ __all__ = [
     "PE_LAZY",
     "PE_PARENT",
     "PE_PRESENT",
+    "DumpStats",
     "Pagemap",
     "PagemapEntry",
+    "STATS_MAGIC",
     "iter_pages",
     "page_layout",
     "pagemap_file_name",
     "pages_file_name",
     "pages_file_size",
     "process_pagemap_pid",
+    "read_dump_stats",
     "read_pagemap",
     "shmem_pagemap_id",
     "write_pagemap",
@@ -76,6 +84,8 @@ IMG_COMMON_MAGIC = 0x54564319
 IMG_SERVICE_MAGIC = 0x55105940
 #: Second u32 of pagemap-*.img and pagemap-shmem-*.img.
 PAGEMAP_MAGIC = 0x56084025
+#: Second u32 of stats-dump / stats-restore (after IMG_SERVICE_MAGIC).
+STATS_MAGIC = 0x57093306
 
 #: The entry's pages are in the parent (previous) dump, not in this pages file.
 PE_PARENT = 1 << 0
@@ -203,6 +213,17 @@ def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
     Non-varint fields (which none of our known fields are) are skipped by their
     wire type, so records from a newer CRIU with extra fields still parse.
     """
+    for number, wire, value, _ in _fields_at(buf, pos, end):
+        yield number, wire, value
+
+
+def _fields_at(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """Like :func:`_fields`, plus where a length-delimited field's payload starts.
+
+    For a length-delimited field the value is its length and the fourth item
+    its payload's offset (nested messages such as ``StatsEntry.dump``); for
+    other fields the fourth item is -1.
+    """
     while pos < end:
         key, pos = _decode_varint(buf, pos, end)
         number, wire = key >> 3, key & 7
@@ -210,7 +231,7 @@ def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
             raise ImageFormatError(f"invalid protobuf field number {number}")
         if wire == _WT_VARINT:
             value, pos = _decode_varint(buf, pos, end)
-            yield number, wire, value
+            yield number, wire, value, -1
             continue
         if wire == _WT_FIXED64:
             skip = 8
@@ -222,8 +243,11 @@ def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
             raise ImageFormatError(f"unsupported protobuf wire type {wire} for field {number}")
         if skip > end - pos:
             raise ImageFormatError(f"protobuf field {number} runs past the end of its record")
+        if wire == _WT_LEN:
+            yield number, wire, skip, pos
+        else:
+            yield number, wire, 0, -1
         pos += skip
-        yield number, wire, 0
 
 
 def _varint_field(number: int, wire: int, value: int, limit: int) -> int:
@@ -404,3 +428,87 @@ def iter_pages(pm: Pagemap, *, skip_absent: bool = False) -> Iterator[tuple[int,
 def pages_file_size(pm: Pagemap) -> int:
     """Exact size of ``pages-<pages_id>.img``: the bytes of every PE_PRESENT entry."""
     return PAGE_SIZE * sum(e.nr_pages for e in pm.entries if e.present)
+
+
+# --- stats-dump -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DumpStats:
+    """CRIU's ``dump_stats_entry`` (images/stats.proto), times in microseconds.
+
+    For a dump with a parent: ``pages_scanned`` pages were looked at,
+    ``pages_skipped_parent`` were unchanged since the parent (sent as holes),
+    ``pages_written`` were sent. The ``shpages_*`` counts are the same for
+    shared memory (anonymous shared, SysV shm, memfd).
+    """
+
+    freezing_time_us: int
+    frozen_time_us: int
+    memdump_time_us: int
+    memwrite_time_us: int
+    pages_scanned: int
+    pages_skipped_parent: int
+    pages_written: int
+    pages_lazy: int
+    shpages_scanned: int = 0
+    shpages_skipped_parent: int = 0
+    shpages_written: int = 0
+
+    @property
+    def dirty_pages(self) -> int:
+        """Pages the dump had to send: private and shared memory."""
+        return self.pages_written + self.shpages_written
+
+
+#: dump_stats_entry field number -> DumpStats attribute.
+_DUMP_STATS_FIELDS = {
+    1: "freezing_time_us",
+    2: "frozen_time_us",
+    3: "memdump_time_us",
+    4: "memwrite_time_us",
+    5: "pages_scanned",
+    6: "pages_skipped_parent",
+    7: "pages_written",
+    9: "pages_lazy",
+    12: "shpages_scanned",
+    13: "shpages_skipped_parent",
+    14: "shpages_written",
+}
+_DUMP_STATS_REQUIRED = ("freezing_time_us", "frozen_time_us", "memdump_time_us", "memwrite_time_us",
+                        "pages_scanned", "pages_skipped_parent", "pages_written", "pages_lazy")
+
+
+def read_dump_stats(data: bytes | bytearray | memoryview) -> DumpStats:
+    """Parse CRIU's ``stats-dump`` (written into the dump's work dir).
+
+    Layout: ``IMG_SERVICE_MAGIC``, ``STATS_MAGIC``, then one framed
+    ``stats_entry`` whose field 1 is the ``dump_stats_entry``. A
+    ``stats-restore`` (field 2 only) or anything else raises ImageFormatError.
+    """
+    buf = bytes(data)
+    if len(buf) < 12:
+        raise ImageFormatError("stats image is shorter than its header")
+    service, kind = struct.unpack_from("<II", buf)
+    if (service, kind) != (IMG_SERVICE_MAGIC, STATS_MAGIC):
+        raise ImageFormatError(f"not a CRIU stats image: magics {service:#010x} {kind:#010x}")
+    (size,) = _FRAME.unpack_from(buf, 8)
+    if size > len(buf) - 12:
+        raise ImageFormatError(f"stats record claims {size} bytes, {len(buf) - 12} remain")
+    dump: tuple[int, int] | None = None
+    for number, wire, value, start in _fields_at(buf, 12, 12 + size):
+        if number == 1:
+            if wire != _WT_LEN:
+                raise ImageFormatError(f"stats_entry.dump has wire type {wire}, expected a message")
+            dump = (start, start + value)
+    if dump is None:
+        raise ImageFormatError("stats image holds no dump statistics (a stats-restore?)")
+    values: dict[str, int] = {}
+    for number, wire, value in _fields(buf, *dump):
+        name = _DUMP_STATS_FIELDS.get(number)
+        if name is not None:
+            values[name] = _varint_field(number, wire, value, _U64_LIMIT - 1)
+    missing = [n for n in _DUMP_STATS_REQUIRED if n not in values]
+    if missing:
+        raise ImageFormatError(f"dump statistics lack required fields: {', '.join(missing)}")
+    return DumpStats(**values)

@@ -11,6 +11,13 @@ the frozen source deleted. If that acknowledgement is lost we cannot know
 whether the destination kept the container, so the source is left frozen (not
 resumed, not deleted) and the error says so: a duplicate or a lost container
 would both be worse than a paused one.
+
+The frozen dump either goes to a local tmpfs dir whose files are then sent
+(the content tracker needs that full local dump), or streams its memory to a
+CRIU page server on the destination while CRIU dumps (``stream_dump``, the
+default; always with the soft-dirty tracker): dump and transfer of the pages
+overlap, and only the small remaining images cross after the dump. The page
+server is started, and the SSH forward to it connected, before the freeze.
 """
 
 from __future__ import annotations
@@ -30,12 +37,14 @@ from tug.transports.session import Session
 from tug.transports.ssh import AgentProcess, connect_agent, parse_url
 
 from . import criu, rootfs
+from .pageserver import RemotePageServer
 from .fsutil import remove_tree
 from tug.policies import ConvergencePolicy, PolicySpecError, parse_policy
 
 from .api import STRATEGIES, MigrationOptions
 from .errors import (
     ConfigError,
+    ForwardingRefusedError,
     MigrationError,
     PhaseTimeoutError,
     PreconditionError,
@@ -49,10 +58,35 @@ from .runtime import network as netif
 from .runtime.netlock import FrameHold
 from .runtime.network import EndpointSpec
 from .runtime.runc import Runc
-from .precopy import Precopy, choose_tracker
+from .precopy import Precopy, Rounds, choose_tracker
+from .predump import PreDump
 from .transfer import Meter, send_entries
 
 SOFTWARE = "tug/0.1"
+
+
+def primary_error(exc: BaseException) -> BaseException:
+    """The error a failed TaskGroup stands for: its first MigrationError.
+
+    Phases run concurrent steps in TaskGroups (rootfs sync next to pages or
+    images), whose failure arrives as an exception group; the report and
+    the CLI want the step's own error (a CriuError with its log), not
+    "internal error: ExceptionGroup".
+    """
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [exc]
+    while stack:
+        e = stack.pop(0)
+        if isinstance(e, BaseExceptionGroup):
+            stack[:0] = list(e.exceptions)
+        else:
+            leaves.append(e)
+    for leaf in leaves:
+        if isinstance(leaf, MigrationError):
+            return leaf
+    return leaves[0] if leaves else exc
 
 
 class Migration:
@@ -109,8 +143,13 @@ class Migration:
         self.image_bytes = 0
         self.rootfs_bytes = 0
         self.notes: list[str] = []
-        self.precopy: Precopy | None = None
+        self.precopy: Rounds | None = None
         self.tracker: str | None = None
+        #: Whether the frozen dump streams its memory to the destination's
+        #: page server (decided in pre-checkpoint, once the tracker is known).
+        self.stream_dump = False
+        #: The destination's page server for the frozen dump, when streaming.
+        self.final_ps: RemotePageServer | None = None
         self._meter: Meter | None = None
 
     # ---- plumbing -----------------------------------------------------------
@@ -123,14 +162,16 @@ class Migration:
         self.notes.append(message)
         self.emit(Note(level=level, message=message))
 
-    def _wire_bytes(self) -> int:
+    def wire_bytes(self) -> int:
+        """Payload bytes on the wire so far: the session and every forward."""
         s = self.session
-        return 0 if s is None else s.bytes_sent + s.bytes_received
+        forwarded = self.agent.forwarded_bytes if self.agent is not None else 0
+        return forwarded + (0 if s is None else s.bytes_sent + s.bytes_received)
 
     async def _phase(self, phase: Phase, body: Callable[[], Awaitable[None]]) -> None:
         self.machine.advance(phase)
         start = time.monotonic()
-        before = self._wire_bytes()
+        before = self.wire_bytes()
         self.emit(PhaseStarted(phase=phase.value, at_s=start - self.t0))
         seconds = self.opts.timeout(phase.value)
         try:
@@ -139,7 +180,7 @@ class Migration:
         except TimeoutError:
             raise PhaseTimeoutError(phase.value, seconds) from None
         finally:
-            self.bytes_by_phase[phase.value] = self.bytes_by_phase.get(phase.value, 0) + self._wire_bytes() - before
+            self.bytes_by_phase[phase.value] = self.bytes_by_phase.get(phase.value, 0) + self.wire_bytes() - before
         end = time.monotonic()
         self.emit(PhaseFinished(phase=phase.value, at_s=end - self.t0, duration_s=end - start))
 
@@ -162,11 +203,14 @@ class Migration:
             await self._phase(Phase.COMMIT, self._commit)
             self.machine.advance(Phase.DONE)
             return self._report("migrated")
-        except BaseException as exc:
+        except BaseException as raised:
+            exc = primary_error(raised)
             report = await asyncio.shield(self._fail(exc))
             if isinstance(exc, MigrationError):
                 exc.report = report  # type: ignore[attr-defined]
-                raise
+                if exc is raised:
+                    raise
+                raise exc from None
             if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt)):
                 raise
             err = MigrationError(f"internal error: {type(exc).__name__}: {exc}")
@@ -198,7 +242,10 @@ class Migration:
             raise PreconditionError(f"CRIU {version} here is too old; need >= 4.2 (run 'tug doctor')")
         if self.policy is not None:
             self.tracker = await choose_tracker(self.opts.tracker)
-            self.precopy = Precopy(self, self.policy)
+            self.precopy = PreDump(self, self.policy) if self.tracker == "soft-dirty" else Precopy(self, self.policy)
+            self.stream_dump = not self.precopy.local_final_dump
+        else:
+            self.stream_dump = self.opts.stream_dump
 
         self.agent = await connect_agent(
             self.target,
@@ -227,7 +274,10 @@ class Migration:
         await self._sync_rootfs(Phase.PRE_CHECKPOINT)
 
     async def _pre_restore(self) -> None:
-        self.work.mkdir(parents=True, exist_ok=True)
+        remove_tree(self.work)  # leftovers of an attempt that died before cleaning up
+        self.work.mkdir(parents=True)
+        if self.stream_dump and self.precopy is None:
+            await self._start_final_page_server(None)
         if self.endpoint is not None:
             net = self.host.network
             assert net is not None
@@ -237,10 +287,12 @@ class Migration:
             await self.s.call("prepare_network", container=self.name, neighbors=neighbors, fault=self.opts.fault)
 
     async def _checkpoint(self) -> None:
-        remove_tree(self.work)
+        parent = self.precopy.final_parent if self.precopy is not None else None
+        if self.stream_dump and self.final_ps is None:
+            await self._start_final_page_server(parent)
         self.paused = True  # before the call: a half-done pause must still be undone
         self.frozen_at = time.monotonic()
-        self.frozen_sent_at_freeze = self._wire_bytes()
+        self.frozen_sent_at_freeze = self.wire_bytes()
         await self.runc.pause(self.name)
         if self.hold is not None:
             # After the pause: no process can answer anything any more, and
@@ -249,18 +301,43 @@ class Migration:
             self.net_locked = True  # before the call, like paused
             await self.hold.engage()
         t_dump = time.monotonic()
-        await self.runc.checkpoint_frozen(
-            self.name,
-            image_dir=self.work / "images",
-            work_dir=self.work / "criu",
-            tcp_established=True,
-            timeout=self.opts.timeout(Phase.CHECKPOINT.value),
-        )
+        async with contextlib.AsyncExitStack() as stack:
+            if self.final_ps is not None:
+                # The pages cross while CRIU dumps: show their progress now.
+                meter = Meter(Phase.CHECKPOINT.value, "pages", None, self.emit)
+                await stack.enter_async_context(self.final_ps.progress(meter))
+            await self.runc.checkpoint_frozen(
+                self.name,
+                image_dir=self.work / "images",
+                work_dir=self.work / "criu",
+                tcp_established=True,
+                page_server=self.final_ps.address if self.final_ps is not None else None,
+                parent_path=parent,
+                timeout=self.opts.timeout(Phase.CHECKPOINT.value),
+            )
         self.timings["pause_ms"] = (t_dump - self.frozen_at) * 1000
         self.timings["dump_ms"] = (time.monotonic() - t_dump) * 1000
         st = await self.runc.require(self.name)
         if st.status != "paused":
             raise MigrationError(f"container {self.name!r} is {st.status} after checkpoint; expected paused")
+
+    async def _start_final_page_server(self, parent: str | None) -> None:
+        """The destination's page server for the frozen dump, and the forward to it.
+
+        Started before the freeze (stop-copy: in pre-restore; pre-copy: once
+        the rounds are done and the parent is known), so CRIU's start-up and
+        the forward's channel open are not paid in the downtime, and a
+        destination that refuses TCP forwarding fails before anything froze.
+        """
+        assert self.agent is not None
+        try:
+            self.final_ps = await RemotePageServer.start(
+                self.s, self.agent, self.name, images="images", parent=parent, fault=self.opts.fault
+            )
+        except ForwardingRefusedError as exc:
+            if self.precopy is None:
+                raise ForwardingRefusedError(f"{exc} (or migrate with --no-stream-dump)") from None
+            raise
 
     async def _transfer(self) -> None:
         images = self.work / "images"
@@ -278,9 +355,19 @@ class Migration:
                 self.s, kind="images", container=self.name, root=images, entries=entries, meter=meter
             )
 
+        async def pages_written() -> None:
+            # The page server exits once it has written every page it got.
+            assert self.final_ps is not None
+            await self.final_ps.finish()
+            self.note(
+                f"memory streamed to the CRIU page server on {self.target.host}: {self.final_ps.wire_bytes / 2**20:.1f} MiB"
+            )
+
         async with asyncio.TaskGroup() as tg:
             tg.create_task(send_images())
             tg.create_task(self._sync_rootfs(Phase.TRANSFER))
+            if self.final_ps is not None:
+                tg.create_task(pages_written())
         self.rebuild_pages = bool(rebuilt)
 
     async def _restore(self) -> None:
@@ -296,7 +383,7 @@ class Migration:
             fault=self.opts.fault,
         )
         self.running_at = time.monotonic()
-        self.frozen_bytes = self._wire_bytes() - self.frozen_sent_at_freeze
+        self.frozen_bytes = self.wire_bytes() - self.frozen_sent_at_freeze
         if self.hold is not None:
             held = len(self.frames_in_flight) + int(res.get("frames_held_here", 0))
             delivered = int(res.get("frames_delivered", 0))
@@ -428,6 +515,10 @@ class Migration:
             return []
         try:
             res = await self.s.call("abort", container=self.name, timeout=60)
+            # A page server that died on its own (mid-dump, say) explains the
+            # dump's failure better than the dumper's "Broken pipe".
+            for why in res.get("page_servers") or []:
+                self.note(f"{self.target.host}: {why}", "warning")
         except MigrationError as exc:
             # The agent also cleans up when the session ends; say so, don't fail.
             self.note(f"destination abort call failed ({exc}); the agent cleans up when the session ends")
@@ -436,6 +527,8 @@ class Migration:
         return [f for f in frames if isinstance(f, bytes)] if isinstance(frames, list) else []
 
     async def _close(self) -> None:
+        if self.final_ps is not None:
+            self.final_ps.close()
         if self.session is not None:
             with contextlib.suppress(MigrationError):
                 await self.session.close()
@@ -472,7 +565,7 @@ class Migration:
             total_s=now - self.t0,
             downtime_ms=downtime if outcome == "migrated" else 0.0,
             frozen_ms=downtime,
-            bytes_total=self._wire_bytes(),
+            bytes_total=self.wire_bytes(),
             frozen_bytes=self.frozen_bytes,
             bytes_by_phase=dict(self.bytes_by_phase),
             phases=self.machine.durations(),
@@ -482,6 +575,8 @@ class Migration:
             notes=list(self.notes),
             rounds=list(self.precopy.events) if self.precopy is not None else [],
             tracker=self.tracker,
+            dump_streamed=self.stream_dump,
+            page_server_bytes=self.final_ps.wire_bytes if self.final_ps is not None else 0,
             frozen_steps_ms=dict(self.timings),
             held_frames=dict(self.held_frames),
             agent_cpu_s=self.agent_usage.get("cpu_s"),

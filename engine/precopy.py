@@ -1,6 +1,12 @@
 """Iterative pre-copy, source side: rounds while the container runs, then a delta.
 
-Each round scans the container's memory with the content tracker and streams
+:class:`Rounds` is what every tracker shares: the round loop, in which the
+convergence policy (a pure function of the round history) decides after each
+round. Two trackers implement a round: :class:`Precopy` here (the content
+tracker, for kernels without soft-dirty) and ``predump.PreDump`` (CRIU's own
+pre-dump, where the kernel has soft-dirty).
+
+Content tracker: each round scans the container's memory with the content tracker and streams
 changed pages to the agent *while the scan goes on*: a scanner task reads and
 diffs chunks in a worker thread and puts changed runs on a bounded queue; a
 sender task drains it into the "pages" stream (the bound is the backpressure:
@@ -42,17 +48,21 @@ SAFETY_MAX_ROUNDS = 30
 
 
 async def choose_tracker(requested: str) -> str:
-    """auto picks soft-dirty where the kernel has it, else content."""
+    """auto picks soft-dirty where the kernel has it, else content.
+
+    Runs before anything changes on either host, so refusing an explicit
+    ``soft-dirty`` here leaves nothing to roll back.
+    """
     from . import criu
 
     if requested not in TRACKERS:
         raise PreconditionError(f"unknown tracker {requested!r} (choose from {', '.join(TRACKERS)})")
+    if requested == "content":
+        return "content"
     soft_dirty = await criu.has_feature("mem_dirty_track")
-    if requested == "soft-dirty":
-        if not soft_dirty:
-            raise PreconditionError("kernel lacks soft-dirty (see tug doctor); use --tracker content")
-        raise PreconditionError("the soft-dirty tracker (CRIU pre-dump) is not available in this tug version; use --tracker content")
-    return "content"
+    if requested == "soft-dirty" and not soft_dirty:
+        raise PreconditionError("kernel lacks soft-dirty (see tug doctor); use --tracker content")
+    return "soft-dirty" if soft_dirty else "content"
 
 
 @dataclass(slots=True)
@@ -65,11 +75,24 @@ class _RoundCounters:
     send_s: float = 0.0
 
 
-class Precopy:
+class Rounds:
+    """The pre-copy loop shared by every tracker: round, ask the policy, repeat.
+
+    Subclasses implement :meth:`round`; they say how the final dump must be
+    done (``local_final_dump``, ``final_parent``) and what the transfer phase
+    must add to it (:meth:`send_final`).
+    """
+
+    #: The tracker's name in reports.
+    name = ""
+    #: True when the frozen dump must be written locally in full (the
+    #: content tracker compares it with its shadow); False when it is
+    #: streamed to the destination's page server.
+    local_final_dump = True
+
     def __init__(self, migration: Migration, policy: ConvergencePolicy) -> None:
         self.m = migration
         self.policy = policy
-        self.tracker = ContentTracker()
         self.history: list[RoundStats] = []
         self.events: list[RoundCompleted] = []
         self._last_round_start: float | None = None
@@ -77,6 +100,25 @@ class Precopy:
         #: the scan, not the link, says nothing about the link; round 0 (the
         #: full copy) saturates it, so keep the best rate any round showed.
         self.bandwidth_bps = 0.0
+
+    @property
+    def final_parent(self) -> str | None:
+        """``--parent-path`` of the final dump, relative to its image dir."""
+        return None
+
+    async def round(self, index: int) -> RoundStats:
+        raise NotImplementedError
+
+    async def send_final(self, images_dir: Path) -> set[str]:
+        """Transfer-phase work for the final dump; returns the image names
+        the agent rebuilds (the caller sends every other image file)."""
+        return set()
+
+    def _since_last_round(self, t0: float) -> float:
+        """Seconds since the previous round started (0 for the first)."""
+        since = t0 - self._last_round_start if self._last_round_start is not None else 0.0
+        self._last_round_start = t0
+        return since
 
     async def run(self) -> None:
         """Rounds until the policy says final (or abort)."""
@@ -107,10 +149,19 @@ class Precopy:
                 raise AbortedByPolicy(f"pre-copy will not converge: {decision.reason}")
             index += 1
 
+
+class Precopy(Rounds):
+    """The content tracker's rounds (see the module doc)."""
+
+    name = "content"
+
+    def __init__(self, migration: Migration, policy: ConvergencePolicy) -> None:
+        super().__init__(migration, policy)
+        self.tracker = ContentTracker()
+
     async def round(self, index: int) -> RoundStats:
         t0 = time.monotonic()
-        since = t0 - self._last_round_start if self._last_round_start is not None else 0.0
-        self._last_round_start = t0
+        since = self._since_last_round(t0)
         c = _RoundCounters()
         queue: asyncio.Queue[tuple[int, list[tuple[int, bytes]]] | None] = asyncio.Queue(QUEUE_DEPTH)
         sent_before = self.m.s.bytes_sent

@@ -75,8 +75,13 @@ def error_from_fail(ev: p.Fail) -> MigrationError:
         log = ev.details.get("log_path")
         from pathlib import Path
 
+        # "summary" is the message without the error line and log path that
+        # CriuError.__str__ appends (they travel as details and are re-added).
+        summary = ev.details.get("summary")
+        if not isinstance(summary, str):
+            summary = ev.message.split(": ")[0] if lines else ev.message
         return CriuError(
-            ev.message.split(": ")[0] if lines else ev.message,
+            summary,
             error_lines=[str(x) for x in lines],
             log_path=Path(log) if isinstance(log, str) else None,
             returncode=ev.details.get("returncode") if isinstance(ev.details.get("returncode"), int) else None,
@@ -91,6 +96,7 @@ def fail_from_error(call_id: int, exc: BaseException) -> p.Fail:
     details: dict[str, Any] = {}
     if isinstance(exc, CriuError):
         details = {
+            "summary": str(exc.args[0]) if exc.args else "",
             "error_lines": list(exc.error_lines),
             "log_path": str(exc.log_path) if exc.log_path else None,
             "returncode": exc.returncode,

@@ -1,8 +1,13 @@
 """asyncssh: reach the destination, start the tug agent, carry the session.
 
-This is the only module that imports asyncssh; every asyncssh exception is
-translated here into :mod:`tug.engine.errors` with a message a user can act
-on, so nothing asyncssh-specific escapes ``tug.transports``.
+This module (with forward.py, its port forwards) is the only one that imports
+asyncssh; every asyncssh exception is translated here into
+:mod:`tug.engine.errors` with a message a user can act on, so nothing
+asyncssh-specific escapes ``tug.transports``.
+
+Besides the agent's stdin/stdout, the one SSH connection carries port
+forwards (:meth:`AgentProcess.forward`): CRIU on the source streams a dump's
+pages to a CRIU page server that listens on the destination's loopback only.
 """
 
 from __future__ import annotations
@@ -19,7 +24,11 @@ from urllib.parse import urlsplit
 
 import asyncssh
 
-from tug.engine.errors import AuthenticationError, ConfigError, HostKeyError, TransportError
+from tug.engine.errors import AuthenticationError, ConfigError, ForwardingRefusedError, HostKeyError, TransportError
+
+from .forward import LOOPBACK, PortForward, open_forward
+
+__all__ = ["LOOPBACK", "AgentProcess", "PortForward", "SshTarget", "connect_agent", "parse_url"]
 
 #: AES-GCM runs on AES-NI: ~3x chacha20's throughput through asyncssh
 #: (see shared/platform.md). Others stay as fallbacks for peers without it.
@@ -89,6 +98,7 @@ class AgentProcess:
         self.target = target
         self.stream = _ProcessStream(process, target)
         self._stderr: deque[str] = deque(maxlen=50)
+        self._forwards: list[PortForward] = []
         self._stderr_task = asyncio.create_task(self._drain_stderr(), name="tug-agent-stderr")
 
     async def _drain_stderr(self) -> None:
@@ -100,8 +110,46 @@ class AgentProcess:
     def stderr_tail(self) -> list[str]:
         return list(self._stderr)
 
+    @property
+    def forwarded_bytes(self) -> int:
+        """Payload bytes carried by every port forward so far, both ways."""
+        return sum(f.bytes_sent + f.bytes_received for f in self._forwards)
+
+    async def forward(self, remote_port: int, *, what: str = "the forwarded port") -> PortForward:
+        """A local port leading to ``127.0.0.1:remote_port`` on the destination.
+
+        The SSH channel (and so sshd's TCP connection to the remote port) is
+        opened *now*, before anyone connects locally: a refused forward or a
+        remote port nobody listens on fails here with a one-line
+        :class:`TransportError`, and the channel-open round trip is not paid
+        later (when the source may be frozen). ``what`` names the remote
+        service in those errors.
+        """
+        fwd = await open_forward(self._conn, self.target.host, remote_port, what)
+        self._forwards.append(fwd)
+        return fwd
+
+    async def forwarding_allowed(self) -> bool:
+        """Whether the peer's sshd allows TCP forwarding (for ``tug doctor``).
+
+        Asks for a channel to 127.0.0.1:1 on the peer: sshd answers
+        "administratively prohibited" when forwarding is off, and "connect
+        failed" when it is on and (as usual) nothing listens there.
+        """
+        try:
+            fwd = await self.forward(1, what="a probe")
+        except ForwardingRefusedError:
+            return False
+        except TransportError:
+            return True
+        fwd.close()
+        self._forwards.remove(fwd)
+        return True
+
     async def close(self, timeout: float = 10.0) -> None:
         """Let the agent exit on its own (it cleans up), then drop the link."""
+        for fwd in self._forwards:
+            fwd.close()
         with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):
             self._process.stdin.write_eof()
             async with asyncio.timeout(timeout):

@@ -7,6 +7,11 @@ container's cgroup freezer in FROZEN; CRIU records the freezer's original
 state and puts it back after a ``--leave-running`` dump, so the container stays
 frozen and resumable until we either ``resume`` (rollback) or ``delete``
 (commit). Verified on runc 1.1.5 with CRIU 4.2.1.
+
+Both the frozen dump and :meth:`Runc.predump` can send their memory to a CRIU
+page server (``--page-server ADDR:PORT``): then the image dir receives every
+image except pagemaps and pages. ``--parent-path`` is relative to the image
+dir and must exist locally (runc stats it; CRIU reads its inventory.img).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import signal as _signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .. import proc
 from ..criu import error_from_tool
@@ -108,22 +114,87 @@ class Runc:
                 f"runc run {name} failed: {self._tail(log) or exc}", argv=argv, returncode=exc.returncode
             ) from None
 
+    def checkpoint_argv(
+        self,
+        name: str,
+        *,
+        image_dir: Path,
+        work_dir: Path,
+        pre_dump: bool = False,
+        tcp_established: bool = False,
+        page_server: str | None = None,
+        parent_path: str | None = None,
+    ) -> list[str]:
+        """``runc checkpoint`` for a frozen final dump or a pre-dump (pure).
+
+        A pre-dump never stops the container and dumps no sockets, so it gets
+        neither ``--leave-running`` nor ``--tcp-established``.
+        """
+        if parent_path is not None and (parent_path.startswith("/") or not parent_path):
+            raise ConfigError(f"--parent-path must be relative to the image dir, got {parent_path!r}")
+        argv = self._argv("checkpoint", "--pre-dump" if pre_dump else "--leave-running")
+        argv += ["--image-path", str(image_dir), "--work-path", str(work_dir)]
+        if tcp_established and not pre_dump:
+            argv.append("--tcp-established")
+        if page_server is not None:
+            argv += ["--page-server", page_server]
+        if parent_path is not None:
+            argv += ["--parent-path", parent_path]
+        argv.append(name)
+        return argv
+
     async def checkpoint_frozen(
-        self, name: str, *, image_dir: Path, work_dir: Path, tcp_established: bool = False, timeout: float = 300
+        self,
+        name: str,
+        *,
+        image_dir: Path,
+        work_dir: Path,
+        tcp_established: bool = False,
+        page_server: str | None = None,
+        parent_path: str | None = None,
+        timeout: float = 300,
     ) -> None:
-        """Dump a *paused* container and leave it paused (see module doc)."""
+        """Dump a *paused* container and leave it paused (see module doc).
+
+        With ``page_server`` the memory goes there; with ``parent_path`` too,
+        pages unchanged since that pre-dump are sent as holes.
+        """
+        await self._checkpoint(
+            name, "checkpoint", image_dir, work_dir, timeout,
+            tcp_established=tcp_established, page_server=page_server, parent_path=parent_path,
+        )
+
+    async def predump(
+        self,
+        name: str,
+        *,
+        image_dir: Path,
+        work_dir: Path,
+        page_server: str,
+        parent_path: str | None = None,
+        timeout: float = 300,
+    ) -> None:
+        """Pre-dump a running container's memory (needs kernel soft-dirty).
+
+        CRIU freezes the container only to collect its pages and tracks what
+        it writes from then on; the next pre-dump (or the final dump) with
+        ``parent_path`` sends only the pages written since.
+        """
+        await self._checkpoint(
+            name, "pre-dump", image_dir, work_dir, timeout,
+            pre_dump=True, page_server=page_server, parent_path=parent_path,
+        )
+
+    async def _checkpoint(
+        self, name: str, action: str, image_dir: Path, work_dir: Path, timeout: float, **kw: Any
+    ) -> None:
         image_dir.mkdir(parents=True, exist_ok=True)
         work_dir.mkdir(parents=True, exist_ok=True)
-        argv = self._argv(
-            "checkpoint", "--leave-running", "--image-path", str(image_dir), "--work-path", str(work_dir),
-        )
-        if tcp_established:
-            argv.append("--tcp-established")
-        argv.append(name)
+        argv = self.checkpoint_argv(name, image_dir=image_dir, work_dir=work_dir, **kw)
         try:
             await proc.run(argv, timeout=timeout)
         except RuntimeToolError as exc:
-            raise error_from_tool(exc, f"checkpoint of {name}", work_dir / "dump.log") from None
+            raise error_from_tool(exc, f"{action} of {name}", work_dir / "dump.log") from None
 
     async def restore_detached(
         self,

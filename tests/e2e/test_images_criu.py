@@ -36,6 +36,7 @@ from tug.engine.images import (
     pages_file_name,
     pages_file_size,
     process_pagemap_pid,
+    read_dump_stats,
     read_pagemap,
     shmem_pagemap_id,
     write_pagemap,
@@ -274,6 +275,19 @@ def test_criu_pagemaps_read_layout_and_rewrite(dumped: Dumped) -> None:
     shared = contents(images, shm)
     for s in range(SHM_PAGES):
         assert shared.get(s * PAGE_SIZE) == page(b"tugshm!!", s, 1, s * 11), f"shm page {s}"
+
+
+def test_dump_stats_count_the_pages_written(dumped: Dumped) -> None:
+    """stats-dump (what soft-dirty pre-copy rounds are judged by) agrees with the images."""
+    stats = read_dump_stats((dumped.images / "stats-dump").read_bytes())
+    maps = pagemaps(dumped.images)
+    private = sum(pages_file_size(pm) for n, pm in maps.items() if process_pagemap_pid(n) is not None)
+    shared = sum(pages_file_size(pm) for n, pm in maps.items() if shmem_pagemap_id(n) is not None)
+    assert stats.pages_written * PAGE_SIZE == private
+    assert stats.shpages_written * PAGE_SIZE == shared
+    assert stats.pages_skipped_parent == 0, "a dump without a parent skips nothing"
+    assert stats.pages_scanned >= stats.pages_written >= ANON_PAGES + CHILD_PAGES
+    assert stats.frozen_time_us > 0
 
 
 def test_restore_from_rebuilt_images(dumped: Dumped, tmp_path: Path) -> None:

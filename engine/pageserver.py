@@ -1,0 +1,361 @@
+"""CRIU's page server: a dump's memory goes straight to the destination.
+
+``runc checkpoint --page-server ADDR:PORT`` makes CRIU send every pagemap and
+pages image through a TCP connection instead of writing them locally; the
+other images stay in the local image dir. On the destination a ``criu
+page-server`` writes what it receives into its images dir. tug uses this for
+two things: a stop-copy dump whose transfer overlaps the dump itself, and the
+soft-dirty pre-copy rounds (``runc checkpoint --pre-dump``, see predump.py).
+
+Two halves live here:
+
+* :class:`PageServer` runs on the destination (in the agent): one ``criu
+  page-server`` process per dump, because CRIU serves exactly one session and
+  then exits. It listens on 127.0.0.1 only; the source reaches it through an
+  SSH port forward (:meth:`tug.transports.ssh.AgentProcess.forward`).
+* :class:`RemotePageServer` is the source's handle on it: the agent calls
+  that start and reap it, and the forward that carries the pages. It also
+  feeds progress events while CRIU dumps.
+
+How the ephemeral port is learnt: CRIU rejects ``--port 0``, but without
+``--port`` it binds port 0 and listens before it writes the ready byte to
+``--status-fd``. The port is then read from the kernel (``/proc/PID/net/tcp``
+rows whose socket inode is one of the process's fds) rather than parsed from
+CRIU's log: that needs no particular log level or message wording, and it is
+race-free because the socket listens before the ready byte is written.
+Pre-binding a socket ourselves and passing ``--ps-socket`` would need an
+``accept()`` before CRIU could even start, i.e. CRIU's start-up either inside
+the frozen window or behind an extra round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+from tug.transports.session import Session
+from tug.transports.ssh import LOOPBACK, AgentProcess, PortForward
+
+from .criu import criu_binary, error_lines_from_text, log_error_lines
+from .errors import CriuError, MigrationError
+from .transfer import Meter
+
+#: What CRIU's page server logs when its client went away before the end:
+#: a consequence of the dump failing, never its cause.
+NOT_FLUSHED = "were not flushed"
+
+#: TCP state LISTEN in /proc/net/tcp (include/net/tcp_states.h).
+_TCP_LISTEN = "0A"
+#: How often the kill-page-server test hook looks at the images it receives.
+_FAULT_POLL_S = 0.002
+#: The kill-page-server hook fires once this much page data arrived (mid-dump).
+FAULT_KILL_AFTER = 1 << 20
+#: How often a streamed dump's progress is sampled (Meter emits at most 10/s).
+_PROGRESS_S = 0.1
+
+def page_server_argv(criu: str, images_dir: Path, log: Path, status_fd: int, parent: str | None = None) -> list[str]:
+    """The command line of one page server run (pure, for tests).
+
+    No ``--port``: CRIU then binds an ephemeral port (``--port 0`` is
+    refused). ``--prev-images-dir`` makes CRIU create ``images_dir/parent ->
+    parent``, which is how the server learns that earlier rounds exist and
+    how it checks the holes a pre-dump sends.
+    """
+    argv = [
+        criu, "page-server",
+        "--images-dir", str(images_dir),
+        "--address", LOOPBACK,
+        "--status-fd", str(status_fd),
+        "-v4", "--log-file", str(log),
+    ]
+    if parent is not None:
+        argv += ["--prev-images-dir", parent]
+    return argv
+
+
+def listening_ports(tcp_table: str, inodes: Iterable[int]) -> list[int]:
+    """Ports in LISTEN state among the sockets ``inodes`` of a /proc/net/tcp{,6} text.
+
+    Row format: ``sl local_address rem_address st tx:rx tr:when retrnsmt uid
+    timeout inode ...`` with ``local_address`` as ``HEXADDR:HEXPORT``.
+    """
+    wanted = set(inodes)
+    ports = []
+    for line in tcp_table.splitlines()[1:]:
+        cols = line.split()
+        if len(cols) < 10 or cols[3] != _TCP_LISTEN:
+            continue
+        try:
+            inode = int(cols[9])
+            port = int(cols[1].rsplit(":", 1)[1], 16)
+        except (ValueError, IndexError):
+            continue
+        if inode in wanted:
+            ports.append(port)
+    return ports
+
+
+def listening_port_of(pid: int) -> int | None:
+    """The TCP port process ``pid`` listens on, from the kernel's tables."""
+    inodes = []
+    fd_dir = Path(f"/proc/{pid}/fd")
+    with contextlib.suppress(OSError):
+        for fd in fd_dir.iterdir():
+            with contextlib.suppress(OSError):
+                link = os.readlink(fd)
+                if link.startswith("socket:[") and link.endswith("]"):
+                    inodes.append(int(link[8:-1]))
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            ports = listening_ports(Path(f"/proc/{pid}/net/{table}").read_text(), inodes)
+            if ports:
+                return ports[0]
+    return None
+
+
+def pages_bytes(images_dir: Path) -> int:
+    total = 0
+    with contextlib.suppress(OSError):
+        for p in images_dir.glob("pages-*.img"):
+            with contextlib.suppress(OSError):
+                total += p.stat().st_size
+    return total
+
+
+class PageServer:
+    """One ``criu page-server`` on this host, receiving one dump into ``images_dir``.
+
+    Every path ends with the process reaped: :meth:`wait` after a session,
+    :meth:`kill` on cleanup (its own process group, so nothing CRIU forks
+    survives it either).
+    """
+
+    def __init__(self, ident: int, images_dir: Path, log: Path, parent: str | None = None) -> None:
+        self.ident = ident
+        self.images_dir = images_dir
+        self.log = log
+        self.parent = parent
+        self.port = 0
+        self.argv: list[str] = []
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reaper: asyncio.Task[int] | None = None
+        self._fault: asyncio.Task[None] | None = None
+        self._stderr = b""
+        #: Set when we killed it on purpose (cleanup), not when a fault did.
+        self.killed = False
+        #: Set once its failure was raised to the source (no second report).
+        self.reported = False
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._proc is None else self._proc.returncode
+
+    async def start(self, timeout: float = 30.0) -> int:
+        """Spawn CRIU and return the port it listens on once it is ready."""
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        r, w = os.pipe()
+        self.argv = page_server_argv(criu_binary(), self.images_dir, self.log, w, self.parent)
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=(w,),
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)  # only CRIU holds the write end now: its death reads as EOF
+        self._reaper = asyncio.create_task(self._reap(), name=f"tug-page-server-{self.ident}")
+        try:
+            async with asyncio.timeout(timeout):
+                ready = await _read_status(r)
+        except TimeoutError:
+            await asyncio.shield(self.kill())
+            raise self.failure(f"was not ready within {timeout:g} s") from None
+        except BaseException:
+            await asyncio.shield(self.kill())
+            raise
+        if ready != b"\0":
+            await asyncio.shield(self.wait())
+            raise self.failure("did not start")
+        port = listening_port_of(self._proc.pid)
+        if port is None:
+            await asyncio.shield(self.kill())
+            raise CriuError("CRIU page server listens on no TCP port", log_path=self.log, error_lines=log_error_lines(self.log))
+        self.port = port
+        return port
+
+    async def _reap(self) -> int:
+        assert self._proc is not None
+        _, err = await self._proc.communicate()
+        self._stderr = err or b""
+        return self._proc.returncode if self._proc.returncode is not None else -1
+
+    async def wait(self) -> int:
+        """The exit code once CRIU has exited (negative: killed by that signal)."""
+        if self._reaper is None:
+            raise MigrationError("page server was never started")
+        return await asyncio.shield(self._reaper)
+
+    async def kill(self) -> None:
+        """SIGKILL the server's process group (if still running) and reap it."""
+        if self._fault is not None:
+            self._fault.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._fault
+            self._fault = None
+        if self._proc is not None and self._proc.returncode is None:
+            self.killed = True
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+        if self._reaper is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._reaper)
+
+    def kill_when_receiving(self, threshold: int = FAULT_KILL_AFTER) -> None:
+        """Test hook (``--fault kill-page-server``): SIGKILL the server for
+        real once ``threshold`` bytes of pages arrived, i.e. in mid-dump."""
+
+        async def watch() -> None:
+            while self.returncode is None:
+                if pages_bytes(self.images_dir) >= threshold:
+                    assert self._proc is not None
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(self._proc.pid, signal.SIGKILL)
+                    return
+                await asyncio.sleep(_FAULT_POLL_S)
+
+        self._fault = asyncio.create_task(watch(), name=f"tug-page-server-{self.ident}-fault")
+
+    @property
+    def failed_on_its_own(self) -> bool:
+        """Exited non-zero (or killed by a signal) without us killing it."""
+        rc = self.returncode
+        return rc is not None and rc != 0 and not self.killed
+
+    def failure(self, what: str | None = None, kept_log: Path | None = None) -> CriuError:
+        """A CriuError describing how this server ended (call after it exited)."""
+        rc = self.returncode
+        if what is None:
+            if rc is not None and rc < 0:
+                try:
+                    name = signal.Signals(-rc).name
+                except ValueError:
+                    name = f"signal {-rc}"
+                what = f"was killed by {name}"
+            else:
+                what = f"exited with {rc}"
+        log = kept_log or self.log
+        # CRIU reports errors before its log exists (bad options, a missing
+        # parent dir) on stderr.
+        stderr = self._stderr.decode(errors="replace")
+        lines = log_error_lines(log) or error_lines_from_text(stderr)
+        if not lines:
+            lines = [ln for ln in stderr.splitlines() if ln.strip()][-3:]
+        return CriuError(
+            f"CRIU page server {what}",
+            argv=self.argv,
+            returncode=rc,
+            stderr=stderr,
+            log_path=log if log.exists() else None,
+            error_lines=lines,
+        )
+
+
+async def _read_status(fd: int) -> bytes:
+    """Read CRIU's one ready byte from the status pipe (b"" if CRIU died first)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    pipe = os.fdopen(fd, "rb", buffering=0)
+    try:
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    except BaseException:
+        pipe.close()
+        raise
+    try:
+        return await reader.read(1)
+    finally:
+        transport.close()
+
+
+class RemotePageServer:
+    """The source's handle on one page server on the destination.
+
+    ``address`` is what ``runc checkpoint --page-server`` gets: the local end
+    of an SSH forward whose channel is already connected to the server, so a
+    refused forward or a server that is not listening fails before the dump.
+    """
+
+    def __init__(self, session: Session, container: str, ident: int, forward: PortForward) -> None:
+        self.session = session
+        self.container = container
+        self.ident = ident
+        self.forward = forward
+
+    @classmethod
+    async def start(
+        cls,
+        session: Session,
+        agent: AgentProcess,
+        container: str,
+        *,
+        images: str,
+        parent: str | None = None,
+        fault: str | None = None,
+    ) -> RemotePageServer:
+        """Have the agent start a page server into ``images`` (relative to its
+        work dir) and connect a forward to it."""
+        res = await session.call("page_server_start", container=container, images=images, parent=parent, fault=fault)
+        fwd = await agent.forward(int(res["port"]), what=f"the CRIU page server on {agent.target.host}")
+        return cls(session, container, int(res["id"]), fwd)
+
+    @property
+    def address(self) -> str:
+        return self.forward.address
+
+    @property
+    def wire_bytes(self) -> int:
+        """Payload bytes this dump moved through the forward, both ways."""
+        return self.forward.bytes_sent + self.forward.bytes_received
+
+    async def finish(self) -> dict[str, Any]:
+        """Wait until the server has written everything and exited cleanly.
+
+        Raises the server's CriuError (with its kept log) if it failed.
+        """
+        try:
+            return await self.session.call("page_server_wait", container=self.container, id=self.ident)
+        finally:
+            self.forward.close()
+
+    @contextlib.asynccontextmanager
+    async def progress(self, meter: Meter) -> AsyncIterator[None]:
+        """Feed ``meter`` with the pages sent while the body (the dump) runs."""
+
+        async def poll() -> None:
+            seen = 0
+            while True:
+                await asyncio.sleep(_PROGRESS_S)
+                now = self.forward.bytes_sent
+                meter.add(now - seen)
+                seen = now
+
+        task = asyncio.create_task(poll(), name=f"tug-page-server-{self.ident}-progress")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def close(self) -> None:
+        self.forward.close()
