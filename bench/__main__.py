@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -53,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--timeout", type=float, default=900.0, metavar="S", help="limit for one migration command")
     ap.add_argument("--link-retries", type=int, default=3, metavar="N",
                     help="repeat a run up to N times when another lab user re-shaped the link during it")
+    ap.add_argument("--warm-mib", type=int, metavar="MIB",
+                    help="touch this much memory once before the first run (default: 2 x the largest size + 512; "
+                         "0: no warm-up). On a VM whose memory the hypervisor backs lazily, the first touch of "
+                         "fresh RAM is several times slower than later ones, and would land on the first runs")
     ap.add_argument("--dry-run", action="store_true", help="print the cases and exit")
     return ap
 
@@ -102,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     results = out / "results.json"
     runs: list[dict[str, Any]] = []
     code = 0
+    warm = args.warm_mib if args.warm_mib is not None else 2 * max(plan.sizes) + 512
+    if warm > 0:
+        print(f"warm-up: touching {warm} MiB of memory once", flush=True)
+        meta["warm_up"] = {"mib": warm, "seconds": warm_memory(warm)}
     try:
         current: matrix.Link | None = None
         for case in cases:
@@ -147,6 +156,14 @@ def main(argv: list[str] | None = None) -> int:
           + f"; results: {results}")
     print(out / "summary.md")
     return code
+
+
+def warm_memory(mib: int) -> float:
+    """Touch ``mib`` MiB in a child process (freed when it exits); returns seconds taken."""
+    code = "import mmap,sys\nn=int(sys.argv[1])<<20\nm=mmap.mmap(-1,n)\nfor i in range(0,n,4096): m[i]=1\n"
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-c", code, str(mib)], check=True)
+    return time.monotonic() - t0
 
 
 def _progress(case: matrix.Case, rec: dict[str, Any], total: int, took: float) -> str:

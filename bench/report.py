@@ -175,6 +175,11 @@ def summary(meta: dict[str, Any], runs: list[dict[str, Any]], plots: list[Path])
                             for r in invalid) + ".", ""]
     loads = [r["loadavg_before"][0] for r in runs if r.get("loadavg_before")]
     others = [r.get("other_containers", 0) for r in runs]
+    warm = meta.get("warm_up")
+    if warm:
+        out += [f"Before the first run, {warm['mib']} MiB of memory were touched once ({warm['seconds']:.1f} s): on a "
+                "VM whose RAM is backed lazily, first touches are several times slower and would otherwise land "
+                "on the first runs.", ""]
     if loads:
         out += [f"Load average (1 min) before runs: {min(loads):.2f}–{max(loads):.2f}; containers of other lab "
                 f"users present during runs: up to {max(others)}. The lab is shared: a busy neighbour shows up as "

@@ -23,7 +23,8 @@ def test_bench_one_tiny_case(lab: Lab, tmp_path: Path) -> None:
     out = tmp_path / "bench"
     res = subprocess.run(
         [sys.executable, "-m", "bench", "quick", "--sizes", "16", "--rates", "0", "--links", "unlimited",
-         "--reps", "1", "--strategies", "naive,stop-copy", "--settle", "1", "--out", str(out)],
+         "--reps", "1", "--strategies", "naive,stop-copy", "--settle", "1", "--warm-mib", "0",
+         "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
     )
     assert res.returncode == 0, f"{res.stdout}\n{res.stderr}"
