@@ -320,6 +320,7 @@ class Agent:
             t_rebuild = time.monotonic()
             inc.stats.update(await asyncio.to_thread(inc.store.rebuild, inc.images))
             inc.stats["rebuild_ms"] = int((time.monotonic() - t_rebuild) * 1000)
+            log.info("rebuilt pages images of %s: %s", container, inc.stats)
         if fault == "corrupt-images":
             _corrupt_images(inc.images)
         (inc.bundle / INCOMING_MARKER).unlink(missing_ok=True)

@@ -1,20 +1,38 @@
-"""The destination's store of pre-copied pages, and the rebuild of CRIU's pages images.
+"""The destination's store of pre-copied pages, and how CRIU is made to read it in place.
 
-Per process, pages are kept in one dense tmpfs file in order of first arrival,
-with an index page number -> file offset; a page sent again overwrites its
-slot. Round 0 streams each process's memory in ascending address order, which
-is exactly the order of CRIU's ``pages-<id>.img``. So when the frozen dump has
-the same pages as the store (a steady-state service), the store file *is* the
-pages image and is renamed into place: no copy inside the downtime window.
-Otherwise the image is rebuilt with ``copy_file_range`` in pagemap order.
+Per process, pages are kept in *segments*: tmpfs files whose pages are in
+ascending address order, each page in exactly one slot (a page sent again
+overwrites its slot). Round 0 streams a process's memory in ascending order,
+so it fills one segment; a page first seen later that does not extend the
+current segment ascending starts a new one. Few rounds bring new pages, so a
+process has few segments.
 
-Either way, a page the pagemap needs but the store lacks is an error, never a
-hole of zeros: correctness does not depend on the fast path.
+At the final step CRIU's pagemap (from the frozen dump, sent whole) says which
+pages the restore needs. Copying them into a fresh ``pages-<id>.img`` in
+pagemap order would materialise the container's whole memory once more inside
+the downtime (seconds per GiB on these VMs). Instead the segments become a
+chain of parent images, the layout CRIU's own incremental dumps produce:
+
+* the top pagemap (in the images dir) keeps CRIU's entries, all marked
+  ``PE_PARENT``, with an empty pages file;
+* parent level *k* (``chain-k``, linked by relative ``parent`` symlinks from
+  the top down to ``chain-0``) holds segment *k* of every process as its pages
+  file, untouched: its pagemap lists the segment's pages as ``PE_PRESENT`` (in
+  file order, which is ascending order) and every still-needed page found in a
+  lower segment as ``PE_PARENT``.
+
+So nothing is copied: files are renamed and pagemaps of a few KiB written.
+When a process has a single segment holding exactly the needed pages in
+order, its segment simply *is* the pages image and is renamed into place.
+
+A page the pagemap needs but no segment holds is an error, never a hole of
+zeros: correctness does not depend on the layout.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from . import images
@@ -22,37 +40,119 @@ from .errors import MigrationError
 
 PAGE = 4096
 
+Run = tuple[int, int]  # (first page number, number of pages)
 
-class _ProcessPages:
-    __slots__ = ("fd", "path", "index", "size")
+
+class _Segment:
+    """One tmpfs file of pages in ascending address order."""
+
+    __slots__ = ("fd", "path", "runs", "size")
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        self.index: dict[int, int] = {}  # page number -> byte offset in the file
+        self.runs: list[Run] = []  # file order = ascending page order
         self.size = 0
+
+    @property
+    def last_page(self) -> int:
+        return self.runs[-1][0] + self.runs[-1][1] - 1 if self.runs else -1
+
+    def append(self, first: int, data: memoryview) -> int:
+        """Write pages ``first``.. at the end; returns their offset."""
+        n = len(data) // PAGE
+        off = self.size
+        _pwrite_all(self.fd, data, off)
+        if self.runs and self.runs[-1][0] + self.runs[-1][1] == first:
+            self.runs[-1] = (self.runs[-1][0], self.runs[-1][1] + n)
+        else:
+            self.runs.append((first, n))
+        self.size += n * PAGE
+        return off
+
+
+class _ProcessPages:
+    __slots__ = ("root", "pid", "segments", "index")
+
+    def __init__(self, root: Path, pid: int) -> None:
+        self.root, self.pid = root, pid
+        self.segments: list[_Segment] = []
+        self.index: dict[int, tuple[int, int]] = {}  # page number -> (segment, byte offset)
 
     def write(self, vaddr: int, data: memoryview) -> None:
         first = vaddr // PAGE
         n = len(data) // PAGE
-        start = self.index.get(first)
-        if start is not None and all(self.index.get(first + k) == start + k * PAGE for k in range(n)):
-            _pwrite_all(self.fd, data, start)  # overwrite in place
+        slot = self.index.get(first)
+        if slot is not None and all(self.index.get(first + k) == (slot[0], slot[1] + k * PAGE) for k in range(n)):
+            _pwrite_all(self.segments[slot[0]].fd, data, slot[1])  # overwrite in place
             return
         if all(first + k not in self.index for k in range(n)):
-            _pwrite_all(self.fd, data, self.size)  # new pages: append
+            seg_no = len(self.segments) - 1
+            if seg_no < 0 or first <= self.segments[seg_no].last_page:
+                self.segments.append(_Segment(self.root / f"{self.pid}.{len(self.segments)}.pages"))
+                seg_no += 1
+            off = self.segments[seg_no].append(first, data)
             for k in range(n):
-                self.index[first + k] = self.size + k * PAGE
-            self.size += n * PAGE
+                self.index[first + k] = (seg_no, off + k * PAGE)
             return
-        for k in range(n):  # mixed: page by page
+        for k in range(n):  # mixed known and new: page by page
             self.write((first + k) * PAGE, data[k * PAGE : (k + 1) * PAGE])
+
+    def close(self) -> None:
+        for seg in self.segments:
+            if seg.fd >= 0:
+                os.close(seg.fd)
+                seg.fd = -1
 
 
 def _pwrite_all(fd: int, data: memoryview, off: int) -> None:
     done = 0
     while done < len(data):
         done += os.pwrite(fd, data[done:], off + done)
+
+
+# ---- run arithmetic (sorted, non-overlapping runs of page numbers) --------------
+
+
+def _coalesce(runs: Iterable[Run]) -> list[Run]:
+    out: list[Run] = []
+    for first, n in runs:
+        if out and out[-1][0] + out[-1][1] == first:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((first, n))
+    return out
+
+
+def _subtract(a: list[Run], b: list[Run]) -> list[Run]:
+    """Pages of ``a`` not in ``b`` (both sorted and non-overlapping)."""
+    out: list[Run] = []
+    j = 0
+    for first, n in a:
+        lo, hi = first, first + n
+        while j < len(b) and b[j][0] + b[j][1] <= lo:
+            j += 1
+        k = j
+        while lo < hi and k < len(b) and b[k][0] < hi:
+            if b[k][0] > lo:
+                out.append((lo, b[k][0] - lo))
+            lo = max(lo, b[k][0] + b[k][1])
+            k += 1
+        if lo < hi:
+            out.append((lo, hi - lo))
+    return out
+
+
+def _level_entries(present: list[Run], parent: list[Run]) -> list[images.PagemapEntry]:
+    """A level's pagemap: ``present`` pages in its file, ``parent`` pages below it."""
+    tagged = sorted([(f, n, images.PE_PRESENT) for f, n in present] + [(f, n, images.PE_PARENT) for f, n in parent])
+    out: list[images.PagemapEntry] = []
+    for first, n, flag in tagged:
+        if out and out[-1].flags == flag and out[-1].end == first * PAGE:
+            out[-1] = images.PagemapEntry(vaddr=out[-1].vaddr, nr_pages=out[-1].nr_pages + n, flags=flag)
+        else:
+            out.append(images.PagemapEntry(vaddr=first * PAGE, nr_pages=n, flags=flag))
+    return out
 
 
 class PageStore:
@@ -65,7 +165,7 @@ class PageStore:
     def write(self, pid: int, vaddr: int, data: bytes | memoryview) -> None:
         proc = self._procs.get(pid)
         if proc is None:
-            proc = self._procs[pid] = _ProcessPages(self.root / f"{pid}.pages")
+            proc = self._procs[pid] = _ProcessPages(self.root, pid)
         view = memoryview(data)
         proc.write(vaddr, view)
         self.pages_written += len(view) // PAGE
@@ -75,8 +175,9 @@ class PageStore:
         return len(proc.index) if proc else 0
 
     def rebuild(self, images_dir: Path) -> dict[str, int]:
-        """Put every process's missing pages-<id>.img in place from the store."""
-        stats = {"rebuilt_files": 0, "rebuilt_pages": 0, "renamed_files": 0}
+        """Make every process pages image the restore needs readable by CRIU (module doc)."""
+        stats = {"renamed_files": 0, "chained_processes": 0, "chain_levels": 0, "rebuilt_pages": 0}
+        chained: dict[int, tuple[Path, images.Pagemap, list[Run]]] = {}
         for pm_path in sorted(images_dir.glob("pagemap-*.img")):
             pid = images.process_pagemap_pid(pm_path.name)
             if pid is None:
@@ -85,65 +186,73 @@ class PageStore:
             target = images_dir / images.pages_file_name(pm.pages_id)
             if target.exists():
                 continue  # sent whole
+            needed = _coalesce((v // PAGE, n) for v, n, _ in images.page_layout(pm))
             proc = self._procs.get(pid)
-            layout = images.page_layout(pm)
-            offsets = self._offsets(pid, proc, layout)
-            pages = len(offsets)
-            if proc is not None and pages * PAGE == proc.size and all(o == i * PAGE for i, o in enumerate(offsets)):
-                os.close(proc.fd)
-                os.rename(proc.path, target)  # the store is already the image
-                del self._procs[pid]
+            segments = proc.segments if proc is not None else []
+            missing = needed
+            for seg in segments:
+                missing = _subtract(missing, seg.runs)
+            if missing:
+                raise MigrationError(
+                    f"page store has no copy of page {missing[0][0] * PAGE:#x} of pid {pid}: "
+                    "source and destination disagree"
+                )
+            stats["rebuilt_pages"] += sum(n for _, n in needed)
+            assert proc is not None or not needed
+            if proc is not None and len(segments) == 1 and segments[0].runs == needed:
+                os.close(segments[0].fd)
+                segments[0].fd = -1
+                os.rename(segments[0].path, target)  # the store already is the image
                 stats["renamed_files"] += 1
             else:
-                assert proc is not None
-                self._copy_out(proc, offsets, target)
-                stats["rebuilt_files"] += 1
-            stats["rebuilt_pages"] += pages
+                chained[pid] = (pm_path, pm, needed)
+        if chained:
+            stats["chain_levels"] = self._chain(images_dir, chained)
+            stats["chained_processes"] = len(chained)
         return stats
 
-    @staticmethod
-    def _offsets(pid: int, proc: _ProcessPages | None, layout: list[tuple[int, int, int]]) -> list[int]:
-        offsets: list[int] = []
-        index = proc.index if proc is not None else {}
-        for vaddr, n, _ in layout:
-            first = vaddr // PAGE
-            for k in range(n):
-                off = index.get(first + k)
-                if off is None:
-                    raise MigrationError(
-                        f"page store has no copy of page {(first + k) * PAGE:#x} of pid {pid}: "
-                        "source and destination disagree"
-                    )
-                offsets.append(off)
-        return offsets
-
-    @staticmethod
-    def _copy_out(proc: _ProcessPages, offsets: list[int], target: Path) -> None:
-        tmp = target.with_suffix(".tmp")
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            i = 0
-            while i < len(offsets):  # coalesce stretches contiguous in the store
-                j = i + 1
-                while j < len(offsets) and offsets[j] == offsets[j - 1] + PAGE:
-                    j += 1
-                _copy(proc.fd, out, (j - i) * PAGE, offsets[i], i * PAGE)
-                i = j
-        finally:
-            os.close(out)
-        os.replace(tmp, target)
+    def _chain(self, images_dir: Path, chained: dict[int, tuple[Path, images.Pagemap, list[Run]]]) -> int:
+        """Turn the segments into parent images under ``images_dir`` (module doc); returns the depth."""
+        depth = max(len(self._procs[pid].segments) if pid in self._procs else 0 for pid in chained) or 1
+        if (images_dir / "parent").exists() or (images_dir / "parent").is_symlink():
+            raise MigrationError(f"{images_dir} already has a parent image; cannot chain the page store")
+        levels = [images_dir.parent / f"chain-{k}" for k in range(depth)]
+        for k, level in enumerate(levels):
+            level.mkdir()
+            if k > 0:
+                (level / "parent").symlink_to(f"../{levels[k - 1].name}")
+        (images_dir / "parent").symlink_to(f"../{levels[-1].name}")
+        for pid, (pm_path, pm, needed) in chained.items():
+            segments = self._procs[pid].segments if pid in self._procs else []
+            wanted = needed  # pages the level above sends down
+            for k in reversed(range(depth)):
+                seg = segments[k] if k < len(segments) else None
+                present = seg.runs if seg is not None else []
+                below = _subtract(wanted, present)
+                entries = _level_entries(present, below)
+                pages = levels[k] / images.pages_file_name(pm.pages_id)
+                if seg is not None:
+                    os.close(seg.fd)
+                    seg.fd = -1
+                    os.rename(seg.path, pages)
+                else:
+                    pages.touch()
+                if entries:
+                    pagemap = images.Pagemap(pages_id=pm.pages_id, entries=tuple(entries))
+                    (levels[k] / pm_path.name).write_bytes(images.write_pagemap(pagemap))
+                wanted = below
+            top = images.Pagemap(
+                pages_id=pm.pages_id,
+                entries=tuple(
+                    images.PagemapEntry(vaddr=e.vaddr, nr_pages=e.nr_pages, flags=(e.flags & ~images.PE_PRESENT) | images.PE_PARENT)
+                    for e in pm.entries
+                ),
+            )
+            pm_path.write_bytes(images.write_pagemap(top))
+            (images_dir / images.pages_file_name(pm.pages_id)).touch()
+        return depth
 
     def close(self) -> None:
         for proc in self._procs.values():
-            os.close(proc.fd)
+            proc.close()
         self._procs.clear()
-
-
-def _copy(src: int, dst: int, count: int, src_off: int, dst_off: int) -> None:
-    while count:
-        n = os.copy_file_range(src, dst, count, src_off, dst_off)
-        if n <= 0:
-            raise MigrationError("copy_file_range made no progress while rebuilding a pages image")
-        count -= n
-        src_off += n
-        dst_off += n
