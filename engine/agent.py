@@ -18,6 +18,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -31,6 +32,7 @@ from tug.transports.session import Session, StreamSink
 from . import criu, rootfs
 from .fsutil import remove_tree
 from .pageserver import NOT_FLUSHED, PageServer, pages_bytes
+from .lazypages import LazyPages
 from .pagestore import PageStore
 from .pagestream import RunDecoder
 from .errors import ConfigError, CriuError, MigrationError, PreconditionError, ProtocolError
@@ -64,6 +66,8 @@ class Incoming:
     stats: dict[str, int] = field(default_factory=dict)
     #: CRIU page servers started for this container, one per dump, by id.
     page_servers: dict[int, PageServer] = field(default_factory=dict)
+    #: The lazy-pages daemon of a lazy restore, until it has filled the memory.
+    lazy: LazyPages | None = None
 
     @property
     def images(self) -> Path:
@@ -179,7 +183,11 @@ class Agent:
                 problem = await criu.cpuinfo_check(Path(d))
             if problem:
                 raise PreconditionError(f"CPU of {self.host.name} cannot run this dump: {problem}")
-        return {"host": self.host.name, "criu": str(version), "runc": runc_version, "bundle": str(bundle)}
+        return {
+            "host": self.host.name, "criu": str(version), "runc": runc_version, "bundle": str(bundle),
+            # Can restores here run before their memory is in place (lazypages.py)?
+            "lazy_restore": await criu.has_feature("uffd-noncoop"),
+        }
 
     async def call_prepare(self, container: str, config: bytes, network: dict[str, Any] | None = None) -> dict[str, Any]:
         """Create the staging bundle and the work space."""
@@ -307,10 +315,13 @@ class Agent:
         tcp_close: bool = False,
         rebuild_pages: bool = False,
         frames: list[bytes] | None = None,
+        lazy: bool = False,
         fault: str | None = None,
     ) -> dict[str, Any]:
         """Restore; ``frames`` were held by the source's network lock, to be
-        delivered once the restored sockets exist (see runtime.netlock)."""
+        delivered once the restored sockets exist (see runtime.netlock).
+        ``lazy``: the processes run before their memory is in place (see
+        lazypages.py); :meth:`call_settle` waits for it."""
         inc = self._get(container)
         if tcp_close:
             self._criu_config(inc, ["tcp-close"])
@@ -331,14 +342,26 @@ class Agent:
             # meet a down link. What arrives is held until the sockets exist.
             await inc.hold.engage(outbound=False)
             await inc.link.set(up=True)
+        # CRIU's lazy-pages daemon cannot read pages from parent images (a
+        # page it finds in a parent is read but never handed to the faulting
+        # process: the restore hangs), so a chained page store restores eagerly.
+        chained = (inc.images / "parent").is_symlink()
+        lazy = lazy and not chained
+        inc.stats["lazy"] = int(lazy)
+        if lazy:
+            inc.lazy = LazyPages(inc.images, inc.criu_work)
+            await inc.lazy.start()
         try:
             await self.runc.restore_detached(
-                container, bundle=inc.bundle, image_dir=inc.images, work_dir=inc.criu_work, tcp_established=not tcp_close
+                container, bundle=inc.bundle, image_dir=inc.images, work_dir=inc.criu_work,
+                tcp_established=not tcp_close, lazy_pages=lazy,
             )
         except CriuError as exc:
             exc.log_path = self._keep_log(inc, "restore.log") or exc.log_path
             raise
         inc.restored = True
+        if fault == "kill-lazy-pages" and inc.lazy is not None:
+            inc.lazy.signal(signal.SIGKILL)  # test hook: the fill fails after the processes run
         if inc.hold is not None and inc.announcer is not None:
             # Only now may frames reach the restored sockets: the source's held
             # ones first, then those held here.
@@ -354,6 +377,19 @@ class Agent:
         st = await self.runc.require(container)
         return {"pid": st.pid, "status": st.status, "restore_ms": (time.monotonic() - t0) * 1000, **inc.stats}
 
+    async def call_settle(self, container: str, timeout: float = 600.0) -> dict[str, Any]:
+        """After a lazy restore: wait until the container's whole memory is in place."""
+        inc = self._get(container)
+        if inc.lazy is None:
+            return {"lazy_ms": 0}
+        t0 = time.monotonic()
+        try:
+            await inc.lazy.settle(timeout)
+        except CriuError as exc:
+            exc.log_path = self._keep_log(inc, inc.lazy.log.name) or exc.log_path
+            raise
+        return {"lazy_ms": (time.monotonic() - t0) * 1000}
+
     async def call_deliver(self, container: str, frames: list[bytes]) -> dict[str, Any]:
         """Frames sent to the container while it was frozen (see runtime.netlock)."""
         inc = self._get(container)
@@ -367,7 +403,7 @@ class Agent:
         if not inc.restored:
             raise ProtocolError(f"commit of {container!r} before restore")
         inc.committed = True
-        await _stop_page_servers(inc)
+        await _stop_criu_daemons(inc)
         if inc.store is not None:
             inc.store.close()
         await _close_endpoint_handles(inc)
@@ -401,7 +437,7 @@ class Agent:
                 err = ps.failure(kept_log=self._keep_log(inc, ps.log.name))
                 if not any(NOT_FLUSHED in ln for ln in err.error_lines):
                     failed.append(str(err))
-        await _stop_page_servers(inc)
+        await _stop_criu_daemons(inc)
         if inc.store is not None:
             inc.store.close()
         if inc.committed:
@@ -415,6 +451,8 @@ class Agent:
         with contextlib.suppress(MigrationError):
             if await self.runc.state(inc.name) is not None:
                 await self.runc.delete(inc.name, force=True)
+            if await self.runc.forget(inc.name):
+                log.warning("removed the state a killed restore of %s left behind", inc.name)
         if inc.endpoint is not None and self.host.network is not None:
             await asyncio.to_thread(netif.delete, self.host.network, inc.name)
         await _close_endpoint_handles(inc)
@@ -470,10 +508,12 @@ def _check_parent(work: Path, images_dir: Path, parent: str) -> None:
         raise ProtocolError(f"parent dump directory {parent!r} (from {images_dir.name}) does not exist here")
 
 
-async def _stop_page_servers(inc: Incoming) -> None:
-    """Kill (if still running) and reap every page server of ``inc``."""
+async def _stop_criu_daemons(inc: Incoming) -> None:
+    """Kill (if still running) and reap every page server and lazy-pages daemon of ``inc``."""
     for ps in inc.page_servers.values():
         await ps.kill()
+    if inc.lazy is not None:
+        await inc.lazy.kill()
 
 
 def _check_name(name: str) -> None:
@@ -494,21 +534,21 @@ async def _close_endpoint_handles(inc: Incoming) -> None:
 def _occupy_link_name(net: netif.HostNetwork, container: str) -> None:
     """Test hook (``--fault network-conflict``): the endpoint's outer link
     name is already taken on the bridge's side, so creating it fails for real."""
-    from pyroute2 import IPRoute, NetNS
-
-    with NetNS(net.bridge_netns) if net.bridge_netns else IPRoute() as ipr:
-        ipr.link("add", ifname=net.outer(container), kind="veth", peer={"ifname": f"tx{os.getpid()}"})
+    netif.netlink_in(
+        net.bridge_netns,
+        lambda ipr: ipr.link("add", ifname=net.outer(container), kind="veth", peer={"ifname": f"tx{os.getpid()}"}),
+    )
 
 
 def _remove_outer_link(net: netif.HostNetwork, container: str) -> None:
     """Test hook (``--fault lose-link``): the restored container's outer link
     vanishes before it comes up, so the restore fails after CRIU succeeded."""
-    from pyroute2 import IPRoute, NetNS
 
-    with NetNS(net.bridge_netns) if net.bridge_netns else IPRoute() as ipr:
-        idx = ipr.link_lookup(ifname=net.outer(container))
-        if idx:
-            ipr.link("del", index=idx[0])
+    def remove(ipr: Any) -> None:
+        for idx in ipr.link_lookup(ifname=net.outer(container)):
+            ipr.link("del", index=idx)
+
+    netif.netlink_in(net.bridge_netns, remove)
 
 
 def _corrupt_images(images: Path) -> None:

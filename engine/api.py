@@ -60,6 +60,11 @@ class MigrationOptions:
     #: by default, restored intact. With tcp_close they are restored closed:
     #: for clients that reconnect anyway, and cheaper than a repair.
     tcp_close: bool = False
+    #: Restore lazily: the destination's processes run before their memory is
+    #: in place and a local ``criu lazy-pages`` daemon fills it (the pages are
+    #: already on the destination); commit waits until it is full. Falls back
+    #: to an eager restore, with a note, where userfaultfd is missing.
+    lazy_restore: bool = True
     #: Testing only: make a step fail for real (e.g. "corrupt-images" damages
     #: the images on the destination so that CRIU's restore fails).
     fault: str | None = None

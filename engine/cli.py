@@ -97,11 +97,23 @@ def _die(msg: str, code: int = 1) -> NoReturn:
 
 
 def _run(coro: Any) -> Any:
+    async def main() -> Any:
+        # SIGTERM (what service managers and orchestrators send) ends a
+        # migration like Ctrl-C: cancelled, rolled back, the source resumed.
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            return await coro
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
     try:
         import uvloop
     except ImportError:  # only the import: an ImportError from inside coro must surface
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+        return asyncio.run(main())
+    return uvloop.run(main())
 
 
 # ---- migrate --------------------------------------------------------------
@@ -120,11 +132,21 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         policy=args.policy,
         tracker=args.tracker,
         stream_dump=args.stream_dump,
+        lazy_restore=args.lazy_restore,
         fault=args.fault,
     )
     progress = Progress(quiet=args.quiet)
+    interrupted: list[MigrationReport | None] = []
+
+    async def go() -> MigrationReport:
+        try:
+            return await migrate(args.container, args.to, options=opts, on_event=progress)
+        except asyncio.CancelledError as exc:  # Ctrl-C or SIGTERM, after the rollback
+            interrupted.append(getattr(exc, "report", None))
+            raise
+
     try:
-        report: MigrationReport = _run(migrate(args.container, args.to, options=opts, on_event=progress))
+        report: MigrationReport = _run(go())
     except MigrationError as exc:
         progress._clear()
         failed: MigrationReport | None = getattr(exc, "report", None)
@@ -135,8 +157,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         else:
             print(f"tug: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        _die("interrupted (the source was resumed)", 130)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        progress._clear()
+        last = interrupted[0] if interrupted else None
+        if args.json and last is not None:
+            print(json.dumps(last.to_dict()))
+        if last is not None and last.outcome in ("rolled-back", "aborted"):
+            _die(f"interrupted ({last.outcome}: the source container is running)", 130)
+        _die(f"interrupted ({last.outcome if last else 'outcome unknown'}): check the container on both hosts", 130)
     if args.json:
         print(json.dumps(report.to_dict()))
     else:
@@ -273,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precopy: when to do the final dump, e.g. phaul, incus, qemu, 'max-iter=8,min-dirty=64,max-growth=1.1'")
     m.add_argument("--tracker", default="auto", choices=("auto", "content", "soft-dirty"),
                    help="precopy: how dirty pages are found (auto: soft-dirty if the kernel has it, else content)")
+    m.add_argument("--lazy-restore", action=argparse.BooleanOptionalAction, default=MigrationOptions().lazy_restore,
+                   help="the destination's processes run before their memory is in place; a local CRIU lazy-pages "
+                        "daemon fills it and the commit waits for that (default: %(default)s)")
     m.add_argument("--stream-dump", action=argparse.BooleanOptionalAction, default=MigrationOptions().stream_dump,
                    help="stop-copy: stream the frozen dump's memory to a CRIU page server on the destination while "
                         "CRIU dumps (overlaps dump and transfer; needs sshd TCP forwarding) instead of dumping to "

@@ -109,6 +109,9 @@ class MigrationReport:
     #: The network lock: frames sent to the container while it was frozen,
     #: held and then delivered to wherever it runs (held, delivered, dropped).
     held_frames: dict[str, int] = field(default_factory=dict)
+    #: Lazy restore: ms the destination's lazy-pages daemon took, after the
+    #: downtime, to fill the container's memory (None: restored eagerly).
+    lazy_fill_ms: float | None = None
     #: The destination agent's own CPU seconds, its children's (runc, CRIU),
     #: and its peak RSS; None when the migration did not reach commit.
     agent_cpu_s: float | None = None

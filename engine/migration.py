@@ -131,6 +131,9 @@ class Migration:
         #: has nothing to undo and its outcome is "aborted", not "rolled-back".
         self.changed = False
         self.rebuild_pages = False
+        #: Whether the destination restores lazily (decided in pre-checkpoint).
+        self.lazy = False
+        self.lazy_fill_ms: float | None = None
         self.agent_usage: dict[str, float] = {}
         #: Steps inside the frozen window, in ms (pause, dump, rebuild, restore).
         self.timings: dict[str, float] = {}
@@ -212,6 +215,9 @@ class Migration:
                     raise
                 raise exc from None
             if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt)):
+                # Cancellation propagates as itself; the report rides along so
+                # a caller can still tell whether the source was resumed.
+                exc.report = report  # type: ignore[union-attr]
                 raise
             err = MigrationError(f"internal error: {type(exc).__name__}: {exc}")
             err.report = report  # type: ignore[attr-defined]
@@ -268,7 +274,10 @@ class Migration:
         with tempfile.TemporaryDirectory(prefix="tug-cpuinfo-") as d:
             cpuinfo = (await criu.cpuinfo_dump(Path(d))).read_bytes()
         network = self.endpoint.to_dict() if self.endpoint is not None else None
-        await self.s.call("preflight", container=self.name, criu_version=str(version), cpuinfo=cpuinfo, network=network)
+        pre = await self.s.call("preflight", container=self.name, criu_version=str(version), cpuinfo=cpuinfo, network=network)
+        self.lazy = self.opts.lazy_restore and bool(pre.get("lazy_restore"))
+        if self.opts.lazy_restore and not self.lazy:
+            self.note(f"{self.target.host} has no userfaultfd (see tug doctor): its restore loads all memory first")
         self.changed = True
         await self.s.call("prepare", container=self.name, config=config_raw, network=network)
         await self._sync_rootfs(Phase.PRE_CHECKPOINT)
@@ -380,6 +389,7 @@ class Migration:
             tcp_close=self.opts.tcp_close,
             rebuild_pages=self.rebuild_pages,
             frames=self.frames_in_flight,
+            lazy=self.lazy,
             fault=self.opts.fault,
         )
         self.running_at = time.monotonic()
@@ -398,6 +408,14 @@ class Migration:
             if isinstance(res.get(key), (int, float)):
                 self.timings[key] = float(res[key])
         self.note(f"restored on {self.target.host} as pid {res.get('pid')} in {res.get('restore_ms', 0):.0f} ms")
+        if self.lazy and not res.get("lazy"):
+            self.note("restored eagerly: the pre-copied pages sit in parent images, which CRIU's lazy-pages daemon cannot read")
+        elif self.lazy:
+            # Running, but its memory is still being filled: the commit waits
+            # for that, so a failure here still resumes the source.
+            settled = await self.s.call("settle", container=self.name, timeout=self.opts.timeout(Phase.RESTORE.value) + 30)
+            self.lazy_fill_ms = float(settled.get("lazy_ms", 0.0))
+            self.note(f"memory filled in place on {self.target.host} in {self.lazy_fill_ms:.0f} ms")
 
     async def _commit(self) -> None:
         self.commit_unconfirmed = True
@@ -579,6 +597,7 @@ class Migration:
             page_server_bytes=self.final_ps.wire_bytes if self.final_ps is not None else 0,
             frozen_steps_ms=dict(self.timings),
             held_frames=dict(self.held_frames),
+            lazy_fill_ms=self.lazy_fill_ms,
             agent_cpu_s=self.agent_usage.get("cpu_s"),
             agent_children_cpu_s=self.agent_usage.get("children_cpu_s"),
             agent_max_rss_kib=self.agent_usage.get("max_rss_kib"),

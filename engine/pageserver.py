@@ -41,7 +41,8 @@ from typing import Any
 from tug.transports.session import Session
 from tug.transports.ssh import LOOPBACK, AgentProcess, PortForward
 
-from .criu import criu_binary, error_lines_from_text, log_error_lines
+from .criu import criu_binary, log_error_lines
+from .criudaemon import CriuDaemon
 from .errors import CriuError, MigrationError
 from .transfer import Meter
 
@@ -127,99 +128,40 @@ def pages_bytes(images_dir: Path) -> int:
     return total
 
 
-class PageServer:
-    """One ``criu page-server`` on this host, receiving one dump into ``images_dir``.
+class PageServer(CriuDaemon):
+    """One ``criu page-server`` on this host, receiving one dump into ``images_dir``."""
 
-    Every path ends with the process reaped: :meth:`wait` after a session,
-    :meth:`kill` on cleanup (its own process group, so nothing CRIU forks
-    survives it either).
-    """
+    what = "CRIU page server"
 
     def __init__(self, ident: int, images_dir: Path, log: Path, parent: str | None = None) -> None:
+        super().__init__(log)
         self.ident = ident
         self.images_dir = images_dir
-        self.log = log
         self.parent = parent
         self.port = 0
-        self.argv: list[str] = []
-        self._proc: asyncio.subprocess.Process | None = None
-        self._reaper: asyncio.Task[int] | None = None
         self._fault: asyncio.Task[None] | None = None
-        self._stderr = b""
-        #: Set when we killed it on purpose (cleanup), not when a fault did.
-        self.killed = False
-        #: Set once its failure was raised to the source (no second report).
-        self.reported = False
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self._proc is None else self._proc.returncode
 
     async def start(self, timeout: float = 30.0) -> int:
         """Spawn CRIU and return the port it listens on once it is ready."""
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        r, w = os.pipe()
-        self.argv = page_server_argv(criu_binary(), self.images_dir, self.log, w, self.parent)
-        try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *self.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                pass_fds=(w,),
-                start_new_session=True,
-            )
-        except BaseException:
-            os.close(r)
-            raise
-        finally:
-            os.close(w)  # only CRIU holds the write end now: its death reads as EOF
-        self._reaper = asyncio.create_task(self._reap(), name=f"tug-page-server-{self.ident}")
-        try:
-            async with asyncio.timeout(timeout):
-                ready = await _read_status(r)
-        except TimeoutError:
-            await asyncio.shield(self.kill())
-            raise self.failure(f"was not ready within {timeout:g} s") from None
-        except BaseException:
-            await asyncio.shield(self.kill())
-            raise
-        if ready != b"\0":
-            await asyncio.shield(self.wait())
-            raise self.failure("did not start")
-        port = listening_port_of(self._proc.pid)
+        await self.spawn(
+            lambda status_fd: page_server_argv(criu_binary(), self.images_dir, self.log, status_fd, self.parent),
+            timeout=timeout,
+        )
+        assert self.pid is not None
+        port = listening_port_of(self.pid)
         if port is None:
             await asyncio.shield(self.kill())
             raise CriuError("CRIU page server listens on no TCP port", log_path=self.log, error_lines=log_error_lines(self.log))
         self.port = port
         return port
 
-    async def _reap(self) -> int:
-        assert self._proc is not None
-        _, err = await self._proc.communicate()
-        self._stderr = err or b""
-        return self._proc.returncode if self._proc.returncode is not None else -1
-
-    async def wait(self) -> int:
-        """The exit code once CRIU has exited (negative: killed by that signal)."""
-        if self._reaper is None:
-            raise MigrationError("page server was never started")
-        return await asyncio.shield(self._reaper)
-
     async def kill(self) -> None:
-        """SIGKILL the server's process group (if still running) and reap it."""
         if self._fault is not None:
             self._fault.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._fault
             self._fault = None
-        if self._proc is not None and self._proc.returncode is None:
-            self.killed = True
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
-        if self._reaper is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._reaper)
+        await super().kill()
 
     def kill_when_receiving(self, threshold: int = FAULT_KILL_AFTER) -> None:
         """Test hook (``--fault kill-page-server``): SIGKILL the server for
@@ -228,63 +170,11 @@ class PageServer:
         async def watch() -> None:
             while self.returncode is None:
                 if pages_bytes(self.images_dir) >= threshold:
-                    assert self._proc is not None
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(self._proc.pid, signal.SIGKILL)
+                    self.signal(signal.SIGKILL)
                     return
                 await asyncio.sleep(_FAULT_POLL_S)
 
         self._fault = asyncio.create_task(watch(), name=f"tug-page-server-{self.ident}-fault")
-
-    @property
-    def failed_on_its_own(self) -> bool:
-        """Exited non-zero (or killed by a signal) without us killing it."""
-        rc = self.returncode
-        return rc is not None and rc != 0 and not self.killed
-
-    def failure(self, what: str | None = None, kept_log: Path | None = None) -> CriuError:
-        """A CriuError describing how this server ended (call after it exited)."""
-        rc = self.returncode
-        if what is None:
-            if rc is not None and rc < 0:
-                try:
-                    name = signal.Signals(-rc).name
-                except ValueError:
-                    name = f"signal {-rc}"
-                what = f"was killed by {name}"
-            else:
-                what = f"exited with {rc}"
-        log = kept_log or self.log
-        # CRIU reports errors before its log exists (bad options, a missing
-        # parent dir) on stderr.
-        stderr = self._stderr.decode(errors="replace")
-        lines = log_error_lines(log) or error_lines_from_text(stderr)
-        if not lines:
-            lines = [ln for ln in stderr.splitlines() if ln.strip()][-3:]
-        return CriuError(
-            f"CRIU page server {what}",
-            argv=self.argv,
-            returncode=rc,
-            stderr=stderr,
-            log_path=log if log.exists() else None,
-            error_lines=lines,
-        )
-
-
-async def _read_status(fd: int) -> bytes:
-    """Read CRIU's one ready byte from the status pipe (b"" if CRIU died first)."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    pipe = os.fdopen(fd, "rb", buffering=0)
-    try:
-        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
-    except BaseException:
-        pipe.close()
-        raise
-    try:
-        return await reader.read(1)
-    finally:
-        transport.close()
 
 
 class RemotePageServer:

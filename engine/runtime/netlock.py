@@ -56,7 +56,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..errors import NetworkError
-from .network import HostNetwork, bridge_socket
+from .network import NETNS_DIR, HostNetwork, add_netns, bridge_socket, enter_netns, netlink_in, remove_netns
 
 T = TypeVar("T")
 
@@ -85,9 +85,13 @@ class BridgeNetlink:
         def run() -> T:
             try:
                 if self._ipr is None:
-                    from pyroute2 import IPRoute, NetNS
+                    from pyroute2 import IPRoute
 
-                    self._ipr = NetNS(self.net.bridge_netns) if self.net.bridge_netns else IPRoute()
+                    # This thread lives in the bridge's netns for good (see
+                    # network.netlink_in for why not pyroute2's NetNS).
+                    if self.net.bridge_netns is not None:
+                        enter_netns(NETNS_DIR / self.net.bridge_netns)
+                    self._ipr = IPRoute()
                 return fn(self._ipr)
             except NetworkError:
                 raise
@@ -308,21 +312,20 @@ def probe() -> str | None:
     """
     import os
 
-    from pyroute2 import NetNS
-    from pyroute2 import netns as pnetns
-
     name = f"tug-probe-{os.getpid()}"
+
+    def attempt(ns: Any) -> None:
+        ns.link("add", ifname="p0", kind="veth", peer={"ifname": "p1"})
+        p0, p1 = ns.link_lookup(ifname="p0")[0], ns.link_lookup(ifname="p1")[0]
+        ns.tc("add", "clsact", p0)
+        ns.tc("add-filter", "u32", p0, parent=TC_EGRESS, protocol=ETH_P_ALL, prio=1, target=0x10001,
+              keys=["0x0/0x0+0"], action={"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": p1})
+
     try:
-        pnetns.create(name)
-        with NetNS(name) as ns:
-            ns.link("add", ifname="p0", kind="veth", peer={"ifname": "p1"})
-            p0, p1 = ns.link_lookup(ifname="p0")[0], ns.link_lookup(ifname="p1")[0]
-            ns.tc("add", "clsact", p0)
-            ns.tc("add-filter", "u32", p0, parent=TC_EGRESS, protocol=ETH_P_ALL, prio=1, target=0x10001,
-                  keys=["0x0/0x0+0"], action={"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": p1})
+        add_netns(name)
+        netlink_in(name, attempt)
         return None
     except Exception as exc:  # pyroute2 raises NetlinkError, OSError, ...
         return str(exc) or type(exc).__name__
     finally:
-        with contextlib.suppress(Exception):
-            pnetns.remove(name)
+        remove_netns(name)

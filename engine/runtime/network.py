@@ -27,6 +27,7 @@ import ipaddress
 import json
 import os
 import socket
+import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ T = TypeVar("T")
 SPEC_FILE = "tug-network.json"
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
+MNT_DETACH = 2
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 SOL_PACKET = 263
 PACKET_VNET_HDR = 15
 ETH_P_ALL = 0x0003
@@ -107,10 +110,26 @@ class HostNetwork:
         return "tv" + hashlib.sha1(f"{self.host}/{container}".encode()).hexdigest()[:12]
 
 
-def _ipr(ns: str | None) -> Any:
-    from pyroute2 import IPRoute, NetNS
+def netlink_in(netns: str | None, fn: Callable[[Any], T]) -> T:
+    """``fn(ipr)`` with a pyroute2 IPRoute whose socket lives in ``netns`` (None: ours).
 
-    return NetNS(ns) if ns else IPRoute()
+    pyroute2 can open a namespace itself (``NetNS``, ``IPRoute(netns=...)``)
+    but does it by forking a Python child and ending it with SIGTERM; the
+    child inherits the event loop's signal wake-up pipe, so the parent's loop
+    sees a SIGTERM of its own and a migration would cancel itself. Instead a
+    short-lived thread enters the namespace (setns affects only that thread)
+    and makes the socket there.
+    """
+
+    def work() -> T:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            return fn(ipr)
+
+    if netns is None:
+        return work()
+    return _in_netns(NETNS_DIR / netns, work)
 
 
 def _index(ipr: Any, ifname: str) -> int | None:
@@ -118,33 +137,52 @@ def _index(ipr: Any, ifname: str) -> int | None:
     return int(found[0]) if found else None
 
 
+def add_netns(name: str) -> None:
+    """``ip netns add``: a fork+exec, unlike pyroute2's forked Python child (see netlink_in)."""
+    res = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise NetworkError(f"cannot create network namespace {name}: {res.stderr.strip() or res.returncode}")
+
+
+def remove_netns(name: str) -> None:
+    """Unmount and remove a named network namespace; a missing one is fine."""
+    path = NETNS_DIR / name
+    if path.exists():
+        _LIBC.umount2(str(path).encode(), MNT_DETACH)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 def create(net: HostNetwork, container: str, spec: EndpointSpec, *, up: bool) -> Path:
     """Make the container's netns with eth0 = spec, its veth's outer end on the bridge."""
-    from pyroute2 import netns as pnetns
-
     name = net.netns(container)
     if net.netns_path(container).exists():
         delete(net, container)
+
+    def plug(br: Any) -> None:
+        bridge = _index(br, net.bridge)
+        if bridge is None:
+            raise PreconditionError(f"bridge {net.bridge!r} not found (TUG_BRIDGE / TUG_BRIDGE_NETNS)")
+        outer = net.outer(container)
+        with open(net.netns_path(container)) as target:
+            br.link("add", ifname=outer, kind="veth", peer={"ifname": "eth0", "net_ns_fd": target.fileno()})
+        idx = _index(br, outer)
+        br.link("set", index=idx, master=bridge)
+        if up:
+            br.link("set", index=idx, state="up")
+
+    def configure(ns: Any) -> None:
+        ns.link("set", index=_index(ns, "lo"), state="up")
+        eth = _index(ns, "eth0")
+        ns.link("set", index=eth, address=spec.mac)
+        ns.addr("add", index=eth, address=spec.ip, prefixlen=spec.prefixlen)
+        ns.link("set", index=eth, state="up")
+
     try:
-        pnetns.create(name)
-        with _ipr(net.bridge_netns) as br:
-            bridge = _index(br, net.bridge)
-            if bridge is None:
-                raise PreconditionError(f"bridge {net.bridge!r} not found (TUG_BRIDGE / TUG_BRIDGE_NETNS)")
-            outer = net.outer(container)
-            br.link("add", ifname=outer, kind="veth", peer={"ifname": "eth0", "net_ns_fd": name})
-            idx = _index(br, outer)
-            br.link("set", index=idx, master=bridge)
-            if up:
-                br.link("set", index=idx, state="up")
-        with _ipr(name) as ns:
-            lo = _index(ns, "lo")
-            ns.link("set", index=lo, state="up")
-            eth = _index(ns, "eth0")
-            ns.link("set", index=eth, address=spec.mac)
-            ns.addr("add", index=eth, address=spec.ip, prefixlen=spec.prefixlen)
-            ns.link("set", index=eth, state="up")
-    except PreconditionError:
+        add_netns(name)
+        netlink_in(net.bridge_netns, plug)
+        netlink_in(name, configure)
+    except (PreconditionError, NetworkError):
         delete(net, container)
         raise
     except Exception as exc:  # pyroute2 raises NetlinkError, OSError, ...
@@ -155,16 +193,15 @@ def create(net: HostNetwork, container: str, spec: EndpointSpec, *, up: bool) ->
 
 def delete(net: HostNetwork, container: str) -> None:
     """Remove the endpoint; missing pieces are fine (idempotent cleanup)."""
-    from pyroute2 import netns as pnetns
+
+    def unplug(br: Any) -> None:
+        idx = _index(br, net.outer(container))
+        if idx is not None:
+            br.link("del", index=idx)
 
     with contextlib.suppress(Exception):
-        with _ipr(net.bridge_netns) as br:
-            idx = _index(br, net.outer(container))
-            if idx is not None:
-                br.link("del", index=idx)
-    if net.netns_path(container).exists():
-        with contextlib.suppress(Exception):
-            pnetns.remove(net.netns(container))
+        netlink_in(net.bridge_netns, unplug)
+    remove_netns(net.netns(container))
 
 
 class Announcer:
@@ -235,34 +272,45 @@ def read_neighbors(net: HostNetwork, container: str) -> list[dict[str, Any]]:
     window probe CRIU's TCP repair sends on restore), so the answer to a
     client would wait for the neighbour retry timer, a full second.
     """
-    from pyroute2 import NetNS
+
+    def read(ns: Any) -> list[dict[str, Any]]:
+        out = []
+        for n in ns.get_neighbours(ifindex=_index(ns, "eth0")):
+            dst, lladdr = n.get_attr("NDA_DST"), n.get_attr("NDA_LLADDR")
+            if dst and lladdr and n["state"] & _KNOWN:
+                out.append({"family": int(n["family"]), "dst": str(dst), "lladdr": str(lladdr)})
+        return out
 
     try:
-        with NetNS(net.netns(container)) as ns:
-            eth = _index(ns, "eth0")
-            out = []
-            for n in ns.get_neighbours(ifindex=eth):
-                dst, lladdr = n.get_attr("NDA_DST"), n.get_attr("NDA_LLADDR")
-                if dst and lladdr and n["state"] & _KNOWN:
-                    out.append({"family": int(n["family"]), "dst": str(dst), "lladdr": str(lladdr)})
-            return out
+        return netlink_in(net.netns(container), read)
     except Exception as exc:  # pyroute2 raises NetlinkError, OSError, ...
         raise NetworkError(f"cannot read the neighbour table of {container!r}: {exc}") from None
 
 
 def add_neighbors(net: HostNetwork, container: str, entries: list[dict[str, Any]]) -> int:
     """Seed the endpoint's neighbour cache (as STALE: used at once, confirmed on use)."""
-    from pyroute2 import NetNS
+
+    def seed(ns: Any) -> None:
+        eth = _index(ns, "eth0")
+        for e in entries:
+            ns.neigh("replace", family=int(e["family"]), dst=str(e["dst"]), lladdr=str(e["lladdr"]),
+                     ifindex=eth, state=NUD_STALE)
 
     try:
-        with NetNS(net.netns(container)) as ns:
-            eth = _index(ns, "eth0")
-            for e in entries:
-                ns.neigh("replace", family=int(e["family"]), dst=str(e["dst"]), lladdr=str(e["lladdr"]),
-                         ifindex=eth, state=NUD_STALE)
+        netlink_in(net.netns(container), seed)
     except Exception as exc:
         raise NetworkError(f"cannot seed the neighbour table of {container!r}: {exc}") from None
     return len(entries)
+
+
+def enter_netns(netns_path: Path) -> None:
+    """Move the *calling thread* into a network namespace (setns is per thread)."""
+    fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _LIBC.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {netns_path}")
+    finally:
+        os.close(fd)
 
 
 def _in_netns(netns_path: Path, fn: Callable[[], T]) -> T:
@@ -272,13 +320,7 @@ def _in_netns(netns_path: Path, fn: Callable[[], T]) -> T:
 
     def work() -> None:
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
+            enter_netns(netns_path)
             result.append(fn())
         except BaseException as exc:  # re-raised in the caller below
             errors.append(exc)
@@ -287,7 +329,9 @@ def _in_netns(netns_path: Path, fn: Callable[[], T]) -> T:
     t.start()
     t.join()
     if errors:
-        raise NetworkError(f"cannot work in network namespace {netns_path}: {errors[0]}")
+        if isinstance(errors[0], (NetworkError, PreconditionError)):
+            raise errors[0]
+        raise NetworkError(f"in network namespace {netns_path}: {errors[0]}")
     return result[0]
 
 

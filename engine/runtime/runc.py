@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import proc
+from ..fsutil import remove_tree
 from ..criu import error_from_tool
 from ..errors import ConfigError, PreconditionError, RuntimeToolError
 
@@ -98,6 +99,21 @@ class Runc:
     async def delete(self, name: str, *, force: bool = True) -> None:
         args = ["delete", "--force", name] if force else ["delete", name]
         await proc.run(self._argv(*args), timeout=60)
+
+    async def forget(self, name: str) -> bool:
+        """Remove what a ``runc restore`` killed half way left in the state root.
+
+        runc then no longer knows the container (``state`` says it does not
+        exist) but its state directory, with the rootfs bind-mounted at
+        ``criu-root``, remains, and the next restore of that name fails with
+        "container with given ID already exists". Only for a container runc
+        does not know: a live one is never touched.
+        """
+        leftover = self.root / name
+        if not leftover.exists() or await self.state(name) is not None:
+            return False
+        remove_tree(leftover)
+        return True
 
     async def run_detached(self, name: str, bundle: Path) -> None:
         """Start a container whose stdio is /dev/null.
@@ -204,16 +220,21 @@ class Runc:
         image_dir: Path,
         work_dir: Path,
         tcp_established: bool = False,
+        lazy_pages: bool = False,
         timeout: float = 300,
     ) -> None:
         """Restore detached. CRIU options runc lacks (e.g. tcp-close) go in a
-        CRIU config file named by the bundle's ``org.criu.config`` annotation."""
+        CRIU config file named by the bundle's ``org.criu.config`` annotation.
+        With ``lazy_pages`` a ``criu lazy-pages`` daemon must already serve
+        ``work_dir`` (see lazypages.py)."""
         work_dir.mkdir(parents=True, exist_ok=True)
         argv = self._argv(
             "restore", "-d", "--image-path", str(image_dir), "--work-path", str(work_dir), "--bundle", str(bundle)
         )
         if tcp_established:
             argv.append("--tcp-established")
+        if lazy_pages:
+            argv.append("--lazy-pages")
         argv.append(name)
         try:
             await proc.run(argv, timeout=timeout, stdout_devnull=True)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from .conftest import Lab, migrate, on, tug
+from .conftest import TUG, Lab, migrate, on, tug
 
 #: The workload writes a heartbeat line every 10 ms. The longest gap a client
 #: of the container sees may exceed the engine's downtime by one interval plus
@@ -32,6 +34,8 @@ def test_migrate_there_and_back(lab: Lab, demo: str) -> None:
     assert report["bytes_total"] >= 32 << 20
     assert report["frozen_bytes"] >= 32 << 20
     assert set(report["phases"]) >= {"pre-checkpoint", "pre-restore", "checkpoint", "transfer", "restore", "commit"}
+    # Restored lazily: the memory was filled after the downtime, before commit.
+    assert report["lazy_fill_ms"] is not None and report["lazy_fill_ms"] > 0
 
     after = lab.check("b", demo)
     assert after["ok"], after
@@ -116,3 +120,48 @@ def test_bad_input_one_line_error_nothing_changed(lab: Lab, demo: str, tmp_path:
     assert lab.check("a", demo)["ok"]
     assert lab.leftovers("b", demo) == []
     assert lab.leftovers("a", demo) == [] or lab.state("a", demo) is not None
+
+
+def test_sigterm_mid_migration_rolls_back(lab: Lab, demo: str) -> None:
+    """SIGTERM (what a service manager sends) is handled like Ctrl-C: rolled back, source running."""
+    proc = subprocess.Popen(
+        [TUG, "lab", "run", "a", "--", "tug", "migrate", demo, "--to", lab.url("b"), "--strategy", "precopy",
+         "--policy", "max-iter=30,min-dirty=0", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:  # progress lines; interrupt once pre-copy rounds run
+        seen.append(line)
+        if "round 1:" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(seen) + err
+    assert "interrupted (rolled-back: the source container is running)" in err, err
+    assert json.loads(out)["outcome"] == "rolled-back"
+    st = lab.state("a", demo)
+    assert st is not None and st["status"] == "running"
+    assert lab.check("a", demo)["ok"]
+    assert lab.leftovers("b", demo) == []
+
+
+def test_lazy_fill_failure_rolls_back(lab: Lab, demo: str) -> None:
+    """The destination runs before its memory is filled; if the fill fails, the source resumes."""
+    res = migrate("a", demo, lab.url("b"), "--fault", "kill-lazy-pages")
+    assert res.returncode == 1
+    report = res.json()
+    assert report["outcome"] == "rolled-back", report
+    assert report["error"]["kind"] == "criu" and report["error"]["phase"] == "restore", report["error"]
+    assert "lazy-pages" in report["error"]["message"]
+    st = lab.state("a", demo)
+    assert st is not None and st["status"] == "running"
+    assert lab.check("a", demo)["ok"]
+    assert lab.leftovers("b", demo) == []
+
+
+def test_eager_restore_still_selectable(lab: Lab, demo: str) -> None:
+    res = migrate("a", demo, lab.url("b"), "--no-lazy-restore")
+    assert res.returncode == 0, res.stderr
+    assert res.json()["lazy_fill_ms"] is None
+    assert lab.check("b", demo)["ok"]

@@ -1,0 +1,154 @@
+"""CRIU processes that serve while something else runs: page servers, lazy-pages daemons.
+
+Both are started before the step that needs them, report readiness with one
+byte on ``--status-fd`` (CRIU writes it once its socket listens, so nothing
+can connect too early), and must be reaped on every path: after their
+session, or killed with their whole process group on cleanup, so nothing
+CRIU forks outlives a migration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from .criu import error_lines_from_text, log_error_lines
+from .errors import CriuError, MigrationError
+
+
+class CriuDaemon:
+    #: How errors name this process ("CRIU page server", ...).
+    what = "CRIU"
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.argv: list[str] = []
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reaper: asyncio.Task[int] | None = None
+        self._stderr = b""
+        #: Set when we killed it on purpose (cleanup), not when a fault did.
+        self.killed = False
+        #: Set once its failure was raised to the source (no second report).
+        self.reported = False
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._proc is None else self._proc.returncode
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    async def spawn(self, argv_for: Callable[[int], list[str]], timeout: float = 30.0) -> None:
+        """Start CRIU with ``argv_for(status_fd)`` and wait until it says it is ready."""
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        r, w = os.pipe()
+        self.argv = argv_for(w)
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=(w,),
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)  # only CRIU holds the write end now: its death reads as EOF
+        self._reaper = asyncio.create_task(self._reap(), name=f"tug-criu-{self._proc.pid}")
+        try:
+            async with asyncio.timeout(timeout):
+                ready = await _read_status(r)
+        except TimeoutError:
+            await asyncio.shield(self.kill())
+            raise self.failure(f"was not ready within {timeout:g} s") from None
+        except BaseException:
+            await asyncio.shield(self.kill())
+            raise
+        if ready != b"\0":
+            await asyncio.shield(self.wait())
+            raise self.failure("did not start")
+
+    async def _reap(self) -> int:
+        assert self._proc is not None
+        _, err = await self._proc.communicate()
+        self._stderr = err or b""
+        return self._proc.returncode if self._proc.returncode is not None else -1
+
+    async def wait(self) -> int:
+        """The exit code once CRIU has exited (negative: killed by that signal)."""
+        if self._reaper is None:
+            raise MigrationError(f"{self.what} was never started")
+        return await asyncio.shield(self._reaper)
+
+    def signal(self, sig: int) -> None:
+        """Signal the process group, if it still runs (test hooks, kill)."""
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, sig)
+
+    async def kill(self) -> None:
+        """SIGKILL the process group (if still running) and reap it."""
+        if self._proc is not None and self._proc.returncode is None:
+            self.killed = True
+            self.signal(signal.SIGKILL)
+        if self._reaper is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._reaper)
+
+    @property
+    def failed_on_its_own(self) -> bool:
+        """Exited non-zero (or killed by a signal) without us killing it."""
+        rc = self.returncode
+        return rc is not None and rc != 0 and not self.killed
+
+    def failure(self, what: str | None = None, kept_log: Path | None = None) -> CriuError:
+        """A CriuError describing how this process ended (call after it exited)."""
+        rc = self.returncode
+        if what is None:
+            if rc is not None and rc < 0:
+                try:
+                    name = signal.Signals(-rc).name
+                except ValueError:
+                    name = f"signal {-rc}"
+                what = f"was killed by {name}"
+            else:
+                what = f"exited with {rc}"
+        log = kept_log or self.log
+        # CRIU reports errors before its log exists (bad options, a missing
+        # parent dir) on stderr.
+        stderr = self._stderr.decode(errors="replace")
+        lines = log_error_lines(log) or error_lines_from_text(stderr)
+        if not lines:
+            lines = [ln for ln in stderr.splitlines() if ln.strip()][-3:]
+        return CriuError(
+            f"{self.what} {what}",
+            argv=self.argv,
+            returncode=rc,
+            stderr=stderr,
+            log_path=log if log.exists() else None,
+            error_lines=lines,
+        )
+
+
+async def _read_status(fd: int) -> bytes:
+    """Read CRIU's one ready byte from the status pipe (b"" if CRIU died first)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    pipe = os.fdopen(fd, "rb", buffering=0)
+    try:
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    except BaseException:
+        pipe.close()
+        raise
+    try:
+        return await reader.read(1)
+    finally:
+        transport.close()
