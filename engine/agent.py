@@ -38,7 +38,7 @@ from .pagestream import RunDecoder
 from .errors import ConfigError, CriuError, MigrationError, PreconditionError, ProtocolError
 from .hostcfg import HostConfig
 from .runtime import network as netif
-from .runtime.netlock import FrameHold, LinkSwitch
+from .endpoint import DestinationEndpoint
 from .runtime.network import EndpointSpec
 from .runtime.runc import Runc
 
@@ -58,10 +58,7 @@ class Incoming:
     restored: bool = False
     store: PageStore | None = None
     network: EndpointSpec | None = None
-    endpoint: Path | None = None
-    link: LinkSwitch | None = None
-    announcer: netif.Announcer | None = None
-    hold: FrameHold | None = None
+    endpoint: DestinationEndpoint | None = None
     committed: bool = False
     stats: dict[str, int] = field(default_factory=dict)
     #: CRIU page servers started for this container, one per dump, by id.
@@ -221,16 +218,9 @@ class Agent:
             return {"endpoint": None}
         net = self.host.network
         assert net is not None  # checked in preflight
-        if fault == "network-conflict":
-            await asyncio.to_thread(_occupy_link_name, net, container)
-        t0 = time.monotonic()
-        inc.endpoint = await asyncio.to_thread(netif.create, net, container, inc.network, up=False)
-        inc.link = await LinkSwitch.open(net, container)
-        inc.announcer = await asyncio.to_thread(netif.Announcer, inc.endpoint, inc.network)
-        inc.hold = await FrameHold.open(net, container)
-        if neighbors:
-            await asyncio.to_thread(netif.add_neighbors, net, container, neighbors)
-        return {"endpoint": str(inc.endpoint), "ms": (time.monotonic() - t0) * 1000}
+        inc.endpoint = DestinationEndpoint(net, container, inc.network)
+        ms = await inc.endpoint.prepare(neighbors, fault=fault)
+        return {"endpoint": str(net.netns_path(container)), "ms": ms}
 
     def _criu_config(self, inc: Incoming, options: list[str]) -> None:
         """Point runc at a CRIU config file for this restore (org.criu.config)."""
@@ -337,11 +327,8 @@ class Agent:
         (inc.bundle / INCOMING_MARKER).unlink(missing_ok=True)
         (inc.bundle / INCOMING_MARKER).write_text("restoring\n")
         t0 = time.monotonic()
-        if inc.link is not None and inc.hold is not None:
-            # Link up before CRIU: what the restored processes send must not
-            # meet a down link. What arrives is held until the sockets exist.
-            await inc.hold.engage(outbound=False)
-            await inc.link.set(up=True)
+        if inc.endpoint is not None:
+            await inc.endpoint.before_restore()
         # CRIU's lazy-pages daemon cannot read pages from parent images (a
         # page it finds in a parent is read but never handed to the faulting
         # process: the restore hangs), so a chained page store restores eagerly.
@@ -362,18 +349,8 @@ class Agent:
         inc.restored = True
         if fault == "kill-lazy-pages" and inc.lazy is not None:
             inc.lazy.signal(signal.SIGKILL)  # test hook: the fill fails after the processes run
-        if inc.hold is not None and inc.announcer is not None:
-            # Only now may frames reach the restored sockets: the source's held
-            # ones first, then those held here.
-            assert self.host.network is not None
-            t_net = time.monotonic()
-            if fault == "lose-link":
-                await asyncio.to_thread(_remove_outer_link, self.host.network, container)
-            own = await inc.hold.open_gate()
-            inc.stats["frames_delivered"] = inc.hold.inject(list(frames or ()) + own)
-            inc.stats["frames_held_here"] = len(own)
-            inc.announcer.send()
-            inc.stats["network_up_ms"] = int((time.monotonic() - t_net) * 1000)
+        if inc.endpoint is not None:
+            inc.stats.update(await inc.endpoint.after_restore(list(frames or ()), fault=fault))
         st = await self.runc.require(container)
         return {"pid": st.pid, "status": st.status, "restore_ms": (time.monotonic() - t0) * 1000, **inc.stats}
 
@@ -393,9 +370,9 @@ class Agent:
     async def call_deliver(self, container: str, frames: list[bytes]) -> dict[str, Any]:
         """Frames sent to the container while it was frozen (see runtime.netlock)."""
         inc = self._get(container)
-        if not inc.restored or inc.hold is None:
+        if not inc.restored or inc.endpoint is None:
             raise ProtocolError(f"frames for {container!r} before its network is up")
-        return {"delivered": inc.hold.inject(frames)}
+        return {"delivered": inc.endpoint.deliver(frames)}
 
     async def call_commit(self, container: str) -> dict[str, Any]:
         """The destination now owns the container: stop guarding it for cleanup."""
@@ -406,7 +383,8 @@ class Agent:
         await _stop_criu_daemons(inc)
         if inc.store is not None:
             inc.store.close()
-        await _close_endpoint_handles(inc)
+        if inc.endpoint is not None:
+            await inc.endpoint.close()
         (inc.bundle / INCOMING_MARKER).unlink(missing_ok=True)
         remove_tree(inc.work)
         del self.incoming[container]
@@ -416,7 +394,7 @@ class Agent:
         """Roll back: clean up; the answer carries the frames held here (they go back
         to the source) and which page servers had died on their own."""
         inc = self.incoming.get(container)
-        frames = inc.hold.take() if inc is not None and inc.hold is not None else []
+        frames = inc.endpoint.take_held() if inc is not None and inc.endpoint is not None else []
         failed: list[str] = []
         if inc is not None:
             failed = await self._cleanup(inc)
@@ -441,21 +419,20 @@ class Agent:
         if inc.store is not None:
             inc.store.close()
         if inc.committed:
-            await _close_endpoint_handles(inc)
+            if inc.endpoint is not None:
+                await inc.endpoint.close()
             return failed
-        if inc.link is not None:
-            # Cut the endpoint off first: the killed container's sockets would
-            # send resets to peers the resumed source still talks to.
-            with contextlib.suppress(MigrationError):
-                await inc.link.set(up=False)
+        if inc.endpoint is not None:
+            # Cut off first: the killed container's sockets would send resets
+            # to peers the resumed source still talks to.
+            await inc.endpoint.cut_off()
         with contextlib.suppress(MigrationError):
             if await self.runc.state(inc.name) is not None:
                 await self.runc.delete(inc.name, force=True)
             if await self.runc.forget(inc.name):
                 log.warning("removed the state a killed restore of %s left behind", inc.name)
-        if inc.endpoint is not None and self.host.network is not None:
-            await asyncio.to_thread(netif.delete, self.host.network, inc.name)
-        await _close_endpoint_handles(inc)
+        if inc.endpoint is not None:
+            await inc.endpoint.remove()
         shutil.rmtree(inc.bundle, ignore_errors=True)
         remove_tree(inc.work)
         log.info("cleaned up uncommitted %s", inc.name)
@@ -519,36 +496,6 @@ async def _stop_criu_daemons(inc: Incoming) -> None:
 def _check_name(name: str) -> None:
     if not name or "/" in name or name.startswith(".") or len(name) > 200:
         raise ConfigError(f"invalid container name {name!r}")
-
-
-async def _close_endpoint_handles(inc: Incoming) -> None:
-    if inc.link is not None:
-        await inc.link.close()
-    if inc.hold is not None:
-        await inc.hold.close()
-    if inc.announcer is not None:
-        inc.announcer.close()
-    inc.link = inc.announcer = inc.hold = None
-
-
-def _occupy_link_name(net: netif.HostNetwork, container: str) -> None:
-    """Test hook (``--fault network-conflict``): the endpoint's outer link
-    name is already taken on the bridge's side, so creating it fails for real."""
-    netif.netlink_in(
-        net.bridge_netns,
-        lambda ipr: ipr.link("add", ifname=net.outer(container), kind="veth", peer={"ifname": f"tx{os.getpid()}"}),
-    )
-
-
-def _remove_outer_link(net: netif.HostNetwork, container: str) -> None:
-    """Test hook (``--fault lose-link``): the restored container's outer link
-    vanishes before it comes up, so the restore fails after CRIU succeeded."""
-
-    def remove(ipr: Any) -> None:
-        for idx in ipr.link_lookup(ifname=net.outer(container)):
-            ipr.link("del", index=idx)
-
-    netif.netlink_in(net.bridge_netns, remove)
 
 
 def _corrupt_images(images: Path) -> None:

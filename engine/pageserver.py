@@ -43,7 +43,7 @@ from tug.transports.ssh import LOOPBACK, AgentProcess, PortForward
 
 from .criu import criu_binary, log_error_lines
 from .criudaemon import CriuDaemon
-from .errors import CriuError, MigrationError
+from .errors import CriuError
 from .transfer import Meter
 
 #: What CRIU's page server logs when its client went away before the end:
