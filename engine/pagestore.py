@@ -89,7 +89,10 @@ class PageStore:
             layout = images.page_layout(pm)
             offsets = self._offsets(pid, proc, layout)
             pages = len(offsets)
-            if proc is not None and pages * PAGE == proc.size and all(o == i * PAGE for i, o in enumerate(offsets)):
+            if not offsets:
+                target.write_bytes(b"")  # a pagemap without pages: CRIU's pages image is empty too
+                stats["rebuilt_files"] += 1
+            elif proc is not None and pages * PAGE == proc.size and all(o == i * PAGE for i, o in enumerate(offsets)):
                 os.close(proc.fd)
                 os.rename(proc.path, target)  # the store is already the image
                 del self._procs[pid]

@@ -68,3 +68,11 @@ def test_overlapping_rewrite_mixing_old_and_new_pages(tmp_path: Path) -> None:
     d = dump(tmp_path, 1, [(0x1000, 3)])
     s.rebuild(d)
     assert (d / "pages-3.img").read_bytes() == page(11) + page(12) + page(13)
+
+
+def test_a_pagemap_without_pages_gets_an_empty_pages_image(tmp_path: Path) -> None:
+    s = PageStore(tmp_path / "store")
+    s.write(1, 0x1000, page(1))
+    d = dump(tmp_path, 2, [], pages_id=5)  # pid 2: nothing stored, nothing needed
+    assert s.rebuild(d)["rebuilt_files"] == 1
+    assert (d / "pages-5.img").read_bytes() == b""
