@@ -299,6 +299,8 @@ class Precopy(Rounds):
             f"final dump filtered on the source: {stats.pages} pages from CRIU, {stats.changed_pages} changed "
             f"({sent / 2**20:.1f} MiB sent); {stats.shmem_pages} shared memory pages sent with the images"
         )
+        if fs.uncork_result:
+            m.note(f"CRIU's page-server socket stayed corked ({fs.uncork_result}): its last request waited ~200 ms", "warning")
 
     def rebuilt_pages(self) -> set[str]:
         return self._filter.process_pages_files if self._filter is not None and self._filter.complete else set()

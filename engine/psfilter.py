@@ -25,6 +25,10 @@ queue; a sender task hands them to the sink (the session stream). A slow link
 fills the queue, the reader stops reading, TCP stops CRIU: the container's
 memory is never buffered here, only up to QUEUE_DEPTH entries of changed runs.
 
+CRIU corks its socket and never pushes its last request (see ``uncork``):
+once CRIU has sent something, its socket is uncorked from here, which saves
+~200 ms per dump.
+
 Failure: any error here (a malformed stream, a failed sink, a local write)
 ends ``serve()`` and closes CRIU's connection, so CRIU's dump fails at its
 next write and returns; a CRIU that goes away before ``PS_IOV_CLOSE`` ends
@@ -49,6 +53,7 @@ from tug.transports.forward import LOOPBACK
 from . import images
 from .errors import MigrationError
 from .tracking.content import ContentTracker
+from .uncork import uncork_peer
 
 #: Entries with changed runs queued between the reader and the sender. CRIU's
 #: entries are at most a pipe buffer (4 MiB), so this bounds what waits for
@@ -94,7 +99,7 @@ class _Pagemap:
 class FilterServer:
     """A one-dump CRIU page server that filters pages against a content tracker."""
 
-    def __init__(self, tracker: ContentTracker, images_dir: Path, listener: socket.socket) -> None:
+    def __init__(self, tracker: ContentTracker, images_dir: Path, listener: socket.socket, *, uncork: bool = True) -> None:
         self.tracker = tracker
         self.images_dir = images_dir
         self._listener: socket.socket | None = listener
@@ -110,9 +115,14 @@ class FilterServer:
         self.disconnected = False
         #: PS_IOV_CLOSE was answered and every image written.
         self.complete = False
+        #: Clear TCP_CORK on CRIU's socket once it has sent something (module doc).
+        self.uncork = uncork
+        #: None if not tried (yet), "" once done, else why it could not be done.
+        self.uncork_result: str | None = None
+        self._uncork_task: asyncio.Future[str | None] | None = None
 
     @classmethod
-    def listen(cls, tracker: ContentTracker, images_dir: Path, host: str = LOOPBACK) -> FilterServer:
+    def listen(cls, tracker: ContentTracker, images_dir: Path, host: str = LOOPBACK, *, uncork: bool = True) -> FilterServer:
         """Listen on an ephemeral port (before the freeze: no start-up in the downtime)."""
         images_dir.mkdir(parents=True, exist_ok=True)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -123,7 +133,7 @@ class FilterServer:
         except OSError as exc:
             sock.close()
             raise MigrationError(f"cannot listen for CRIU's dump on {host}: {exc.strerror}") from None
-        return cls(tracker, images_dir, sock)
+        return cls(tracker, images_dir, sock, uncork=uncork)
 
     @property
     def address(self) -> str:
@@ -163,7 +173,11 @@ class FilterServer:
                 asyncio.create_task(self._read(conn, queue), name="tug-psfilter-read"),
                 asyncio.create_task(self._send(queue, sink), name="tug-psfilter-send"),
             )
+            if self._uncork_task is not None:
+                self.uncork_result = (await self._uncork_task) or ""
         finally:
+            if self._uncork_task is not None and not self._uncork_task.done():
+                self._uncork_task.cancel()  # the thread finishes on its own; its result no longer matters
             self.close()  # on error: CRIU's next write fails, so its dump ends
         return self.stats
 
@@ -188,6 +202,9 @@ class FilterServer:
             if not n:
                 self.disconnected = True
                 parser.feed_eof()  # raises: CRIU left before PS_IOV_CLOSE
+            if self.uncork and self._uncork_task is None:
+                # CRIU corked its socket before sending these bytes.
+                self._uncork_task = asyncio.ensure_future(asyncio.to_thread(uncork_peer, conn.getsockname(), conn.getpeername()))
             await self._dispatch(events, conn, queue)
             events.clear()  # drop the Pages views: the parser may reuse its buffer
         await queue.put(None)

@@ -265,9 +265,13 @@ class Collect:
         await asyncio.sleep(0)
 
 
-async def filtered_dump(t: Tree, tracker: ContentTracker, images_dir: Path, sink: Collect) -> tuple[int, BaseException | None]:
+async def filtered_dump(
+    t: Tree, tracker: ContentTracker, images_dir: Path, sink: Collect, servers: list[FilterServer] | None = None
+) -> tuple[int, BaseException | None]:
     """``criu dump --page-server`` into a FilterServer; (criu's exit code, serve's error)."""
     fs = FilterServer.listen(tracker, images_dir)
+    if servers is not None:
+        servers.append(fs)
     serve = asyncio.create_task(fs.serve(sink))
     proc = await asyncio.create_subprocess_exec(
         *dump_argv(t, images_dir, "--page-server", "--address", "127.0.0.1", "--port", str(fs.port)),
@@ -308,8 +312,10 @@ async def test_filtered_dump_equals_a_plain_dump_minus_the_unchanged_pages(tree:
     assert res.returncode == 0, f"plain dump failed: {res.stderr}\n{log_errors(ref)}"
     assert all(_state(p) == "T" for p in (t.init, t.child)), "still stopped between the dumps"
     sink = Collect()
-    rc, err = await filtered_dump(t, tracker, got, sink)
+    servers: list[FilterServer] = []
+    rc, err = await filtered_dump(t, tracker, got, sink, servers)
     assert rc == 0 and err is None, f"filtered dump: criu {rc}, server {err!r}\n{log_errors(got)}"
+    assert servers[0].uncork_result == "", f"CRIU's socket stayed corked: {servers[0].uncork_result}"
 
     # The same pagemaps, entry for entry; the process pages files are the only images missing.
     names = {p.name for p in ref.glob("pagemap-*.img")}
