@@ -120,6 +120,7 @@ class FilterServer:
         #: None if not tried (yet), "" once done, else why it could not be done.
         self.uncork_result: str | None = None
         self._uncork_task: asyncio.Future[str | None] | None = None
+        self._ends: tuple[tuple[str, int], tuple[str, int]] = (("", 0), ("", 0))  # (ours, CRIU's)
 
     @classmethod
     def listen(cls, tracker: ContentTracker, images_dir: Path, host: str = LOOPBACK, *, uncork: bool = True) -> FilterServer:
@@ -168,6 +169,7 @@ class FilterServer:
             self.connected = True
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._ends = (conn.getsockname(), conn.getpeername())
             queue: asyncio.Queue[tuple[int, list[tuple[int, bytes]]] | None] = asyncio.Queue(QUEUE_DEPTH)
             await _both(
                 asyncio.create_task(self._read(conn, queue), name="tug-psfilter-read"),
@@ -204,7 +206,7 @@ class FilterServer:
                 parser.feed_eof()  # raises: CRIU left before PS_IOV_CLOSE
             if self.uncork and self._uncork_task is None:
                 # CRIU corked its socket before sending these bytes.
-                self._uncork_task = asyncio.ensure_future(asyncio.to_thread(uncork_peer, conn.getsockname(), conn.getpeername()))
+                self._uncork_task = asyncio.ensure_future(asyncio.to_thread(uncork_peer, *self._ends))
             await self._dispatch(events, conn, queue)
             events.clear()  # drop the Pages views: the parser may reuse its buffer
         await queue.put(None)

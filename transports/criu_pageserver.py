@@ -84,6 +84,8 @@ PE_PRESENT: Final = 1 << 2
 #: broken peer can make us buffer (64 MiB).
 MAX_ENTRY_PAGES: Final = 16384
 
+#: Entries at least this big reuse pooled buffers; smaller ones are cheap to allocate.
+_REUSE_MIN: Final = 64 << 10
 _U64: Final = 1 << 64
 _INT32: Final = struct.Struct("=i")
 
@@ -207,7 +209,8 @@ class PageServerParser:
         self.max_entry_pages = max_entry_pages
         self._hdr = bytearray(HEADER.size)
         self._hdr_have = 0
-        self._payload = bytearray()
+        self._payload = bytearray()  # where the current entry's data goes
+        self._pool: tuple[bytearray, ...] = ()  # reusable buffers for large entries
         self._want = 0  # bytes of the current entry's data still to come (0: reading a header)
         self._have = 0  # bytes of the current entry's data received
         self._entry: tuple[Kind, int, int, int, int] | None = None  # (kind, id, vaddr, nr_pages, flags)
@@ -351,7 +354,18 @@ class PageServerParser:
             raise PageServerProtocolError(f"unknown page-server command {cmd:#x} (cmd word {raw:#x})")
 
     def _begin_payload(self, size: int) -> None:
-        """Make room for ``size`` bytes, reusing the buffer unless a view of it is alive."""
-        if len(self._payload) < size or not _released(self._payload):
-            self._payload = bytearray(size)
+        """Make room for ``size`` bytes in a buffer no live view refers to.
+
+        Large payloads reuse one of two pooled buffers (two: the previous
+        entry's event may still be pending when the next begins); small ones
+        get a buffer of their own, so that several small entries parsed from
+        one read never pin the large buffers.
+        """
+        buf = None
+        if size >= _REUSE_MIN:
+            buf = next((b for b in self._pool if len(b) >= size and _released(b)), None)
+            if buf is None:
+                buf = bytearray(size)
+                self._pool = tuple(sorted((*self._pool, buf), key=len, reverse=True)[:2])
+        self._payload = buf if buf is not None else bytearray(size)
         self._want, self._have = size, 0

@@ -312,28 +312,34 @@ def test_received_checks_its_count() -> None:
 # --- 5. buffers ----------------------------------------------------------------------
 
 
-def test_payload_buffer_is_reused_once_released_and_never_overwritten_while_held() -> None:
+def test_payload_buffers_are_reused_once_released_and_never_overwritten_while_held() -> None:
     parser = PageServerParser()
     parser.feed(psi(PS_IOV_OPEN2, dst_id=dst(P, 1)))
+    n = 32  # 128 KiB: large enough for the pooled buffers
 
-    def entry(tag: int) -> Pages:
-        (ev,) = parser.feed(psi(PS_IOV_ADD_F, nr_pages=2, dst_id=dst(P, 1), flags=PE_PRESENT) + page(tag, 0) + page(tag, 1))
+    def entry(tag: int, pages: int = n) -> Pages:
+        wire = psi(PS_IOV_ADD_F, nr_pages=pages, dst_id=dst(P, 1), flags=PE_PRESENT) + b"".join(page(tag, k) for k in range(pages))
+        (ev,) = parser.feed(wire)
         assert isinstance(ev, Pages)
         return ev
 
     first = entry(1)
     held = first.data[:PAGE_SIZE]  # a consumer that keeps a view
-    buf_id = id(first.data.obj)
+    a = first.data.obj
     del first
     second = entry(2)
-    assert id(second.data.obj) != buf_id, "a held view must keep its buffer"
+    b = second.data.obj
+    assert b is not a, "a held view must keep its buffer"
     assert bytes(held) == page(1, 0)
-    del held
-    buf_id = id(second.data.obj)
-    del second
+    del held, second
     third = entry(3)
-    assert id(third.data.obj) == buf_id, "a released buffer is reused"
-    assert bytes(third.data) == page(3, 0) + page(3, 1)
+    assert third.data.obj is a or third.data.obj is b, "a released buffer is reused"
+    assert bytes(third.data) == b"".join(page(3, k) for k in range(n))
+    del third
+    small = entry(4, pages=2)
+    assert small.data.obj is not a and small.data.obj is not b, "small entries never pin the pooled buffers"
+    fifth = entry(5)
+    assert fifth.data.obj is a or fifth.data.obj is b, "the pool still serves large entries"
 
 
 def test_throughput() -> None:
