@@ -26,7 +26,6 @@ CRIU restores from complete, ordinary images.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -285,9 +284,10 @@ class Precopy(Rounds):
         except BaseException as exc:
             serve.cancel()
             (own,) = await asyncio.gather(serve, return_exceptions=True)
-            fs.close()  # serve() may not even have started
-            with contextlib.suppress(MigrationError):
-                await out.abort("final dump failed")
+            # serve() may not even have started. The stream is left as it is:
+            # the rollback discards it, and a write to a stuck link must not
+            # hold up the rollback.
+            fs.close()
             if isinstance(exc, MigrationError) and isinstance(own, MigrationError) and own is not exc and not fs.disconnected:
                 own.add_note(f"CRIU's dump failed as a consequence: {exc}")
                 raise own from None
