@@ -7,7 +7,8 @@ the CPU a pre-copy round and the frozen-window delta spend in
 ``ContentTracker.diff``, which is what bounds the scan rate and adds to the
 downtime. It replays what precopy.py does with synthetic memory: round 0
 (every page new), a round after a fraction of the pages was written, the final
-delta over a dump file read through mmap as ``Precopy.send_final`` does, and a
+delta over a dump file read through mmap as the removed ``Precopy.send_final`` did
+(the filter server replaced it: see ``bench.micro_psfilter``), and a
 round with nothing written. The old implementation is kept here, verbatim, as
 the yardstick; both must return the same runs or the benchmark fails.
 

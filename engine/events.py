@@ -104,7 +104,9 @@ class MigrationReport:
     rootfs_bytes: int = 0
     error: ErrorInfo | None = None
     notes: list[str] = field(default_factory=list)
-    #: Where the frozen window went: pause_ms, dump_ms, rebuild_ms, restore_ms.
+    #: Where the frozen window went: pause_ms, dump_ms, rebuild_ms, restore_ms;
+    #: with the content tracker dump_ms includes filtering and streaming the
+    #: delta, of which delta_ms is the tail after CRIU finished.
     frozen_steps_ms: dict[str, float] = field(default_factory=dict)
     #: The network lock: frames sent to the container while it was frozen,
     #: held and then delivered to wherever it runs (held, delivered, dropped).

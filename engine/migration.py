@@ -12,12 +12,15 @@ whether the destination kept the container, so the source is left frozen (not
 resumed, not deleted) and the error says so: a duplicate or a lost container
 would both be worse than a paused one.
 
-The frozen dump either goes to a local tmpfs dir whose files are then sent
-(the content tracker needs that full local dump), or streams its memory to a
-CRIU page server on the destination while CRIU dumps (``stream_dump``, the
-default; always with the soft-dirty tracker): dump and transfer of the pages
-overlap, and only the small remaining images cross after the dump. The page
-server is started, and the SSH forward to it connected, before the freeze.
+The frozen dump's memory takes one of three routes. By default it streams
+to a CRIU page server on the destination while CRIU dumps (``stream_dump``;
+always with the soft-dirty tracker): dump and transfer of the pages overlap,
+and only the small remaining images cross after the dump. The page server is
+started, and the SSH forward to it connected, before the freeze. With the
+content tracker it goes to tug's own page server on the source (psfilter),
+which sends on only the pages that differ from what the rounds sent. With
+``--no-stream-dump`` (stop-copy) it goes to a local tmpfs dir whose files are
+then sent.
 """
 
 from __future__ import annotations
@@ -249,7 +252,7 @@ class Migration:
         if self.policy is not None:
             self.tracker = await choose_tracker(self.opts.tracker)
             self.precopy = PreDump(self, self.policy) if self.tracker == "soft-dirty" else Precopy(self, self.policy)
-            self.stream_dump = not self.precopy.local_final_dump
+            self.stream_dump = self.precopy.final_to_destination
         else:
             self.stream_dump = self.opts.stream_dump
 
@@ -299,6 +302,8 @@ class Migration:
         parent = self.precopy.final_parent if self.precopy is not None else None
         if self.stream_dump and self.final_ps is None:
             await self._start_final_page_server(parent)
+        if self.precopy is not None:
+            await self.precopy.prepare_final(self.work / "images")
         self.paused = True  # before the call: a half-done pause must still be undone
         self.frozen_at = time.monotonic()
         self.frozen_sent_at_freeze = self.wire_bytes()
@@ -310,20 +315,27 @@ class Migration:
             self.net_locked = True  # before the call, like paused
             await self.hold.engage()
         t_dump = time.monotonic()
-        async with contextlib.AsyncExitStack() as stack:
-            if self.final_ps is not None:
-                # The pages cross while CRIU dumps: show their progress now.
-                meter = Meter(Phase.CHECKPOINT.value, "pages", None, self.emit)
-                await stack.enter_async_context(self.final_ps.progress(meter))
+
+        async def dump(page_server: str | None) -> None:
             await self.runc.checkpoint_frozen(
                 self.name,
                 image_dir=self.work / "images",
                 work_dir=self.work / "criu",
                 tcp_established=True,
-                page_server=self.final_ps.address if self.final_ps is not None else None,
+                page_server=page_server,
                 parent_path=parent,
                 timeout=self.opts.timeout(Phase.CHECKPOINT.value),
             )
+
+        async with contextlib.AsyncExitStack() as stack:
+            if self.final_ps is not None:
+                # The pages cross while CRIU dumps: show their progress now.
+                meter = Meter(Phase.CHECKPOINT.value, "pages", None, self.emit)
+                await stack.enter_async_context(self.final_ps.progress(meter))
+            if self.precopy is not None:
+                await self.precopy.final_dump(dump)
+            else:
+                await dump(self.final_ps.address if self.final_ps is not None else None)
         self.timings["pause_ms"] = (t_dump - self.frozen_at) * 1000
         self.timings["dump_ms"] = (time.monotonic() - t_dump) * 1000
         st = await self.runc.require(self.name)
@@ -350,10 +362,9 @@ class Migration:
 
     async def _transfer(self) -> None:
         images = self.work / "images"
-        rebuilt: set[str] = set()
-        if self.precopy is not None:
-            self.start_meter("pages", None)
-            rebuilt = await self.precopy.send_final(images)
+        # The content tracker's delta already crossed during the dump; the
+        # agent rebuilds those pages images from its store.
+        rebuilt = self.precopy.rebuilt_pages() if self.precopy is not None else set()
         entries = [
             e for e in await asyncio.to_thread(rootfs.scan, images) if e.kind == rootfs.FILE and e.path not in rebuilt
         ]
@@ -547,6 +558,8 @@ class Migration:
     async def _close(self) -> None:
         if self.final_ps is not None:
             self.final_ps.close()
+        if self.precopy is not None:
+            self.precopy.close()
         if self.session is not None:
             with contextlib.suppress(MigrationError):
                 await self.session.close()

@@ -176,7 +176,7 @@ class PageStore:
 
     def rebuild(self, images_dir: Path) -> dict[str, int]:
         """Make every process pages image the restore needs readable by CRIU (module doc)."""
-        stats = {"renamed_files": 0, "chained_processes": 0, "chain_levels": 0, "rebuilt_pages": 0}
+        stats = {"renamed_files": 0, "empty_files": 0, "chained_processes": 0, "chain_levels": 0, "rebuilt_pages": 0}
         chained: dict[int, tuple[Path, images.Pagemap, list[Run]]] = {}
         for pm_path in sorted(images_dir.glob("pagemap-*.img")):
             pid = images.process_pagemap_pid(pm_path.name)
@@ -198,8 +198,12 @@ class PageStore:
                     "source and destination disagree"
                 )
             stats["rebuilt_pages"] += sum(n for _, n in needed)
-            assert proc is not None or not needed
-            if proc is not None and len(segments) == 1 and segments[0].runs == needed:
+            if not needed:
+                target.write_bytes(b"")  # a pagemap without pages: CRIU's pages image is empty too
+                stats["empty_files"] += 1
+                continue
+            assert proc is not None
+            if len(segments) == 1 and segments[0].runs == needed:
                 os.close(segments[0].fd)
                 segments[0].fd = -1
                 os.rename(segments[0].path, target)  # the store already is the image

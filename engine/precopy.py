@@ -14,27 +14,30 @@ a slow link slows the scan instead of buffering the container's memory).
 Rootfs changes sync in the same TaskGroup.
 
 After each round the convergence policy, a pure function of the round
-history, decides: another round, the final dump, or abort. At the final dump
-the frozen container is dumped in full to tmpfs; each page CRIU wrote is
-compared with the shadow copy of what the destination holds, and only the
-differing pages cross the wire. The agent rebuilds the pages images from its
-store, so CRIU restores from complete, ordinary images.
+history, decides: another round, the final dump, or abort. The final dump of
+the frozen container goes to tug's own CRIU page server on the source
+(``psfilter``), which compares each page with the shadow copy of what the
+destination holds as CRIU sends it: only the differing pages cross the wire,
+while CRIU is still dumping, and the container's memory is never written to
+tmpfs or read back. The agent rebuilds the pages images from its store, so
+CRIU restores from complete, ordinary images.
 """
 
 from __future__ import annotations
 
 import asyncio
-import mmap
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tug.policies import Action, ConvergencePolicy, Decision, RoundStats
 
-from . import images, pagestream
-from .errors import AbortedByPolicy, PreconditionError
+from . import pagestream
+from .errors import AbortedByPolicy, MigrationError, PreconditionError
 from .events import RoundCompleted
+from .psfilter import FilterServer
 from .tracking.content import PAGE, ContentTracker, ProcessMemory
 
 if TYPE_CHECKING:
@@ -45,6 +48,9 @@ QUEUE_DEPTH = 8  # chunks of up to 4 MiB in flight between scanner and sender
 #: Whatever the policy says, stop iterating after this many rounds: a policy
 #: (possibly the user's own) that never says final must not pin the source.
 SAFETY_MAX_ROUNDS = 30
+
+#: The frozen dump itself, given the ``--page-server`` address (None: to files).
+DumpFn = Callable[[str | None], Awaitable[None]]
 
 
 async def choose_tracker(requested: str) -> str:
@@ -78,17 +84,18 @@ class _RoundCounters:
 class Rounds:
     """The pre-copy loop shared by every tracker: round, ask the policy, repeat.
 
-    Subclasses implement :meth:`round`; they say how the final dump must be
-    done (``local_final_dump``, ``final_parent``) and what the transfer phase
-    must add to it (:meth:`send_final`).
+    Subclasses implement :meth:`round`; they say where the final dump goes
+    (``final_to_destination``, ``final_parent``, :meth:`prepare_final`,
+    :meth:`final_dump`) and which pages images the destination rebuilds
+    (:meth:`rebuilt_pages`).
     """
 
     #: The tracker's name in reports.
     name = ""
-    #: True when the frozen dump must be written locally in full (the
-    #: content tracker compares it with its shadow); False when it is
-    #: streamed to the destination's page server.
-    local_final_dump = True
+    #: True when the frozen dump streams to a CRIU page server on the
+    #: destination (migration.py starts it); False when the tracker serves
+    #: the dump itself (the content tracker filters it on the source).
+    final_to_destination = True
 
     def __init__(self, migration: Migration, policy: ConvergencePolicy) -> None:
         self.m = migration
@@ -109,10 +116,21 @@ class Rounds:
     async def round(self, index: int) -> RoundStats:
         raise NotImplementedError
 
-    async def send_final(self, images_dir: Path) -> set[str]:
-        """Transfer-phase work for the final dump; returns the image names
-        the agent rebuilds (the caller sends every other image file)."""
+    async def prepare_final(self, images_dir: Path) -> None:
+        """Before the freeze: whatever the final dump needs ready (nothing here)."""
+
+    async def final_dump(self, dump: DumpFn) -> None:
+        """Run the frozen dump; by default to the destination's page server."""
+        ps = self.m.final_ps
+        await dump(ps.address if ps is not None else None)
+
+    def rebuilt_pages(self) -> set[str]:
+        """Pages images the agent rebuilds from its store: the transfer phase
+        sends every other file of the images dir."""
         return set()
+
+    def close(self) -> None:
+        """Release what prepare_final() took (idempotent)."""
 
     def _since_last_round(self, t0: float) -> float:
         """Seconds since the previous round started (0 for the first)."""
@@ -154,10 +172,14 @@ class Precopy(Rounds):
     """The content tracker's rounds (see the module doc)."""
 
     name = "content"
+    final_to_destination = False
 
     def __init__(self, migration: Migration, policy: ConvergencePolicy) -> None:
         super().__init__(migration, policy)
         self.tracker = ContentTracker()
+        #: The source-side page server that filters the frozen dump.
+        self._filter: FilterServer | None = None
+        self.final_delta_bytes = 0
 
     async def round(self, index: int) -> RoundStats:
         t0 = time.monotonic()
@@ -225,46 +247,64 @@ class Precopy(Rounds):
             dirty_rate_pps=(c.dirty / since) if since > 0 else 0.0,
         )
 
-    async def send_final(self, images_dir: Path) -> set[str]:
-        """Send the frozen dump's pages that differ from the destination's copy.
+    async def prepare_final(self, images_dir: Path) -> None:
+        """Listen for CRIU's dump before the freeze (no start-up in the downtime)."""
+        self.close()
+        self._filter = FilterServer.listen(self.tracker, images_dir)
 
-        Returns the names of the pages images the agent must rebuild (the
-        caller sends every other image file whole). A pagemap whose layout we
-        cannot account for (e.g. pages kept in a parent dump) is sent whole:
-        falling back costs bytes, never correctness.
+    async def final_dump(self, dump: DumpFn) -> None:
+        """Dump into the filter: changed pages stream to the agent while CRIU runs.
+
+        They go on the "pages" stream as round "final", framed like the
+        rounds'. Errors: a failure of ours cuts CRIU off, so its dump fails
+        too and ours is the one raised; when CRIU failed first (and left
+        without PS_IOV_CLOSE), CRIU's error, with its log, is raised.
         """
-        plan: list[tuple[int, Path, list[tuple[int, int, int]]]] = []
-        for pm_path in sorted(images_dir.glob("pagemap-*.img")):
-            pid = images.process_pagemap_pid(pm_path.name)
-            if pid is None:
-                continue
-            try:
-                pm = images.read_pagemap(pm_path.read_bytes())
-                layout = images.page_layout(pm)
-            except images.ImageFormatError:
-                continue
-            plan.append((pid, images_dir / images.pages_file_name(pm.pages_id), layout))
+        fs = self._filter
+        assert fs is not None, "prepare_final() first"
+        m = self.m
+        out = await m.s.open_stream("pages", {"container": m.name, "round": "final"})
+        m.start_meter("pages", None)
+        sent = 0
 
-        t0 = time.monotonic()
-        out = await self.m.s.open_stream("pages", {"container": self.m.name, "round": "final"})
-        delta = 0
-        for pid, pages_path, layout in plan:
-            with open(pages_path, "rb") as f:
-                size = pages_path.stat().st_size
-                mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) if size else None
-                try:
-                    for vaddr, n, off in layout:
-                        data = mm[off : off + n * PAGE] if mm is not None else b""
-                        res = await asyncio.to_thread(self.tracker.diff, pid, vaddr, data)
-                        for run_vaddr, run in res.changed:
-                            await out.write(pagestream.encode_header(pid, run_vaddr, len(run) // PAGE))
-                            await out.write(run)
-                            delta += len(run)
-                            self.m.meter_add(len(run))
-                finally:
-                    if mm is not None:
-                        mm.close()
-        await out.close({"round": "final", "bytes": delta})
-        self.final_delta_bytes = delta
-        self.m.timings["delta_ms"] = (time.monotonic() - t0) * 1000
-        return {p.name for _, p, _ in plan}
+        async def sink(pid: int, vaddr: int, data: bytes) -> None:
+            nonlocal sent
+            await out.write(pagestream.encode_header(pid, vaddr, len(data) // PAGE))
+            await out.write(data)
+            sent += len(data)
+            m.meter_add(len(data))
+
+        serve = asyncio.create_task(fs.serve(sink), name="tug-final-dump-filter")
+        try:
+            await dump(fs.address)
+            if not fs.connected:
+                raise MigrationError("CRIU's dump finished without sending its memory to the filtering page server")
+            t_criu = time.monotonic()
+            stats = await serve
+        except BaseException as exc:
+            serve.cancel()
+            (own,) = await asyncio.gather(serve, return_exceptions=True)
+            # serve() may not even have started. The stream is left as it is:
+            # the rollback discards it, and a write to a stuck link must not
+            # hold up the rollback.
+            fs.close()
+            if isinstance(exc, MigrationError) and isinstance(own, MigrationError) and own is not exc and not fs.disconnected:
+                own.add_note(f"CRIU's dump failed as a consequence: {exc}")
+                raise own from None
+            raise
+        await out.close({"round": "final", "bytes": sent})
+        m.timings["delta_ms"] = (time.monotonic() - t_criu) * 1000
+        self.final_delta_bytes = sent
+        m.note(
+            f"final dump filtered on the source: {stats.pages} pages from CRIU, {stats.changed_pages} changed "
+            f"({sent / 2**20:.1f} MiB sent); {stats.shmem_pages} shared memory pages sent with the images"
+        )
+        if fs.uncork_result:
+            m.note(f"CRIU's page-server socket stayed corked ({fs.uncork_result}): its last request waited ~200 ms", "warning")
+
+    def rebuilt_pages(self) -> set[str]:
+        return self._filter.process_pages_files if self._filter is not None and self._filter.complete else set()
+
+    def close(self) -> None:
+        if self._filter is not None:
+            self._filter.close()

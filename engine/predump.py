@@ -75,7 +75,6 @@ class PreDump(Rounds):
     """Pre-copy rounds with ``runc checkpoint --pre-dump`` (soft-dirty kernels)."""
 
     name = "soft-dirty"
-    local_final_dump = False
 
     def __init__(self, migration: Migration, policy: ConvergencePolicy) -> None:
         super().__init__(migration, policy)

@@ -280,11 +280,13 @@ class ContentTracker:
         ~250 bytes of bookkeeping per block of up to BLOCK_PAGES pages."""
         return sum(len(b.buf) for blocks in self._blocks.values() for b in blocks.values())
 
-    def diff(self, pid: int, vaddr: int, data: bytes, *, record: bool = True) -> ScanResult:
+    def diff(self, pid: int, vaddr: int, data: bytes | bytearray | memoryview, *, record: bool = True) -> ScanResult:
         """Compare ``data`` (whole pages starting at vaddr) with the shadow.
 
         With ``record`` the shadow is updated to the new content, on the
-        promise that the caller sends the returned runs. The input is walked
+        promise that the caller sends the returned runs. ``data`` may be a
+        borrowed view (the final dump's pages as they arrive from CRIU): the
+        changed runs returned are always bytes of their own. The input is walked
         in segments that each lie inside one block: an unchanged segment (the
         common case) costs one dict lookup and one memcmp, whatever its size.
         """
@@ -329,11 +331,11 @@ class ContentTracker:
                         run_hi = e + i
                         continue
                     if run_hi > run_lo:
-                        changed.append((vaddr + run_lo * PAGE, data[run_lo * PAGE : run_hi * PAGE]))
+                        changed.append((vaddr + run_lo * PAGE, bytes(data[run_lo * PAGE : run_hi * PAGE])))
                     run_lo, run_hi = s + i, e + i
                 i += cnt
         if run_hi > run_lo:
-            changed.append((vaddr + run_lo * PAGE, data[run_lo * PAGE : run_hi * PAGE]))
+            changed.append((vaddr + run_lo * PAGE, bytes(data[run_lo * PAGE : run_hi * PAGE])))
         return ScanResult(scanned=n, changed=changed)
 
     def scan(self, mem: ProcessMemory, vaddr: int, npages: int) -> ScanResult:

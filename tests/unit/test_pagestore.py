@@ -74,7 +74,7 @@ def test_pages_out_of_order_become_a_chain_without_copies(tmp_path: Path) -> Non
     seg_inodes = {p.stat().st_ino for p in (tmp_path / "store").iterdir()}
     d = dump(tmp_path, 1, [(0x1000, 1), (0x8000, 1)])
     stats = s.rebuild(d)
-    assert stats == {"renamed_files": 0, "chained_processes": 1, "chain_levels": 2, "rebuilt_pages": 2}
+    assert stats == {"renamed_files": 0, "empty_files": 0, "chained_processes": 1, "chain_levels": 2, "rebuilt_pages": 2}
     assert resolve(d, 1, 0x1000) == page(1) and resolve(d, 1, 0x8000) == page(3)
     assert (d / "pages-3.img").read_bytes() == b"", "the top holds no pages"
     chained = {(tmp_path / f"chain-{k}" / "pages-3.img").stat().st_ino for k in (0, 1)}
@@ -158,3 +158,12 @@ def test_chain_resolves_every_needed_page_to_its_last_bytes(tmp_path_factory: py
         if (d / "pages-3.img").stat().st_size:  # renamed: the image itself, in pagemap order
             assert not (d / "parent").exists()
         assert resolve(d, 7, p * PAGE) == model[p], hex(p * PAGE)
+
+
+
+def test_a_pagemap_without_pages_gets_an_empty_pages_image(tmp_path: Path) -> None:
+    s = PageStore(tmp_path / "store")
+    s.write(1, 0x1000, page(1))
+    d = dump(tmp_path, 2, [], pages_id=5)  # pid 2: nothing stored, nothing needed
+    assert s.rebuild(d)["empty_files"] == 1
+    assert (d / "pages-5.img").read_bytes() == b""
