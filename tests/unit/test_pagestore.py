@@ -7,7 +7,6 @@ does, must give the bytes last written for that page, and nothing is copied.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,8 @@ from hypothesis import strategies as st
 from tug.engine import images
 from tug.engine.errors import MigrationError
 from tug.engine.pagestore import PAGE, PageStore, _subtract
+
+from ..imagechain import resolve as resolve_page
 
 
 def page(tag: int) -> bytes:
@@ -32,26 +33,7 @@ def dump(tmp: Path, pid: int, runs: list[tuple[int, int]], pages_id: int = 3) ->
 
 
 def resolve(level: Path, pid: int, vaddr: int) -> bytes:
-    """One page as CRIU's restore finds it: this level's pagemap, else its parent's."""
-    pm_path = level / images.pagemap_file_name(pid)
-    if pm_path.exists():
-        pm = images.read_pagemap(pm_path.read_bytes())
-        offset = 0
-        for e in pm.entries:
-            if e.vaddr <= vaddr < e.end:
-                if e.present:
-                    with open(level / images.pages_file_name(pm.pages_id), "rb") as f:
-                        f.seek(offset + (vaddr - e.vaddr))
-                        return f.read(PAGE)
-                assert e.flags & images.PE_PARENT, e
-                break
-            if e.present:
-                offset += e.nr_pages * PAGE
-        else:
-            raise AssertionError(f"{vaddr:#x} of pid {pid} is not in {pm_path}")
-    parent = level / "parent"
-    assert parent.is_symlink() and not os.readlink(parent).startswith("/"), "parent links must be relative"
-    return resolve(level / os.readlink(parent), pid, vaddr)
+    return resolve_page(level, images.pagemap_file_name(pid), vaddr)
 
 
 def test_one_ascending_segment_is_renamed(tmp_path: Path) -> None:
