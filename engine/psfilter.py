@@ -40,7 +40,6 @@ CRIU mid-dump (its parasite code would be left inside the container).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 from collections.abc import Awaitable, Callable
