@@ -43,6 +43,7 @@ from tug.transports.ssh import LOOPBACK, AgentProcess, PortForward
 
 from .criu import criu_binary, log_error_lines
 from .criudaemon import CriuDaemon
+from .uncork import uncork_peer
 from .errors import CriuError
 from .transfer import Meter
 
@@ -206,6 +207,9 @@ class RemotePageServer:
         work dir) and connect a forward to it."""
         res = await session.call("page_server_start", container=container, images=images, parent=parent, fault=fault)
         fwd = await agent.forward(int(res["port"]), what=f"the CRIU page server on {agent.target.host}")
+        # CRIU corks its socket and never pushes its last request: uncork it
+        # from here, or every streamed dump ends with a 200 ms wait (uncork.py).
+        fwd.on_first_data = lambda ours, peer: _uncork_later(ours, peer)
         return cls(session, container, int(res["id"]), fwd)
 
     @property
@@ -249,3 +253,14 @@ class RemotePageServer:
 
     def close(self) -> None:
         self.forward.close()
+
+
+def _uncork_later(ours: tuple[str, int], peer: tuple[str, int]) -> None:
+    """Best effort, in a thread (a /proc scan); a failure only costs the 200 ms."""
+    task = asyncio.ensure_future(asyncio.to_thread(uncork_peer, ours, peer))
+    _UNCORKING.add(task)
+    task.add_done_callback(_UNCORKING.discard)
+
+
+#: Keeps the uncork tasks referenced until they finish.
+_UNCORKING: set[asyncio.Future[str | None]] = set()

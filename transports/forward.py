@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Callable
 from typing import cast
 
 import asyncssh
@@ -57,6 +58,9 @@ class PortForward:
         self._remote_eof = False
         self._closed = False
         self._done = asyncio.Event()
+        #: Called once with (our end, the client's end) of the local
+        #: connection when its first bytes arrive (engine/uncork.py uses it).
+        self.on_first_data: Callable[[tuple[str, int], tuple[str, int]], None] | None = None
 
     @property
     def address(self) -> str:
@@ -118,6 +122,10 @@ class PortForward:
         return True
 
     def _from_local(self, data: bytes) -> None:
+        if self.bytes_sent == 0 and self.on_first_data is not None and self._local is not None:
+            ours, peer = self._local.get_extra_info("sockname"), self._local.get_extra_info("peername")
+            if ours and peer:
+                self.on_first_data((ours[0], ours[1]), (peer[0], peer[1]))
         self.bytes_sent += len(data)
         if self._chan is None:
             return
