@@ -58,7 +58,7 @@ from .events import ErrorInfo, Event, MigrationReport, Note, PhaseFinished, Phas
 from .hostcfg import HostConfig
 from .phases import Phase, PhaseMachine
 from .runtime import network as netif
-from .runtime.netlock import FrameHold
+from .endpoint import SourceEndpoint
 from .runtime.network import EndpointSpec
 from .runtime.runc import Runc
 from .precopy import Precopy, Rounds, choose_tracker
@@ -119,17 +119,9 @@ class Migration:
         self.rootfs_dir: Path | None = None
         self.paused = False
         self.endpoint: EndpointSpec | None = None
-        #: The network lock, made ready before the freeze (runtime.netlock).
-        self.hold: FrameHold | None = None
-        #: True while frames to the source container are held (the lock is on).
-        self.net_locked = False
+        #: The container's network endpoint here, lock made ready before the freeze.
+        self.net: SourceEndpoint | None = None
         self.held_frames: dict[str, int] = {}
-        #: Held frames handed to the destination with the restore call: if
-        #: that restore fails they belong to the resumed source again.
-        self.frames_in_flight: list[bytes] = []
-        #: Gratuitous ARP from the source's endpoint, for a rollback after the
-        #: bridge may have learned the MAC on the destination's port.
-        self.announcer: netif.Announcer | None = None
         #: Set once anything was changed on either host; before that a failure
         #: has nothing to undo and its outcome is "aborted", not "rolled-back".
         self.changed = False
@@ -291,11 +283,9 @@ class Migration:
         if self.stream_dump and self.precopy is None:
             await self._start_final_page_server(None)
         if self.endpoint is not None:
-            net = self.host.network
-            assert net is not None
-            self.hold = await FrameHold.open(net, self.name)
-            self.announcer = await asyncio.to_thread(netif.Announcer, net.netns_path(self.name), self.endpoint)
-            neighbors = await asyncio.to_thread(netif.read_neighbors, net, self.name)
+            assert self.host.network is not None
+            self.net = await SourceEndpoint.open(self.host.network, self.name, self.endpoint)
+            neighbors = await self.net.neighbors()
             await self.s.call("prepare_network", container=self.name, neighbors=neighbors, fault=self.opts.fault)
 
     async def _checkpoint(self) -> None:
@@ -308,12 +298,11 @@ class Migration:
         self.frozen_at = time.monotonic()
         self.frozen_sent_at_freeze = self.wire_bytes()
         await self.runc.pause(self.name)
-        if self.hold is not None:
+        if self.net is not None:
             # After the pause: no process can answer anything any more, and
             # whatever the kernel still sends before this point is older
             # than the dump, TCP timestamps included (see runtime.netlock).
-            self.net_locked = True  # before the call, like paused
-            await self.hold.engage()
+            await self.net.lock()
         t_dump = time.monotonic()
 
         async def dump(page_server: str | None) -> None:
@@ -393,28 +382,29 @@ class Migration:
     async def _restore(self) -> None:
         # What clients sent during the freeze goes along, to be answered by the
         # destination the moment its sockets exist (runtime.netlock).
-        self.frames_in_flight = self.hold.take() if self.hold is not None else []
+        frames = self.net.take() if self.net is not None else []
         res = await self.s.call(
             "restore",
             container=self.name,
             tcp_close=self.opts.tcp_close,
             rebuild_pages=self.rebuild_pages,
-            frames=self.frames_in_flight,
+            frames=frames,
             lazy=self.lazy,
             fault=self.opts.fault,
         )
         self.running_at = time.monotonic()
         self.frozen_bytes = self.wire_bytes() - self.frozen_sent_at_freeze
-        if self.hold is not None:
-            held = len(self.frames_in_flight) + int(res.get("frames_held_here", 0))
+        if self.net is not None:
+            held = len(frames) + int(res.get("frames_held_here", 0))
             delivered = int(res.get("frames_delivered", 0))
-            self.frames_in_flight = []
-            late = self.hold.take()  # arrived here while the destination restored
+            self.net.delivered()
+            late = self.net.take()  # arrived here while the destination restored
             if late:
                 got = await self.s.call("deliver", container=self.name, frames=late)
+                self.net.delivered()
                 held += len(late)
                 delivered += int(got.get("delivered", 0))
-            self.held_frames = {"held": held, "delivered": delivered, "dropped": self.hold.dropped}
+            self.held_frames = {"held": held, "delivered": delivered, "dropped": self.net.hold.dropped}
         for key in ("restore_ms", "rebuild_ms", "network_up_ms"):
             if isinstance(res.get(key), (int, float)):
                 self.timings[key] = float(res[key])
@@ -440,17 +430,9 @@ class Migration:
             self.paused = False
         except MigrationError as exc:
             self.note(f"could not delete the frozen source container: {exc}", "warning")
-        if self.endpoint is not None and self.host.network is not None:
-            # The endpoint goes before the lock is lifted: the killed source's
-            # sockets may still want to send a FIN or a reset to its peers.
-            await asyncio.to_thread(netif.delete, self.host.network, self.name)
-            self.net_locked = False
-            if self.hold is not None:
-                await self.hold.close()
-                self.hold = None
-            if self.announcer is not None:
-                self.announcer.close()
-                self.announcer = None
+        if self.net is not None:
+            net, self.net = self.net, None
+            await net.remove()
         if self.bundle is not None and self.bundle.parent == self.host.bundles_dir:
             shutil.rmtree(self.bundle, ignore_errors=True)
 
@@ -509,8 +491,8 @@ class Migration:
                     returned = await self._abort_destination()
                     if self.paused:
                         await self._resume_source()
-                    if self.net_locked and self.hold is not None:
-                        await self._unlock_source(returned)
+                    if self.net is not None and self.net.locked:
+                        self.held_frames = await self.net.unlock(returned)
         except (MigrationError, TimeoutError) as rb:
             outcome = "failed"
             self.note(f"rollback incomplete: {rb}", "warning")
@@ -526,17 +508,6 @@ class Migration:
             await self.runc.resume(self.name)
         self.paused = False
         self.note(f"source container {self.name!r} resumed")
-
-    async def _unlock_source(self, returned: list[bytes]) -> None:
-        """Rollback of the network lock: every held frame goes to the resumed source, oldest first."""
-        assert self.hold is not None
-        frames = self.frames_in_flight + await self.hold.open_gate() + returned
-        self.frames_in_flight = []
-        self.net_locked = False
-        delivered = self.hold.inject(frames)
-        if self.announcer is not None:
-            self.announcer.send()  # the bridge may have learned the MAC on the destination's port
-        self.held_frames = {"held": len(frames), "delivered": delivered, "dropped": self.hold.dropped}
 
     async def _abort_destination(self) -> list[bytes]:
         """Tell the agent to undo everything; returns the frames it had held."""
@@ -565,10 +536,8 @@ class Migration:
                 await self.session.close()
         if self.agent is not None:
             await self.agent.close()
-        if self.hold is not None:
-            await self.hold.close()
-        if self.announcer is not None:
-            self.announcer.close()
+        if self.net is not None:
+            await self.net.close()
         remove_tree(self.work)
 
     def _report(self, outcome: str, exc: BaseException | None = None, phase: str = "") -> MigrationReport:
