@@ -43,7 +43,7 @@ from tug.transports.ssh import LOOPBACK, AgentProcess, PortForward
 
 from .criu import criu_binary, log_error_lines
 from .criudaemon import CriuDaemon
-from .uncork import uncork_peer
+from .uncork import peer_is_criu, uncork_peer
 from .errors import CriuError
 from .transfer import Meter
 
@@ -210,6 +210,7 @@ class RemotePageServer:
         # CRIU corks its socket and never pushes its last request: uncork it
         # from here, or every streamed dump ends with a 200 ms wait (uncork.py).
         fwd.on_first_data = lambda ours, peer: _uncork_later(ours, peer)
+        fwd.admit = peer_is_criu  # only CRIU may feed pages to the destination
         return cls(session, container, int(res["id"]), fwd)
 
     @property

@@ -171,6 +171,10 @@ class Rounds:
 class Precopy(Rounds):
     """The content tracker's rounds (see the module doc)."""
 
+    #: Only a ``criu`` process may connect to the final dump's filter (unit
+    #: tests that play CRIU themselves turn this off).
+    only_criu_peers = True
+
     name = "content"
     final_to_destination = False
 
@@ -250,7 +254,7 @@ class Precopy(Rounds):
     async def prepare_final(self, images_dir: Path) -> None:
         """Listen for CRIU's dump before the freeze (no start-up in the downtime)."""
         self.close()
-        self._filter = FilterServer.listen(self.tracker, images_dir)
+        self._filter = FilterServer.listen(self.tracker, images_dir, only_criu=self.only_criu_peers)
 
     async def final_dump(self, dump: DumpFn) -> None:
         """Dump into the filter: changed pages stream to the agent while CRIU runs.

@@ -52,7 +52,7 @@ from tug.transports.forward import LOOPBACK
 from . import images
 from .errors import MigrationError
 from .tracking.content import ContentTracker
-from .uncork import uncork_peer
+from .uncork import peer_is_criu, uncork_peer
 
 #: Entries with changed runs queued between the reader and the sender. CRIU's
 #: entries are at most a pipe buffer (4 MiB), so this bounds what waits for
@@ -120,10 +120,18 @@ class FilterServer:
         self.uncork_result: str | None = None
         self._uncork_task: asyncio.Future[str | None] | None = None
         self._ends: tuple[tuple[str, int], tuple[str, int]] = (("", 0), ("", 0))  # (ours, CRIU's)
+        #: Why connections that were not CRIU's were refused.
+        self.refused: list[str] = []
+        self.only_criu = True
 
     @classmethod
-    def listen(cls, tracker: ContentTracker, images_dir: Path, host: str = LOOPBACK, *, uncork: bool = True) -> FilterServer:
-        """Listen on an ephemeral port (before the freeze: no start-up in the downtime)."""
+    def listen(
+        cls, tracker: ContentTracker, images_dir: Path, host: str = LOOPBACK, *, uncork: bool = True, only_criu: bool = True
+    ) -> FilterServer:
+        """Listen on an ephemeral port (before the freeze: no start-up in the downtime).
+
+        ``only_criu``: a connection from anything but a ``criu`` process is
+        refused (tests that play CRIU themselves turn it off)."""
         images_dir.mkdir(parents=True, exist_ok=True)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
@@ -133,7 +141,9 @@ class FilterServer:
         except OSError as exc:
             sock.close()
             raise MigrationError(f"cannot listen for CRIU's dump on {host}: {exc.strerror}") from None
-        return cls(tracker, images_dir, sock, uncork=uncork)
+        server = cls(tracker, images_dir, sock, uncork=uncork)
+        server.only_criu = only_criu
+        return server
 
     @property
     def address(self) -> str:
@@ -161,7 +171,15 @@ class FilterServer:
         loop = asyncio.get_running_loop()
         try:
             assert self._listener is not None, "serve() runs once"
-            conn, _ = await loop.sock_accept(self._listener)
+            while True:
+                conn, _ = await loop.sock_accept(self._listener)
+                if not self.only_criu:
+                    break
+                refused = await asyncio.to_thread(peer_is_criu, conn.getsockname(), conn.getpeername())
+                if refused is None:
+                    break
+                conn.close()  # not CRIU: nobody else may feed pages into a migration
+                self.refused.append(refused)
             self._listener.close()
             self._listener = None
             self._conn = conn

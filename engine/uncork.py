@@ -53,21 +53,25 @@ def socket_inode(tcp_table: str, local: tuple[str, int], remote: tuple[str, int]
     return None
 
 
-def _holders(inode: int, pids: Iterable[Path]) -> list[tuple[int, int]]:
-    """(pid, fd) of every process named criu that holds socket ``inode``."""
+def _holders(inode: int, pids: Iterable[Path]) -> list[tuple[int, int, str]]:
+    """(pid, fd, command name) of every process that holds socket ``inode``."""
     target = f"socket:[{inode}]"
     found = []
     for proc in pids:
         if not proc.name.isdigit():
             continue
         with contextlib.suppress(OSError):
-            if (proc / "comm").read_text().strip() != "criu":
-                continue
-            for fd in (proc / "fd").iterdir():
-                with contextlib.suppress(OSError):
-                    if os.readlink(fd) == target:
-                        found.append((int(proc.name), int(fd.name)))
+            fds = [fd for fd in (proc / "fd").iterdir() if _is(fd, target)]
+            if fds:
+                comm = (proc / "comm").read_text().strip()
+                found += [(int(proc.name), int(fd.name), comm) for fd in fds]
     return found
+
+
+def _is(fd: Path, target: str) -> bool:
+    with contextlib.suppress(OSError):
+        return os.readlink(fd) == target
+    return False
 
 
 def _set_cork_off(pid: int, fd: int) -> None:
@@ -85,20 +89,49 @@ def _set_cork_off(pid: int, fd: int) -> None:
         sock.close()  # closes our duplicate only
 
 
+def criu_holder(ours: tuple[str, int], peer: tuple[str, int]) -> tuple[int, int] | str:
+    """(pid, fd) of a ``criu`` process at the other end of ``ours`` <-> ``peer``, else why not.
+
+    Every holder of that socket must be a process named criu (CRIU's own
+    children may share it); one of them is returned.
+    """
+    try:
+        inode = socket_inode(Path("/proc/net/tcp").read_text(), local=peer, remote=ours)
+        if inode is None:
+            return "the peer's socket is not in /proc/net/tcp"
+        holders = _holders(inode, Path("/proc").iterdir())
+    except (OSError, ValueError) as exc:
+        return f"cannot look at the peer's socket: {getattr(exc, 'strerror', None) or exc}"
+    others = sorted({comm for _, _, comm in holders if comm != "criu"})
+    if others:
+        return f"the peer's socket is held by {', '.join(others)}, not only criu"
+    if not holders:
+        return "0 criu processes hold the peer's socket"
+    pid, fd, _ = holders[0]
+    return pid, fd
+
+
+def peer_is_criu(ours: tuple[str, int], peer: tuple[str, int]) -> str | None:
+    """None when the local peer is a CRIU process, else why it is refused.
+
+    A page server on 127.0.0.1 accepts whoever connects first; without this
+    any local process could feed its own "pages" into a migration.
+    """
+    found = criu_holder(ours, peer)
+    return found if isinstance(found, str) else None
+
+
 def uncork_peer(ours: tuple[str, int], peer: tuple[str, int]) -> str | None:
     """Clear TCP_CORK on CRIU's end of the connection ``ours`` <-> ``peer``.
 
     Returns None when done, else why not (for a note; never raises).
     Blocking (/proc scan, a few ms): run it in a thread.
     """
+    found = criu_holder(ours, peer)
+    if isinstance(found, str):
+        return found
     try:
-        inode = socket_inode(Path("/proc/net/tcp").read_text(), local=peer, remote=ours)
-        if inode is None:
-            return "CRIU's socket is not in /proc/net/tcp"
-        holders = _holders(inode, Path("/proc").iterdir())
-        if len(holders) != 1:
-            return f"{len(holders)} criu processes hold its socket"
-        _set_cork_off(*holders[0])
-    except (OSError, ValueError) as exc:
-        return f"cannot reach CRIU's socket: {getattr(exc, 'strerror', None) or exc}"
+        _set_cork_off(*found)
+    except OSError as exc:
+        return f"cannot reach CRIU's socket: {exc.strerror or exc}"
     return None

@@ -61,6 +61,10 @@ class PortForward:
         #: Called once with (our end, the client's end) of the local
         #: connection when its first bytes arrive (engine/uncork.py uses it).
         self.on_first_data: Callable[[tuple[str, int], tuple[str, int]], None] | None = None
+        #: Vets a local connection (our end, the client's end): None admits
+        #: it, a reason refuses it and the forward waits on for another.
+        self.admit: Callable[[tuple[str, int], tuple[str, int]], str | None] | None = None
+        self.refused: list[str] = []
 
     @property
     def address(self) -> str:
@@ -106,6 +110,12 @@ class PortForward:
             if self._local is not None:
                 self.error = self.error or "a second local connection was refused"
             return False
+        if self.admit is not None:
+            ours, peer = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
+            why = self.admit((ours[0], ours[1]), (peer[0], peer[1])) if ours and peer else "no peer address"
+            if why is not None:
+                self.refused.append(why)
+                return False
         self._local = transport
         if self._server is not None:  # one session: stop listening right away
             self._server.close()

@@ -81,6 +81,7 @@ async def precopy(tmp_path: Path, fail_stream: bool = False) -> tuple[Precopy, S
     m = StubMigration(fail_stream)
     pc = Precopy(cast(Any, m), parse_policy("phaul"))
     pc.tracker.diff(1, BASE, page(1, 0) + page(1, 1))  # what the rounds sent
+    pc.only_criu_peers = False  # fake_criu below is this test process
     await pc.prepare_final(tmp_path / "images")
     return pc, m
 

@@ -85,7 +85,7 @@ def prefilled() -> ContentTracker:
 
 async def test_a_dump_is_filtered_and_its_images_written(tmp_path: Path) -> None:
     tracker = prefilled()
-    fs = FilterServer.listen(tracker, tmp_path)
+    fs = FilterServer.listen(tracker, tmp_path, only_criu=False)
     sink = Collect()
     changed = page(9, 3)
     s = Session().open(P, 1)
@@ -134,7 +134,7 @@ async def test_a_slow_sink_stops_the_reading(tmp_path: Path) -> None:
     """Backpressure: with the sink stuck, only about QUEUE_DEPTH entries are read and diffed."""
     entry_pages = 1024  # CRIU's usual 4 MiB entry
     entries = 48
-    fs = FilterServer.listen(ContentTracker(), tmp_path)
+    fs = FilterServer.listen(ContentTracker(), tmp_path, only_criu=False)
     sink = Collect(blocked=True)
     s = Session().open(P, 1)
     data = b"".join(page(1, k) for k in range(entry_pages))
@@ -154,7 +154,7 @@ async def test_a_slow_sink_stops_the_reading(tmp_path: Path) -> None:
 
 
 async def test_criu_leaving_before_close_is_a_disconnect(tmp_path: Path) -> None:
-    fs = FilterServer.listen(ContentTracker(), tmp_path)
+    fs = FilterServer.listen(ContentTracker(), tmp_path, only_criu=False)
     serve = asyncio.create_task(fs.serve(Collect()))
     s = Session().open(P, 1).add(P, 1, BASE, page(1, 0))
     await client(fs.port, bytes(s.wire) + bytes(s.wire[:10]), replies=1)  # ends inside a request header
@@ -175,7 +175,7 @@ async def test_criu_leaving_before_close_is_a_disconnect(tmp_path: Path) -> None
     ids=["garbage", "hole", "reopen", "descending"],
 )
 async def test_bad_streams_fail_and_cut_criu_off(tmp_path: Path, wire: bytes, match: str) -> None:
-    fs = FilterServer.listen(ContentTracker(), tmp_path)
+    fs = FilterServer.listen(ContentTracker(), tmp_path, only_criu=False)
     serve = asyncio.create_task(fs.serve(Collect()))
     reader, writer = await asyncio.open_connection("127.0.0.1", fs.port)
     writer.write(wire)
@@ -187,7 +187,7 @@ async def test_bad_streams_fail_and_cut_criu_off(tmp_path: Path, wire: bytes, ma
 
 
 async def test_a_failing_sink_fails_serve_and_cuts_criu_off(tmp_path: Path) -> None:
-    fs = FilterServer.listen(ContentTracker(), tmp_path)
+    fs = FilterServer.listen(ContentTracker(), tmp_path, only_criu=False)
     serve = asyncio.create_task(fs.serve(Collect(fail_after=1)))
     s = Session().open(P, 1)
     for i in range(64):
@@ -202,7 +202,7 @@ async def test_a_failing_sink_fails_serve_and_cuts_criu_off(tmp_path: Path) -> N
 
 
 async def test_cancelled_before_criu_connects(tmp_path: Path) -> None:
-    fs = FilterServer.listen(ContentTracker(), tmp_path)
+    fs = FilterServer.listen(ContentTracker(), tmp_path, only_criu=False)
     port = fs.port
     serve = asyncio.create_task(fs.serve(Collect()))
     await asyncio.sleep(0.05)
@@ -225,3 +225,17 @@ def test_under_uvloop(tmp_path: Path) -> None:
         await test_cancelled_before_criu_connects(tmp_path / "cancel")
 
     uvloop.run(main())
+
+
+async def test_only_criu_may_connect(tmp_path: Path) -> None:
+    """Anything but a criu process is refused, and the server waits on for CRIU."""
+    fs = FilterServer.listen(ContentTracker(), tmp_path)  # the default: only CRIU
+    serve = asyncio.create_task(fs.serve(Collect()))
+    reader, writer = await asyncio.open_connection("127.0.0.1", fs.port)
+    assert await asyncio.wait_for(reader.read(), 10) == b"", "this test process is not CRIU: cut off"
+    writer.close()
+    assert fs.refused and fs.refused[0].endswith("not only criu") and not fs.connected
+    serve.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await serve
+    fs.close()

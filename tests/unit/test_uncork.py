@@ -6,7 +6,7 @@ import os
 import socket
 from pathlib import Path
 
-from tug.engine.uncork import _set_cork_off, socket_inode, uncork_peer
+from tug.engine.uncork import _set_cork_off, socket_inode, uncork_peer, peer_is_criu
 
 TABLE = """\
   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
@@ -50,9 +50,19 @@ def test_only_a_process_named_criu_is_touched() -> None:
     try:
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
         why = uncork_peer(server.getsockname(), server.getpeername())
-        assert why == "0 criu processes hold its socket"
+        assert why is not None and why.endswith("not only criu"), why
         assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 1
-        assert uncork_peer(("127.0.0.1", 1), ("127.0.0.1", 2)) == "CRIU's socket is not in /proc/net/tcp"
+        assert uncork_peer(("127.0.0.1", 1), ("127.0.0.1", 2)) == "the peer's socket is not in /proc/net/tcp"
+    finally:
+        for s in (listener, client, server):
+            s.close()
+
+
+def test_a_peer_that_is_not_criu_is_refused() -> None:
+    listener, client, server = connected_pair()
+    try:
+        why = peer_is_criu(server.getsockname(), server.getpeername())
+        assert why is not None and why.startswith("the peer's socket is held by ") and why.endswith("not only criu"), why
     finally:
         for s in (listener, client, server):
             s.close()
