@@ -160,19 +160,12 @@ class PageStore:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self._procs: dict[int, _ProcessPages] = {}
-        self.pages_written = 0
 
     def write(self, pid: int, vaddr: int, data: bytes | memoryview) -> None:
         proc = self._procs.get(pid)
         if proc is None:
             proc = self._procs[pid] = _ProcessPages(self.root, pid)
-        view = memoryview(data)
-        proc.write(vaddr, view)
-        self.pages_written += len(view) // PAGE
-
-    def holds(self, pid: int) -> int:
-        proc = self._procs.get(pid)
-        return len(proc.index) if proc else 0
+        proc.write(vaddr, memoryview(data))
 
     def rebuild(self, images_dir: Path) -> dict[str, int]:
         """Make every process pages image the restore needs readable by CRIU (module doc)."""

@@ -25,6 +25,7 @@ CRIU restores from complete, ordinary images.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
@@ -81,7 +82,7 @@ class _RoundCounters:
     send_s: float = 0.0
 
 
-class Rounds:
+class Rounds(abc.ABC):
     """The pre-copy loop shared by every tracker: round, ask the policy, repeat.
 
     Subclasses implement :meth:`round`; they say where the final dump goes
@@ -113,8 +114,9 @@ class Rounds:
         """``--parent-path`` of the final dump, relative to its image dir."""
         return None
 
+    @abc.abstractmethod
     async def round(self, index: int) -> RoundStats:
-        raise NotImplementedError
+        """One round: find what changed since the last, send it, say what it cost."""
 
     async def prepare_final(self, images_dir: Path) -> None:
         """Before the freeze: whatever the final dump needs ready (nothing here)."""

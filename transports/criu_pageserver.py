@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import Final, TypeAlias
 
 from tug.engine.errors import ProtocolError
+from tug.engine.images import PE_PARENT, PE_PRESENT  # CRIU's pagemap flags: defined once
 
 PAGE_SIZE: Final = 4096
 #: ``struct page_server_iov`` in host byte order (x86-64/arm64: little-endian), natural padding.
@@ -73,9 +74,6 @@ PS_TYPE_BITS: Final = 8
 PS_TYPE_PID: Final = 1
 PS_TYPE_SHMEM: Final = 2
 
-PE_PARENT: Final = 1 << 0
-PE_LAZY: Final = 1 << 1
-PE_PRESENT: Final = 1 << 2
 
 #: Largest entry accepted, in pages. CRIU sends one entry per iovec of a page
 #: pipe buffer, and a pipe holds at most PIPE_MAX_SIZE pages (page-pipe.h: 819

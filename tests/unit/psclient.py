@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tug.engine.images import PE_LAZY, PE_PRESENT
 from tug.transports.criu_pageserver import (
     HEADER,
     PAGE_SIZE,
-    PE_LAZY,
-    PE_PRESENT,
     PS_IOV_ADD_F,
     PS_IOV_CLOSE,
     PS_IOV_FORCE_CLOSE,

@@ -10,13 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tug.engine.errors import MigrationError, ProtocolError
+from tug.engine.images import PE_LAZY, PE_PARENT, PE_PRESENT
 from tug.transports.criu_pageserver import (
     HEADER,
     MAX_ENTRY_PAGES,
     PAGE_SIZE,
-    PE_LAZY,
-    PE_PARENT,
-    PE_PRESENT,
     PS_IOV_ADD,
     PS_IOV_ADD_F,
     PS_IOV_CLOSE,

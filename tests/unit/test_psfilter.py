@@ -19,7 +19,8 @@ from tug.engine import images
 from tug.engine.errors import MigrationError, TransportError
 from tug.engine.psfilter import FIRST_PAGES_ID, QUEUE_DEPTH, FilterServer
 from tug.engine.tracking.content import ContentTracker
-from tug.transports.criu_pageserver import PAGE_SIZE, PE_LAZY, PE_PARENT, PE_PRESENT, Kind, PageServerProtocolError
+from tug.engine.images import PE_LAZY, PE_PARENT, PE_PRESENT
+from tug.transports.criu_pageserver import PAGE_SIZE, Kind, PageServerProtocolError
 
 from .psclient import Session, page
 
