@@ -26,6 +26,13 @@ from tug.engine.runtime.network import HostNetwork
 TUG = str(Path(sys.executable).with_name("tug"))
 _names = itertools.count(1)
 
+#: The workload writes a heartbeat line every 10 ms. The longest gap a client
+#: of the container sees may exceed the engine's downtime by one interval plus
+#: scheduling noise: the engine's clock starts just before the freeze and stops
+#: when the destination's answer arrives, the heartbeat's when the next line is
+#: written.
+HEARTBEAT_SLACK_MS = 50
+
 
 @dataclass
 class Result:
@@ -86,6 +93,19 @@ class Lab:
         assert (res.returncode == 0) == bool(data["ok"])
         return data
 
+    def check_moved_intact(self, host: str, name: str, before: dict[str, Any], downtime_ms: float) -> dict[str, Any]:
+        """``name`` runs on ``host`` with its memory intact, its counter continued
+        from ``before`` (a check on the source), and no heartbeat gap beyond the
+        engine's ``downtime_ms`` plus HEARTBEAT_SLACK_MS."""
+        after = self.check(host, name)
+        assert after["ok"], after
+        assert after["verify"]["ok"] and after["verify"]["bad_pages"] == 0
+        hb = after["heartbeat"]
+        assert hb["resets"] == 0 and hb["backwards"] == 0 and hb["skipped"] == 0
+        assert hb["last_counter"] > before["heartbeat"]["last_counter"]
+        assert hb["max_gap_ms"] <= downtime_ms + HEARTBEAT_SLACK_MS
+        return after
+
     def exec(self, host: str, name: str, *argv: str) -> str:
         res = subprocess.run(["runc", "--root", self.runc_root(host), "exec", name, *argv], capture_output=True, text=True, timeout=30)
         assert res.returncode == 0, res.stderr
@@ -144,13 +164,17 @@ def lab() -> Iterator[Lab]:
         tug("lab", "down", timeout=120)
 
 
-@pytest.fixture
-def demo(lab: Lab) -> Iterator[str]:
-    """A fresh demo container on host a; removed from every host afterwards."""
-    name = f"t{os.getpid()}-{next(_names)}"
+def demo_container(lab: Lab, prefix: str = "t") -> Iterator[str]:
+    """A fresh 32 MiB demo container on host a; removed from every host afterwards."""
+    name = f"{prefix}{os.getpid()}-{next(_names)}"
     tug("lab", "demo", "a", name, "--memory", "32", "--dirty-rate", "200", check=True)
     yield name
     lab.remove(name)
+
+
+@pytest.fixture
+def demo(lab: Lab) -> Iterator[str]:
+    yield from demo_container(lab)
 
 
 def migrate(src: str, name: str, dest_url: str, *extra: str) -> Result:

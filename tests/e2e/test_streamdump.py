@@ -9,7 +9,6 @@ kernel has soft-dirty tracking (this one may not).
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import socket
@@ -24,16 +23,10 @@ from tug.engine.errors import CriuError
 from tug.engine.lab import hosts as labhosts
 from tug.engine.pageserver import PageServer
 
-from .conftest import Lab, migrate, tug
+from .conftest import Lab, demo_container, migrate, tug
 from .test_network import Client, assert_clean_run
 
 pytestmark = pytest.mark.e2e
-
-#: See test_stopcopy.py: the heartbeat's gap may exceed the engine's downtime by this much.
-HEARTBEAT_SLACK_MS = 50
-
-
-_names = itertools.count(1)
 
 
 def _cmdline(pid: str) -> list[str]:
@@ -73,11 +66,8 @@ def listeners(host: str, name: str) -> list[str]:
 
 @pytest.fixture
 def demo(lab: Lab) -> Iterator[str]:
-    """A fresh 32 MiB demo container on host a, named with this file's prefix."""
-    name = f"tps{os.getpid()}-{next(_names)}"
-    tug("lab", "demo", "a", name, "--memory", "32", "--dirty-rate", "200", check=True)
-    yield name
-    lab.remove(name)
+    """A fresh demo container on host a, named with this file's prefix."""
+    yield from demo_container(lab, "tps")
 
 
 def nothing_left(lab: Lab, name: str) -> None:
@@ -104,13 +94,7 @@ def test_streamed_dump_there_and_back(lab: Lab, demo: str) -> None:
     assert report["image_bytes"] < report["page_server_bytes"] // 32
     assert any("page server" in n for n in report["notes"])
 
-    after = lab.check("b", demo)
-    assert after["ok"], after
-    assert after["verify"]["ok"] and after["verify"]["bad_pages"] == 0
-    hb = after["heartbeat"]
-    assert hb["resets"] == 0 and hb["backwards"] == 0 and hb["skipped"] == 0
-    assert hb["last_counter"] > before["heartbeat"]["last_counter"]
-    assert hb["max_gap_ms"] <= report["downtime_ms"] + HEARTBEAT_SLACK_MS
+    lab.check_moved_intact("b", demo, before, report["downtime_ms"])
     assert lab.exec("b", demo, "cat", "/root/marker").strip() == "streamed"
     assert lab.state("a", demo) is None
     assert lab.leftovers("a", demo) == []

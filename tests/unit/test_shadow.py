@@ -14,34 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tug.engine.tracking.content import BLOCK_PAGES, PAGE, ContentTracker, ScanResult
+from tug.engine.tracking.content import BLOCK_PAGES, PAGE, ContentTracker
 
-
-class ReferenceTracker:
-    """The tracker as it was: one dict entry per page, compared page by page."""
-
-    def __init__(self) -> None:
-        self.shadow: dict[tuple[int, int], bytes] = {}
-
-    def diff(self, pid: int, vaddr: int, data: bytes, *, record: bool = True) -> ScanResult:
-        changed: list[tuple[int, bytes]] = []
-        run_start = -1
-        n = len(data) // PAGE
-        for i in range(n):
-            page = data[i * PAGE : (i + 1) * PAGE]
-            key = (pid, vaddr + i * PAGE)
-            if self.shadow.get(key) != page:
-                if record:
-                    self.shadow[key] = page
-                if run_start < 0:
-                    run_start = i
-            elif run_start >= 0:
-                changed.append((vaddr + run_start * PAGE, data[run_start * PAGE : i * PAGE]))
-                run_start = -1
-        if run_start >= 0:
-            changed.append((vaddr + run_start * PAGE, data[run_start * PAGE : n * PAGE]))
-        return ScanResult(scanned=n, changed=changed)
-
+#: The tracker as it was (one dict entry per page, compared page by page): the
+#: benchmark measures it, this test holds the new one to its answers.
+from bench.micro_tracker import DictTracker
 
 ZERO = bytes(PAGE)
 #: Page contents by variant. 0-2 are the same at every address (a zero page,
@@ -95,7 +72,7 @@ def test_block_shadow_matches_page_dict(ops: list[Op]) -> None:
     # The "live memory" of each process: page number -> variant (0 if never
     # written), so consecutive diffs see mostly unchanged pages, as rounds do.
     memory: dict[tuple[int, int], int] = {}
-    fast, ref = ContentTracker(), ReferenceTracker()
+    fast, ref = ContentTracker(), DictTracker()
     for pid, start, npages, writes, record in ops:
         for first, count, variant in writes:
             for p in range(first, first + count):
