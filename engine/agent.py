@@ -30,7 +30,7 @@ from tug.transports import protocol as p
 from tug.transports.session import Session, StreamSink
 
 from . import criu, rootfs
-from .fsutil import remove_tree
+from .fsutil import private_dir, remove_tree
 from .pageserver import NOT_FLUSHED, PageServer, pages_bytes
 from .lazypages import LazyPages
 from .pagestore import PageStore
@@ -88,7 +88,10 @@ class RecordSink:
             self.writer.write(entry, chunk, last)
 
     async def close(self, meta: dict[str, Any]) -> None:
-        self.decoder.finish()
+        try:
+            self.decoder.finish()
+        finally:
+            self.writer.close()
         if self.on_done is not None:
             self.on_done(self.writer)
 
@@ -199,7 +202,9 @@ class Agent:
         inc = Incoming(name=container, bundle=bundle, work=work)
         inc.network = EndpointSpec.from_dict(network) if network is not None else None
         self.incoming[container] = inc
-        bundle.mkdir(parents=True)
+        private_dir(self.host.bundles_dir)
+        private_dir(self.host.work_dir)
+        bundle.mkdir()
         (bundle / INCOMING_MARKER).write_text(f"{os.getpid()}\n")
         (bundle / "rootfs").mkdir()
         work.mkdir(parents=True)

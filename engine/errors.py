@@ -58,6 +58,12 @@ class ProtocolError(MigrationError):
     kind = "protocol"
 
 
+class UnsafePathError(ProtocolError):
+    """A path in a container's tree would leave it (a symlink, ``..``) or is malformed."""
+
+    kind = "unsafe-path"
+
+
 class RemoteError(MigrationError):
     """The agent on the destination reported a failure for a request."""
 

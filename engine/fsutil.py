@@ -12,7 +12,10 @@ import ctypes
 import ctypes.util
 import os
 import shutil
+import stat
 from pathlib import Path
+
+from .errors import PreconditionError
 
 MNT_DETACH = 2
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -61,3 +64,27 @@ def remove_tree(path: Path) -> None:
         return
     unmount_all(path)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory only root reaches: created 0700, or checked.
+
+    Work and bundle directories hold container trees (setuid files, device
+    images) and CRIU images (memory): other users of the host must not get in,
+    and a default under a world-writable directory (/dev/shm) must not be a
+    directory or symlink someone else planted there before us.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise PreconditionError(
+            f"{path} exists but is not a directory owned by uid {os.geteuid()} (a symlink or someone else's?): "
+            "remove it, or point tug elsewhere (TUG_WORK_DIR / TUG_DATA_DIR)"
+        )
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700, follow_symlinks=False)
+    return path

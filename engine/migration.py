@@ -41,7 +41,7 @@ from tug.transports.ssh import AgentProcess, connect_agent, parse_url
 
 from . import criu, rootfs
 from .pageserver import RemotePageServer
-from .fsutil import remove_tree
+from .fsutil import private_dir, remove_tree
 from tug.policies import ConvergencePolicy, PolicySpecError, parse_policy
 
 from .api import STRATEGIES, MigrationOptions
@@ -278,8 +278,9 @@ class Migration:
         await self._sync_rootfs(Phase.PRE_CHECKPOINT)
 
     async def _pre_restore(self) -> None:
+        private_dir(self.host.work_dir)
         remove_tree(self.work)  # leftovers of an attempt that died before cleaning up
-        self.work.mkdir(parents=True)
+        self.work.mkdir()
         if self.stream_dump and self.precopy is None:
             await self._start_final_page_server(None)
         if self.endpoint is not None:

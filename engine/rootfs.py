@@ -13,6 +13,7 @@ them.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import struct
@@ -23,9 +24,13 @@ from typing import Any
 
 import msgpack
 
-from .errors import ProtocolError
+from . import safefs
+from .errors import ProtocolError, UnsafePathError
 
 DIR, FILE, LINK, OTHER = "d", "f", "l", "o"
+KINDS = frozenset((DIR, FILE, LINK, OTHER))
+#: Deeper trees are refused: each level holds a directory fd while scanning.
+MAX_DEPTH = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,14 +49,22 @@ class Entry:
 
     @classmethod
     def from_wire(cls, item: Any) -> Entry:
+        """An entry from the peer; every field is checked, since all of them
+        come from the container's tree and end up in system calls."""
         if not isinstance(item, (list, tuple)) or len(item) != 8:
             raise ProtocolError("malformed rootfs manifest entry")
         path, kind, mode, uid, gid, size, mtime_ns, link = item
         if not isinstance(path, str) or not isinstance(kind, str) or not isinstance(link, str):
             raise ProtocolError("malformed rootfs manifest entry")
-        if not all(isinstance(v, int) for v in (mode, uid, gid, size, mtime_ns)):
+        if not all(type(v) is int for v in (mode, uid, gid, size, mtime_ns)):
             raise ProtocolError("malformed rootfs manifest entry")
         check_relpath(path)
+        if kind not in KINDS:
+            raise ProtocolError(f"unknown entry kind {kind!r} for {path!r}")
+        if not (0 <= mode <= 0o7777 and 0 <= uid < 2**32 - 1 and 0 <= gid < 2**32 - 1 and 0 <= size < 2**63):
+            raise ProtocolError(f"out-of-range metadata for {path!r}")
+        if not -(2**63) <= mtime_ns < 2**63 or "\x00" in link or len(link) > 4095:
+            raise ProtocolError(f"out-of-range metadata for {path!r}")
         return cls(path, kind, mode, uid, gid, size, mtime_ns, link)
 
     def same_content(self, other: Entry) -> bool:
@@ -62,36 +75,69 @@ class Entry:
 
 def check_relpath(path: str) -> None:
     """Refuse paths that could escape the rootfs on the receiving side."""
-    if not path or path.startswith("/") or "\x00" in path or any(p in ("..", "") for p in path.split("/")):
-        raise ProtocolError(f"unsafe path in rootfs sync: {path!r}")
+    safefs.check_relpath(path)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return DIR
+    if stat.S_ISREG(mode):
+        return FILE
+    if stat.S_ISLNK(mode):
+        return LINK
+    return OTHER
 
 
 def scan(root: Path) -> list[Entry]:
-    """Every entry below root, parents before children."""
+    """Every entry below root, parents before children, never through a symlink.
+
+    Each directory is listed through an fd opened below the root without
+    following symlinks; a directory the container swapped for a symlink since
+    its parent was listed is recorded but not entered (the next pass sees the
+    symlink). Iterative, so a hostile nesting depth cannot exhaust the stack.
+    """
     out: list[Entry] = []
+    with safefs.root_fd(root) as rootfd:
+        # One frame per open directory: (fd, its relative path + "/", sorted entries left).
+        stack: list[tuple[int, str, list[os.DirEntry[str]]]] = []
 
-    def walk(dirpath: str, rel: str) -> None:
-        with os.scandir(dirpath) as it:
-            items = sorted(it, key=lambda e: e.name)
-        for de in items:
-            relpath = f"{rel}{de.name}"
-            st = de.stat(follow_symlinks=False)
-            mode = st.st_mode
-            if stat.S_ISDIR(mode):
-                kind = DIR
-            elif stat.S_ISREG(mode):
-                kind = FILE
-            elif stat.S_ISLNK(mode):
-                kind = LINK
-            else:
-                kind = OTHER
-            link = os.readlink(de.path) if kind == LINK else ""
-            size = st.st_size if kind == FILE else 0
-            out.append(Entry(relpath, kind, stat.S_IMODE(mode), st.st_uid, st.st_gid, size, st.st_mtime_ns, link))
-            if kind == DIR:
-                walk(de.path, relpath + "/")
+        def enter(fd: int, rel: str) -> None:
+            if len(stack) >= MAX_DEPTH:
+                os.close(fd)
+                raise UnsafePathError(f"rootfs nested deeper than {MAX_DEPTH} directories at {rel!r}")
+            with os.scandir(fd) as it:
+                items = sorted(it, key=lambda e: e.name, reverse=True)
+            stack.append((fd, rel, items))
 
-    walk(str(root), "")
+        try:
+            enter(os.dup(rootfd), "")
+            while stack:
+                fd, rel, items = stack[-1]
+                if not items:
+                    os.close(fd)
+                    stack.pop()
+                    continue
+                de = items.pop()
+                try:
+                    st = os.stat(de.name, dir_fd=fd, follow_symlinks=False)
+                    kind = _kind(st.st_mode)
+                    link = os.readlink(de.name, dir_fd=fd) if kind == LINK else ""
+                except FileNotFoundError:
+                    continue  # gone since the listing
+                relpath = f"{rel}{de.name}"
+                size = st.st_size if kind == FILE else 0
+                out.append(Entry(relpath, kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size, st.st_mtime_ns, link))
+                if kind == DIR:
+                    try:
+                        sub = os.open(de.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                    except OSError as exc:
+                        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                            continue  # swapped since the stat; the next pass sees what it became
+                        raise
+                    enter(sub, relpath + "/")
+        finally:
+            for fd, _, _ in stack:
+                os.close(fd)
     return out
 
 
@@ -202,80 +248,56 @@ class RecordDecoder:
 # ---- applying on the destination ----------------------------------------
 
 
-def _apply_meta(path: Path, e: Entry) -> None:
-    if e.kind == LINK:
-        os.lchown(path, e.uid, e.gid)
-        os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
-        return
-    os.chown(path, e.uid, e.gid)
-    os.chmod(path, e.mode)
-    if e.kind == FILE:
-        os.utime(path, ns=(e.mtime_ns, e.mtime_ns))
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        for child in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-            if child.is_dir() and not child.is_symlink():
-                child.rmdir()
-            else:
-                child.unlink()
-        path.rmdir()
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 def apply_structure(root: Path, p: Plan) -> None:
-    """Deletions, directories and symlinks; file contents follow as records."""
+    """Deletions, directories and symlinks; file contents follow as records.
+
+    All of it relative to the root's fd and through no symlink (engine/safefs):
+    the tree holds whatever the container left there.
+    """
     root.mkdir(parents=True, exist_ok=True)
-    for rel in p.delete:
-        _remove(root / rel)
-    for e in p.mkdirs:
-        d = root / e.path
-        d.mkdir(exist_ok=True)
-        _apply_meta(d, e)
-    for e in p.links:
-        link = root / e.path
-        if link.exists() or link.is_symlink():
-            _remove(link)
-        os.symlink(e.link, link)
-        _apply_meta(link, e)
+    with safefs.root_fd(root) as rootfd:
+        for rel in p.delete:
+            safefs.remove(rootfd, rel)
+        for e in p.mkdirs:
+            safefs.make_dir(rootfd, e.path, uid=e.uid, gid=e.gid, mode=e.mode)
+        for e in p.links:
+            safefs.make_symlink(rootfd, e.path, e.link, uid=e.uid, gid=e.gid, mtime_ns=e.mtime_ns)
 
 
 class FileWriter:
-    """Writes decoded records into root, each file via a temp name + rename."""
+    """Writes decoded records into root, each file via a random temporary + rename."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._fd: int | None = None
-        self._tmp: Path | None = None
+        self._rootfd: int | None = None
+        self._file: safefs.NewFile | None = None
         self.files = 0
         self.bytes = 0
 
     def write(self, entry: Entry, chunk: bytes | memoryview, last: bool) -> None:
-        if self._fd is None:
-            final = self.root / entry.path
-            self._tmp = final.with_name(f".{final.name}.tug-tmp")
-            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        if self._file is None:
+            if self._rootfd is None:
+                self._rootfd = safefs.open_root(self.root)
+            self._file = safefs.NewFile(self._rootfd, entry.path)
         if chunk:
-            view = memoryview(chunk)
-            while view:
-                n = os.write(self._fd, view)
-                view = view[n:]
+            self._file.write(chunk)
             self.bytes += len(chunk)
         if last:
-            os.close(self._fd)
-            self._fd = None
-            assert self._tmp is not None
-            _apply_meta(self._tmp, entry)
-            os.replace(self._tmp, self.root / entry.path)
-            self._tmp = None
+            f, self._file = self._file, None
+            try:
+                f.commit(uid=entry.uid, gid=entry.gid, mode=entry.mode, mtime_ns=entry.mtime_ns)
+            except BaseException:
+                f.discard()
+                raise
             self.files += 1
 
-    def abort(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
-            self._tmp = None
+    def close(self) -> None:
+        """Drops a half-written file, if any, and the root fd."""
+        if self._file is not None:
+            self._file.discard()
+            self._file = None
+        if self._rootfd is not None:
+            os.close(self._rootfd)
+            self._rootfd = None
+
+    abort = close

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -10,7 +12,7 @@ import aiofiles
 
 from tug.transports.session import CHUNK, Session
 
-from . import rootfs
+from . import rootfs, safefs
 from .events import TransferProgress
 
 ProgressFn = Callable[[TransferProgress], None]
@@ -52,24 +54,32 @@ async def send_entries(
     """
     out = await session.open_stream(kind, {"container": container})
     total = 0
-    for e in entries:
-        await out.write(rootfs.encode_record_header(e))
-        left = e.size
-        try:
-            async with aiofiles.open(root / e.path, "rb") as f:
-                while left > 0:
-                    chunk = await f.read(min(CHUNK, left))
-                    if not chunk:
-                        break
-                    left -= len(chunk)
-                    await out.write(chunk)
-                    meter.add(len(chunk))
-        except FileNotFoundError:
-            pass  # vanished since the scan; padded below, fixed by the next pass
-        if left:
-            await out.write(bytes(left))
-            meter.add(left)
-        total += e.size
+    rootfd = await asyncio.to_thread(safefs.open_root, root)
+    try:
+        for e in entries:
+            await out.write(rootfs.encode_record_header(e))
+            left = e.size
+            # Opened below the root's fd, through no symlink, and only if it is
+            # still a regular file: the container may have swapped it since the
+            # scan (for a symlink to a host file, a FIFO, a device).
+            fd = await asyncio.to_thread(safefs.open_regular_for_read, rootfd, e.path)
+            if fd is not None:
+                async with aiofiles.open(fd, "rb") as f:
+                    while left > 0:
+                        chunk = await f.read(min(CHUNK, left))
+                        if not chunk:
+                            break
+                        left -= len(chunk)
+                        await out.write(chunk)
+                        meter.add(len(chunk))
+            if left:
+                # Vanished, swapped or shrunk since the scan: padded to keep the
+                # record well-formed; the next pass fixes it.
+                await out.write(bytes(left))
+                meter.add(left)
+            total += e.size
+    finally:
+        os.close(rootfd)
     await out.close({"files": len(entries), "bytes": total})
     meter.add(0, final=True)
     return total
