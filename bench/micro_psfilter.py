@@ -10,10 +10,10 @@ the process is stopped, so every dump below sees the same memory. Then, each
 ``--repeat`` times:
 
 * **filter**: ``criu dump --leave-running --page-server`` into
-  :class:`tug.engine.psfilter.FilterServer`, whose sink only counts the
+  :class:`tug.engine.source.psfilter.FilterServer`, whose sink only counts the
   changed runs (no network: this is the filter's own throughput);
 * **filter, corked**: the same without uncorking CRIU's socket (see
-  ``tug.engine.uncork``): what any page server CRIU talks to pays, the
+  ``tug.engine.criu.uncork``): what any page server CRIU talks to pays, the
   destination's ``criu page-server`` included;
 * **old**: ``criu dump --leave-running`` to tmpfs, then the removed
   ``Precopy.send_final`` loop (pagemaps read, pages files mmap'd and sliced,
@@ -43,10 +43,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tug.engine import images
-from tug.engine.criu import criu_binary
-from tug.engine.psfilter import FilterServer
-from tug.engine.tracking.content import PAGE, ContentTracker, ProcessMemory
+from tug.engine.criu import images
+from tug.engine.criu.tool import criu_binary
+from tug.engine.source.psfilter import FilterServer
+from tug.engine.source.trackers.shadow import PAGE, ContentTracker, ProcessMemory
 
 PROGRAM = r"""
 #include <stdint.h>

@@ -27,7 +27,7 @@ import tracemalloc
 from collections.abc import Callable
 from typing import Protocol
 
-from tug.engine.tracking.content import CHUNK_PAGES, PAGE, ContentTracker, ScanResult
+from tug.engine.source.trackers.shadow import CHUNK_PAGES, PAGE, ContentTracker, ScanResult
 
 PID = 1
 #: A typical anonymous mmap address: page aligned, not block aligned, so every

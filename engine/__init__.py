@@ -13,7 +13,7 @@ __all__ = ["migrate", "MigrationOptions", "MigrationReport"]
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from . import api
+        from tug.engine import api
 
         return getattr(api, name)
     raise AttributeError(name)

@@ -1,3 +1,3 @@
-from .cli import main
+from tug.engine.cli import main
 
 main()

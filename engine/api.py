@@ -11,10 +11,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tug.engine.events import Event, MigrationReport
+from tug.engine.hostcfg import HostConfig
 from tug.policies import ConvergencePolicy
-
-from .events import Event, MigrationReport
-from .hostcfg import HostConfig
 
 STRATEGIES = ("stop-copy", "precopy")
 
@@ -40,7 +39,7 @@ class MigrationOptions:
     #: (default: TUG_SSH_KNOWN_HOSTS, else ~/.ssh/known_hosts). Never skipped.
     known_hosts: Path | None = None
     #: Command that starts the agent on the destination; default: this
-    #: interpreter's path with ``-m tug.engine.agent`` (same install layout).
+    #: interpreter's path with ``-m tug.engine.destination.agent`` (same install layout).
     agent_command: str | None = None
     connect_timeout: float = 15.0
     timeouts: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TIMEOUTS))
@@ -88,7 +87,7 @@ async def migrate(
     otherwise; its ``report`` attribute (when set) tells whether the source was
     resumed (``outcome == "rolled-back"``) and what happened up to then.
     """
-    from .migration import Migration
+    from tug.engine.source.migration import Migration
 
     opts = options or MigrationOptions()
     return await Migration(container, destination, opts, on_event).run()

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import MigrationError
-from .events import Event, MigrationReport, Note, PhaseFinished, PhaseStarted, RoundCompleted, TransferProgress
+from tug.engine.errors import MigrationError
+from tug.engine.events import Event, MigrationReport, Note, PhaseFinished, PhaseStarted, RoundCompleted, TransferProgress
 
 
 def human_bytes(n: float) -> str:
@@ -119,7 +119,7 @@ def _run(coro: Any) -> Any:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from .api import MigrationOptions, migrate
+    from tug.engine.api import MigrationOptions, migrate
 
     opts = MigrationOptions(
         strategy=args.strategy,
@@ -175,7 +175,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from . import doctor
+    from tug.engine import doctor
 
     rows = _run(doctor.run_checks(
         args.to, identity=Path(args.identity) if args.identity else None,
@@ -198,7 +198,7 @@ def _say(msg: str) -> None:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    from .lab import demo, hosts
+    from tug.engine.lab import demo, hosts
 
     if args.lab_cmd == "up":
         lab = hosts.up(args.hosts, rate=args.rate, delay=args.delay, log=_say)
@@ -248,7 +248,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
 def _lab_client(args: argparse.Namespace) -> int:
     """Runs inside the lab's client namespace (re-executing itself there)."""
-    from .lab import client, hosts
+    from tug.engine.lab import client, hosts
 
     address = hosts.address_of(args.name)
     if os.environ.get("TUG_LAB_IN_CLIENT") != "1":
@@ -287,7 +287,7 @@ def _lab_client(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .api import STRATEGIES, MigrationOptions
+    from tug.engine.api import STRATEGIES, MigrationOptions
 
     ap = argparse.ArgumentParser(prog="tug", description="Live-migrate running containers between hosts with CRIU.")
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -17,9 +17,10 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import criu, proc
-from .errors import MigrationError
-from .hostcfg import HostConfig
+from tug.engine import proc
+from tug.engine.criu import tool as criu
+from tug.engine.errors import MigrationError
+from tug.engine.hostcfg import HostConfig
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 PIPE_MAX_WANTED = 16 << 20
@@ -102,7 +103,7 @@ def _freezer_check() -> Check:
 
 
 async def _network_lock_check() -> Check:
-    from .runtime import netlock
+    from tug.engine.runtime import netlock
 
     problem = await asyncio.to_thread(netlock.probe)
     if problem is None:

@@ -15,7 +15,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from .errors import PreconditionError
+from tug.engine.errors import PreconditionError
 
 MNT_DETACH = 2
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

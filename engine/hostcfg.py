@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from .runtime.network import HostNetwork
+from tug.engine.runtime.network import HostNetwork
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
-from .errors import ProtocolError
+from tug.engine.errors import ProtocolError
 
 PAGE = 4096
 _HDR = struct.Struct(">IQI")

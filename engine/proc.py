@@ -15,7 +15,7 @@ import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import PreconditionError, RuntimeToolError
+from tug.engine.errors import PreconditionError, RuntimeToolError
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -24,8 +24,8 @@ from typing import Any
 
 import msgpack
 
-from . import safefs
-from .errors import ProtocolError, UnsafePathError
+from tug.engine import safefs
+from tug.engine.errors import ProtocolError, UnsafePathError
 
 DIR, FILE, LINK, OTHER = "d", "f", "l", "o"
 KINDS = frozenset((DIR, FILE, LINK, OTHER))

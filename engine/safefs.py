@@ -28,7 +28,7 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .errors import UnsafePathError
+from tug.engine.errors import UnsafePathError
 
 _SYS_OPENAT2 = 437  # the same number on every architecture (asm-generic table)
 RESOLVE_NO_MAGICLINKS = 0x02

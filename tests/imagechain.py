@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tug.engine import images
+from tug.engine.criu import images
 
 PAGE = images.PAGE_SIZE
 

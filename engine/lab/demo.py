@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, PreconditionError
-from ..runtime import network as netif
-from .hosts import DATA_DIR, LabHost, address_of, sh
-from .workload import analyze_heartbeat, build_workload, read_status, read_verify, verify_seq
+from tug.engine.errors import ConfigError, PreconditionError
+from tug.engine.lab.hosts import DATA_DIR, LabHost, address_of, sh
+from tug.engine.lab.workload import analyze_heartbeat, build_workload, read_status, read_verify, verify_seq
+from tug.engine.runtime import network as netif
 
 IMAGE_DIR = DATA_DIR / "image"
 APPLETS = ("sh", "ls", "cat", "echo", "sleep", "ps", "top", "kill", "wc", "head", "tail", "grep", "mkdir", "rm", "touch", "date", "env", "true", "false", "md5sum")

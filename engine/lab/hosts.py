@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, PreconditionError
-from ..fsutil import remove_tree
-from ..runtime.network import HostNetwork
+from tug.engine.errors import ConfigError, PreconditionError
+from tug.engine.fsutil import remove_tree
+from tug.engine.runtime.network import HostNetwork
 
 PREFIX = "tuglab"
 RUN_DIR = Path("/run/tug-lab")

@@ -55,8 +55,8 @@ import socket
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ..errors import NetworkError
-from .network import NETNS_DIR, HostNetwork, add_netns, bridge_socket, enter_netns, netlink_in, remove_netns
+from tug.engine.errors import NetworkError
+from tug.engine.runtime.network import NETNS_DIR, HostNetwork, add_netns, bridge_socket, enter_netns, netlink_in, remove_netns
 
 T = TypeVar("T")
 

@@ -29,12 +29,12 @@ import os
 import socket
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ..errors import ConfigError, NetworkError, PreconditionError
+from tug.engine.errors import ConfigError, NetworkError, PreconditionError
 
 T = TypeVar("T")
 

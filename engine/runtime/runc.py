@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import proc
-from ..fsutil import remove_tree
-from ..criu import error_from_tool
-from ..errors import ConfigError, PreconditionError, RuntimeToolError
+from tug.engine import proc
+from tug.engine.criu.tool import error_from_tool
+from tug.engine.errors import ConfigError, PreconditionError, RuntimeToolError
+from tug.engine.fsutil import remove_tree
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

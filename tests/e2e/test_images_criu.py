@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tug.engine.images import (
+from tug.engine.criu.images import (
     PAGE_SIZE,
     PE_LAZY,
     PE_PRESENT,

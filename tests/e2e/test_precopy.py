@@ -10,7 +10,6 @@ import pytest
 from .conftest import Lab, migrate, tug
 
 
-
 @pytest.fixture
 def gbit(lab: Lab) -> Iterator[Lab]:
     """Shape every lab link to 1 gbit for the test, then lift the shaping."""

@@ -34,15 +34,14 @@ from pathlib import Path
 
 import pytest
 
-from tug.engine import images
+from tug.engine.criu import images
+from tug.engine.destination.pagestore import PageStore
 from tug.engine.errors import TransportError
-from tug.engine.pagestore import PageStore
-from tug.engine.psfilter import FilterServer
-from tug.engine.tracking.content import ContentTracker, ProcessMemory
+from tug.engine.source.psfilter import FilterServer
+from tug.engine.source.trackers.shadow import ContentTracker, ProcessMemory
 from tug.transports.criu_pageserver import HEADER, PAGE_SIZE
 
 from ..imagechain import restored_pages
-
 from .test_images_criu import require_tools
 
 pytestmark = pytest.mark.e2e

@@ -26,13 +26,13 @@ from typing import Any, cast
 
 import pytest
 
+from tug.engine.destination.pagestore import PageStore
 from tug.engine.lab.demo import APPLETS
 from tug.engine.lab.workload import build_workload, read_verify, verify_seq
-from tug.engine.pagestore import PageStore
 from tug.engine.pagestream import RunDecoder
-from tug.engine.precopy import Precopy
 from tug.engine.runtime.runc import Runc
-from tug.engine.tracking.content import ProcessMemory
+from tug.engine.source.strategies.precopy import Precopy
+from tug.engine.source.trackers.shadow import ProcessMemory
 from tug.policies import parse_policy
 
 from ..unit.test_precopy_final import StubMigration

@@ -11,6 +11,7 @@ import pytest
 
 from .conftest import TUG, Lab, migrate, on, tug
 
+
 def test_migrate_there_and_back(lab: Lab, demo: str) -> None:
     lab.exec("a", demo, "sh", "-c", "echo carried-over > /root/marker")
     before = lab.check("a", demo)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from tug.engine.criu.pageserver import PageServer
 from tug.engine.errors import CriuError
 from tug.engine.lab import hosts as labhosts
-from tug.engine.pageserver import PageServer
 
 from .conftest import Lab, demo_container, migrate, tug
 from .test_network import Client, assert_clean_run

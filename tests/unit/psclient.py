@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tug.engine.images import PE_LAZY, PE_PRESENT
+from tug.engine.criu.images import PE_LAZY, PE_PRESENT
 from tug.transports.criu_pageserver import (
     HEADER,
     PAGE_SIZE,

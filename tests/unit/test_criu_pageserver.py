@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tug.engine.criu.images import PE_LAZY, PE_PARENT, PE_PRESENT
 from tug.engine.errors import MigrationError, ProtocolError
-from tug.engine.images import PE_LAZY, PE_PARENT, PE_PRESENT
 from tug.transports.criu_pageserver import (
     HEADER,
     MAX_ENTRY_PAGES,
@@ -24,9 +24,9 @@ from tug.transports.criu_pageserver import (
     PS_IOV_OPEN2,
     Event,
     Kind,
+    Pages,
     PageServerParser,
     PageServerProtocolError,
-    Pages,
     reply_close,
     reply_open,
     reply_parent,

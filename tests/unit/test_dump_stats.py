@@ -16,8 +16,8 @@ import struct
 
 import pytest
 
+from tug.engine.criu.images import IMG_SERVICE_MAGIC, STATS_MAGIC, DumpStats, read_dump_stats
 from tug.engine.errors import ImageFormatError
-from tug.engine.images import IMG_SERVICE_MAGIC, STATS_MAGIC, DumpStats, read_dump_stats
 
 PLAIN = bytes.fromhex(
     "40591055" "06330957"  # IMG_SERVICE_MAGIC, STATS_MAGIC

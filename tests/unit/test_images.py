@@ -8,9 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tug.engine import images
-from tug.engine.errors import ImageFormatError, MigrationError
-from tug.engine.images import (
+from tug.engine.criu import images
+from tug.engine.criu.images import (
     PAGE_SIZE,
     PE_LAZY,
     PE_PARENT,
@@ -27,6 +26,7 @@ from tug.engine.images import (
     shmem_pagemap_id,
     write_pagemap,
 )
+from tug.engine.errors import ImageFormatError, MigrationError
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MAGICS = struct.pack("<II", 0x54564319, 0x56084025)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tug.engine.agent import _check_parent, _work_subdir
+from tug.engine.criu.pageserver import listening_ports, page_server_argv
+from tug.engine.destination.agent import _check_parent, _work_subdir
 from tug.engine.errors import ConfigError, ProtocolError
-from tug.engine.pageserver import listening_ports, page_server_argv
-from tug.engine.predump import final_parent, round_dir, round_parent
 from tug.engine.runtime.runc import Runc
+from tug.engine.source.trackers.softdirty import final_parent, round_dir, round_parent
 
 # /proc/net/tcp as the kernel formats it: a listener on 127.0.0.1:42469
 # (inode 5001), one on 10.231.77.12:22 (inode 5002), an established socket.
@@ -101,7 +101,7 @@ def test_agent_parent_must_exist_inside_the_work_dir(tmp_path: Path) -> None:
 def test_primary_error_of_a_task_group() -> None:
     """A step failing inside a phase's TaskGroup is reported as itself."""
     from tug.engine.errors import CriuError, TransportError
-    from tug.engine.migration import primary_error
+    from tug.engine.source.migration import primary_error
 
     criu = CriuError("CRIU page server was killed by SIGKILL")
     plain = ValueError("boom")

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tug.engine import images
+from tug.engine.criu import images
+from tug.engine.destination.pagestore import PAGE, PageStore, _subtract
 from tug.engine.errors import MigrationError
-from tug.engine.pagestore import PAGE, PageStore, _subtract
 
 from ..imagechain import resolve as resolve_page
 

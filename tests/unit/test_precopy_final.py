@@ -17,7 +17,7 @@ import pytest
 
 from tug.engine.errors import CriuError, MigrationError, TransportError
 from tug.engine.pagestream import RunDecoder
-from tug.engine.precopy import Precopy
+from tug.engine.source.strategies.precopy import Precopy
 from tug.policies import parse_policy
 from tug.transports.criu_pageserver import PAGE_SIZE, Kind, PageServerProtocolError
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from tug.engine import images
+from tug.engine.criu import images
+from tug.engine.criu.images import PE_LAZY, PE_PARENT, PE_PRESENT
 from tug.engine.errors import MigrationError, TransportError
-from tug.engine.psfilter import FIRST_PAGES_ID, QUEUE_DEPTH, FilterServer
-from tug.engine.tracking.content import ContentTracker
-from tug.engine.images import PE_LAZY, PE_PARENT, PE_PRESENT
+from tug.engine.source.psfilter import FIRST_PAGES_ID, QUEUE_DEPTH, FilterServer
+from tug.engine.source.trackers.shadow import ContentTracker
 from tug.transports.criu_pageserver import PAGE_SIZE, Kind, PageServerProtocolError
 
 from .psclient import Session, page

@@ -14,11 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tug.engine.tracking.content import BLOCK_PAGES, PAGE, ContentTracker
-
 #: The tracker as it was (one dict entry per page, compared page by page): the
 #: benchmark measures it, this test holds the new one to its answers.
 from bench.micro_tracker import DictTracker
+from tug.engine.source.trackers.shadow import BLOCK_PAGES, PAGE, ContentTracker
 
 ZERO = bytes(PAGE)
 #: Page contents by variant. 0-2 are the same at every address (a zero page,

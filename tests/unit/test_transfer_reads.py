@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from tug.engine import rootfs
-from tug.engine.transfer import Meter, send_entries
+from tug.engine.progress import Meter
+from tug.engine.source.transfer import send_entries
 
 SECRET = b"host secret: must never reach a container\n"
 

@@ -6,7 +6,7 @@ import os
 import socket
 from pathlib import Path
 
-from tug.engine.uncork import _set_cork_off, socket_inode, uncork_peer, peer_is_criu
+from tug.engine.criu.uncork import _set_cork_off, peer_is_criu, socket_inode, uncork_peer
 
 TABLE = """\
   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode

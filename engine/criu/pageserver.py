@@ -38,14 +38,13 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
+from tug.engine.criu.daemon import CriuDaemon
+from tug.engine.criu.tool import criu_binary, log_error_lines
+from tug.engine.criu.uncork import peer_is_criu, uncork_peer
+from tug.engine.errors import CriuError
+from tug.engine.progress import Meter
 from tug.transports.session import Session
 from tug.transports.ssh import LOOPBACK, AgentProcess, PortForward
-
-from .criu import criu_binary, log_error_lines
-from .criudaemon import CriuDaemon
-from .uncork import peer_is_criu, uncork_peer
-from .errors import CriuError
-from .transfer import Meter
 
 #: What CRIU's page server logs when its client went away before the end:
 #: a consequence of the dump failing, never its cause.

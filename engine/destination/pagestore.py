@@ -35,8 +35,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from . import images
-from .errors import MigrationError
+from tug.engine.criu import images
+from tug.engine.errors import MigrationError
 
 PAGE = 4096
 

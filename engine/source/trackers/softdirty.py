@@ -41,16 +41,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tug.engine.criu import images
+from tug.engine.criu.pageserver import RemotePageServer
+from tug.engine.errors import ImageFormatError
+from tug.engine.progress import Meter
+from tug.engine.source.strategies.precopy import Rounds
 from tug.policies import ConvergencePolicy, RoundStats
 
-from . import images
-from .errors import ImageFormatError
-from .pageserver import RemotePageServer
-from .precopy import Rounds
-from .transfer import Meter
-
 if TYPE_CHECKING:
-    from .migration import Migration
+    from tug.engine.source.migration import Migration
 
 #: Rounds moving less than this say nothing about the link's rate.
 _MIN_RATE_SAMPLE = 4 << 20

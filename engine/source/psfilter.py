@@ -46,13 +46,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tug.engine.criu import images
+from tug.engine.criu.uncork import peer_is_criu, uncork_peer
+from tug.engine.errors import MigrationError
+from tug.engine.source.trackers.shadow import ContentTracker
 from tug.transports import criu_pageserver as ps
 from tug.transports.forward import LOOPBACK
-
-from . import images
-from .errors import MigrationError
-from .tracking.content import ContentTracker
-from .uncork import peer_is_criu, uncork_peer
 
 #: Entries with changed runs queued between the reader and the sender. CRIU's
 #: entries are at most a pipe buffer (4 MiB), so this bounds what waits for

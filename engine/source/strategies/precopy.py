@@ -33,16 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tug.engine import pagestream
+from tug.engine.errors import AbortedByPolicy, MigrationError, PreconditionError
+from tug.engine.events import RoundCompleted
+from tug.engine.source.psfilter import FilterServer
+from tug.engine.source.trackers.shadow import PAGE, ContentTracker, ProcessMemory
 from tug.policies import Action, ConvergencePolicy, Decision, RoundStats
 
-from . import pagestream
-from .errors import AbortedByPolicy, MigrationError, PreconditionError
-from .events import RoundCompleted
-from .psfilter import FilterServer
-from .tracking.content import PAGE, ContentTracker, ProcessMemory
-
 if TYPE_CHECKING:
-    from .migration import Migration
+    from tug.engine.source.migration import Migration
 
 TRACKERS = ("auto", "content", "soft-dirty")
 QUEUE_DEPTH = 8  # chunks of up to 4 MiB in flight between scanner and sender
@@ -60,7 +59,7 @@ async def choose_tracker(requested: str) -> str:
     Runs before anything changes on either host, so refusing an explicit
     ``soft-dirty`` here leaves nothing to roll back.
     """
-    from . import criu
+    from tug.engine.criu import tool as criu
 
     if requested not in TRACKERS:
         raise PreconditionError(f"unknown tracker {requested!r} (choose from {', '.join(TRACKERS)})")

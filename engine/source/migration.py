@@ -35,17 +35,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from tug.transports import protocol as p
-from tug.transports.session import Session
-from tug.transports.ssh import AgentProcess, connect_agent, parse_url
-
-from . import criu, rootfs
-from .pageserver import RemotePageServer
-from .fsutil import private_dir, remove_tree
-from tug.policies import ConvergencePolicy, PolicySpecError, parse_policy
-
-from .api import STRATEGIES, MigrationOptions
-from .errors import (
+from tug.engine import rootfs
+from tug.engine.api import STRATEGIES, MigrationOptions
+from tug.engine.criu import tool as criu
+from tug.engine.criu.pageserver import RemotePageServer
+from tug.engine.errors import (
     ConfigError,
     ForwardingRefusedError,
     MigrationError,
@@ -54,16 +48,22 @@ from .errors import (
     RollbackError,
     TransportError,
 )
-from .events import ErrorInfo, Event, MigrationReport, Note, PhaseFinished, PhaseStarted
-from .hostcfg import HostConfig
-from .phases import Phase, PhaseMachine
-from .runtime import network as netif
-from .endpoint import SourceEndpoint
-from .runtime.network import EndpointSpec
-from .runtime.runc import Runc
-from .precopy import Precopy, Rounds, choose_tracker
-from .predump import PreDump
-from .transfer import Meter, send_entries
+from tug.engine.events import ErrorInfo, Event, MigrationReport, Note, PhaseFinished, PhaseStarted
+from tug.engine.fsutil import private_dir, remove_tree
+from tug.engine.hostcfg import HostConfig
+from tug.engine.phases import Phase, PhaseMachine
+from tug.engine.progress import Meter
+from tug.engine.runtime import network as netif
+from tug.engine.runtime.endpoint import SourceEndpoint
+from tug.engine.runtime.network import EndpointSpec
+from tug.engine.runtime.runc import Runc
+from tug.engine.source.strategies.precopy import Precopy, Rounds, choose_tracker
+from tug.engine.source.trackers.softdirty import PreDump
+from tug.engine.source.transfer import send_entries
+from tug.policies import ConvergencePolicy, PolicySpecError, parse_policy
+from tug.transports import protocol as p
+from tug.transports.session import Session
+from tug.transports.ssh import AgentProcess, connect_agent, parse_url
 
 SOFTWARE = "tug/0.1"
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from .criu import criu_binary
-from .criudaemon import CriuDaemon
+from tug.engine.criu.daemon import CriuDaemon
+from tug.engine.criu.tool import criu_binary
 
 
 def lazy_pages_argv(criu: str, images_dir: Path, work_dir: Path, log: Path, status_fd: int) -> list[str]:

@@ -16,8 +16,8 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from .criu import error_lines_from_text, log_error_lines
-from .errors import CriuError, MigrationError
+from tug.engine.criu.tool import error_lines_from_text, log_error_lines
+from tug.engine.errors import CriuError, MigrationError
 
 
 class CriuDaemon:

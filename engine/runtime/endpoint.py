@@ -27,10 +27,10 @@ import contextlib
 import time
 from typing import Any
 
-from .errors import MigrationError
-from .runtime import network as netif
-from .runtime.netlock import FrameHold, LinkSwitch
-from .runtime.network import EndpointSpec, HostNetwork
+from tug.engine.errors import MigrationError
+from tug.engine.runtime import network as netif
+from tug.engine.runtime.netlock import FrameHold, LinkSwitch
+from tug.engine.runtime.network import EndpointSpec, HostNetwork
 
 
 class SourceEndpoint:

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import proc
-from .errors import CriuError, PreconditionError, RuntimeToolError
+from tug.engine import proc
+from tug.engine.errors import CriuError, PreconditionError, RuntimeToolError
 
 MIN_VERSION = (4, 2)
 
