@@ -9,7 +9,7 @@ tug plays CRIU's page server on the source (``criu dump --page-server`` /
 Nothing here touches a socket: :meth:`PageServerParser.feed` takes received
 bytes and returns :data:`Event` objects; the ``reply_*`` functions build the
 bytes the caller must send back. So every rule is testable with byte strings,
-and the asyncio server (``tug.engine.psfilter``) is only plumbing.
+and the asyncio server (``tug.engine.source.psfilter``) is only plumbing.
 
 The wire format, as CRIU 4.2 defines it in ``criu/page-xfer.c`` (unchanged on
 criu-dev since): every request is a raw ``struct page_server_iov {u32 cmd;
@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from typing import Final, TypeAlias
 
 from tug.engine.errors import ProtocolError
-from tug.engine.images import PE_PARENT, PE_PRESENT  # CRIU's pagemap flags: defined once
+from tug.engine.criu.images import PE_PARENT, PE_PRESENT  # CRIU's pagemap flags: defined once
 
 PAGE_SIZE: Final = 4096
 #: ``struct page_server_iov`` in host byte order (x86-64/arm64: little-endian), natural padding.
