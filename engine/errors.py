@@ -157,3 +157,27 @@ class ImageFormatError(MigrationError):
     """A CRIU image file is malformed or uses a layout tug does not read or write."""
 
     kind = "image"
+
+
+def primary_error(exc: BaseException) -> BaseException:
+    """The error a failed TaskGroup stands for: its first MigrationError.
+
+    Phases run concurrent steps in TaskGroups (rootfs sync next to pages or
+    images), whose failure arrives as an exception group; the report and
+    the CLI want the step's own error (a CriuError with its log), not
+    "internal error: ExceptionGroup".
+    """
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [exc]
+    while stack:
+        e = stack.pop(0)
+        if isinstance(e, BaseExceptionGroup):
+            stack[:0] = list(e.exceptions)
+        else:
+            leaves.append(e)
+    for leaf in leaves:
+        if isinstance(leaf, MigrationError):
+            return leaf
+    return leaves[0] if leaves else exc

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tug.engine.errors import MigrationError
@@ -69,6 +70,22 @@ class SourceEndpoint:
 
     def delivered(self) -> None:
         self.in_flight = []
+
+    async def hand_over(
+        self, sent: int, restore_reply: dict[str, Any], deliver: Callable[[list[bytes]], Awaitable[int]]
+    ) -> dict[str, int]:
+        """After the destination restored with ``sent`` held frames: what
+        arrived here meanwhile goes too (``deliver`` returns how many it
+        delivered). Returns the counts for the report."""
+        held = sent + int(restore_reply.get("frames_held_here", 0))
+        delivered = int(restore_reply.get("frames_delivered", 0))
+        self.delivered()
+        late = self.take()  # arrived here while the destination restored
+        if late:
+            delivered += await deliver(late)
+            self.delivered()
+            held += len(late)
+        return {"held": held, "delivered": delivered, "dropped": self.hold.dropped}
 
     async def unlock(self, returned: list[bytes]) -> dict[str, int]:
         """Rollback: every held frame goes to the resumed source, oldest first."""

@@ -1,18 +1,19 @@
-"""Sending directories as record streams, with progress and rate."""
+"""Sending directories as record streams (rootfs passes, image files), with progress."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import aiofiles
 
 from tug.engine import rootfs, safefs
-from tug.engine.progress import Meter
+from tug.engine.progress import Meter, ProgressFn
 from tug.transports.session import CHUNK, Session
+
+NoteFn = Callable[[str, str], None]
 
 
 async def send_entries(
@@ -62,3 +63,18 @@ async def send_entries(
     await out.close({"files": len(entries), "bytes": total})
     meter.add(0, final=True)
     return total
+
+
+async def sync_rootfs(
+    session: Session, *, container: str, root: Path, phase: str, emit: ProgressFn | None, note: NoteFn
+) -> int:
+    """One rootfs pass: the manifest goes over, the agent applies the tree and
+    names the files it needs, and those are sent. Returns payload bytes."""
+    entries = await asyncio.to_thread(rootfs.scan, root)
+    res = await session.call("rootfs_plan", container=container, manifest=[e.to_wire() for e in entries])
+    need = set(res.get("need", []))
+    send = [e for e in entries if e.path in need]
+    if res.get("skipped"):
+        note(f"rootfs: {len(res['skipped'])} special files not copied (e.g. {res['skipped'][0]})", "warning")
+    meter = Meter(phase, "rootfs", sum(e.size for e in send), emit)
+    return await send_entries(session, kind="rootfs", container=container, root=root, entries=send, meter=meter)

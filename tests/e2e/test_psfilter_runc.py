@@ -3,7 +3,7 @@
 A runc container (busybox + tug-workload, 64 MiB, dirtying pages) in a
 private runc root plays the source. Two rounds record its memory in the
 tracker and a page store (the destination's); then, as migration.py does,
-the container is paused and ``Precopy.final_dump`` runs ``runc checkpoint
+the container is paused and ``ContentRounds.final_dump`` runs ``runc checkpoint
 --leave-running --tcp-established --page-server`` into the filter, whose delta
 goes on a stub "pages" stream into the same store. The store rebuilds the
 pages image, a copy of the container is restored from the images with
@@ -22,7 +22,6 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
 
 import pytest
 
@@ -31,7 +30,7 @@ from tug.engine.lab.demo import APPLETS
 from tug.engine.lab.workload import build_workload, read_verify, verify_seq
 from tug.engine.pagestream import RunDecoder
 from tug.engine.runtime.runc import Runc
-from tug.engine.source.strategies.precopy import Precopy
+from tug.engine.source.trackers.content import ContentRounds
 from tug.engine.source.trackers.shadow import ProcessMemory
 from tug.policies import parse_policy
 
@@ -92,8 +91,8 @@ def host(tmp_path: Path) -> Iterator[tuple[Runc, Path, str]]:
                         pass
 
 
-async def record_round(runc: Runc, pc: Precopy, store: PageStore) -> int:
-    """A content-tracker round without the session: what Precopy.round sends."""
+async def record_round(runc: Runc, pc: ContentRounds, store: PageStore) -> int:
+    """A content-tracker round without the session: what ContentRounds.round sends."""
     sent = 0
     for host_pid in await runc.pids(NAME):
         mem = ProcessMemory(host_pid)
@@ -123,7 +122,7 @@ async def test_runc_final_dump_through_the_filter_restores_intact(host: tuple[Ru
             await asyncio.sleep(0.05)
 
     m = StubMigration()
-    pc = Precopy(cast(Any, m), parse_policy("phaul"))
+    pc = ContentRounds(m.ctx, parse_policy("phaul"))
     store = PageStore(tmp / "store")
     first = await record_round(runc, pc, store)
     await asyncio.sleep(0.3)  # the workload dirties pages meanwhile
@@ -139,7 +138,7 @@ async def test_runc_final_dump_through_the_filter_restores_intact(host: tuple[Ru
             NAME, image_dir=images_dir, work_dir=tmp / "criu", tcp_established=True, page_server=page_server, timeout=60
         )
 
-    await pc.final_dump(dump)
+    await pc.final_dump(dump, None)
     pc.close()
     assert (await runc.require(NAME)).status == "paused", "the source stays frozen after its dump"
     ((kind, meta, stream),) = m.streams

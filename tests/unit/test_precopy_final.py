@@ -1,4 +1,4 @@
-"""Precopy.final_dump: the filter between a (scripted) CRIU dump and the "pages" stream.
+"""ContentRounds.final_dump: the filter between a (scripted) CRIU dump and the "pages" stream.
 
 The dump is a fake that connects to the filter like CRIU does (or fails like
 it); the session is a stub that keeps what the stream carried. What is
@@ -15,9 +15,12 @@ from typing import Any, cast
 
 import pytest
 
+from tug.engine.api import MigrationOptions
 from tug.engine.errors import CriuError, MigrationError, TransportError
+from tug.engine.events import Event, TransferProgress
 from tug.engine.pagestream import RunDecoder
-from tug.engine.source.strategies.precopy import Precopy
+from tug.engine.source.context import SourceContext
+from tug.engine.source.trackers.content import ContentRounds
 from tug.policies import parse_policy
 from tug.transports.criu_pageserver import PAGE_SIZE, Kind, PageServerProtocolError
 
@@ -47,39 +50,36 @@ class StubStream:
 
 
 class StubMigration:
-    """The parts of Migration that Precopy.final_dump uses."""
+    """The session and context a content tracker's final dump uses: streams are recorded."""
 
     def __init__(self, fail_stream: bool = False) -> None:
-        self.name = "c"
-        self.timings: dict[str, float] = {}
-        self.notes: list[str] = []
         self.streams: list[tuple[str, dict[str, Any], StubStream]] = []
-        self.metered = 0
         self.fail_stream = fail_stream
-        self.final_ps = None
+        self.progress: list[TransferProgress] = []
+        self.ctx = SourceContext(
+            name="c", session=cast(Any, self), agent=None, runc=cast(Any, None), work=Path("/nonexistent"),
+            opts=MigrationOptions(), emit=self._emit,
+        )
+        self.timings = self.ctx.timings
+        self.notes = self.ctx.notes
+
+    def _emit(self, ev: Event) -> None:
+        if isinstance(ev, TransferProgress):
+            self.progress.append(ev)
 
     @property
-    def s(self) -> StubMigration:
-        return self
+    def metered(self) -> int:
+        return self.progress[-1].bytes_done if self.progress else 0
 
     async def open_stream(self, kind: str, meta: dict[str, Any]) -> StubStream:
         stream = StubStream(self.fail_stream)
         self.streams.append((kind, meta, stream))
         return stream
 
-    def start_meter(self, what: str, total: int | None) -> None:
-        pass
 
-    def meter_add(self, n: int) -> None:
-        self.metered += n
-
-    def note(self, message: str, level: str = "info") -> None:
-        self.notes.append(message)
-
-
-async def precopy(tmp_path: Path, fail_stream: bool = False) -> tuple[Precopy, StubMigration]:
+async def precopy(tmp_path: Path, fail_stream: bool = False) -> tuple[ContentRounds, StubMigration]:
     m = StubMigration(fail_stream)
-    pc = Precopy(cast(Any, m), parse_policy("phaul"))
+    pc = ContentRounds(m.ctx, parse_policy("phaul"))
     pc.tracker.diff(1, BASE, page(1, 0) + page(1, 1))  # what the rounds sent
     pc.only_criu_peers = False  # fake_criu below is this test process
     await pc.prepare_final(tmp_path / "images")
@@ -110,7 +110,7 @@ async def fake_criu(address: str, wire: bytes, replies: int) -> None:
 async def test_the_delta_streams_framed_and_the_pagemaps_are_left_for_the_images(tmp_path: Path) -> None:
     pc, m = await precopy(tmp_path)
     s = criu_session()
-    await pc.final_dump(lambda addr: fake_criu(cast(str, addr), bytes(s.wire), replies=2 + 4))
+    await pc.final_dump(lambda addr: fake_criu(cast(str, addr), bytes(s.wire), replies=2 + 4), None)
     ((kind, meta, stream),) = m.streams
     assert (kind, meta) == ("pages", {"container": "c", "round": "final"})
     runs = [(pid, vaddr, bytes(piece)) for pid, vaddr, piece in RunDecoder().feed(bytes(stream.data))]
@@ -132,21 +132,21 @@ async def test_criu_failing_first_raises_crius_error(tmp_path: Path) -> None:
         raise CriuError("criu dump failed: Can't dump socket (test)")
 
     with pytest.raises(CriuError, match="Can't dump socket"):
-        await pc.final_dump(dump)
+        await pc.final_dump(dump, None)
     assert m.streams[0][2].closed is None and pc.rebuilt_pages() == set()
 
 
 async def test_our_failure_first_is_raised_with_crius_as_a_note(tmp_path: Path) -> None:
     pc, _ = await precopy(tmp_path)
     with pytest.raises(PageServerProtocolError, match="unknown page-server command") as info:
-        await pc.final_dump(lambda addr: fake_criu(cast(str, addr), b"\x77" * 32, replies=1))
+        await pc.final_dump(lambda addr: fake_criu(cast(str, addr), b"\x77" * 32, replies=1), None)
     assert any("CRIU's dump failed as a consequence" in n for n in info.value.__notes__)
 
 
 async def test_a_broken_link_is_raised_not_crius_broken_pipe(tmp_path: Path) -> None:
     pc, _ = await precopy(tmp_path, fail_stream=True)
     with pytest.raises(TransportError, match="agent lost"):
-        await pc.final_dump(lambda addr: fake_criu(cast(str, addr), bytes(criu_session().wire), replies=2 + 4))
+        await pc.final_dump(lambda addr: fake_criu(cast(str, addr), bytes(criu_session().wire), replies=2 + 4), None)
 
 
 async def test_a_dump_that_fails_before_connecting(tmp_path: Path) -> None:
@@ -156,7 +156,7 @@ async def test_a_dump_that_fails_before_connecting(tmp_path: Path) -> None:
         raise CriuError("criu dump failed: no such process (test)")
 
     with pytest.raises(CriuError, match="no such process"):
-        await pc.final_dump(dump)
+        await pc.final_dump(dump, None)
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", int(cast(Any, pc)._filter.port))
 
@@ -168,4 +168,4 @@ async def test_a_dump_that_never_connects_but_succeeds(tmp_path: Path) -> None:
         return None
 
     with pytest.raises(MigrationError, match="without sending its memory"):
-        await pc.final_dump(dump)
+        await pc.final_dump(dump, None)

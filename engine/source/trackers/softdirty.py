@@ -13,7 +13,7 @@ the chain is valid wherever the work dir is)::
     WORK/rounds/0                  round 0: every page
     WORK/rounds/1  parent -> ../0  round 1: pages written since round 0, holes for the rest
     ...
-    WORK/images    parent -> ../rounds/N-1   the frozen final dump (migration.py)
+    WORK/images    parent -> ../rounds/N-1   the frozen final dump (the driver's)
 
 On the source, ``--parent-path`` makes CRIU send unchanged pages as holes;
 it needs the parent dir locally (runc checks it, CRIU reads its
@@ -39,17 +39,14 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tug.engine.criu import images
 from tug.engine.criu.pageserver import RemotePageServer
 from tug.engine.errors import ImageFormatError
 from tug.engine.progress import Meter
-from tug.engine.source.strategies.precopy import Rounds
+from tug.engine.source.context import SourceContext
+from tug.engine.source.trackers.base import Rounds
 from tug.policies import ConvergencePolicy, RoundStats
-
-if TYPE_CHECKING:
-    from tug.engine.source.migration import Migration
 
 #: Rounds moving less than this say nothing about the link's rate.
 _MIN_RATE_SAMPLE = 4 << 20
@@ -75,8 +72,8 @@ class PreDump(Rounds):
 
     name = "soft-dirty"
 
-    def __init__(self, migration: Migration, policy: ConvergencePolicy) -> None:
-        super().__init__(migration, policy)
+    def __init__(self, ctx: SourceContext, policy: ConvergencePolicy) -> None:
+        super().__init__(ctx, policy)
         #: Rounds whose pre-dump completed on both sides: the parent chain.
         self.rounds_done = 0
 
@@ -85,14 +82,14 @@ class PreDump(Rounds):
         return final_parent(self.rounds_done)
 
     async def round(self, index: int) -> RoundStats:
-        m = self.m
+        m = self.ctx
         assert m.agent is not None
         t0 = time.monotonic()
         since = self._since_last_round(t0)
         wire_before = m.wire_bytes()
         rel = round_dir(index)
         work_dir = m.work / "criu-rounds" / str(index)
-        ps = await RemotePageServer.start(m.s, m.agent, m.name, images=rel, parent=round_parent(index))
+        ps = await RemotePageServer.start(m.session, m.agent, m.name, images=rel, parent=round_parent(index))
         dump_s = 0.0
 
         async def dump() -> None:
@@ -113,7 +110,8 @@ class PreDump(Rounds):
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(dump())
-                tg.create_task(m.sync_rootfs_now())
+                if m.sync_rootfs is not None:
+                    tg.create_task(m.sync_rootfs())
         finally:
             ps.close()
         self.rounds_done = index + 1

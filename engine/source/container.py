@@ -1,0 +1,86 @@
+"""The container to move, as the source host has it, and the session to the
+destination's agent: what pre-checkpoint learns before anything changes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tug.engine.errors import ConfigError, MigrationError, PreconditionError, TransportError
+from tug.engine.hostcfg import HostConfig
+from tug.engine.options import MigrationOptions
+from tug.engine.runtime import network as netif
+from tug.engine.runtime.network import EndpointSpec
+from tug.engine.runtime.runc import Runc
+from tug.transports import protocol as p
+from tug.transports.session import Session
+from tug.transports.ssh import AgentProcess, SshTarget, connect_agent
+
+SOFTWARE = "tug/0.1"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SourceContainer:
+    name: str
+    bundle: Path
+    #: The rootfs as runc sees it (config.json's root.path, made absolute).
+    rootfs: Path
+    config_raw: bytes
+    #: The network endpoint tug manages for it (None: no network of tug's).
+    endpoint: EndpointSpec | None
+
+
+async def inspect_container(runc: Runc, name: str, host: HostConfig) -> SourceContainer:
+    """A running container tug can move, or a clear error saying why not."""
+    st = await runc.require(name)
+    if st.status != "running":
+        raise ConfigError(f"container {name!r} is {st.status}; only a running container can be migrated")
+    config_raw = (st.bundle / "config.json").read_bytes()
+    spec = json.loads(config_raw)
+    root = Path(spec.get("root", {}).get("path", "rootfs"))
+    endpoint = netif.load_spec(st.bundle)
+    joined = netif.netns_path_in_spec(spec)
+    if endpoint is None and joined:
+        raise PreconditionError(
+            f"container {name!r} joins network namespace {joined}, which tug does not manage "
+            f"(no {netif.SPEC_FILE} in its bundle): its network cannot be recreated on the destination"
+        )
+    if endpoint is not None and host.network is None:
+        raise PreconditionError(f"container {name!r} has a network endpoint but TUG_BRIDGE is not set here")
+    return SourceContainer(
+        name=name, bundle=st.bundle, rootfs=root if root.is_absolute() else st.bundle / root,
+        config_raw=config_raw, endpoint=endpoint,
+    )
+
+
+async def open_session(
+    target: SshTarget,
+    opts: MigrationOptions,
+    host: HostConfig,
+    *,
+    info: dict[str, Any],
+    on_notice: Callable[[p.Notice], None],
+) -> tuple[AgentProcess, Session, p.Hello]:
+    """SSH to the destination, start its agent, and greet it."""
+    agent = await connect_agent(
+        target,
+        identity=opts.identity or host.ssh_identity,
+        known_hosts=opts.known_hosts or host.ssh_known_hosts,
+        agent_command=opts.agent_command,
+        connect_timeout=opts.connect_timeout,
+    )
+    session = Session(agent.stream, p.Role.SOURCE, on_notice=on_notice)
+    try:
+        peer = await session.start(software=SOFTWARE, host=host.name, info=info, timeout=opts.connect_timeout + 15)
+    except MigrationError as exc:
+        tail = [ln for ln in agent.stderr_tail() if ln.strip()]
+        hint = f" (agent said: {tail[-1].strip()})" if tail else ""
+        with contextlib.suppress(MigrationError):
+            await session.close()
+        await agent.close()
+        raise TransportError(f"the tug agent on {target} did not start: {exc}{hint}") from None
+    return agent, session, peer

@@ -1,0 +1,194 @@
+"""The content tracker's rounds: pre-copy on kernels without soft-dirty.
+
+Each round scans the container's memory with the shadow-copy tracker
+(:mod:`.shadow`) and streams changed pages to the agent *while the scan goes
+on*: a scanner task reads and diffs chunks in a worker thread and puts changed
+runs on a bounded queue; a sender task drains it into the "pages" stream (the
+bound is the backpressure: a slow link slows the scan instead of buffering
+the container's memory). Rootfs changes sync in the same TaskGroup.
+
+The frozen dump goes to tug's own CRIU page server on the source
+(:mod:`tug.engine.source.psfilter`), which compares each page with the shadow
+copy of what the destination holds as CRIU sends it: only the differing
+pages cross the wire, while CRIU is still dumping, and the container's memory
+is never written to tmpfs or read back. The agent rebuilds the pages images
+from its store, so CRIU restores from complete, ordinary images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tug.engine import pagestream
+from tug.engine.errors import MigrationError
+from tug.engine.phases import Phase
+from tug.engine.progress import Meter
+from tug.engine.source.context import DumpFn, SourceContext
+from tug.engine.source.psfilter import FilterServer
+from tug.engine.source.trackers.base import Rounds
+from tug.engine.source.trackers.shadow import PAGE, ContentTracker, ProcessMemory
+from tug.policies import ConvergencePolicy, RoundStats
+
+QUEUE_DEPTH = 8  # chunks of up to 4 MiB in flight between scanner and sender
+
+
+@dataclass(slots=True)
+class _RoundCounters:
+    scanned: int = 0
+    dirty: int = 0
+    bytes: int = 0
+    #: Seconds the sender spent handing data to the transport (incl. waits
+    #: for flow control): with the link saturated, bytes/send_s is its rate.
+    send_s: float = 0.0
+
+
+class ContentRounds(Rounds):
+    """The content tracker's rounds (see the module doc)."""
+
+    #: Only a ``criu`` process may connect to the final dump's filter (unit
+    #: tests that play CRIU themselves turn this off).
+    only_criu_peers = True
+
+    name = "content"
+    final_to_destination = False
+
+    def __init__(self, ctx: SourceContext, policy: ConvergencePolicy) -> None:
+        super().__init__(ctx, policy)
+        self.tracker = ContentTracker()
+        #: The source-side page server that filters the frozen dump.
+        self._filter: FilterServer | None = None
+        self.final_delta_bytes = 0
+
+    async def round(self, index: int) -> RoundStats:
+        t0 = time.monotonic()
+        since = self._since_last_round(t0)
+        c = _RoundCounters()
+        queue: asyncio.Queue[tuple[int, list[tuple[int, bytes]]] | None] = asyncio.Queue(QUEUE_DEPTH)
+        sent_before = self.ctx.session.bytes_sent
+
+        async def scanner() -> None:
+            try:
+                for host_pid in await self.ctx.runc.pids(self.ctx.name):
+                    try:
+                        mem = await asyncio.to_thread(ProcessMemory, host_pid)
+                    except (FileNotFoundError, ProcessLookupError):
+                        continue  # exited since ps
+                    try:
+                        regions = await asyncio.to_thread(mem.regions)
+                        for region in regions:
+                            try:
+                                runs = await asyncio.to_thread(mem.runs, region)
+                            except OSError:
+                                continue  # unmapped meanwhile
+                            for vaddr, npages in runs:
+                                res = await asyncio.to_thread(self.tracker.scan, mem, vaddr, npages)
+                                c.scanned += res.scanned
+                                if res.changed:
+                                    c.dirty += res.changed_pages
+                                    await queue.put((mem.ns_pid, res.changed))
+                    finally:
+                        mem.close()
+            finally:
+                await queue.put(None)
+
+        async def sender() -> None:
+            out = await self.ctx.session.open_stream("pages", {"container": self.ctx.name, "round": index})
+            while (item := await queue.get()) is not None:
+                pid, runs = item
+                t_send = time.monotonic()
+                for vaddr, data in runs:
+                    await out.write(pagestream.encode_header(pid, vaddr, len(data) // PAGE))
+                    await out.write(data)
+                    c.bytes += len(data)
+                    meter.add(len(data))
+                c.send_s += time.monotonic() - t_send
+            await out.close({"round": index})
+            meter.add(0, final=True)
+
+        meter = Meter(Phase.PRECOPY.value, "pages", None, self.ctx.emit)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(scanner())
+            tg.create_task(sender())
+            if self.ctx.sync_rootfs is not None:
+                tg.create_task(self.ctx.sync_rootfs())
+        duration = time.monotonic() - t0
+        wire = self.ctx.session.bytes_sent - sent_before
+        if c.send_s > 0 and c.bytes >= (4 << 20):  # too little data says nothing about the link
+            self.bandwidth_bps = max(self.bandwidth_bps, c.bytes / c.send_s)
+        return RoundStats(
+            index=index,
+            duration_s=duration,
+            pages_scanned=c.scanned,
+            dirty_pages=c.dirty,
+            pages_sent=c.dirty,
+            pages_skipped=c.scanned - c.dirty,
+            bytes_sent=wire,
+            bandwidth_bps=self.bandwidth_bps,
+            dirty_rate_pps=(c.dirty / since) if since > 0 else 0.0,
+        )
+
+    async def prepare_final(self, images_dir: Path) -> None:
+        """Listen for CRIU's dump before the freeze (no start-up in the downtime)."""
+        self.close()
+        self._filter = FilterServer.listen(self.tracker, images_dir, only_criu=self.only_criu_peers)
+
+    async def final_dump(self, dump: DumpFn, page_server: str | None) -> None:
+        """Dump into the filter: changed pages stream to the agent while CRIU runs.
+
+        They go on the "pages" stream as round "final", framed like the
+        rounds'. Errors: a failure of ours cuts CRIU off, so its dump fails
+        too and ours is the one raised; when CRIU failed first (and left
+        without PS_IOV_CLOSE), CRIU's error, with its log, is raised.
+        """
+        fs = self._filter
+        assert fs is not None, "prepare_final() first"
+        m = self.ctx
+        out = await m.session.open_stream("pages", {"container": m.name, "round": "final"})
+        meter = Meter(Phase.CHECKPOINT.value, "pages", None, m.emit)
+        sent = 0
+
+        async def sink(pid: int, vaddr: int, data: bytes) -> None:
+            nonlocal sent
+            await out.write(pagestream.encode_header(pid, vaddr, len(data) // PAGE))
+            await out.write(data)
+            sent += len(data)
+            meter.add(len(data))
+
+        serve = asyncio.create_task(fs.serve(sink), name="tug-final-dump-filter")
+        try:
+            await dump(fs.address)
+            if not fs.connected:
+                raise MigrationError("CRIU's dump finished without sending its memory to the filtering page server")
+            t_criu = time.monotonic()
+            stats = await serve
+        except BaseException as exc:
+            serve.cancel()
+            (own,) = await asyncio.gather(serve, return_exceptions=True)
+            # serve() may not even have started. The stream is left as it is:
+            # the rollback discards it, and a write to a stuck link must not
+            # hold up the rollback.
+            fs.close()
+            if isinstance(exc, MigrationError) and isinstance(own, MigrationError) and own is not exc and not fs.disconnected:
+                own.add_note(f"CRIU's dump failed as a consequence: {exc}")
+                raise own from None
+            raise
+        await out.close({"round": "final", "bytes": sent})
+        meter.add(0, final=True)
+        m.timings["delta_ms"] = (time.monotonic() - t_criu) * 1000
+        self.final_delta_bytes = sent
+        m.note(
+            f"final dump filtered on the source: {stats.pages} pages from CRIU, {stats.changed_pages} changed "
+            f"({sent / 2**20:.1f} MiB sent); {stats.shmem_pages} shared memory pages sent with the images"
+        )
+        if fs.uncork_result:
+            m.note(f"CRIU's page-server socket stayed corked ({fs.uncork_result}): its last request waited ~200 ms", "warning")
+
+    def rebuilt_pages(self) -> set[str]:
+        return self._filter.process_pages_files if self._filter is not None and self._filter.complete else set()
+
+    def close(self) -> None:
+        if self._filter is not None:
+            self._filter.close()
