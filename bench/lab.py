@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tug.engine.lab.hosts import STATE_FILE
+from tug.engine.lab.layout import STATE_FILE
 
 from .matrix import Link, Workload
 

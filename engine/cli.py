@@ -198,7 +198,7 @@ def _say(msg: str) -> None:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    from tug.engine.lab import demo, hosts
+    from tug.engine.lab import addresses, demo, hosts
 
     if args.lab_cmd == "up":
         lab = hosts.up(args.hosts, rate=args.rate, delay=args.delay, log=_say)
@@ -235,7 +235,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
         if demo.remove(h, args.name):
             _say(f"removed {args.name} from {h.name}")
         if not any((Path(o.data_dir) / "containers" / args.name).exists() for o in lab.hosts):
-            hosts.release_address(args.name)
+            addresses.release_address(args.name)
     elif args.lab_cmd == "client":
         return _lab_client(args)
     elif args.lab_cmd == "check":
@@ -248,14 +248,14 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
 def _lab_client(args: argparse.Namespace) -> int:
     """Runs inside the lab's client namespace (re-executing itself there)."""
-    from tug.engine.lab import client, hosts
+    from tug.engine.lab import addresses, client, hosts, layout
 
-    address = hosts.address_of(args.name)
+    address = addresses.address_of(args.name)
     if os.environ.get("TUG_LAB_IN_CLIENT") != "1":
         hosts.require()
         os.environ["TUG_LAB_IN_CLIENT"] = "1"
         argv = [sys.executable, "-m", "tug.engine", *sys.argv[1:]]
-        os.execvp("nsenter", ["nsenter", f"--net=/run/netns/{hosts.CLIENT_NS}", "--", *argv])
+        os.execvp("nsenter", ["nsenter", f"--net=/run/netns/{layout.CLIENT_NS}", "--", *argv])
 
     async def until_signalled() -> dict[str, Any]:
         # SIGINT/SIGTERM end the run early and still print the result: a

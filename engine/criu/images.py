@@ -48,6 +48,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from tug.engine.criu.protobuf import encode_varint, fields, varint_field
 from tug.engine.errors import ImageFormatError  # re-exported: callers catch images.ImageFormatError
 
 __all__ = [
@@ -59,7 +60,6 @@ __all__ = [
     "PE_LAZY",
     "PE_PARENT",
     "PE_PRESENT",
-    "DumpStats",
     "Pagemap",
     "PagemapEntry",
     "STATS_MAGIC",
@@ -69,7 +69,6 @@ __all__ = [
     "pages_file_name",
     "pages_file_size",
     "process_pagemap_pid",
-    "read_dump_stats",
     "read_pagemap",
     "shmem_pagemap_id",
     "write_pagemap",
@@ -99,11 +98,6 @@ _U64_LIMIT = 1 << 64
 _MAGICS = struct.pack("<II", IMG_COMMON_MAGIC, PAGEMAP_MAGIC)
 _FRAME = struct.Struct("<I")
 
-# Protobuf wire types; 3 and 4 (groups) are not supported by protobuf-c either.
-_WT_VARINT = 0
-_WT_FIXED64 = 1
-_WT_LEN = 2
-_WT_FIXED32 = 5
 
 _PROCESS_PAGEMAP = re.compile(r"pagemap-([1-9][0-9]*)\.img")
 _SHMEM_PAGEMAP = re.compile(r"pagemap-shmem-([1-9][0-9]*)\.img")
@@ -168,102 +162,11 @@ class Pagemap:
             prev_end = e.end
 
 
-# --- protobuf varint codec ---------------------------------------------------
-
-
-def _encode_varint(value: int) -> bytes:
-    """Base-128 little-endian varint of an unsigned value below 2**64."""
-    if not 0 <= value < _U64_LIMIT:
-        raise ImageFormatError(f"value {value} does not fit a protobuf uint64")
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _decode_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
-    """Decode a varint at ``pos`` (not reading at or past ``end``); return (value, next pos).
-
-    At most 10 bytes and 64 bits, as protobuf allows; anything longer cannot be
-    a field CRIU wrote and would let garbage pass as a huge number.
-    """
-    value = 0
-    shift = 0
-    while True:
-        if pos >= end:
-            raise ImageFormatError("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            break
-        shift += 7
-        if shift >= 70:
-            raise ImageFormatError("varint longer than 10 bytes")
-    if value >= _U64_LIMIT:
-        raise ImageFormatError("varint exceeds 64 bits")
-    return value, pos
-
-
-def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """Yield (field number, wire type, varint value or 0) for each field in a message.
-
-    Non-varint fields (which none of our known fields are) are skipped by their
-    wire type, so records from a newer CRIU with extra fields still parse.
-    """
-    for number, wire, value, _ in _fields_at(buf, pos, end):
-        yield number, wire, value
-
-
-def _fields_at(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
-    """Like :func:`_fields`, plus where a length-delimited field's payload starts.
-
-    For a length-delimited field the value is its length and the fourth item
-    its payload's offset (nested messages such as ``StatsEntry.dump``); for
-    other fields the fourth item is -1.
-    """
-    while pos < end:
-        key, pos = _decode_varint(buf, pos, end)
-        number, wire = key >> 3, key & 7
-        if number == 0 or number > 0x1FFFFFFF:
-            raise ImageFormatError(f"invalid protobuf field number {number}")
-        if wire == _WT_VARINT:
-            value, pos = _decode_varint(buf, pos, end)
-            yield number, wire, value, -1
-            continue
-        if wire == _WT_FIXED64:
-            skip = 8
-        elif wire == _WT_FIXED32:
-            skip = 4
-        elif wire == _WT_LEN:
-            skip, pos = _decode_varint(buf, pos, end)
-        else:
-            raise ImageFormatError(f"unsupported protobuf wire type {wire} for field {number}")
-        if skip > end - pos:
-            raise ImageFormatError(f"protobuf field {number} runs past the end of its record")
-        if wire == _WT_LEN:
-            yield number, wire, skip, pos
-        else:
-            yield number, wire, 0, -1
-        pos += skip
-
-
-def _varint_field(number: int, wire: int, value: int, limit: int) -> int:
-    """Check a known field's wire type and range (protobuf-c rejects a mismatch too)."""
-    if wire != _WT_VARINT:
-        raise ImageFormatError(f"protobuf field {number} has wire type {wire}, expected varint")
-    if value > limit:
-        raise ImageFormatError(f"protobuf field {number} value {value} is out of range")
-    return value
-
-
 def _decode_head(buf: bytes, pos: int, end: int) -> int:
     pages_id: int | None = None
-    for number, wire, value in _fields(buf, pos, end):
+    for number, wire, value in fields(buf, pos, end):
         if number == 1:
-            pages_id = _varint_field(number, wire, value, _U32_MAX)
+            pages_id = varint_field(number, wire, value, _U32_MAX)
     if pages_id is None:
         raise ImageFormatError("pagemap head lacks the required pages_id")
     return pages_id
@@ -281,17 +184,17 @@ def _decode_entry(buf: bytes, pos: int, end: int) -> PagemapEntry:
     in_parent: int | None = None
     flags: int | None = None
     nr_pages: int | None = None
-    for number, wire, value in _fields(buf, pos, end):
+    for number, wire, value in fields(buf, pos, end):
         if number == 1:
-            vaddr = _varint_field(number, wire, value, _U64_LIMIT - 1)
+            vaddr = varint_field(number, wire, value, _U64_LIMIT - 1)
         elif number == 2:
-            compat_nr_pages = _varint_field(number, wire, value, _U32_MAX)
+            compat_nr_pages = varint_field(number, wire, value, _U32_MAX)
         elif number == 3:
-            in_parent = _varint_field(number, wire, value, _U64_LIMIT - 1)
+            in_parent = varint_field(number, wire, value, _U64_LIMIT - 1)
         elif number == 4:
-            flags = _varint_field(number, wire, value, _U32_MAX)
+            flags = varint_field(number, wire, value, _U32_MAX)
         elif number == 5:
-            nr_pages = _varint_field(number, wire, value, _U64_LIMIT - 1)
+            nr_pages = varint_field(number, wire, value, _U64_LIMIT - 1)
     if vaddr is None or compat_nr_pages is None:
         raise ImageFormatError("pagemap entry lacks a required field (vaddr, compat_nr_pages)")
     eff_flags = flags or 0
@@ -306,10 +209,10 @@ def _encode_entry(e: PagemapEntry) -> bytes:
     """The exact bytes protobuf-c packs for CRIU's write_pagemap_loc()."""
     return b"".join(
         (
-            b"\x08", _encode_varint(e.vaddr),
+            b"\x08", encode_varint(e.vaddr),
             b"\x10\x00",  # compat_nr_pages: required, CRIU leaves it 0
-            b"\x20", _encode_varint(e.flags),
-            b"\x28", _encode_varint(e.nr_pages),
+            b"\x20", encode_varint(e.flags),
+            b"\x28", encode_varint(e.nr_pages),
         )
     )
 
@@ -360,7 +263,7 @@ def write_pagemap(pm: Pagemap) -> bytes:
 
     For any pagemap CRIU 4.x wrote, ``write_pagemap(read_pagemap(b)) == b``.
     """
-    parts = [_MAGICS, _frame(b"\x08" + _encode_varint(pm.pages_id))]
+    parts = [_MAGICS, _frame(b"\x08" + encode_varint(pm.pages_id))]
     parts.extend(_frame(_encode_entry(e)) for e in pm.entries)
     return b"".join(parts)
 
@@ -428,87 +331,3 @@ def iter_pages(pm: Pagemap, *, skip_absent: bool = False) -> Iterator[tuple[int,
 def pages_file_size(pm: Pagemap) -> int:
     """Exact size of ``pages-<pages_id>.img``: the bytes of every PE_PRESENT entry."""
     return PAGE_SIZE * sum(e.nr_pages for e in pm.entries if e.present)
-
-
-# --- stats-dump -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DumpStats:
-    """CRIU's ``dump_stats_entry`` (images/stats.proto), times in microseconds.
-
-    For a dump with a parent: ``pages_scanned`` pages were looked at,
-    ``pages_skipped_parent`` were unchanged since the parent (sent as holes),
-    ``pages_written`` were sent. The ``shpages_*`` counts are the same for
-    shared memory (anonymous shared, SysV shm, memfd).
-    """
-
-    freezing_time_us: int
-    frozen_time_us: int
-    memdump_time_us: int
-    memwrite_time_us: int
-    pages_scanned: int
-    pages_skipped_parent: int
-    pages_written: int
-    pages_lazy: int
-    shpages_scanned: int = 0
-    shpages_skipped_parent: int = 0
-    shpages_written: int = 0
-
-    @property
-    def dirty_pages(self) -> int:
-        """Pages the dump had to send: private and shared memory."""
-        return self.pages_written + self.shpages_written
-
-
-#: dump_stats_entry field number -> DumpStats attribute.
-_DUMP_STATS_FIELDS = {
-    1: "freezing_time_us",
-    2: "frozen_time_us",
-    3: "memdump_time_us",
-    4: "memwrite_time_us",
-    5: "pages_scanned",
-    6: "pages_skipped_parent",
-    7: "pages_written",
-    9: "pages_lazy",
-    12: "shpages_scanned",
-    13: "shpages_skipped_parent",
-    14: "shpages_written",
-}
-_DUMP_STATS_REQUIRED = ("freezing_time_us", "frozen_time_us", "memdump_time_us", "memwrite_time_us",
-                        "pages_scanned", "pages_skipped_parent", "pages_written", "pages_lazy")
-
-
-def read_dump_stats(data: bytes | bytearray | memoryview) -> DumpStats:
-    """Parse CRIU's ``stats-dump`` (written into the dump's work dir).
-
-    Layout: ``IMG_SERVICE_MAGIC``, ``STATS_MAGIC``, then one framed
-    ``stats_entry`` whose field 1 is the ``dump_stats_entry``. A
-    ``stats-restore`` (field 2 only) or anything else raises ImageFormatError.
-    """
-    buf = bytes(data)
-    if len(buf) < 12:
-        raise ImageFormatError("stats image is shorter than its header")
-    service, kind = struct.unpack_from("<II", buf)
-    if (service, kind) != (IMG_SERVICE_MAGIC, STATS_MAGIC):
-        raise ImageFormatError(f"not a CRIU stats image: magics {service:#010x} {kind:#010x}")
-    (size,) = _FRAME.unpack_from(buf, 8)
-    if size > len(buf) - 12:
-        raise ImageFormatError(f"stats record claims {size} bytes, {len(buf) - 12} remain")
-    dump: tuple[int, int] | None = None
-    for number, wire, value, start in _fields_at(buf, 12, 12 + size):
-        if number == 1:
-            if wire != _WT_LEN:
-                raise ImageFormatError(f"stats_entry.dump has wire type {wire}, expected a message")
-            dump = (start, start + value)
-    if dump is None:
-        raise ImageFormatError("stats image holds no dump statistics (a stats-restore?)")
-    values: dict[str, int] = {}
-    for number, wire, value in _fields(buf, *dump):
-        name = _DUMP_STATS_FIELDS.get(number)
-        if name is not None:
-            values[name] = _varint_field(number, wire, value, _U64_LIMIT - 1)
-    missing = [n for n in _DUMP_STATS_REQUIRED if n not in values]
-    if missing:
-        raise ImageFormatError(f"dump statistics lack required fields: {', '.join(missing)}")
-    return DumpStats(**values)

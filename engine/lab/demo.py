@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from tug.engine.errors import ConfigError, PreconditionError
-from tug.engine.lab.hosts import DATA_DIR, LabHost, address_of, sh
+from tug.engine.lab.addresses import address_of
+from tug.engine.lab.layout import DATA_DIR, LabHost, sh
 from tug.engine.lab.workload import analyze_heartbeat, build_workload, read_status, read_verify, verify_seq
 from tug.engine.runtime import network as netif
 

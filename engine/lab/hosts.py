@@ -14,109 +14,41 @@ a crash) removes everything whose name starts with the lab's prefix.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
 import signal
-import string
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from tug.engine.errors import ConfigError, PreconditionError
 from tug.engine.fsutil import remove_tree
-from tug.engine.runtime.network import HostNetwork
-
-PREFIX = "tuglab"
-RUN_DIR = Path("/run/tug-lab")
-DATA_DIR = Path("/var/lib/tug-lab")
-STATE_FILE = RUN_DIR / "lab.json"
-BRIDGE_NS = f"{PREFIX}-br"
-SUBNET = "10.231.77"  # /24, lives only inside the lab's namespaces
-SSH_PORT = 22
-IDENTITY = DATA_DIR / "client_ed25519"
-KNOWN_HOSTS = DATA_DIR / "known_hosts"
-AUTHORIZED_KEYS = DATA_DIR / "authorized_keys"
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-CLIENT_NS = f"{PREFIX}-client"
-CLIENT_ADDRESS = f"{SUBNET}.5"
-#: Container addresses: .100 to .199, handed out by name and kept across moves.
-POOL = range(100, 200)
-ADDRESSES = RUN_DIR / "addresses.json"
-#: Bumped when the lab's shape changes; an older lab is rebuilt by ``up``.
-LAB_VERSION = 2
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LabHost:
-    name: str
-    index: int
-    netns: str
-    address: str
-    port: int
-    runc_root: str
-    data_dir: str
-    work_dir: str
-    cgroup_parent: str
-    sshd_pid: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"ssh://root@{self.address}:{self.port}"
-
-    def env(self) -> dict[str, str]:
-        return {
-            "TUG_HOST": self.name,
-            "TUG_RUNC_ROOT": self.runc_root,
-            "TUG_DATA_DIR": self.data_dir,
-            "TUG_WORK_DIR": self.work_dir,
-            "TUG_CGROUP_PARENT": self.cgroup_parent,
-            "TUG_SSH_IDENTITY": str(IDENTITY),
-            "TUG_SSH_KNOWN_HOSTS": str(KNOWN_HOSTS),
-            "TUG_BRIDGE": "br0",
-            "TUG_BRIDGE_NETNS": BRIDGE_NS,
-        }
-
-    def network(self) -> HostNetwork:
-        return HostNetwork(host=self.name, bridge="br0", bridge_netns=BRIDGE_NS)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Lab:
-    hosts: list[LabHost]
-    rate: str | None
-    delay: str | None
-    created: float
-    version: int = LAB_VERSION
-
-    def host(self, name: str) -> LabHost:
-        for h in self.hosts:
-            if h.name == name:
-                return h
-        raise ConfigError(f"no lab host {name!r} (hosts: {', '.join(h.name for h in self.hosts)})")
-
-
-def host_names(n: int) -> list[str]:
-    letters = string.ascii_lowercase
-    return [letters[i] if i < 26 else f"h{i}" for i in range(n)]
-
-
-def sh(*argv: str, check: bool = True, quiet: bool = False, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(argv, capture_output=True, text=True, input=input)
-    if check and res.returncode != 0:
-        msg = (res.stderr or res.stdout).strip().splitlines()
-        raise PreconditionError(f"{' '.join(argv)}: {msg[-1] if msg else f'exit {res.returncode}'}")
-    return res
-
-
-def in_ns(ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return sh("nsenter", f"--net=/run/netns/{ns}", "--", *argv, check=check)
+from tug.engine.lab import sshd
+from tug.engine.lab.addresses import _address_table
+from tug.engine.lab.layout import (
+    AUTHORIZED_KEYS,
+    BRIDGE_NS,
+    CGROUP_ROOT,
+    CLIENT_ADDRESS,
+    CLIENT_NS,
+    DATA_DIR,
+    IDENTITY,
+    KNOWN_HOSTS,
+    LAB_VERSION,
+    PREFIX,
+    RUN_DIR,
+    SSH_PORT,
+    STATE_FILE,
+    SUBNET,
+    Lab,
+    LabHost,
+    host_names,
+    in_ns,
+    sh,
+)
 
 
 def _require_tools() -> None:
@@ -229,8 +161,8 @@ def up(hosts: int = 2, rate: str | None = None, delay: str | None = None, log: A
         for i, name in enumerate(host_names(hosts)):
             h = _make_host(i, name)
             _shape(h, rate, delay)
-            pub = _start_sshd(h)
-            lab_hosts.append(h := LabHost(**{**asdict(h), "sshd_pid": _read_pid(h)}))
+            pub = sshd.start_sshd(h)
+            lab_hosts.append(h := LabHost(**{**asdict(h), "sshd_pid": sshd.read_pid(h)}))
             known.append(f"{h.address} {pub}")
             say(f"host {name}: {h.url}")
         _make_client()
@@ -238,7 +170,7 @@ def up(hosts: int = 2, rate: str | None = None, delay: str | None = None, log: A
         KNOWN_HOSTS.write_text("\n".join(known) + "\n")
         lab = Lab(hosts=lab_hosts, rate=rate, delay=delay, created=time.time())
         _save(lab)
-        _wait_ssh(lab)
+        sshd.wait_ssh(lab)
     except BaseException:
         _save(Lab(hosts=lab_hosts, rate=rate, delay=delay, created=time.time()))
         down()
@@ -294,57 +226,6 @@ def _make_client() -> None:
     in_ns(CLIENT_NS, "ip", "link", "set", "eth0", "up")
 
 
-def _address_table() -> dict[str, str]:
-    try:
-        table: dict[str, str] = json.loads(ADDRESSES.read_text())
-    except (OSError, ValueError):
-        return {}
-    return table
-
-
-@contextlib.contextmanager
-def _addresses_locked() -> Iterator[dict[str, str]]:
-    """The address table under an exclusive lock; changes are written back.
-
-    Several lab users (tests, a benchmark, a person) start containers at
-    once: without the lock two of them could be handed the same address.
-    """
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    with open(RUN_DIR / "addresses.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        table = _address_table()
-        before = dict(table)
-        yield table
-        if table != before:
-            tmp = ADDRESSES.with_suffix(".tmp")
-            tmp.write_text(json.dumps(table, indent=2))
-            tmp.replace(ADDRESSES)
-
-
-def address_of(container: str, *, allocate: bool = False) -> str:
-    """The lab address of a container, kept for its whole life in the lab."""
-    table = _address_table()
-    if container in table:
-        return table[container]
-    if not allocate:
-        raise ConfigError(f"no lab address for container {container!r} (start it with 'tug lab demo')")
-    with _addresses_locked() as table:
-        if container in table:
-            return table[container]
-        used = set(table.values())
-        for i in POOL:
-            addr = f"{SUBNET}.{i}"
-            if addr not in used:
-                table[container] = addr
-                return addr
-    raise ConfigError("the lab's container address pool is exhausted (remove containers with 'tug lab rm')")
-
-
-def release_address(container: str) -> None:
-    with _addresses_locked() as table:
-        table.pop(container, None)
-
-
 def _shape(h: LabHost, rate: str | None, delay: str | None) -> None:
     in_ns(h.netns, "tc", "qdisc", "del", "dev", "eth0", "root", check=False)
     if delay and rate:
@@ -354,72 +235,6 @@ def _shape(h: LabHost, rate: str | None, delay: str | None) -> None:
         in_ns(h.netns, "tc", "qdisc", "add", "dev", "eth0", "root", "netem", "delay", delay, "limit", "100000")
     elif rate:
         in_ns(h.netns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "1mb", "latency", "100ms")
-
-
-def _sshd_config(h: LabHost) -> Path:
-    hdir = Path(h.data_dir)
-    key = hdir / "ssh_host_ed25519_key"
-    if not key.exists():
-        sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"tug-lab-{h.name}", "-f", str(key))
-    env = " ".join(f"{k}={v}" for k, v in h.env().items() if not k.startswith("TUG_SSH_"))
-    cfg = hdir / "sshd_config"
-    cfg.write_text(
-        "\n".join(
-            [
-                f"ListenAddress {h.address}",
-                f"Port {h.port}",
-                f"HostKey {key}",
-                f"PidFile {RUN_DIR / h.name / 'sshd.pid'}",
-                f"AuthorizedKeysFile {AUTHORIZED_KEYS}",
-                "PermitRootLogin prohibit-password",
-                "PubkeyAuthentication yes",
-                "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no",
-                "UsePAM no",
-                "StrictModes no",
-                "PrintMotd no",
-                "MaxStartups 100",
-                "MaxSessions 100",
-                f"SetEnv {env}",
-                "",
-            ]
-        )
-    )
-    return cfg
-
-
-def _start_sshd(h: LabHost) -> str:
-    cfg = _sshd_config(h)
-    log = Path(h.data_dir) / "sshd.log"
-    in_ns(h.netns, "/usr/sbin/sshd", "-f", str(cfg), "-E", str(log))
-    pub = (Path(h.data_dir) / "ssh_host_ed25519_key.pub").read_text().split()
-    return f"{pub[0]} {pub[1]}"
-
-
-def _read_pid(h: LabHost) -> int:
-    pidfile = RUN_DIR / h.name / "sshd.pid"
-    for _ in range(50):
-        try:
-            return int(pidfile.read_text().strip())
-        except (OSError, ValueError):
-            time.sleep(0.05)
-    raise PreconditionError(f"sshd of lab host {h.name} did not start (see {Path(h.data_dir) / 'sshd.log'})")
-
-
-def _wait_ssh(lab: Lab, timeout: float = 10.0) -> None:
-    """Every sshd accepts a key-authenticated command before up returns."""
-    deadline = time.monotonic() + timeout
-    for h in lab.hosts:
-        while True:
-            res = in_ns(
-                h.netns, "ssh", "-i", str(IDENTITY), "-o", f"UserKnownHostsFile={KNOWN_HOSTS}", "-o", "StrictHostKeyChecking=yes",
-                "-o", "BatchMode=yes", "-o", "ConnectTimeout=2", "-p", str(h.port), f"root@{h.address}", "true", check=False,
-            )
-            if res.returncode == 0:
-                break
-            if time.monotonic() > deadline:
-                raise PreconditionError(f"lab host {h.name}: ssh check failed: {res.stderr.strip()}")
-            time.sleep(0.1)
 
 
 # ---- status / down ------------------------------------------------------------

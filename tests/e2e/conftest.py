@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tug.engine.lab.hosts import BRIDGE_NS
+from tug.engine.lab.layout import BRIDGE_NS
 from tug.engine.runtime.network import HostNetwork
 
 TUG = str(Path(sys.executable).with_name("tug"))

@@ -36,11 +36,11 @@ from tug.engine.criu.images import (
     pages_file_name,
     pages_file_size,
     process_pagemap_pid,
-    read_dump_stats,
     read_pagemap,
     shmem_pagemap_id,
     write_pagemap,
 )
+from tug.engine.criu.stats import read_dump_stats
 
 pytestmark = pytest.mark.e2e
 

@@ -16,7 +16,8 @@ import struct
 
 import pytest
 
-from tug.engine.criu.images import IMG_SERVICE_MAGIC, STATS_MAGIC, DumpStats, read_dump_stats
+from tug.engine.criu.images import IMG_SERVICE_MAGIC, STATS_MAGIC
+from tug.engine.criu.stats import DumpStats, read_dump_stats
 from tug.engine.errors import ImageFormatError
 
 PLAIN = bytes.fromhex(

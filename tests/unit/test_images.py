@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tug.engine.criu import images
+from tug.engine.criu import images, protobuf
 from tug.engine.criu.images import (
     PAGE_SIZE,
     PE_LAZY,
@@ -118,21 +118,21 @@ def test_round_trip(pm: Pagemap) -> None:
 
 @pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 2**32 - 1, 2**32, 2**63, 2**64 - 1])
 def test_varint_codec(value: int) -> None:
-    enc = images._encode_varint(value)
+    enc = protobuf.encode_varint(value)
     assert enc == varint(value)
-    assert images._decode_varint(enc + b"\xff", 0, len(enc)) == (value, len(enc))
+    assert protobuf.decode_varint(enc + b"\xff", 0, len(enc)) == (value, len(enc))
 
 
 def test_varint_lengths() -> None:
-    assert images._encode_varint(0) == b"\x00"
-    assert images._encode_varint(2**32 - 1) == b"\xff\xff\xff\xff\x0f"
-    assert images._encode_varint(2**64 - 1) == b"\xff" * 9 + b"\x01"
+    assert protobuf.encode_varint(0) == b"\x00"
+    assert protobuf.encode_varint(2**32 - 1) == b"\xff\xff\xff\xff\x0f"
+    assert protobuf.encode_varint(2**64 - 1) == b"\xff" * 9 + b"\x01"
 
 
 @pytest.mark.parametrize("bad", [-1, 2**64])
 def test_varint_encode_out_of_range(bad: int) -> None:
     with pytest.raises(ImageFormatError):
-        images._encode_varint(bad)
+        protobuf.encode_varint(bad)
 
 
 @pytest.mark.parametrize(
@@ -147,7 +147,7 @@ def test_varint_encode_out_of_range(bad: int) -> None:
 )
 def test_varint_decode_rejects(raw: bytes) -> None:
     with pytest.raises(ImageFormatError):
-        images._decode_varint(raw, 0, len(raw))
+        protobuf.decode_varint(raw, 0, len(raw))
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from tug.engine.criu.pageserver import listening_ports, page_server_argv
-from tug.engine.destination.agent import _check_parent, _work_subdir
+from tug.engine.destination.incoming import check_parent as _check_parent
+from tug.engine.destination.incoming import work_subdir as _work_subdir
 from tug.engine.errors import ConfigError, ProtocolError
 from tug.engine.runtime.runc import Runc
 from tug.engine.source.trackers.softdirty import final_parent, round_dir, round_parent

@@ -40,7 +40,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from tug.engine.criu import images
+from tug.engine.criu import stats as dump_stats
 from tug.engine.criu.pageserver import RemotePageServer
 from tug.engine.errors import ImageFormatError
 from tug.engine.progress import Meter
@@ -132,8 +132,8 @@ class PreDump(Rounds):
         )
 
 
-def _read_stats(path: Path) -> images.DumpStats:
+def _read_stats(path: Path) -> dump_stats.DumpStats:
     try:
-        return images.read_dump_stats(path.read_bytes())
+        return dump_stats.read_dump_stats(path.read_bytes())
     except OSError as exc:
         raise ImageFormatError(f"pre-dump wrote no readable statistics ({path}): {exc.strerror}") from None

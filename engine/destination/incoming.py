@@ -1,0 +1,159 @@
+"""What the agent holds for each container it receives, and where received
+bytes land.
+
+:class:`Incoming` is the unit of cleanup: everything the agent creates for a
+container hangs off it until the source commits. :class:`AgentState` is what
+the agent's call groups (:mod:`.staging`, :mod:`.restore`) share.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tug.engine import rootfs
+from tug.engine.criu.pageserver import PageServer
+from tug.engine.destination.lazypages import LazyPages
+from tug.engine.destination.pagestore import PageStore
+from tug.engine.errors import ConfigError, ProtocolError
+from tug.engine.hostcfg import HostConfig
+from tug.engine.pagestream import RunDecoder
+from tug.engine.runtime.endpoint import DestinationEndpoint
+from tug.engine.runtime.network import EndpointSpec
+from tug.engine.runtime.runc import Runc
+
+log = logging.getLogger("tug.agent")
+
+INCOMING_MARKER = ".tug-incoming"
+#: Image dirs the source may name, relative to the work dir, and their parents.
+_WORK_SUBDIR = re.compile(r"images|rounds/[0-9]{1,6}")
+_PARENT = re.compile(r"\.\./(rounds/)?[0-9]{1,6}")
+
+
+@dataclass(slots=True)
+class Incoming:
+    """One container this agent is receiving; the unit of cleanup."""
+
+    name: str
+    bundle: Path
+    work: Path
+    restored: bool = False
+    store: PageStore | None = None
+    network: EndpointSpec | None = None
+    endpoint: DestinationEndpoint | None = None
+    committed: bool = False
+    stats: dict[str, int] = field(default_factory=dict)
+    #: CRIU page servers started for this container, one per dump, by id.
+    page_servers: dict[int, PageServer] = field(default_factory=dict)
+    #: The lazy-pages daemon of a lazy restore, until it has filled the memory.
+    lazy: LazyPages | None = None
+
+    @property
+    def images(self) -> Path:
+        return self.work / "images"
+
+    @property
+    def criu_work(self) -> Path:
+        return self.work / "criu"
+
+
+class RecordSink:
+    """Receives a rootfs or images record stream into a directory."""
+
+    def __init__(self, root: Path, on_done: Any = None) -> None:
+        self.decoder = rootfs.RecordDecoder()
+        self.writer = rootfs.FileWriter(root)
+        self.on_done = on_done
+
+    async def write(self, data: bytes) -> None:
+        for entry, chunk, last in self.decoder.feed(data):
+            self.writer.write(entry, chunk, last)
+
+    async def close(self, meta: dict[str, Any]) -> None:
+        try:
+            self.decoder.finish()
+        finally:
+            self.writer.close()
+        if self.on_done is not None:
+            self.on_done(self.writer)
+
+    async def abort(self, reason: str) -> None:
+        self.writer.abort()
+
+
+class PagesSink:
+    """Receives page runs (pre-copy rounds and the final delta) into the store."""
+
+    def __init__(self, store: PageStore) -> None:
+        self.store = store
+        self.decoder = RunDecoder()
+
+    async def write(self, data: bytes) -> None:
+        for pid, vaddr, piece in self.decoder.feed(data):
+            self.store.write(pid, vaddr, piece)
+
+    async def close(self, meta: dict[str, Any]) -> None:
+        self.decoder.finish()
+
+    async def abort(self, reason: str) -> None:
+        pass
+
+
+class AgentState:
+    """The agent's state, shared by its call groups."""
+
+    def __init__(self, host: HostConfig) -> None:
+        self.host = host
+        self.runc = Runc(host.runc_root, log_dir=host.data_dir / "logs")
+        self.incoming: dict[str, Incoming] = {}
+
+    def _get(self, name: object) -> Incoming:
+        if not isinstance(name, str) or name not in self.incoming:
+            raise ProtocolError(f"no migration in progress for container {name!r}")
+        return self.incoming[name]
+
+    def _keep_log(self, inc: Incoming, name: str) -> Path | None:
+        """Copy a CRIU log out of the work dir, which cleanup will remove."""
+        src = inc.criu_work / name
+        if not src.exists():
+            return None
+        dst_dir = self.host.data_dir / "logs"
+        dst_dir.mkdir(parents=True, exist_ok=True)
+        dst = dst_dir / f"{inc.name}-{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+        shutil.copy2(src, dst)
+        return dst
+
+
+
+def check_name(name: str) -> None:
+    if not name or "/" in name or name.startswith(".") or len(name) > 200:
+        raise ConfigError(f"invalid container name {name!r}")
+
+
+def work_subdir(work: Path, rel: str) -> Path:
+    """A dump directory the source may name: ``images`` or ``rounds/N``."""
+    if not isinstance(rel, str) or not _WORK_SUBDIR.fullmatch(rel):
+        raise ProtocolError(f"invalid dump directory {rel!r}")
+    return work / rel
+
+
+def check_parent(work: Path, images_dir: Path, parent: str) -> None:
+    """``parent`` is relative to ``images_dir``, stays in ``work`` and exists."""
+    if not isinstance(parent, str) or not _PARENT.fullmatch(parent):
+        raise ProtocolError(f"invalid parent dump directory {parent!r}")
+    target = (images_dir / parent).resolve()
+    if not target.is_relative_to(work.resolve()) or not target.is_dir():
+        raise ProtocolError(f"parent dump directory {parent!r} (from {images_dir.name}) does not exist here")
+
+
+async def stop_criu_daemons(inc: Incoming) -> None:
+    """Kill (if still running) and reap every page server and lazy-pages daemon of ``inc``."""
+    for ps in inc.page_servers.values():
+        await ps.kill()
+    if inc.lazy is not None:
+        await inc.lazy.kill()

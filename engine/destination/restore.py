@@ -1,0 +1,154 @@
+"""Restoring on the destination, up to the commit point and past it.
+
+The restore runs the container's processes here; until the source commits,
+the agent still owns (and on failure removes) everything, and the source
+stays frozen. :meth:`RestoreCalls.call_commit` is where the destination takes
+the container over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from tug.engine.destination.incoming import (
+    INCOMING_MARKER,
+    AgentState,
+    Incoming,
+    stop_criu_daemons,
+)
+from tug.engine.destination.lazypages import LazyPages
+from tug.engine.errors import CriuError, ProtocolError
+from tug.engine.fsutil import remove_tree
+
+log = logging.getLogger("tug.agent")
+
+
+class RestoreCalls(AgentState):
+    """Calls that run the container here and hand it over."""
+
+    async def call_restore(
+        self,
+        container: str,
+        tcp_close: bool = False,
+        rebuild_pages: bool = False,
+        frames: list[bytes] | None = None,
+        lazy: bool = False,
+        fault: str | None = None,
+    ) -> dict[str, Any]:
+        """Restore; ``frames`` were held by the source's network lock, to be
+        delivered once the restored sockets exist (see runtime.netlock).
+        ``lazy``: the processes run before their memory is in place (see
+        lazypages.py); :meth:`call_settle` waits for it."""
+        inc = self._get(container)
+        if tcp_close:
+            self._criu_config(inc, ["tcp-close"])
+        if rebuild_pages:
+            if inc.store is None:
+                raise ProtocolError("asked to rebuild pages images, but no pages were received")
+            t_rebuild = time.monotonic()
+            inc.stats.update(await asyncio.to_thread(inc.store.rebuild, inc.images))
+            inc.stats["rebuild_ms"] = int((time.monotonic() - t_rebuild) * 1000)
+            log.info("rebuilt pages images of %s: %s", container, inc.stats)
+        if fault == "corrupt-images":
+            _corrupt_images(inc.images)
+        (inc.bundle / INCOMING_MARKER).unlink(missing_ok=True)
+        (inc.bundle / INCOMING_MARKER).write_text("restoring\n")
+        t0 = time.monotonic()
+        if inc.endpoint is not None:
+            await inc.endpoint.before_restore()
+        # CRIU's lazy-pages daemon cannot read pages from parent images (a
+        # page it finds in a parent is read but never handed to the faulting
+        # process: the restore hangs), so a chained page store restores eagerly.
+        chained = (inc.images / "parent").is_symlink()
+        lazy = lazy and not chained
+        inc.stats["lazy"] = int(lazy)
+        if lazy:
+            inc.lazy = LazyPages(inc.images, inc.criu_work)
+            await inc.lazy.start()
+        try:
+            await self.runc.restore_detached(
+                container, bundle=inc.bundle, image_dir=inc.images, work_dir=inc.criu_work,
+                tcp_established=not tcp_close, lazy_pages=lazy,
+            )
+        except CriuError as exc:
+            exc.log_path = self._keep_log(inc, "restore.log") or exc.log_path
+            raise
+        inc.restored = True
+        if fault == "kill-lazy-pages" and inc.lazy is not None:
+            inc.lazy.signal(signal.SIGKILL)  # test hook: the fill fails after the processes run
+        if inc.endpoint is not None:
+            inc.stats.update(await inc.endpoint.after_restore(list(frames or ()), fault=fault))
+        st = await self.runc.require(container)
+        return {"pid": st.pid, "status": st.status, "restore_ms": (time.monotonic() - t0) * 1000, **inc.stats}
+
+    def _criu_config(self, inc: Incoming, options: list[str]) -> None:
+        """Point runc at a CRIU config file for this restore (org.criu.config)."""
+        conf = inc.work / "criu-restore.conf"
+        conf.write_text("\n".join(options) + "\n")
+        cfg_path = inc.bundle / "config.json"
+        spec = json.loads(cfg_path.read_text())
+        spec.setdefault("annotations", {})["org.criu.config"] = str(conf)
+        cfg_path.write_text(json.dumps(spec, indent=2))
+
+    async def call_settle(self, container: str, timeout: float = 600.0) -> dict[str, Any]:
+        """After a lazy restore: wait until the container's whole memory is in place."""
+        inc = self._get(container)
+        if inc.lazy is None:
+            return {"lazy_ms": 0}
+        t0 = time.monotonic()
+        try:
+            await inc.lazy.settle(timeout)
+        except CriuError as exc:
+            exc.log_path = self._keep_log(inc, inc.lazy.log.name) or exc.log_path
+            raise
+        return {"lazy_ms": (time.monotonic() - t0) * 1000}
+
+    async def call_deliver(self, container: str, frames: list[bytes]) -> dict[str, Any]:
+        """Frames sent to the container while it was frozen (see runtime.netlock)."""
+        inc = self._get(container)
+        if not inc.restored or inc.endpoint is None:
+            raise ProtocolError(f"frames for {container!r} before its network is up")
+        return {"delivered": inc.endpoint.deliver(frames)}
+
+    async def call_commit(self, container: str) -> dict[str, Any]:
+        """The destination now owns the container: stop guarding it for cleanup."""
+        inc = self._get(container)
+        if not inc.restored:
+            raise ProtocolError(f"commit of {container!r} before restore")
+        inc.committed = True
+        await stop_criu_daemons(inc)
+        if inc.store is not None:
+            inc.store.close()
+        if inc.endpoint is not None:
+            await inc.endpoint.close()
+        (inc.bundle / INCOMING_MARKER).unlink(missing_ok=True)
+        remove_tree(inc.work)
+        del self.incoming[container]
+        return {"committed": True, **_usage()}
+
+
+def _usage() -> dict[str, float]:
+    """This agent's CPU time and peak memory (with its children: runc, CRIU)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "cpu_s": me.ru_utime + me.ru_stime,
+        "children_cpu_s": kids.ru_utime + kids.ru_stime,
+        "max_rss_kib": float(me.ru_maxrss),
+    }
+
+
+def _corrupt_images(images: Path) -> None:
+    """Test hook (``--fault corrupt-images``): damage the dump like a bad disk would."""
+    for img in sorted(images.glob("pagemap-*.img")) + sorted(images.glob("core-*.img")):
+        data = bytearray(img.read_bytes())
+        for i in range(8, len(data)):
+            data[i] ^= 0xFF
+        img.write_bytes(bytes(data))

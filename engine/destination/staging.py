@@ -1,0 +1,158 @@
+"""Staging a container on the destination: its bundle, rootfs, network and
+the CRIU page servers its dumps stream into, before anything runs here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+from tug.engine import rootfs
+from tug.engine.criu.pageserver import PageServer, pages_bytes
+from tug.engine.destination.incoming import (
+    INCOMING_MARKER,
+    AgentState,
+    Incoming,
+    PagesSink,
+    RecordSink,
+    check_name,
+    check_parent,
+    work_subdir,
+)
+from tug.engine.destination.pagestore import PageStore
+from tug.engine.errors import ConfigError, CriuError, PreconditionError, ProtocolError
+from tug.engine.fsutil import private_dir, remove_tree
+from tug.engine.runtime import network as netif
+from tug.engine.runtime.endpoint import DestinationEndpoint
+from tug.engine.runtime.network import EndpointSpec
+from tug.transports.session import StreamSink
+
+log = logging.getLogger("tug.agent")
+
+
+class StagingCalls(AgentState):
+    """Calls that receive a container (nothing of it runs yet)."""
+
+    async def open_stream(self, kind: str, meta: dict[str, Any]) -> StreamSink:
+        inc = self._get(meta.get("container"))
+        if kind == "rootfs":
+            return RecordSink(inc.bundle / "rootfs", lambda w: inc.stats.__setitem__("rootfs_bytes", inc.stats.get("rootfs_bytes", 0) + w.bytes))
+        if kind == "pages":
+            if inc.store is None:
+                inc.store = PageStore(inc.work / "store")
+            return PagesSink(inc.store)
+        if kind == "images":
+            inc.images.mkdir(parents=True, exist_ok=True)
+            return RecordSink(inc.images, lambda w: inc.stats.__setitem__("image_bytes", w.bytes))
+        raise ProtocolError(f"agent accepts no stream of kind {kind!r}")
+
+    async def call_prepare(self, container: str, config: bytes, network: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Create the staging bundle and the work space."""
+        check_name(container)
+        bundle = self.host.bundle_dir(container)
+        if bundle.exists():
+            if not (bundle / INCOMING_MARKER).exists():
+                raise PreconditionError(f"bundle {bundle} already exists on {self.host.name}")
+            shutil.rmtree(bundle)  # leftover of an attempt that died before cleaning up
+        work = self.host.work_dir / container
+        remove_tree(work)
+        inc = Incoming(name=container, bundle=bundle, work=work)
+        inc.network = EndpointSpec.from_dict(network) if network is not None else None
+        self.incoming[container] = inc
+        private_dir(self.host.bundles_dir)
+        private_dir(self.host.work_dir)
+        bundle.mkdir()
+        (bundle / INCOMING_MARKER).write_text(f"{os.getpid()}\n")
+        (bundle / "rootfs").mkdir()
+        work.mkdir(parents=True)
+        (bundle / "config.json").write_bytes(self._rewrite_config(container, config, inc.network is not None))
+        if inc.network is not None:
+            netif.save_spec(bundle, inc.network)
+        return {"bundle": str(bundle), "work": str(work)}
+
+    async def call_prepare_network(
+        self, container: str, neighbors: list[dict[str, Any]] | None = None, fault: str | None = None
+    ) -> dict[str, Any]:
+        """Pre-restore: the endpoint exists, with its outer link still down and
+        the container's neighbour cache in place (see network.read_neighbors)."""
+        inc = self._get(container)
+        if inc.network is None:
+            return {"endpoint": None}
+        net = self.host.network
+        assert net is not None  # checked in preflight
+        inc.endpoint = DestinationEndpoint(net, container, inc.network)
+        ms = await inc.endpoint.prepare(neighbors, fault=fault)
+        return {"endpoint": str(net.netns_path(container)), "ms": ms}
+
+    def _rewrite_config(self, container: str, raw: bytes, has_endpoint: bool) -> bytes:
+        try:
+            spec = json.loads(raw)
+        except ValueError as exc:
+            raise ConfigError(f"container config is not valid JSON: {exc}") from None
+        spec.setdefault("root", {})["path"] = "rootfs"
+        if self.host.cgroup_parent:
+            spec.setdefault("linux", {})["cgroupsPath"] = f"{self.host.cgroup_parent.rstrip('/')}/{container}"
+        if has_endpoint:
+            assert self.host.network is not None
+            netif.set_netns_path_in_spec(spec, self.host.network.netns_path(container))
+        return json.dumps(spec, indent=2).encode()
+
+    async def call_rootfs_plan(self, container: str, manifest: list[Any]) -> dict[str, Any]:
+        inc = self._get(container)
+        source = [rootfs.Entry.from_wire(item) for item in manifest]
+        root = inc.bundle / "rootfs"
+        plan = rootfs.plan(source, await asyncio.to_thread(rootfs.scan, root))
+        await asyncio.to_thread(rootfs.apply_structure, root, plan)
+        return {
+            "need": [e.path for e in plan.send],
+            "deleted": len(plan.delete),
+            "skipped": plan.skipped,
+        }
+
+    async def call_page_server_start(
+        self, container: str, images: str, parent: str | None = None, fault: str | None = None
+    ) -> dict[str, Any]:
+        """Start a CRIU page server for one dump into ``images`` (under the work dir).
+
+        ``images`` is ``images`` (the final dump) or ``rounds/N`` (a pre-copy
+        round); ``parent`` (``../N-1`` or ``../rounds/N-1``) names the previous
+        round's dir, which must be here already: the server links it as
+        ``parent`` and checks the pre-dump's holes against it.
+        """
+        inc = self._get(container)
+        images_dir = work_subdir(inc.work, images)
+        if parent is not None:
+            check_parent(inc.work, images_dir, parent)
+        images_dir.mkdir(parents=True, exist_ok=True)
+        if any(images_dir.glob("pagemap-*.img")):
+            raise ProtocolError(f"{images} already holds a dump; each dump needs a fresh directory")
+        ident = max(inc.page_servers, default=0) + 1
+        ps = PageServer(ident, images_dir, inc.criu_work / f"page-server-{ident}.log", parent)
+        inc.page_servers[ident] = ps
+        t0 = time.monotonic()
+        try:
+            port = await ps.start()
+        except CriuError as exc:
+            exc.log_path = self._keep_log(inc, ps.log.name) or exc.log_path
+            raise
+        if fault == "kill-page-server":
+            ps.kill_when_receiving()
+        return {"id": ident, "port": port, "ms": (time.monotonic() - t0) * 1000}
+
+    async def call_page_server_wait(self, container: str, id: int) -> dict[str, Any]:
+        """Reap a page server after its session (it exits once it has written
+        everything); a failure raises its CriuError with the log kept."""
+        inc = self._get(container)
+        ps = inc.page_servers.get(id)
+        if ps is None:
+            raise ProtocolError(f"no page server {id} for {container!r}")
+        rc = await ps.wait()
+        if rc != 0:
+            ps.reported = True
+            raise ps.failure(kept_log=self._keep_log(inc, ps.log.name))
+        return {"exit": rc, "pages_bytes": pages_bytes(ps.images_dir)}
