@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable
@@ -34,6 +35,17 @@ from . import protocol as p
 #: least BATCH bytes (small writes cost SSH a packet and a MAC each).
 CHUNK = 1 << 20
 BATCH = 256 << 10
+
+#: Notice data key by which a receiver reports that one of the sender's streams
+#: failed on its side. Only a stream's sender may end it (StreamClose,
+#: StreamAbort), and Notice is the one event either side may send at any time,
+#: so the report rides on a Notice: no new wire event, and an older peer just
+#: logs it.
+STREAM_FAILED = "tug.stream_failed"
+
+#: Longest error text put into a fallback Fail or a stream failure report; a
+#: report that does not fit in a frame would be dropped, which is what it is for.
+_CLIP = 4096
 
 
 class ByteStream(Protocol):
@@ -106,16 +118,50 @@ def fail_from_error(call_id: int, exc: BaseException) -> p.Fail:
     return p.Fail(call_id=call_id, kind="internal", message=f"{type(exc).__name__}: {exc}", details={})
 
 
-class OutStream:
-    """A stream we send; batches small writes into large frames."""
+def _clip(text: str) -> str:
+    """Short, and encodable whatever it holds (an OSError may quote a surrogate-escaped path)."""
+    text = text.encode("utf-8", "backslashreplace").decode()
+    return text if len(text) <= _CLIP else text[:_CLIP] + "..."
 
-    def __init__(self, session: Session, stream_id: int) -> None:
+
+def _is_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure of the code we called rather than a cancellation of us.
+
+    A handler or sink may let a CancelledError out of something it awaited
+    that someone else cancelled; that is its failure, and must be answered
+    like any other, or the peer waits forever.
+    """
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() == 0
+    return isinstance(exc, Exception)
+
+
+class OutStream:
+    """A stream we send; batches small writes into large frames.
+
+    If the receiver fails to take the stream, it says so (see
+    :data:`STREAM_FAILED`) and keeps the session: the next :meth:`write` or
+    :meth:`close` raises its error. :meth:`close` does not wait for the
+    receiver, so a failure it reports after the close is raised by the
+    session's next :meth:`Session.call` instead: the peer handles frames in
+    order, so any call sent after the close is answered after that report,
+    and a sender never proceeds past a broken stream unawares.
+    """
+
+    def __init__(self, session: Session, stream_id: int, kind: str = "") -> None:
         self._session = session
         self.stream_id = stream_id
+        self.kind = kind
         self._buf = bytearray()
         self.bytes = 0
+        self.closed = False
+        #: The receiver's error, once it reported that it failed this stream.
+        self.failure: MigrationError | None = None
 
     async def write(self, data: bytes | memoryview) -> None:
+        if self.failure is not None:
+            raise self.failure
         self.bytes += len(data)
         if not self._buf and len(data) >= BATCH:
             # Large writes skip the batching buffer: one copy fewer per chunk.
@@ -136,11 +182,16 @@ class OutStream:
             await self._session._write(b"".join(frames))
 
     async def close(self, meta: dict[str, Any] | None = None) -> None:
+        if self.failure is not None:
+            raise self.failure
         await self._flush()
         await self._session._send(p.StreamClose(stream_id=self.stream_id, meta=dict(meta or {})))
+        self.closed = True
 
     async def abort(self, reason: str) -> None:
         self._buf.clear()
+        # The sender gives up on the stream: a failure the receiver reports for it is moot.
+        self._session._out.pop(self.stream_id, None)
         await self._session._send(p.StreamAbort(stream_id=self.stream_id, reason=reason))
 
 
@@ -161,6 +212,10 @@ class Session:
         self._stream_ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._sinks: dict[int, StreamSink] = {}
+        #: Streams we opened whose failure the peer may still report (see OutStream).
+        self._out: dict[int, OutStream] = {}
+        #: Failures the peer reported for streams we had already closed; the next call raises them.
+        self._late_failures: list[MigrationError] = []
         self._write_lock = asyncio.Lock()
         self._hello: asyncio.Future[p.Hello] = asyncio.get_running_loop().create_future()
         self._closed = asyncio.Event()
@@ -176,9 +231,10 @@ class Session:
     async def start(self, *, software: str, host: str, info: dict[str, Any], timeout: float = 30.0) -> p.Hello:
         """Exchange Hello frames; returns the peer's."""
         self._reader = asyncio.create_task(self._read_loop(), name="tug-session-reader")
-        await self._send(p.Hello(version=p.PROTOCOL_VERSION, software=software, host=host, info=info))
         try:
+            # Our Hello is inside the timeout too: a peer that reads nothing blocks it.
             async with asyncio.timeout(timeout):
+                await self._send(p.Hello(version=p.PROTOCOL_VERSION, software=software, host=host, info=info))
                 return await asyncio.shield(self._hello)
         except TimeoutError:
             raise TransportError(f"peer did not answer the tug handshake within {timeout:g} s") from None
@@ -190,11 +246,16 @@ class Session:
     async def wait_closed(self) -> None:
         await self._closed.wait()
 
-    async def close(self, reason: str = "done") -> None:
-        """Say Bye (if still possible), stop reading, close the byte stream."""
+    async def close(self, reason: str = "done", *, timeout: float = 5.0) -> None:
+        """Say Bye (if still possible), stop reading, close the byte stream.
+
+        The Bye is a courtesy: it gets ``timeout`` seconds, so closing never
+        hangs on a peer that has stopped reading.
+        """
         if not self._closed.is_set() and self._failure is None:
-            with contextlib.suppress(MigrationError):
-                await self._send(p.Bye(reason=reason))
+            with contextlib.suppress(MigrationError, TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._send(p.Bye(reason=reason))
         with contextlib.suppress(MigrationError, OSError):
             await self.stream.close()
         if self._reader is not None:
@@ -212,29 +273,65 @@ class Session:
         if self._failure is not None:
             raise self._failure
         async with self._write_lock:
-            await self.stream.write(data)
+            try:
+                await self.stream.write(data)
+            except OSError as exc:  # a plain pipe's BrokenPipeError: one error hierarchy here too
+                raise TransportError(f"connection to peer lost: {exc}") from None
             self.bytes_sent += len(data)
 
     async def _send(self, event: p.Event) -> None:
         await self._write(self.conn.send(event))
 
-    async def call(self, method: str, *, timeout: float | None = None, **args: Any) -> dict[str, Any]:
+    async def call(
+        self, method: str, *, timeout: float | None = None, stream_failures: bool = True, **args: Any
+    ) -> dict[str, Any]:
+        """Ask the peer; ``timeout`` bounds the whole call, sending included.
+
+        A peer that stops reading blocks the send (flow control), so a timeout
+        that only covered the wait for the answer would never fire there.
+        With ``stream_failures=False`` a stream failure the peer reported
+        meanwhile stays queued instead of replacing this call's answer: a
+        rollback's ``abort`` must learn that the peer cleaned up.
+        """
         call_id = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = fut
+        # Streams closed before this call: once it is answered, the peer has seen their end.
+        settled = [sid for sid, out in self._out.items() if out.closed] if stream_failures else []
+        sent = False
         try:
-            await self._send(p.Call(call_id=call_id, method=method, args=args))
             async with asyncio.timeout(timeout):
-                return await fut
+                await self._send(p.Call(call_id=call_id, method=method, args=args))
+                sent = True
+                result = await fut
         except TimeoutError:
+            if not sent:
+                what = "the peer is not reading, or the link is that slow"
+                raise TransportError(f"could not send {method!r} within {timeout:g} s: {what}") from None
             raise TransportError(f"agent did not answer {method!r} within {timeout:g} s") from None
+        except MigrationError as exc:
+            late = self._late_failure(settled) if sent and stream_failures else None
+            if late is None:
+                raise
+            late.add_note(f"then {method!r} failed: {exc}")
+            raise late from None
         finally:
             self._pending.pop(call_id, None)
+        late = self._late_failure(settled) if stream_failures else None
+        if late is not None:
+            raise late
+        return result
+
+    def _late_failure(self, settled: list[int]) -> MigrationError | None:
+        for sid in settled:
+            self._out.pop(sid, None)
+        return self._late_failures.pop(0) if self._late_failures else None
 
     async def open_stream(self, kind: str, meta: dict[str, Any] | None = None) -> OutStream:
         sid = next(self._stream_ids)
         await self._send(p.StreamOpen(stream_id=sid, kind=kind, meta=dict(meta or {})))
-        return OutStream(self, sid)
+        out = self._out[sid] = OutStream(self, sid, kind)
+        return out
 
     async def notice(self, message: str, *, level: str = "info", **data: Any) -> None:
         await self._send(p.Notice(level=level, message=message, data=data))
@@ -263,12 +360,21 @@ class Session:
                         self._closed.set()
                         self._fail_pending(TransportError(f"peer said goodbye: {ev.reason}"))
                         return
-        except MigrationError as exc:
-            self._failure = exc if isinstance(exc, (TransportError, ProtocolError)) else TransportError(str(exc))
+        except BaseException as exc:
+            # Anything that ends the reader must fail the waiting calls: a reader
+            # that died silently would leave them (and the peer) waiting forever.
+            if not _is_failure(exc):
+                raise
+            if isinstance(exc, (TransportError, ProtocolError)):
+                self._failure = exc
+            elif isinstance(exc, MigrationError):
+                self._failure = TransportError(str(exc))
+            else:
+                self._failure = TransportError(f"session reader failed: {type(exc).__name__}: {exc}")
             self._fail_pending(self._failure)
             for sink in self._sinks.values():
                 with contextlib.suppress(Exception):
-                    await sink.abort(str(exc))
+                    await sink.abort(str(self._failure))
             self._sinks.clear()
             self._closed.set()
 
@@ -288,30 +394,119 @@ class Session:
             self._call_tasks.add(task)
             task.add_done_callback(self._call_tasks.discard)
         elif isinstance(ev, p.StreamOpen):
-            if self.handler is None:
-                raise ProtocolError("peer opened a stream but this side accepts none")
-            self._sinks[ev.stream_id] = await self.handler.open_stream(ev.kind, ev.meta)
-        elif isinstance(ev, p.StreamData):
-            await self._sinks[ev.stream_id].write(ev.data)
-        elif isinstance(ev, p.StreamClose):
-            await self._sinks.pop(ev.stream_id).close(ev.meta)
+            try:
+                if self.handler is None:
+                    raise ProtocolError("peer opened a stream but this side accepts none")
+                self._sinks[ev.stream_id] = await self.handler.open_stream(ev.kind, ev.meta)
+            except BaseException as exc:
+                if not _is_failure(exc):
+                    raise
+                await self._fail_stream(ev.stream_id, None, exc)
+        elif isinstance(ev, (p.StreamData, p.StreamClose)):
+            # No sink: the stream failed here already, and its sender has been told.
+            sink = self._sinks.get(ev.stream_id)
+            if sink is None:
+                return
+            try:
+                if isinstance(ev, p.StreamData):
+                    await sink.write(ev.data)
+                else:
+                    del self._sinks[ev.stream_id]
+                    await sink.close(ev.meta)
+            except BaseException as exc:
+                if not _is_failure(exc):
+                    raise
+                await self._fail_stream(ev.stream_id, sink, exc)
         elif isinstance(ev, p.StreamAbort):
-            await self._sinks.pop(ev.stream_id).abort(ev.reason)
+            sink = self._sinks.pop(ev.stream_id, None)
+            if sink is not None:
+                with contextlib.suppress(Exception):  # the sender gave up already; nobody to tell
+                    await sink.abort(ev.reason)
         elif isinstance(ev, p.Notice):
-            if self.on_notice is not None:
+            sid = ev.data.get(STREAM_FAILED)
+            if type(sid) is int:
+                self._peer_failed_stream(sid, ev)
+            elif self.on_notice is not None:
                 self.on_notice(ev)
 
+    async def _fail_stream(self, stream_id: int, sink: StreamSink | None, exc: BaseException) -> None:
+        """An incoming stream failed here: drop it and tell its sender, but keep the session.
+
+        One bad stream (a full disk, a malformed record) is the migration's
+        problem, which the sender decides about; ending the reader instead
+        would leave every call of the peer unanswered.
+        """
+        self._sinks.pop(stream_id, None)
+        fail = fail_from_error(0, exc)
+        message = _clip(fail.message)
+        if sink is not None:
+            with contextlib.suppress(Exception):
+                await sink.abort(message)
+        report = p.Notice(
+            level="error",
+            message=message,
+            data={STREAM_FAILED: stream_id, "kind": _clip(fail.kind), "details": fail.details},
+        )
+        with contextlib.suppress(MigrationError):  # e.g. we said Bye already: nobody to tell
+            try:
+                await self._send(report)
+            except p.LocalProtocolError:  # details that cannot go on the wire
+                await self._send(dataclasses.replace(report, data={STREAM_FAILED: stream_id, "kind": report.data["kind"]}))
+
+    def _peer_failed_stream(self, stream_id: int, ev: p.Notice) -> None:
+        out = self._out.pop(stream_id, None)
+        if out is None:  # aborted by us, or not ours: nothing waits for it
+            return
+        kind, details = ev.data.get("kind"), ev.data.get("details")
+        peer = p.Role.AGENT.value if self.conn.role is p.Role.SOURCE else p.Role.SOURCE.value
+        exc = error_from_fail(
+            p.Fail(
+                call_id=0,
+                kind=kind if isinstance(kind, str) else "internal",
+                message=f"{peer} could not take the {out.kind!r} stream: {ev.message}",
+                details=details if isinstance(details, dict) else {},
+            )
+        )
+        if out.closed:
+            self._late_failures.append(exc)
+        else:
+            out.failure = exc
+
     async def _serve_call(self, ev: p.Call) -> None:
-        reply: p.Event
+        reply: p.Reply | p.Fail
         try:
             if self.handler is None:
                 raise ProtocolError(f"this side serves no calls (got {ev.method!r})")
             result = await self.handler.handle_call(ev.method, ev.args)
             reply = p.Reply(call_id=ev.call_id, result=result)
-        except asyncio.CancelledError:
-            raise
         except BaseException as exc:  # every failure becomes a Fail for the caller
+            if isinstance(exc, asyncio.CancelledError) and not _is_failure(exc):
+                raise
             reply = fail_from_error(ev.call_id, exc)
-        with contextlib.suppress(MigrationError):
-            await self._send(reply)
+        with contextlib.suppress(MigrationError):  # the session is gone: nobody waits for the answer
+            await self._write(self._answer(reply))
+
+    def _answer(self, answer: p.Reply | p.Fail) -> bytes:
+        """Frame a call's answer, or, if the protocol refuses it, a Fail saying why.
+
+        The caller waits for exactly one answer, so an answer over the frame
+        limit, or that msgpack cannot carry, must not simply be dropped.
+        """
+        try:
+            return self.conn.send(answer)
+        except p.LocalProtocolError as exc:
+            refused = exc
+        if isinstance(answer, p.Fail):
+            fallback = p.Fail(call_id=answer.call_id, kind=_clip(answer.kind), message=_clip(answer.message), details={})
+        else:
+            try:
+                size: int | None = len(p.encode_event(answer)) - 4
+            except p.LocalProtocolError:
+                size = None
+            if size is not None and size > self.conn.max_frame:
+                reason = f"reply too large: {size} bytes (limit {self.conn.max_frame})"
+            else:
+                reason = f"reply cannot be sent: {refused}"
+            fallback = fail_from_error(answer.call_id, p.LocalProtocolError(_clip(reason)))
+        return self.conn.send(fallback)
 

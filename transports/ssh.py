@@ -34,6 +34,11 @@ __all__ = ["LOOPBACK", "AgentProcess", "PortForward", "SshTarget", "connect_agen
 #: (see shared/platform.md). Others stay as fallbacks for peers without it.
 CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com", "aes128-ctr")
 READ_SIZE = 1 << 20
+#: SSH keepalives: a link that answers nothing for about INTERVAL x (COUNT_MAX + 1)
+#: seconds is declared lost. Without them a partitioned link (no RST, no FIN)
+#: leaves every read waiting forever; TCP's own keepalive takes hours.
+KEEPALIVE_INTERVAL = 5.0
+KEEPALIVE_COUNT_MAX = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,15 +79,25 @@ class _ProcessStream:
         try:
             data: bytes = await self._p.stdout.read(READ_SIZE)
             return data
-        except (asyncssh.Error, OSError) as exc:
-            raise TransportError(f"connection to {self._target} lost: {exc}") from None
+        except Exception as exc:  # asyncssh hands readers whatever closed the connection
+            raise self._lost(exc) from None
 
     async def write(self, data: bytes) -> None:
         try:
             self._p.stdin.write(data)
             await self._p.stdin.drain()
-        except (asyncssh.Error, OSError) as exc:
-            raise TransportError(f"connection to {self._target} lost: {exc}") from None
+        except Exception as exc:
+            raise self._lost(exc) from None
+
+    def _lost(self, exc: Exception) -> TransportError:
+        """One TransportError for every way the channel can fail.
+
+        A lost connection reaches a channel's reader as the exception that
+        closed it: asyncssh's (a keepalive timeout is ConnectionLost), an
+        OSError, or, after an internal error in asyncssh, anything at all.
+        """
+        what = str(exc) if isinstance(exc, (asyncssh.Error, OSError)) else f"{type(exc).__name__}: {exc}"
+        return TransportError(f"connection to {self._target} lost: {what}")
 
     async def close(self) -> None:
         with contextlib.suppress(asyncssh.Error, OSError):
@@ -102,7 +117,9 @@ class AgentProcess:
         self._stderr_task = asyncio.create_task(self._drain_stderr(), name="tug-agent-stderr")
 
     async def _drain_stderr(self) -> None:
-        with contextlib.suppress(asyncssh.Error, OSError, asyncio.CancelledError):
+        # Whatever ends it is the session's to report; close() awaits this task,
+        # so an exception kept here would escape from there.
+        with contextlib.suppress(Exception, asyncio.CancelledError):
             async for line in self._process.stderr:
                 text = line.decode(errors="replace") if isinstance(line, bytes) else str(line)
                 self._stderr.append(text.rstrip())
@@ -150,13 +167,14 @@ class AgentProcess:
         """Let the agent exit on its own (it cleans up), then drop the link."""
         for fwd in self._forwards:
             fwd.close()
-        with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):
+        # Best effort, and nothing of asyncssh's may escape from here.
+        with contextlib.suppress(Exception):
             self._process.stdin.write_eof()
             async with asyncio.timeout(timeout):
                 await self._process.wait_closed()
         self._process.close()
         self._conn.close()
-        with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):
+        with contextlib.suppress(Exception):
             async with asyncio.timeout(timeout):
                 await self._conn.wait_closed()
         self._stderr_task.cancel()
@@ -172,8 +190,15 @@ async def connect_agent(
     agent_command: str | None = None,
     connect_timeout: float = 15.0,
     env: dict[str, str] | None = None,
+    keepalive_interval: float = KEEPALIVE_INTERVAL,
+    keepalive_count_max: int = KEEPALIVE_COUNT_MAX,
 ) -> AgentProcess:
-    """Open SSH to ``target`` and start ``python -m tug.engine.agent`` there."""
+    """Open SSH to ``target`` and start ``python -m tug.engine.agent`` there.
+
+    With keepalives on (``keepalive_interval`` > 0), a link that stops
+    answering fails the session's reads with a TransportError after about
+    ``keepalive_interval * (keepalive_count_max + 1)`` seconds.
+    """
     if identity is not None and not identity.exists():
         raise ConfigError(f"identity file {identity} does not exist")
     if known_hosts is not None and not known_hosts.exists():
@@ -185,6 +210,8 @@ async def connect_agent(
         "connect_timeout": connect_timeout,
         "preferred_auth": "publickey",
         "known_hosts": str(known_hosts) if known_hosts is not None else (),
+        "keepalive_interval": keepalive_interval,
+        "keepalive_count_max": keepalive_count_max,
     }
     if identity is not None:
         options["client_keys"] = [str(identity)]
@@ -210,11 +237,13 @@ async def connect_agent(
         raise TransportError(f"cannot reach {target.host}:{target.port}: {exc.strerror or exc}") from None
     except asyncssh.Error as exc:
         raise TransportError(f"ssh to {target} failed: {exc.reason}") from None
+    except Exception as exc:  # e.g. ValueError for an unreadable known_hosts: never asyncssh's own type
+        raise TransportError(f"ssh to {target} failed: {type(exc).__name__}: {exc}") from None
 
     command = agent_command or f"{shlex.quote(sys.executable)} -m tug.engine.agent"
     try:
         process = await conn.create_process(command, encoding=None, env=env or {})
-    except (asyncssh.Error, OSError) as exc:
+    except Exception as exc:
         conn.close()
         raise TransportError(f"cannot start the tug agent on {target}: {exc}") from None
     return AgentProcess(conn, process, target)

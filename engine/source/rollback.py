@@ -25,7 +25,7 @@ async def abort_destination(
     if session is None or session.peer is None:
         return []
     try:
-        res = await session.call("abort", container=name, timeout=60)
+        res = await session.call("abort", container=name, timeout=60, stream_failures=False)
         # A page server that died on its own (mid-dump, say) explains the
         # dump's failure better than the dumper's "Broken pipe".
         for why in res.get("page_servers") or []:
