@@ -1,9 +1,15 @@
 """Child processes with deadlines, and no orphans.
 
 Every external tool (runc, criu, tc, ssh-keygen) goes through :func:`run` so
-that a timeout or a cancelled task always kills and reaps the whole process
+that a timeout or a cancelled task always ends and reaps the whole process
 group: a half-finished ``runc checkpoint`` left running would keep the source
 container frozen behind our back.
+
+Most tools are simply SIGKILLed. A few must undo something before they die:
+a CRIU dump that is killed leaves its parasite mapped in the container's
+processes and the cgroup freezer thawed (CRIU thaws it once the tasks are
+seized). Such a call passes a :class:`GracefulStop`: the signal that makes
+the tool clean up, sent first, then a bounded wait, and only then SIGKILL.
 """
 
 from __future__ import annotations
@@ -12,10 +18,20 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from tug.engine.errors import PreconditionError, RuntimeToolError
+
+#: How often a stopping process group is looked at.
+_POLL_S = 0.05
+#: How long the members of a SIGKILLed group may take to disappear (exit,
+#: detach their tracees, be reaped) before we stop waiting for them.
+_GONE_S = 2.0
+#: How long the leader of a group gets to reap its killed helpers and exit.
+_LEADER_S = 1.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -34,14 +50,114 @@ class Completed:
         return self.stderr.decode(errors="replace")
 
 
-async def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    """SIGKILL the child's process group and wait for the child itself."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GracefulStop:
+    """How to stop a child that must clean up before it dies.
+
+    On timeout or cancellation :func:`run` sends ``signal`` to every member
+    of the child's process group that ``select`` accepts (all of them without
+    ``select``), each pid at most once but also to members that appear while
+    it waits (runc may not have spawned CRIU yet when the stop begins), and
+    waits up to ``grace`` seconds for the whole group to exit. Only then is
+    the group SIGKILLed. Once per pid because a tool may count the signals
+    it gets (CRIU gives up after a few SIGALRMs: see criu/tool.py).
+    """
+
+    signal: int
+    grace: float
+    select: Callable[[int], bool] | None = None
+
+
+def _pgrp(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None  # gone meanwhile
+    # "pid (comm) state ppid pgrp ...": comm may hold spaces and parens.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return int(fields[2]) if len(fields) > 2 else None
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of the processes whose process group is ``pgid`` (zombies included)."""
+    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and _pgrp(int(e.name)) == pgid]
+
+
+def _signal_member(pid: int, pgid: int, sig: int) -> None:
+    """Signal ``pid`` if it is (still) in group ``pgid``: through a pidfd, so
+    that a pid reused since the scan by another process is never hit."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        if _pgrp(pid) == pgid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                signal.pidfd_send_signal(pidfd, sig)
+    finally:
+        os.close(pidfd)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def _interrupt_group(proc: asyncio.subprocess.Process, stop: GracefulStop) -> None:
+    """Send ``stop.signal`` as :class:`GracefulStop` says, until the group is gone or the grace is up."""
+    pgid = proc.pid
+    signalled: set[int] = set()
+    deadline = time.monotonic() + stop.grace
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        for pid in await asyncio.to_thread(group_members, pgid):
+            if pid in signalled or (stop.select is not None and not stop.select(pid)):
+                continue
+            signalled.add(pid)
+            _signal_member(pid, pgid, stop.signal)
+        if proc.returncode is not None:
+            await asyncio.sleep(_POLL_S)  # the leader is gone, some of its group is not
+            continue
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_POLL_S):
+                await proc.wait()
+
+
+async def _stop_group(proc: asyncio.subprocess.Process, stop: GracefulStop | None) -> None:
+    """End the child's process group (gracefully first if ``stop``), reap the child,
+    and wait (bounded) until no member of its group is left.
+
+    The leader's helpers are killed before the leader, which gets a moment to
+    reap them (runc waits for its CRIU once CRIU's socket closes): killed
+    together, a helper's zombie would go to init, which need not reap it.
+    """
+    if stop is not None and _group_alive(proc.pid):
+        await _interrupt_group(proc, stop)
     if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        helpers = [pid for pid in await asyncio.to_thread(group_members, proc.pid) if pid != proc.pid]
+        for pid in helpers:
+            _signal_member(pid, proc.pid, signal.SIGKILL)
+        if helpers:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_LEADER_S):
+                    await proc.wait()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
     await proc.wait()
+    # A member whose parent died first is reparented away from us: we cannot
+    # reap it, but we do not return while it may still run (or trace).
+    deadline = time.monotonic() + _GONE_S
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await asyncio.sleep(_POLL_S)
 
 
 async def run(
@@ -53,12 +169,15 @@ async def run(
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     stdout_devnull: bool = False,
+    stop: GracefulStop | None = None,
 ) -> Completed:
     """Run ``argv`` to completion; raise :class:`RuntimeToolError` on failure.
 
     The child gets its own session so that the group kill on timeout or
     cancellation reaches grandchildren too (runc spawns criu, criu spawns
-    helpers). Cancellation is honoured, but the reaping is shielded.
+    helpers). With ``stop`` the group gets the chance to clean up first (see
+    :class:`GracefulStop`). Cancellation is honoured, but the stopping and
+    reaping are shielded: the cancellation propagates once the group is gone.
     """
     full_env = None if env is None else {**os.environ, **env}
     try:
@@ -77,12 +196,12 @@ async def run(
         async with asyncio.timeout(timeout):
             stdout, stderr = await proc.communicate(input)
     except TimeoutError:
-        await asyncio.shield(_kill_group(proc))
+        await asyncio.shield(_stop_group(proc, stop))
         raise RuntimeToolError(
             f"{' '.join(argv[:3])} timed out after {timeout:g} s", argv=argv, returncode=None
         ) from None
     except BaseException:
-        await asyncio.shield(_kill_group(proc))
+        await asyncio.shield(_stop_group(proc, stop))
         raise
     result = Completed(argv=tuple(argv), returncode=proc.returncode or 0, stdout=stdout or b"", stderr=stderr or b"")
     if check and result.returncode != 0:

@@ -209,7 +209,7 @@ class RemotePageServer:
         # CRIU corks its socket and never pushes its last request: uncork it
         # from here, or every streamed dump ends with a 200 ms wait (uncork.py).
         fwd.on_first_data = lambda ours, peer: _uncork_later(ours, peer)
-        fwd.admit = peer_is_criu  # only CRIU may feed pages to the destination
+        fwd.admit = peer_is_criu  # only root's CRIU (by uid and binary, not name) may feed pages
         return cls(session, container, int(res["id"]), fwd)
 
     @property

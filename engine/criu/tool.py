@@ -3,12 +3,19 @@
 runc drives CRIU for dump and restore; this module covers what runc does not
 expose, and turns CRIU's logs into :class:`CriuError` with the lines that
 matter (CRIU writes hundreds of lines; the first ``Error`` is usually the cause).
+
+It also says which process *is* CRIU (:func:`runs_criu`, :func:`why_not_root_criu`):
+by the executable's device and inode, never by name, since any process can
+call itself ``criu``. And how to stop a dump without leaving it half done
+(:data:`DUMP_STOP`).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +24,11 @@ from tug.engine import proc
 from tug.engine.errors import CriuError, PreconditionError, RuntimeToolError
 
 MIN_VERSION = (4, 2)
+
+#: How long a dump interrupted with SIGALRM may take to clean up: CRIU re-arms
+#: alarm(1) after each interrupt and gives up (BUG) after five, so it has
+#: either cured its parasites and exited or crashed well within this.
+DUMP_STOP_GRACE_S = 8.0
 
 #: Errors CRIU logs on every run here and that do not affect the result
 #: (no CAP_SYS_RESOURCE: see shared/platform.md).
@@ -29,6 +41,86 @@ def criu_binary() -> str:
     if not found:
         raise PreconditionError("criu: not installed (run scripts/setup.sh, or see 'tug doctor')")
     return found
+
+
+def criu_identity() -> tuple[int, int]:
+    """(st_dev, st_ino) of the CRIU binary tug runs."""
+    st = os.stat(criu_binary())
+    return st.st_dev, st.st_ino
+
+
+def _exe_identity(proc_dir: int) -> tuple[int, int]:
+    st = os.stat("exe", dir_fd=proc_dir)  # follows the magic link to the executable itself
+    return st.st_dev, st.st_ino
+
+
+def runs_criu(pid: int) -> bool:
+    """True when process ``pid`` executes tug's CRIU binary (compared by inode, not name)."""
+    try:
+        criu = criu_identity()
+        fd = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY)
+    except (OSError, PreconditionError):
+        return False
+    try:
+        return _exe_identity(fd) == criu
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def why_not_root_criu(pid: int, criu: tuple[int, int] | None = None) -> str | None:
+    """None when ``pid`` is tug's CRIU run by root, else why not (for a refusal).
+
+    Root CRIU means: every uid of the process (real, effective, saved, fs) is
+    0, and its executable is the file :func:`criu_binary` names (same device
+    and inode). The name (``comm``) proves nothing: any process can set it.
+    Both are read through one handle on ``/proc/PID``, so a pid reused
+    between the two reads fails the check instead of mixing two processes.
+    ``criu`` is :func:`criu_identity`, if the caller already has it.
+    """
+    try:
+        criu = criu or criu_identity()
+    except (OSError, PreconditionError) as exc:
+        return f"cannot identify the CRIU binary: {getattr(exc, 'strerror', None) or exc}"
+    try:
+        fd = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return f"process {pid} is gone"
+    try:
+        sfd = os.open("status", os.O_RDONLY, dir_fd=fd)
+        with os.fdopen(sfd, "rb") as f:
+            status = f.read().decode(errors="replace")
+        fields = {k: v.strip() for k, _, v in (ln.partition(":") for ln in status.splitlines())}
+        comm, uids = fields.get("Name", "?"), fields.get("Uid", "").split()
+        if not uids or any(u != "0" for u in uids):
+            return f"{comm} (pid {pid}) runs as uid {'/'.join(uids) or '?'}, not root"
+        if _exe_identity(fd) != criu:
+            return f"{comm} (pid {pid}) runs {os.readlink('exe', dir_fd=fd)}, not the CRIU binary"
+    except OSError as exc:
+        return f"cannot look at process {pid}: {exc.strerror or exc}"
+    finally:
+        os.close(fd)
+    return None
+
+
+#: How :meth:`Runc.checkpoint_frozen` and :meth:`Runc.predump` stop a dump
+#: that timed out or was cancelled (see :class:`proc.GracefulStop`).
+#:
+#: Why SIGALRM and not SIGTERM: CRIU 4.2.1 installs no handler for SIGTERM or
+#: SIGINT during a dump, so either kills it on the spot just like SIGKILL
+#: (and SIGTERM kills runc, whose CRIU then dumps on as an orphan). Killed
+#: mid-dump, CRIU leaves its parasite (``/memfd:CRIUMFD``) mapped in the
+#: container's processes and the freezer thawed: the "paused" source runs.
+#: SIGALRM is CRIU's own interrupt (criu/cr-dump.c ``alarm_handler``, set up
+#: for the whole dump and pre-dump, without SA_RESTART, the mechanism of
+#: ``criu --timeout``): the current syscall fails with EINTR, the dump takes
+#: its error path, cures every parasite, unseizes the tasks and puts the
+#: freezer back in its original state (FROZEN after ``runc pause``), then
+#: exits. runc (Go) ignores SIGALRM and reports CRIU's failure. Only
+#: processes running the CRIU binary get it, once each: CRIU re-arms the
+#: alarm itself and aborts after its fifth.
+DUMP_STOP = proc.GracefulStop(signal=signal.SIGALRM, grace=DUMP_STOP_GRACE_S, select=runs_criu)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,10 +15,18 @@ A page server cannot push the client's socket, but this host's root can:
 ``pidfd_getfd(2)`` duplicates CRIU's socket into this process, and clearing
 TCP_CORK on the duplicate (it is the same socket) pushes what is queued and
 lets every later send go out at once. It is done once the first request has
-arrived (CRIU corks before it sends anything), only on a process named
-``criu`` holding exactly the socket whose four-tuple is our accepted
-connection. Best effort: any failure leaves the socket corked, which costs
-those 200 ms and nothing else.
+arrived (CRIU corks before it sends anything), only on CRIU (below) holding
+exactly the socket whose four-tuple is our accepted connection. Best effort:
+any failure leaves the socket corked, which costs those 200 ms and nothing
+else.
+
+The same look at the peer decides who may feed pages into a migration (the
+filtering page server, the forward to the destination's page server): a
+local connection is admitted only if every process holding its other end is
+CRIU, which means run by root (every uid 0) from the very binary tug runs
+(``/proc/PID/exe`` has the device and inode of :func:`criu_binary`). A name
+proves nothing: any user can call a process ``criu`` (``prctl(PR_SET_NAME)``,
+a symlink named criu, ``exec -a``).
 """
 
 from __future__ import annotations
@@ -30,6 +38,9 @@ import socket
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+
+from tug.engine.criu.tool import criu_identity, why_not_root_criu
+from tug.engine.errors import PreconditionError
 
 #: pidfd_getfd(2): the same number on x86-64 and arm64 (generic syscall table).
 SYS_PIDFD_GETFD = 438
@@ -53,18 +64,15 @@ def socket_inode(tcp_table: str, local: tuple[str, int], remote: tuple[str, int]
     return None
 
 
-def _holders(inode: int, pids: Iterable[Path]) -> list[tuple[int, int, str]]:
-    """(pid, fd, command name) of every process that holds socket ``inode``."""
+def _holders(inode: int, pids: Iterable[Path]) -> list[tuple[int, int]]:
+    """(pid, fd) of every process that holds socket ``inode``."""
     target = f"socket:[{inode}]"
     found = []
     for proc in pids:
         if not proc.name.isdigit():
             continue
         with contextlib.suppress(OSError):
-            fds = [fd for fd in (proc / "fd").iterdir() if _is(fd, target)]
-            if fds:
-                comm = (proc / "comm").read_text().strip()
-                found += [(int(proc.name), int(fd.name), comm) for fd in fds]
+            found += [(int(proc.name), int(fd.name)) for fd in (proc / "fd").iterdir() if _is(fd, target)]
     return found
 
 
@@ -90,11 +98,15 @@ def _set_cork_off(pid: int, fd: int) -> None:
 
 
 def criu_holder(ours: tuple[str, int], peer: tuple[str, int]) -> tuple[int, int] | str:
-    """(pid, fd) of a ``criu`` process at the other end of ``ours`` <-> ``peer``, else why not.
+    """(pid, fd) of CRIU at the other end of ``ours`` <-> ``peer``, else why not.
 
-    Every holder of that socket must be a process named criu (CRIU's own
-    children may share it); one of them is returned.
+    Every holder of that socket must be root's CRIU (see the module doc;
+    CRIU's own children may share it); one of them is returned.
     """
+    try:
+        criu = criu_identity()
+    except (OSError, PreconditionError) as exc:
+        return f"cannot identify the CRIU binary: {getattr(exc, 'strerror', None) or exc}"
     try:
         inode = socket_inode(Path("/proc/net/tcp").read_text(), local=peer, remote=ours)
         if inode is None:
@@ -102,17 +114,16 @@ def criu_holder(ours: tuple[str, int], peer: tuple[str, int]) -> tuple[int, int]
         holders = _holders(inode, Path("/proc").iterdir())
     except (OSError, ValueError) as exc:
         return f"cannot look at the peer's socket: {getattr(exc, 'strerror', None) or exc}"
-    others = sorted({comm for _, _, comm in holders if comm != "criu"})
-    if others:
-        return f"the peer's socket is held by {', '.join(others)}, not only criu"
     if not holders:
-        return "0 criu processes hold the peer's socket"
-    pid, fd, _ = holders[0]
-    return pid, fd
+        return "no process holds the peer's socket"
+    refused = sorted({why for pid in {pid for pid, _ in holders} if (why := why_not_root_criu(pid, criu)) is not None})
+    if refused:
+        return f"the peer's socket is held by {'; '.join(refused)}: not only criu"
+    return holders[0]
 
 
 def peer_is_criu(ours: tuple[str, int], peer: tuple[str, int]) -> str | None:
-    """None when the local peer is a CRIU process, else why it is refused.
+    """None when the local peer is root's CRIU, else why it is refused.
 
     A page server on 127.0.0.1 accepts whoever connects first; without this
     any local process could feed its own "pages" into a migration.

@@ -12,6 +12,11 @@ Both the frozen dump and :meth:`Runc.predump` can send their memory to a CRIU
 page server (``--page-server ADDR:PORT``): then the image dir receives every
 image except pagemaps and pages. ``--parent-path`` is relative to the image
 dir and must exist locally (runc stats it; CRIU reads its inventory.img).
+
+A dump that times out or is cancelled is not killed outright: CRIU would
+leave its parasite in the container and the container running. It is
+interrupted the way CRIU itself supports (:data:`tug.engine.criu.tool.DUMP_STOP`),
+so the source is left exactly as before the dump: frozen, and resumable.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tug.engine import proc
-from tug.engine.criu.tool import error_from_tool
+from tug.engine.criu.tool import DUMP_STOP, error_from_tool
 from tug.engine.errors import ConfigError, PreconditionError, RuntimeToolError
 from tug.engine.fsutil import remove_tree
 
@@ -208,7 +213,9 @@ class Runc:
         work_dir.mkdir(parents=True, exist_ok=True)
         argv = self.checkpoint_argv(name, image_dir=image_dir, work_dir=work_dir, **kw)
         try:
-            await proc.run(argv, timeout=timeout)
+            # Timed out or cancelled: CRIU is interrupted first, so that it cures
+            # its parasites and re-freezes the container before anything is killed.
+            await proc.run(argv, timeout=timeout, stop=DUMP_STOP)
         except RuntimeToolError as exc:
             raise error_from_tool(exc, f"{action} of {name}", work_dir / "dump.log") from None
 

@@ -129,8 +129,10 @@ class FilterServer:
     ) -> FilterServer:
         """Listen on an ephemeral port (before the freeze: no start-up in the downtime).
 
-        ``only_criu``: a connection from anything but a ``criu`` process is
-        refused (tests that play CRIU themselves turn it off)."""
+        ``only_criu``: a connection from anything but root's CRIU (every
+        holder of the peer socket runs as uid 0 from tug's CRIU binary, see
+        :func:`tug.engine.criu.uncork.peer_is_criu`) is refused, and the
+        server waits on for CRIU (tests that play CRIU themselves turn it off)."""
         images_dir.mkdir(parents=True, exist_ok=True)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
