@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from tug.engine.errors import MigrationError
 from tug.engine.events import Event, MigrationReport, Note, PhaseFinished, PhaseStarted, RoundCompleted, TransferProgress
+from tug.engine.runner import die, run
 
 
 def human_bytes(n: float) -> str:
@@ -90,36 +89,27 @@ def summary(r: MigrationReport) -> str:
     return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
 
 
-def _die(msg: str, code: int = 1) -> NoReturn:
-    print(f"tug: error: {msg}", file=sys.stderr)
-    sys.exit(code)
-
-
-def _run(coro: Any) -> Any:
-    async def main() -> Any:
-        # SIGTERM (what service managers and orchestrators send) ends a
-        # migration like Ctrl-C: cancelled, rolled back, the source resumed.
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
-        try:
-            return await coro
-        finally:
-            loop.remove_signal_handler(signal.SIGTERM)
-
-    try:
-        import uvloop
-    except ImportError:  # only the import: an ImportError from inside coro must surface
-        return asyncio.run(main())
-    return uvloop.run(main())
-
-
 # ---- migrate --------------------------------------------------------------
 
 
+def parse_timeouts(items: list[str]) -> dict[str, float]:
+    from tug.engine.api import DEFAULT_TIMEOUTS
+
+    out: dict[str, float] = {}
+    for item in items:
+        phase, sep, value = item.partition("=")
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if not sep or phase not in DEFAULT_TIMEOUTS or not seconds > 0:
+            die(f"--timeout takes PHASE=SECONDS with a phase of {', '.join(DEFAULT_TIMEOUTS)}, got {item!r}", 2)
+        out[phase] = seconds
+    return out
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from tug.engine.api import MigrationOptions, migrate
+    from tug.engine.api import DEFAULT_TIMEOUTS, MigrationOptions, migrate
 
     opts = MigrationOptions(
         strategy=args.strategy,
@@ -132,6 +122,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         tracker=args.tracker,
         stream_dump=args.stream_dump,
         lazy_restore=args.lazy_restore,
+        timeouts={**DEFAULT_TIMEOUTS, **parse_timeouts(args.timeout)},
         fault=args.fault,
     )
     progress = Progress(quiet=args.quiet)
@@ -145,7 +136,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             raise
 
     try:
-        report: MigrationReport = _run(go())
+        report: MigrationReport = run(go())
     except MigrationError as exc:
         progress._clear()
         failed: MigrationReport | None = getattr(exc, "report", None)
@@ -155,6 +146,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             print(f"tug: error: {exc} (rolled back: the source container is running again)", file=sys.stderr)
         else:
             print(f"tug: error: {exc}", file=sys.stderr)
+        if failed is not None:
+            for note in failed.notes:
+                if "tug recover" in note:
+                    print(f"tug: {note}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, asyncio.CancelledError):
         progress._clear()
@@ -162,12 +157,42 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         if args.json and last is not None:
             print(json.dumps(last.to_dict()))
         if last is not None and last.outcome in ("rolled-back", "aborted"):
-            _die(f"interrupted ({last.outcome}: the source container is running)", 130)
-        _die(f"interrupted ({last.outcome if last else 'outcome unknown'}): check the container on both hosts", 130)
+            die(f"interrupted ({last.outcome}: the source container is running)", 130)
+        for note in last.notes if last is not None else []:
+            if "tug recover" in note:
+                die(f"interrupted: {note}", 130)
+        die(f"interrupted ({last.outcome if last else 'outcome unknown'}): check the container on both hosts", 130)
     if args.json:
         print(json.dumps(report.to_dict()))
     else:
         print(summary(report))
+    return 0
+
+
+# ---- recover --------------------------------------------------------------
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from tug.engine.options import MigrationOptions
+    from tug.engine.source.recover import recover
+
+    opts = MigrationOptions(
+        identity=Path(args.identity) if args.identity else None,
+        known_hosts=Path(args.known_hosts) if args.known_hosts else None,
+        agent_command=args.agent_command,
+    )
+    try:
+        rep = run(recover(args.container, args.to, options=opts))
+    except MigrationError as exc:
+        print(f"tug: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(rep.to_dict()))
+    else:
+        for note in rep.notes:
+            print(f"  {note}", file=sys.stderr)
+        print(f"{rep.container}: {rep.action} (source was {rep.source_before or 'absent'}, "
+              f"destination {rep.destination_before or 'absent'})")
     return 0
 
 
@@ -177,7 +202,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from tug.engine import doctor
 
-    rows = _run(doctor.run_checks(
+    rows = run(doctor.run_checks(
         args.to, identity=Path(args.identity) if args.identity else None,
         known_hosts=Path(args.known_hosts) if args.known_hosts else None,
     ))
@@ -190,104 +215,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if doctor.verdict(rows) else 1
 
 
-# ---- lab --------------------------------------------------------------------
-
-
-def _say(msg: str) -> None:
-    print(f"lab: {msg}", file=sys.stderr)
-
-
-def cmd_lab(args: argparse.Namespace) -> int:
-    from tug.engine.lab import addresses, demo, hosts
-
-    if args.lab_cmd == "up":
-        lab = hosts.up(args.hosts, rate=args.rate, delay=args.delay, log=_say)
-        for h in lab.hosts:
-            print(f"{h.name}\t{h.url}")
-    elif args.lab_cmd == "down":
-        hosts.down(log=_say)
-        _say("down")
-    elif args.lab_cmd == "status":
-        st = hosts.status()
-        if args.json:
-            print(json.dumps(st))
-        elif not st["hosts"]:
-            print("the lab is down")
-        else:
-            print(f"lab {'up' if st['up'] else 'DEGRADED'}: rate={st['rate'] or 'unlimited'} delay={st['delay'] or '0'}")
-            for h in st["hosts"]:
-                cs = ", ".join(f"{c['id']} ({c['status']})" for c in h["containers"]) or "-"
-                print(f"  {h['name']}  {h['url']}  sshd {h['sshd']}  containers: {cs}")
-        return 0 if st["up"] or not st["hosts"] else 1
-    elif args.lab_cmd == "url":
-        print(hosts.require().host(args.host).url)
-    elif args.lab_cmd == "run":
-        argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-        hosts.exec_in_host(args.host, argv)
-    elif args.lab_cmd == "demo":
-        h = hosts.require().host(args.host)
-        spec = demo.WorkloadSpec(memory_mib=args.memory, dirty_rate=args.dirty_rate, hot_set=args.hot_set)
-        bundle = demo.start(h, args.name, spec)
-        _say(f"demo container {args.name} running on {h.name} ({args.memory} MiB, {args.dirty_rate} pages/s), bundle {bundle}")
-    elif args.lab_cmd == "rm":
-        lab = hosts.require()
-        h = lab.host(args.host)
-        if demo.remove(h, args.name):
-            _say(f"removed {args.name} from {h.name}")
-        if not any((Path(o.data_dir) / "containers" / args.name).exists() for o in lab.hosts):
-            addresses.release_address(args.name)
-    elif args.lab_cmd == "client":
-        return _lab_client(args)
-    elif args.lab_cmd == "check":
-        h = hosts.require().host(args.host)
-        result = demo.check(h, args.name)
-        print(json.dumps(result))
-        return 0 if result["ok"] else 1
-    return 0
-
-
-def _lab_client(args: argparse.Namespace) -> int:
-    """Runs inside the lab's client namespace (re-executing itself there)."""
-    from tug.engine.lab import addresses, client, hosts, layout
-
-    address = addresses.address_of(args.name)
-    if os.environ.get("TUG_LAB_IN_CLIENT") != "1":
-        hosts.require()
-        os.environ["TUG_LAB_IN_CLIENT"] = "1"
-        argv = [sys.executable, "-m", "tug.engine", *sys.argv[1:]]
-        os.execvp("nsenter", ["nsenter", f"--net=/run/netns/{layout.CLIENT_NS}", "--", *argv])
-
-    async def until_signalled() -> dict[str, Any]:
-        # SIGINT/SIGTERM end the run early and still print the result: a
-        # script starts the client, migrates, then stops it.
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        result: dict[str, Any] = await client.run(
-            address, port=args.port, duration=args.duration, connections=args.connections,
-            interval_ms=args.interval_ms, bulk_bytes=args.bulk, upload_bytes=args.upload, rate=args.rate, stop=stop,
-        )
-        return result
-
-    result = _run(until_signalled())
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{result['replies']} replies over {result['connections']} connection(s), longest gap "
-              f"{result['max_gap_ms']:.0f} ms, {result['reconnects']} reconnects, {result['errors']} errors, "
-              f"{result['out_of_order']} out of order")
-        for key in ("bulk", "upload"):
-            if key in result:
-                print(f"{key}: {result[key]}")
-    return 0 if result["ok"] else 1
-
-
 # ---- parser ---------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tug.engine.api import STRATEGIES, MigrationOptions
+    from tug.engine.api import DEFAULT_TIMEOUTS, STRATEGIES, MigrationOptions
+    from tug.engine.lab.commands import add_lab_parser
 
     ap = argparse.ArgumentParser(prog="tug", description="Live-migrate running containers between hosts with CRIU.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -315,8 +248,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restore established TCP connections closed instead of intact (for clients that reconnect)")
     m.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
     m.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    m.add_argument("--timeout", action="append", default=[], metavar="PHASE=S",
+                   help="deadline of one phase in seconds, e.g. restore=60 (repeatable; phases: "
+                        + ", ".join(DEFAULT_TIMEOUTS) + ")")
     m.add_argument("--fault", help=argparse.SUPPRESS)
     m.set_defaults(fn=cmd_migrate)
+
+    r = sub.add_parser(
+        "recover",
+        help="finish or undo a migration a failure left frozen (deletes the source if the destination runs "
+             "the container, else resumes the source)",
+    )
+    r.add_argument("container")
+    r.add_argument("--to", required=True, metavar="URL", help="the migration's destination, ssh://user@host[:port]")
+    r.add_argument("--identity", "-i", metavar="KEY")
+    r.add_argument("--known-hosts", metavar="FILE")
+    r.add_argument("--agent-command", metavar="CMD")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_recover)
 
     d = sub.add_parser("doctor", help="check that this host (and a destination) can migrate")
     d.add_argument("--to", metavar="URL", help="also check ssh reachability of this destination")
@@ -325,44 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=cmd_doctor)
 
-    lab = sub.add_parser("lab", help="the built-in test lab: several hosts on this machine")
-    ls = lab.add_subparsers(dest="lab_cmd", required=True)
-    up = ls.add_parser("up", help="create the lab (idempotent)")
-    up.add_argument("--hosts", type=int, default=2)
-    up.add_argument("--rate", help="shape each host's link, e.g. 1gbit")
-    up.add_argument("--delay", help="add latency to each host's link, e.g. 1ms")
-    ls.add_parser("down", help="remove everything the lab created")
-    st = ls.add_parser("status")
-    st.add_argument("--json", action="store_true")
-    u = ls.add_parser("url", help="print the ssh URL of a host")
-    u.add_argument("host")
-    r = ls.add_parser("run", help="run a command inside a host: tug lab run a -- CMD")
-    r.add_argument("host")
-    r.add_argument("argv", nargs=argparse.REMAINDER)
-    dm = ls.add_parser("demo", help="start the demo workload container on a host")
-    dm.add_argument("host")
-    dm.add_argument("name")
-    dm.add_argument("--memory", type=int, default=64, metavar="MIB")
-    dm.add_argument("--dirty-rate", type=int, default=0, metavar="PAGES_PER_S")
-    dm.add_argument("--hot-set", type=float, default=1.0, metavar="FRACTION")
-    rm = ls.add_parser("rm", help="delete a container and its bundle from a host")
-    rm.add_argument("host")
-    rm.add_argument("name")
-    cl = ls.add_parser("client", help="hold connections to a demo container from the lab's client host")
-    cl.add_argument("name")
-    cl.add_argument("--duration", type=float, default=10.0, metavar="S",
-                    help="seconds to hold the connections (SIGINT or SIGTERM ends the run early, result still printed)")
-    cl.add_argument("--connections", type=int, default=1)
-    cl.add_argument("--interval-ms", type=float, default=5.0)
-    cl.add_argument("--bulk", type=int, default=0, metavar="BYTES", help="also download BYTES, verified")
-    cl.add_argument("--upload", type=int, default=0, metavar="BYTES", help="also upload BYTES, verified")
-    cl.add_argument("--rate", type=float, default=2 << 20, metavar="BYTES_PER_S", help="pace of bulk/upload")
-    cl.add_argument("--port", type=int, default=7000)
-    cl.add_argument("--json", action="store_true")
-    ck = ls.add_parser("check", help="verify a demo container: running, counter continuous, memory intact")
-    ck.add_argument("host")
-    ck.add_argument("name")
-    lab.set_defaults(fn=cmd_lab)
+    add_lab_parser(sub)
     return ap
 
 
@@ -371,9 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = args.fn(args)
     except MigrationError as exc:
-        _die(str(exc))
+        die(str(exc))
     except KeyboardInterrupt:
-        _die("interrupted", 130)
+        die("interrupted", 130)
     sys.stdout.flush()
     sys.exit(code)
 

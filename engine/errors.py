@@ -133,6 +133,16 @@ class NetworkError(MigrationError):
     kind = "network"
 
 
+class RanThenFailed(MigrationError):
+    """The destination's restored processes ran, then a later step failed there.
+
+    Clients may have been answered by the new copy, so the source must not
+    resume on its own: see :mod:`tug.engine.source.outcome`.
+    """
+
+    kind = "ran-then-failed"
+
+
 class RollbackError(MigrationError):
     """Rollback itself failed: the source may need manual attention."""
 

@@ -37,7 +37,9 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.CHECKPOINT: frozenset({Phase.TRANSFER, Phase.RESTORE, Phase.ROLLBACK}),
     Phase.TRANSFER: frozenset({Phase.RESTORE, Phase.ROLLBACK}),
     Phase.RESTORE: frozenset({Phase.COMMIT, Phase.ROLLBACK}),
-    Phase.COMMIT: frozenset({Phase.DONE}),
+    # A commit whose acknowledgement is lost fails without a rollback: the
+    # destination's copy has run, so the source must never resume.
+    Phase.COMMIT: frozenset({Phase.DONE, Phase.FAILED}),
     Phase.ROLLBACK: frozenset({Phase.FAILED}),
     Phase.DONE: frozenset(),
     Phase.FAILED: frozenset(),

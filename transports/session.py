@@ -25,6 +25,7 @@ from tug.engine.errors import (
     MigrationError,
     PreconditionError,
     ProtocolError,
+    RanThenFailed,
     RemoteError,
     TransportError,
 )
@@ -77,6 +78,7 @@ class Handler(Protocol):
 _KINDS: dict[str, type[MigrationError]] = {
     "config": ConfigError,
     "precondition": PreconditionError,
+    "ran-then-failed": RanThenFailed,
 }
 
 

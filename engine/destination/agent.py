@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Awaitable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +25,19 @@ from tug.engine.criu import tool as criu
 from tug.engine.criu.pageserver import NOT_FLUSHED
 from tug.engine.destination.incoming import (
     INCOMING_MARKER,
+    KEPT,
     Incoming,
     check_name,
     stop_criu_daemons,
 )
+from tug.engine.destination.leftovers import kill_cgroup_of
 from tug.engine.destination.restore import RestoreCalls
 from tug.engine.destination.staging import StagingCalls
 from tug.engine.errors import MigrationError, PreconditionError, ProtocolError
 from tug.engine.fsutil import remove_tree
 from tug.engine.hostcfg import HostConfig
+from tug.engine.runtime import network as netif
+from tug.engine.runtime.endpoint import DestinationEndpoint
 from tug.engine.runtime.network import EndpointSpec
 from tug.transports import protocol as p
 from tug.transports.session import Session
@@ -40,6 +45,10 @@ from tug.transports.session import Session
 log = logging.getLogger("tug.agent")
 
 SOFTWARE = "tug-agent/0.1"
+#: Seconds a kept lazy copy may take to get its memory when its session is gone.
+KEEP_SETTLE_TIMEOUT = 300.0
+#: Seconds a cancelled restore gets to stop (CRIU is asked, then killed).
+CANCEL_TIMEOUT = 30.0
 
 
 class Agent(StagingCalls, RestoreCalls):
@@ -51,6 +60,8 @@ class Agent(StagingCalls, RestoreCalls):
         fn = getattr(self, f"call_{method}", None)
         if fn is None:
             raise ProtocolError(f"agent has no method {method!r}")
+        if args.get("fault") is not None and not self.host.allow_faults:
+            raise PreconditionError(f"{self.host.name} does not inject test faults (its agent lacks TUG_ALLOW_FAULTS=1)")
         log.info("call %s %s", method, {k: v for k, v in args.items() if not isinstance(v, (bytes, list))})
         result: dict[str, Any] = await fn(**args)
         return result
@@ -94,18 +105,88 @@ class Agent(StagingCalls, RestoreCalls):
         }
 
     async def call_abort(self, container: str) -> dict[str, Any]:
-        """Roll back: clean up; the answer carries the frames held here (they go back
-        to the source) and which page servers had died on their own."""
+        """Roll back what did not run; keep what ran (the one-copy rule).
+
+        A restore still running is cancelled first, so none can finish after
+        this answer. A copy whose processes ran is kept (clients may have
+        been answered by it, so the source stays frozen) and the answer says
+        so with ``ran``; otherwise everything is removed. The answer carries
+        the frames held here (they go back to the source) and which page
+        servers had died on their own.
+        """
         inc = self.incoming.get(container)
-        frames = inc.endpoint.take_held() if inc is not None and inc.endpoint is not None else []
-        failed: list[str] = []
-        if inc is not None:
-            failed = await self._cleanup(inc)
-        return {"aborted": inc is not None, "frames": frames, "page_servers": failed}
+        if inc is None:
+            return {"aborted": False, "ran": False, "frames": [], "page_servers": []}
+        await _cancel_restore(inc)
+        frames = inc.endpoint.take_held() if inc.endpoint is not None else []
+        if inc.restored and not inc.broken:
+            await self._guarded(inc.name, self._keep(inc))
+            return {"aborted": False, "ran": True, "frames": frames, "page_servers": []}
+        failed = await self._cleanup(inc)
+        return {"aborted": True, "ran": inc.restored, "frames": frames, "page_servers": failed}
+
+    async def call_inspect(self, container: str) -> dict[str, Any]:
+        """What this host holds of ``container``, for ``tug recover``. Changes nothing."""
+        check_name(container)
+        st = await self.runc.state(container)
+        marker = self.host.bundle_dir(container) / INCOMING_MARKER
+        try:
+            text: str | None = marker.read_text().strip()
+        except OSError:
+            text = None
+        return {
+            "status": st.status if st is not None else None,
+            "bundle": self.host.bundle_dir(container).exists(),
+            "marker": text,
+            "migrating": container in self.incoming,
+        }
+
+    async def call_adopt(self, container: str) -> dict[str, Any]:
+        """``tug recover`` finishes a migration: a kept copy becomes this host's for good."""
+        check_name(container)
+        st = await self.runc.state(container)
+        if st is None or st.status != "running":
+            raise PreconditionError(f"{self.host.name} does not run {container!r}: nothing to adopt")
+        (self.host.bundle_dir(container) / INCOMING_MARKER).unlink(missing_ok=True)
+        return {"adopted": True}
+
+    async def call_discard(self, container: str) -> dict[str, Any]:
+        """``tug recover`` undoes a migration: whatever of it is here and does not run goes."""
+        check_name(container)
+        st = await self.runc.state(container)
+        bundle = self.host.bundle_dir(container)
+        if st is not None and st.status == "running":
+            raise PreconditionError(f"{self.host.name} runs {container!r}: refusing to discard it")
+        if bundle.exists() and not (bundle / INCOMING_MARKER).exists():
+            raise PreconditionError(f"{bundle} is not a migration's leftover (no {INCOMING_MARKER}): left alone")
+        inc = self.incoming.get(container)
+        if inc is None:  # a migration of an earlier session (this agent is new)
+            inc = Incoming(name=container, bundle=bundle, work=self.host.work_dir / container)
+            spec = netif.load_spec(bundle) if bundle.exists() else None
+            if spec is not None and self.host.network is not None:
+                inc.endpoint = DestinationEndpoint(self.host.network, container, spec)
+                inc.endpoint.created = True
+        await _cancel_restore(inc)
+        await self._cleanup(inc)
+        return {"discarded": True}
 
     # ---- cleanup -----------------------------------------------------------
 
     async def _cleanup(self, inc: Incoming) -> list[str]:
+        """:meth:`_cleanup_now`, run to its end even if the call asking for it
+        is cancelled (its session closing cancels every call in flight)."""
+        result: list[str] = await self._guarded(inc.name, self._cleanup_now(inc))
+        return result
+
+    async def _guarded(self, name: str, aw: Coroutine[Any, Any, Any]) -> Any:
+        task = self._finishing.get(name)
+        if task is None or task.done():
+            task = self._finishing[name] = asyncio.ensure_future(aw)
+        else:
+            aw.close()  # the same work is under way already
+        return await asyncio.shield(task)
+
+    async def _cleanup_now(self, inc: Incoming) -> list[str]:
         """Undo everything done for an uncommitted container.
 
         Returns how page servers that died on their own ended (their logs
@@ -125,25 +206,67 @@ class Agent(StagingCalls, RestoreCalls):
             if inc.endpoint is not None:
                 await inc.endpoint.close()
             return failed
-        if inc.endpoint is not None:
-            # Cut off first: the killed container's sockets would send resets
-            # to peers the resumed source still talks to.
-            await inc.endpoint.cut_off()
-        with contextlib.suppress(MigrationError):
-            if await self.runc.state(inc.name) is not None:
-                await self.runc.delete(inc.name, force=True)
-            if await self.runc.forget(inc.name):
-                log.warning("removed the state a killed restore of %s left behind", inc.name)
-        if inc.endpoint is not None:
-            await inc.endpoint.remove()
-        shutil.rmtree(inc.bundle, ignore_errors=True)
-        remove_tree(inc.work)
+        # Every step is attempted whatever the others do (another agent may
+        # have removed part of it already): the files always go last.
+        try:
+            if inc.endpoint is not None:
+                # Cut off first: the killed container's sockets would send resets
+                # to peers the resumed source still talks to.
+                await _step(f"cutting off {inc.name}", inc.endpoint.cut_off())
+            await _step(f"deleting {inc.name}", self._delete_container(inc.name))
+            # runc knows only what it started: a killed restore can leave CRIU's
+            # own processes in the container's cgroup.
+            await _step(f"emptying the cgroup of {inc.name}", kill_cgroup_of(self.host, inc.name))
+            if inc.endpoint is not None:
+                await _step(f"removing the endpoint of {inc.name}", inc.endpoint.remove())
+        finally:
+            shutil.rmtree(inc.bundle, ignore_errors=True)
+            remove_tree(inc.work)
         log.info("cleaned up uncommitted %s", inc.name)
         return failed
 
+    async def _delete_container(self, name: str) -> None:
+        if await self.runc.state(name) is not None:
+            await self.runc.delete(name, force=True)
+        if await self.runc.forget(name):
+            log.warning("removed the state a killed restore of %s left behind", name)
+
     async def cleanup_all(self) -> None:
+        """The session ended: what did not run goes, what ran is kept (call_abort)."""
         for inc in list(self.incoming.values()):
-            await self._cleanup(inc)
+            await _cancel_restore(inc)
+            if inc.restored and not inc.broken and not inc.committed:
+                log.warning("session lost after %s ran here: keeping it (the source stays frozen; see tug recover)", inc.name)
+                await self._guarded(inc.name, self._keep(inc))
+            else:
+                await self._cleanup(inc)
+        for task in list(self._finishing.values()):  # started by calls the session's end cancels
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+
+    async def _keep(self, inc: Incoming) -> None:
+        """A copy that ran stays, as after a commit but marked uncommitted.
+
+        A lazy restore's memory is still arriving: its daemon must finish
+        first (bounded); if that fails the copy is broken and removed.
+        """
+        if inc.lazy is not None:
+            try:
+                await inc.lazy.settle(KEEP_SETTLE_TIMEOUT)
+            except MigrationError as exc:
+                log.error("kept copy of %s could not get its memory (%s): removing it", inc.name, exc)
+                inc.broken = True
+                await self._kill_restored(inc)
+                await self._cleanup(inc)
+                return
+        self.incoming.pop(inc.name, None)
+        await stop_criu_daemons(inc)
+        if inc.store is not None:
+            inc.store.close()
+        if inc.endpoint is not None:
+            await inc.endpoint.close()
+        (inc.bundle / INCOMING_MARKER).write_text(f"{KEPT}\n")
+        remove_tree(inc.work)
 
 
 class _PipeStream:
@@ -207,6 +330,24 @@ def main() -> None:
         asyncio.run(serve(host))
         return
     uvloop.run(serve(host))
+
+
+
+async def _step(what: str, aw: Awaitable[Any]) -> None:
+    try:
+        await aw
+    except Exception as exc:  # logged; cleanup goes on with the next step
+        log.error("cleanup: %s failed: %s", what, exc)
+
+
+async def _cancel_restore(inc: Incoming) -> None:
+    """Stop a restore still running (its CRIU is stopped and reaped) and wait for it."""
+    task = inc.restoring
+    if task is None or task.done() or task is asyncio.current_task():
+        return
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await asyncio.wait_for(asyncio.shield(task), timeout=CANCEL_TIMEOUT)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ the agent's call groups (:mod:`.staging`, :mod:`.restore`) share.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import shutil
@@ -30,6 +31,9 @@ from tug.engine.runtime.runc import Runc
 log = logging.getLogger("tug.agent")
 
 INCOMING_MARKER = ".tug-incoming"
+#: The marker's text once a restored copy was kept without a commit (its
+#: session ended after it ran): ``tug recover`` adopts it or finds it gone.
+KEPT = "uncommitted"
 #: Image dirs the source may name, relative to the work dir, and their parents.
 _WORK_SUBDIR = re.compile(r"images|rounds/[0-9]{1,6}")
 _PARENT = re.compile(r"\.\./(rounds/)?[0-9]{1,6}")
@@ -52,6 +56,13 @@ class Incoming:
     page_servers: dict[int, PageServer] = field(default_factory=dict)
     #: The lazy-pages daemon of a lazy restore, until it has filled the memory.
     lazy: LazyPages | None = None
+    #: The task running the restore call, while it runs: an abort or a lost
+    #: session cancels it before deciding (a restore finishing after the
+    #: cleanup would leave an orphan container).
+    restoring: asyncio.Task[Any] | None = None
+    #: The restored copy ran and then broke (its lazy fill failed): it was
+    #: killed, and nothing of it may be kept.
+    broken: bool = False
 
     @property
     def images(self) -> Path:
@@ -111,6 +122,9 @@ class AgentState:
         self.host = host
         self.runc = Runc(host.runc_root, log_dir=host.data_dir / "logs")
         self.incoming: dict[str, Incoming] = {}
+        #: Cleanups and keeps under way, by container: they run to their end
+        #: even when the call that started them is cancelled.
+        self._finishing: dict[str, asyncio.Future[Any]] = {}
 
     def _get(self, name: object) -> Incoming:
         if not isinstance(name, str) or name not in self.incoming:

@@ -9,6 +9,7 @@ the container over.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import resource
@@ -24,7 +25,8 @@ from tug.engine.destination.incoming import (
     stop_criu_daemons,
 )
 from tug.engine.destination.lazypages import LazyPages
-from tug.engine.errors import CriuError, ProtocolError
+from tug.engine.destination.leftovers import kill_cgroup_of
+from tug.engine.errors import CriuError, MigrationError, ProtocolError, RanThenFailed
 from tug.engine.fsutil import remove_tree
 
 log = logging.getLogger("tug.agent")
@@ -47,6 +49,31 @@ class RestoreCalls(AgentState):
         ``lazy``: the processes run before their memory is in place (see
         lazypages.py); :meth:`call_settle` waits for it."""
         inc = self._get(container)
+        if inc.restoring is not None or inc.restored:
+            raise ProtocolError(f"{container!r} is being or was restored already")
+        inc.restoring = asyncio.current_task()
+        try:
+            return await self._restore(inc, tcp_close, rebuild_pages, frames, lazy, fault)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if _has_run(inc):  # (a call: _restore changed it since the check above)
+                # It ran: clients may have been answered by it. Say so, so
+                # that the source never resumes on its own (the one-copy
+                # rule); a copy that failed half way serves nobody: it goes.
+                inc.broken = True
+                await self._kill_restored(inc)
+                raise RanThenFailed(f"the restored container ran, then failed (it was removed): {exc}") from exc
+            # Nothing of it may run once we answer: the source will resume.
+            await self._kill_restored(inc)
+            raise
+        finally:
+            inc.restoring = None
+
+    async def _restore(
+        self, inc: Incoming, tcp_close: bool, rebuild_pages: bool, frames: list[bytes] | None, lazy: bool, fault: str | None
+    ) -> dict[str, Any]:
+        container = inc.name
         if tcp_close:
             self._criu_config(inc, ["tcp-close"])
         if rebuild_pages:
@@ -107,6 +134,11 @@ class RestoreCalls(AgentState):
             await inc.lazy.settle(timeout)
         except CriuError as exc:
             exc.log_path = self._keep_log(inc, inc.lazy.log.name) or exc.log_path
+            # Its memory will never arrive: the copy is dead weight (its
+            # processes wait on faults forever). It ran, so the source stays
+            # frozen; tug recover resumes it once it sees this copy gone.
+            inc.broken = True
+            await self._kill_restored(inc)
             raise
         return {"lazy_ms": (time.monotonic() - t0) * 1000}
 
@@ -116,6 +148,17 @@ class RestoreCalls(AgentState):
         if not inc.restored or inc.endpoint is None:
             raise ProtocolError(f"frames for {container!r} before its network is up")
         return {"delivered": inc.endpoint.deliver(frames)}
+
+    async def _kill_restored(self, inc: Incoming) -> None:
+        """Every process of the container gone (runc's and any CRIU left in its cgroup)."""
+        if inc.endpoint is not None:
+            # Cut off first: the killed container's sockets would send resets
+            # to peers the source still talks to.
+            await inc.endpoint.cut_off()
+        with contextlib.suppress(MigrationError):
+            if await self.runc.state(inc.name) is not None:
+                await self.runc.delete(inc.name, force=True)
+        await kill_cgroup_of(self.host, inc.name)
 
     async def call_commit(self, container: str) -> dict[str, Any]:
         """The destination now owns the container: stop guarding it for cleanup."""
@@ -152,3 +195,8 @@ def _corrupt_images(images: Path) -> None:
         for i in range(8, len(data)):
             data[i] ^= 0xFF
         img.write_bytes(bytes(data))
+
+
+def _has_run(inc: Incoming) -> bool:
+    """Whether the restored processes ran (CRIU let them go)."""
+    return inc.restored

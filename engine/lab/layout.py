@@ -27,7 +27,7 @@ CLIENT_ADDRESS = f"{SUBNET}.5"
 POOL = range(100, 200)
 ADDRESSES = RUN_DIR / "addresses.json"
 #: Bumped when the lab's shape changes; an older lab is rebuilt by ``up``.
-LAB_VERSION = 2
+LAB_VERSION = 3
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,6 +58,8 @@ class LabHost:
             "TUG_SSH_KNOWN_HOSTS": str(KNOWN_HOSTS),
             "TUG_BRIDGE": "br0",
             "TUG_BRIDGE_NETNS": BRIDGE_NS,
+            # The lab's agents obey --fault (test hooks); no other agent does.
+            "TUG_ALLOW_FAULTS": "1",
         }
 
     def network(self) -> HostNetwork:

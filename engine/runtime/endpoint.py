@@ -102,6 +102,11 @@ class SourceEndpoint:
         self.locked = False
         await self.close()
 
+    async def abandon(self) -> None:
+        """The source stays frozen behind its lock after tug exits (FrameHold.abandon)."""
+        await self.hold.abandon()
+        self.announcer.close()
+
     async def close(self) -> None:
         await self.hold.close()
         self.announcer.close()

@@ -269,6 +269,24 @@ class FrameHold:
             await self._nl.call(f"removing tc from {self.outer}", lambda ipr: ipr.tc("del", "clsact", self._outer_index))
             self._qdisc = False
 
+    async def abandon(self) -> None:
+        """Release our handles but leave the filters and the sink in place.
+
+        For a source that a failure leaves frozen (the one-copy rule): after
+        tug exits, nothing may reach its kernel, which would acknowledge
+        segments its dump does not hold. ``tug recover`` removes them (a new
+        :meth:`open` clears a crashed run's leftovers).
+        """
+        if self._engaged and self._sock is not None:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._engaged = False
+        for s in (self._sock, self._inject):
+            if s is not None:
+                s.close()
+        self._sock = self._inject = None
+        self._qdisc = False
+        await self._nl.close()
+
     async def close(self) -> None:
         """Remove the filters (if still there) and the sink; idempotent, never raises."""
         with contextlib.suppress(NetworkError):

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tug.engine.errors import ConfigError, MigrationError, PreconditionError, TransportError
+from tug.engine.criu import tool as criu
+from tug.engine.criu.pageserver import RemotePageServer
+from tug.engine.errors import ConfigError, ForwardingRefusedError, MigrationError, PreconditionError, TransportError
 from tug.engine.hostcfg import HostConfig
 from tug.engine.options import MigrationOptions
 from tug.engine.runtime import network as netif
+from tug.engine.runtime.endpoint import SourceEndpoint
 from tug.engine.runtime.network import EndpointSpec
 from tug.engine.runtime.runc import Runc
 from tug.transports import protocol as p
@@ -84,3 +89,48 @@ async def open_session(
         await agent.close()
         raise TransportError(f"the tug agent on {target} did not start: {exc}{hint}") from None
     return agent, session, peer
+
+
+async def retire_source(
+    runc: Runc, name: str, host: HostConfig, bundle: Path | None, net: SourceEndpoint | None, note: Callable[[str, str], None]
+) -> bool:
+    """After the commit: the frozen source, its endpoint and bundle go.
+    Failures are noted, never raised (the destination owns the container
+    now). Returns whether the source container is gone."""
+    gone = True
+    try:
+        await runc.delete(name, force=True)
+    except MigrationError as exc:
+        gone = False
+        note(f"could not delete the frozen source container: {exc}", "warning")
+    if net is not None:
+        await net.remove()
+    if bundle is not None and bundle.parent == host.bundles_dir:
+        shutil.rmtree(bundle, ignore_errors=True)
+    return gone
+
+
+async def preflight_destination(session: Session, name: str, criu_version: str, network: dict[str, Any] | None) -> dict[str, Any]:
+    """Can the destination take the container (versions, name, CPU)? Changes nothing there."""
+    with tempfile.TemporaryDirectory(prefix="tug-cpuinfo-") as d:
+        cpuinfo = (await criu.cpuinfo_dump(Path(d))).read_bytes()
+    return await session.call("preflight", container=name, criu_version=criu_version, cpuinfo=cpuinfo, network=network)
+
+
+async def start_final_page_server(
+    session: Session, agent: AgentProcess, name: str, parent: str | None, *, fault: str | None, optional: bool
+) -> RemotePageServer:
+    """The destination's page server for the frozen dump, and the forward to it.
+
+    Started before the freeze (stop-copy: in pre-restore; pre-copy: once the
+    rounds are done and the parent is known), so CRIU's start-up and the
+    forward's channel open are not paid in the downtime, and a destination
+    that refuses TCP forwarding fails before anything froze. ``optional``:
+    the strategy could dump to files instead, which the error then says.
+    """
+    try:
+        return await RemotePageServer.start(session, agent, name, images="images", parent=parent, fault=fault)
+    except ForwardingRefusedError as exc:
+        if optional:
+            raise ForwardingRefusedError(f"{exc} (or migrate with --no-stream-dump)") from None
+        raise

@@ -23,20 +23,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from tug.engine import rootfs
 from tug.engine.criu import tool as criu
 from tug.engine.criu.pageserver import RemotePageServer
 from tug.engine.errors import (
-    ForwardingRefusedError,
     MigrationError,
     PhaseTimeoutError,
     PreconditionError,
+    RanThenFailed,
+    TransportError,
     primary_error,
 )
 from tug.engine.events import Event, MigrationReport, Note, PhaseFinished, PhaseStarted
@@ -49,12 +47,27 @@ from tug.engine.runtime.endpoint import SourceEndpoint
 from tug.engine.runtime.network import EndpointSpec
 from tug.engine.runtime.runc import Runc
 from tug.engine.source import strategies
-from tug.engine.source.container import inspect_container, open_session
+from tug.engine.source.container import (
+    inspect_container,
+    open_session,
+    preflight_destination,
+    retire_source,
+    start_final_page_server,
+)
 from tug.engine.source.context import SourceContext
-from tug.engine.source.rollback import abort_destination, resume_source
+from tug.engine.source.rollback import (
+    ABORT_TIMEOUT,
+    Destination,
+    abort_destination,
+    finish_uncancelled,
+    frozen_message,
+    may_resume_source,
+    resume_source,
+    sweep_destination,
+)
 from tug.engine.source.strategies import RestoreMode
 from tug.engine.source.tally import Tally
-from tug.engine.source.transfer import send_entries, sync_rootfs
+from tug.engine.source.transfer import send_images_except, sync_rootfs
 from tug.transports import protocol as p
 from tug.transports.session import Session
 from tug.transports.ssh import AgentProcess, parse_url
@@ -90,7 +103,10 @@ class Migration:
         self.rebuild_pages = False
         #: Whether the destination restores lazily (decided in pre-checkpoint).
         self.lazy = False
-        self.commit_unconfirmed = False
+        #: What the source knows of the destination's copy (source/rollback.py).
+        self.dest = Destination.UNTOUCHED
+        #: Set when a failure leaves the source frozen (the one-copy rule).
+        self.left_frozen = False
         #: Whether the frozen dump streams its memory to the destination's
         #: page server (decided in pre-checkpoint, once the tracker is known).
         self.stream_dump = False
@@ -150,7 +166,9 @@ class Migration:
             return self._report("migrated")
         except BaseException as raised:
             exc = primary_error(raised)
-            report = await asyncio.shield(self._fail(exc))
+            report, again = await finish_uncancelled(asyncio.ensure_future(self._fail(exc)))
+            if again and not isinstance(exc, asyncio.CancelledError):
+                exc = asyncio.CancelledError()  # a Ctrl-C during the rollback: it finished first
             if isinstance(exc, MigrationError):
                 exc.report = report  # type: ignore[attr-defined]
                 if exc is raised:
@@ -165,7 +183,7 @@ class Migration:
             err.report = report  # type: ignore[attr-defined]
             raise err from exc
         finally:
-            await asyncio.shield(self._close())
+            await finish_uncancelled(asyncio.ensure_future(self._close()))
 
     async def _pre_checkpoint(self) -> None:
         src = await inspect_container(self.runc, self.name, self.host)
@@ -189,10 +207,8 @@ class Migration:
             )
         )
 
-        with tempfile.TemporaryDirectory(prefix="tug-cpuinfo-") as d:
-            cpuinfo = (await criu.cpuinfo_dump(Path(d))).read_bytes()
         network = self.endpoint.to_dict() if self.endpoint is not None else None
-        pre = await self.s.call("preflight", container=self.name, criu_version=str(version), cpuinfo=cpuinfo, network=network)
+        pre = await preflight_destination(self.s, self.name, str(version), network)
         lazy_possible = self.opts.lazy_restore and bool(pre.get("lazy_restore"))
         self.lazy = self.strategy.restore_mode(lazy_possible) is RestoreMode.LAZY_LOCAL
         if self.opts.lazy_restore and not self.lazy:
@@ -253,45 +269,26 @@ class Migration:
             raise MigrationError(f"container {self.name!r} is {st.status} after checkpoint; expected paused")
 
     async def _start_final_page_server(self, parent: str | None) -> None:
-        """The destination's page server for the frozen dump, and the forward to it.
-
-        Started before the freeze (stop-copy: in pre-restore; pre-copy: once
-        the rounds are done and the parent is known), so CRIU's start-up and
-        the forward's channel open are not paid in the downtime, and a
-        destination that refuses TCP forwarding fails before anything froze.
-        """
         assert self.agent is not None
-        try:
-            self.final_ps = await RemotePageServer.start(
-                self.s, self.agent, self.name, images="images", parent=parent, fault=self.opts.fault
-            )
-        except ForwardingRefusedError as exc:
-            if not self.strategy.has_rounds:
-                raise ForwardingRefusedError(f"{exc} (or migrate with --no-stream-dump)") from None
-            raise
+        self.final_ps = await start_final_page_server(
+            self.s, self.agent, self.name, parent, fault=self.opts.fault, optional=not self.strategy.has_rounds
+        )
 
     async def _transfer(self) -> None:
-        images = self.work / "images"
         # The content tracker's delta already crossed during the dump; the
         # agent rebuilds those pages images from its store.
         rebuilt = self.strategy.rebuilt_pages()
-        entries = [
-            e for e in await asyncio.to_thread(rootfs.scan, images) if e.kind == rootfs.FILE and e.path not in rebuilt
-        ]
-        meter = Meter(Phase.TRANSFER.value, "images", sum(e.size for e in entries), self.emit)
 
         async def send_images() -> None:
-            self.tally.image_bytes = await send_entries(
-                self.s, kind="images", container=self.name, root=images, entries=entries, meter=meter
+            self.tally.image_bytes = await send_images_except(
+                self.s, self.name, self.work / "images", rebuilt, Meter(Phase.TRANSFER.value, "images", None, self.emit)
             )
 
         async def pages_written() -> None:
             # The page server exits once it has written every page it got.
             assert self.final_ps is not None
             await self.final_ps.finish()
-            self.note(
-                f"memory streamed to the CRIU page server on {self.target.host}: {self.final_ps.wire_bytes / 2**20:.1f} MiB"
-            )
+            self.note(f"memory streamed to the CRIU page server on {self.target.host}: {self.final_ps.wire_bytes / 2**20:.1f} MiB")
 
         async with asyncio.TaskGroup() as tg:
             tg.create_task(send_images())
@@ -304,15 +301,28 @@ class Migration:
         # What clients sent during the freeze goes along, to be answered by the
         # destination the moment its sockets exist (runtime.netlock).
         frames = self.net.take() if self.net is not None else []
-        res = await self.s.call(
-            "restore",
-            container=self.name,
-            tcp_close=self.opts.tcp_close,
-            rebuild_pages=self.rebuild_pages,
-            frames=frames,
-            lazy=self.lazy,
-            fault=self.opts.fault,
-        )
+        # From here until an answer, the destination may run the container.
+        self.dest = Destination.UNKNOWN
+        try:
+            res = await self.s.call(
+                "restore",
+                container=self.name,
+                tcp_close=self.opts.tcp_close,
+                rebuild_pages=self.rebuild_pages,
+                frames=frames,
+                lazy=self.lazy,
+                fault=self.opts.fault,
+            )
+        except RanThenFailed:
+            self.dest = Destination.RAN
+            raise
+        except (TransportError, PhaseTimeoutError, asyncio.CancelledError):
+            raise  # no answer: still UNKNOWN
+        except MigrationError:
+            # The agent answers a failed restore only once nothing of it runs.
+            self.dest = Destination.UNTOUCHED
+            raise
+        self.dest = Destination.RAN
         self.tally.running_at = time.monotonic()
         self.tally.frozen_bytes = self.wire_bytes() - self.tally.frozen_sent_at_freeze
         if self.net is not None:
@@ -336,22 +346,12 @@ class Migration:
             self.note(f"memory filled in place on {self.target.host} in {self.tally.lazy_fill_ms:.0f} ms")
 
     async def _commit(self) -> None:
-        self.commit_unconfirmed = True
         ack = await self.s.call("commit", container=self.name)
-        self.commit_unconfirmed = False
         self.tally.agent_usage = {k: float(v) for k, v in ack.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         # Past the commit point: the destination owns the container. Failures
         # from here on are reported, never rolled back.
-        try:
-            await self.runc.delete(self.name, force=True)
-            self.paused = False
-        except MigrationError as exc:
-            self.note(f"could not delete the frozen source container: {exc}", "warning")
-        if self.net is not None:
-            net, self.net = self.net, None
-            await net.remove()
-        if self.bundle is not None and self.bundle.parent == self.host.bundles_dir:
-            shutil.rmtree(self.bundle, ignore_errors=True)
+        net, self.net = self.net, None
+        self.paused = not await retire_source(self.runc, self.name, self.host, self.bundle, net, self.note)
 
     async def sync_rootfs_now(self) -> None:
         """A rootfs pass in the current phase (pre-copy rounds run one each)."""
@@ -370,7 +370,6 @@ class Migration:
 
     async def _fail(self, exc: BaseException) -> MigrationReport:
         failed_in = self.machine.phase.value
-        outcome = "rolled-back" if self.changed else "aborted"
         if self.machine.phase is Phase.INIT:
             self.machine.advance(Phase.FAILED)
             return self._report("aborted", exc, failed_in)
@@ -379,31 +378,42 @@ class Migration:
             if self.changed:
                 self.emit(PhaseStarted(phase=Phase.ROLLBACK.value, at_s=time.monotonic() - self.tally.t0))
         try:
-            async with asyncio.timeout(self.opts.timeout(Phase.ROLLBACK.value)):
-                if self.commit_unconfirmed:
-                    outcome = "failed"
-                    self.note(
-                        f"the destination did not confirm the commit: {self.name!r} is left frozen here; "
-                        f"check {self.target.host}, then 'runc resume' or 'runc delete' it here",
-                        "warning",
-                    )
-                else:
-                    # Destination first: if it restored just before the link
-                    # broke, its copy must be gone before the source's address
-                    # comes back, or both would answer for one IP and MAC.
-                    returned = await abort_destination(self.session, self.name, self.target.host, self.note)
-                    if self.paused:
-                        await resume_source(self.runc, self.name)
-                        self.paused = False
-                        self.note(f"source container {self.name!r} resumed")
-                    if self.net is not None and self.net.locked:
-                        self.tally.held_frames = await self.net.unlock(returned)
+            outcome = await self._undo()
         except (MigrationError, TimeoutError) as rb:
             outcome = "failed"
-            self.note(f"rollback incomplete: {rb}", "warning")
+            self.note(f"rollback incomplete: {rb or type(rb).__name__}", "warning")
         if self.machine.phase is not Phase.FAILED:
             self.machine.advance(Phase.FAILED)
         return self._report(outcome, exc, failed_in)
+
+    async def _undo(self) -> str:
+        """Apply the one-copy rule (source/rollback.py); returns the outcome."""
+        returned: list[bytes] | None = None
+        if self.dest is Destination.UNKNOWN:
+            # The agent cancels a restore still running and says whether the copy ran.
+            said, returned = await self._abort()
+            self.dest = said or Destination.UNKNOWN
+        if not may_resume_source(self.dest):
+            self.left_frozen = self.paused
+            self.note(frozen_message(self.dest, self.name, self.target.host, str(self.target)), "warning")
+            return "failed"
+        if self.paused:
+            # First, and bounded on its own: it depends on nothing the peer does.
+            async with asyncio.timeout(self.opts.timeout(Phase.ROLLBACK.value)):
+                await resume_source(self.runc, self.name)
+            self.paused = False
+            self.note(f"source container {self.name!r} resumed")
+        if returned is None:
+            said, returned = await self._abort()
+            if said is None and self.session is not None:
+                await sweep_destination(self.target, self.opts, self.host, self.name, self.note)
+        if self.net is not None and self.net.locked:
+            self.tally.held_frames = await self.net.unlock(returned)
+        return "rolled-back" if self.changed else "aborted"
+
+    async def _abort(self) -> tuple[Destination | None, list[bytes]]:
+        timeout = min(ABORT_TIMEOUT, self.opts.timeout(Phase.ROLLBACK.value))
+        return await abort_destination(self.session, self.name, self.target.host, self.note, timeout=timeout)
 
     async def _close(self) -> None:
         if self.final_ps is not None:
@@ -415,7 +425,10 @@ class Migration:
         if self.agent is not None:
             await self.agent.close()
         if self.net is not None:
-            await self.net.close()
+            if self.left_frozen:
+                await self.net.abandon()  # the lock stays engaged: tug recover lifts it
+            else:
+                await self.net.close()
         remove_tree(self.work)
 
     def _report(self, outcome: str, exc: BaseException | None = None, phase: str = "") -> MigrationReport:

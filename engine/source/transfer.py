@@ -78,3 +78,11 @@ async def sync_rootfs(
         note(f"rootfs: {len(res['skipped'])} special files not copied (e.g. {res['skipped'][0]})", "warning")
     meter = Meter(phase, "rootfs", sum(e.size for e in send), emit)
     return await send_entries(session, kind="rootfs", container=container, root=root, entries=send, meter=meter)
+
+
+async def send_images_except(session: Session, container: str, images: Path, skip: set[str], meter: Meter) -> int:
+    """The frozen dump's image files but ``skip`` (pages images the agent
+    rebuilds itself); returns payload bytes."""
+    entries = [e for e in await asyncio.to_thread(rootfs.scan, images) if e.kind == rootfs.FILE and e.path not in skip]
+    meter.total = sum(e.size for e in entries)
+    return await send_entries(session, kind="images", container=container, root=images, entries=entries, meter=meter)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import TUG, Lab, migrate, wait_for
+from .conftest import TUG, Lab, migrate, on, wait_for
 
 CLIENT_NS = "tuglab-client"
 
@@ -128,7 +128,6 @@ def test_many_connections_and_data_in_flight(lab: Lab, demo: str) -> None:
     [
         ("corrupt-images", "restore"),  # CRIU's restore fails on the destination
         ("network-conflict", "pre-restore"),  # the destination cannot create the endpoint
-        ("lose-link", "restore"),  # restored, then the endpoint's link vanishes
     ],
 )
 def test_rollback_keeps_connections(lab: Lab, demo: str, fault: str, phase: str) -> None:
@@ -149,6 +148,35 @@ def test_rollback_keeps_connections(lab: Lab, demo: str, fault: str, phase: str)
         result = client.stop()
     assert count == 2
     assert_clean_run(result)
+    assert endpoint(lab, "a", demo) == before
+    assert lab.check("a", demo)["ok"]
+    assert lab.leftovers("b", demo) == []
+
+
+def test_copy_that_ran_then_lost_its_link_leaves_the_source_frozen_until_recover(lab: Lab, demo: str) -> None:
+    """Restored, then the destination's link vanishes: its copy ran, so the
+    source stays frozen (the one-copy rule) and the broken copy is removed;
+    ``tug recover`` resumes the source, whose clients' connections survive
+    (their segments sent meanwhile are retransmitted)."""
+    before = endpoint(lab, "a", demo)
+    client = Client(lab, demo, connections=2)
+    try:
+        res = migrate("a", demo, lab.url("b"), "--fault", "lose-link")
+        assert res.returncode == 1
+        report = res.json()
+        assert report["outcome"] == "failed", report
+        assert report["error"]["phase"] == "restore", report["error"]
+        st = lab.state("a", demo)
+        assert st is not None and st["status"] == "paused"
+        assert lab.state("b", demo) is None
+        rec = on("a", "tug", "recover", demo, "--to", lab.url("b"), "--json")
+        assert rec.returncode == 0, rec.stderr
+        assert rec.json()["action"] == "undone", rec.stdout
+        count = client.established()
+    finally:
+        result = client.stop()
+    assert count == 2
+    assert result["reconnects"] == 0, result
     assert endpoint(lab, "a", demo) == before
     assert lab.check("a", demo)["ok"]
     assert lab.leftovers("b", demo) == []

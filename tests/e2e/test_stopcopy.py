@@ -133,14 +133,27 @@ def test_sigterm_mid_migration_rolls_back(lab: Lab, demo: str) -> None:
     assert lab.leftovers("b", demo) == []
 
 
-def test_lazy_fill_failure_rolls_back(lab: Lab, demo: str) -> None:
-    """The destination runs before its memory is filled; if the fill fails, the source resumes."""
+def test_lazy_fill_failure_leaves_the_source_frozen_until_recover(lab: Lab, demo: str) -> None:
+    """The destination ran before its memory was filled; the fill fails.
+
+    Its copy ran (clients may have been answered by it), so the source is not
+    resumed on its own: it stays frozen, the broken copy is removed, and the
+    error names ``tug recover``, which then resumes the source.
+    """
     res = migrate("a", demo, lab.url("b"), "--fault", "kill-lazy-pages")
     assert res.returncode == 1
     report = res.json()
-    assert report["outcome"] == "rolled-back", report
+    assert report["outcome"] == "failed", report
     assert report["error"]["kind"] == "criu" and report["error"]["phase"] == "restore", report["error"]
     assert "lazy-pages" in report["error"]["message"]
+    assert f"tug recover {demo} --to {lab.url('b')}" in res.stderr
+    st = lab.state("a", demo)
+    assert st is not None and st["status"] == "paused", "the source must not resume after the destination ran"
+    assert lab.state("b", demo) is None, "the broken copy is removed"
+
+    rec = on("a", "tug", "recover", demo, "--to", lab.url("b"), "--json")
+    assert rec.returncode == 0, rec.stderr
+    assert rec.json()["action"] == "undone"
     st = lab.state("a", demo)
     assert st is not None and st["status"] == "running"
     assert lab.check("a", demo)["ok"]

@@ -91,7 +91,12 @@ class ContentRounds(Rounds):
                                     await queue.put((mem.ns_pid, res.changed))
                     finally:
                         mem.close()
-            finally:
+            except BaseException:
+                # Cancelled (a deadline, Ctrl-C) or failed: the sender is being
+                # cancelled too; waiting for room in a queue nobody drains would
+                # hang the TaskGroup, and with it the rollback.
+                raise
+            else:
                 await queue.put(None)
 
         async def sender() -> None:

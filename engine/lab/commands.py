@@ -1,0 +1,146 @@
+"""``tug lab ...``: the built-in lab's commands (the CLI's lab half)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from tug.engine.runner import run
+
+
+def _say(msg: str) -> None:
+    print(f"lab: {msg}", file=sys.stderr)
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from tug.engine.lab import addresses, demo, hosts
+
+    if args.lab_cmd == "up":
+        lab = hosts.up(args.hosts, rate=args.rate, delay=args.delay, log=_say)
+        for h in lab.hosts:
+            print(f"{h.name}\t{h.url}")
+    elif args.lab_cmd == "down":
+        hosts.down(log=_say)
+        _say("down")
+    elif args.lab_cmd == "status":
+        st = hosts.status()
+        if args.json:
+            print(json.dumps(st))
+        elif not st["hosts"]:
+            print("the lab is down")
+        else:
+            print(f"lab {'up' if st['up'] else 'DEGRADED'}: rate={st['rate'] or 'unlimited'} delay={st['delay'] or '0'}")
+            for h in st["hosts"]:
+                cs = ", ".join(f"{c['id']} ({c['status']})" for c in h["containers"]) or "-"
+                print(f"  {h['name']}  {h['url']}  sshd {h['sshd']}  containers: {cs}")
+        return 0 if st["up"] or not st["hosts"] else 1
+    elif args.lab_cmd == "url":
+        print(hosts.require().host(args.host).url)
+    elif args.lab_cmd == "run":
+        argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        hosts.exec_in_host(args.host, argv)
+    elif args.lab_cmd == "demo":
+        h = hosts.require().host(args.host)
+        spec = demo.WorkloadSpec(memory_mib=args.memory, dirty_rate=args.dirty_rate, hot_set=args.hot_set)
+        bundle = demo.start(h, args.name, spec)
+        _say(f"demo container {args.name} running on {h.name} ({args.memory} MiB, {args.dirty_rate} pages/s), bundle {bundle}")
+    elif args.lab_cmd == "rm":
+        lab = hosts.require()
+        h = lab.host(args.host)
+        if demo.remove(h, args.name):
+            _say(f"removed {args.name} from {h.name}")
+        if not any((Path(o.data_dir) / "containers" / args.name).exists() for o in lab.hosts):
+            addresses.release_address(args.name)
+    elif args.lab_cmd == "client":
+        return _lab_client(args)
+    elif args.lab_cmd == "check":
+        h = hosts.require().host(args.host)
+        result = demo.check(h, args.name)
+        print(json.dumps(result))
+        return 0 if result["ok"] else 1
+    return 0
+
+
+def _lab_client(args: argparse.Namespace) -> int:
+    """Runs inside the lab's client namespace (re-executing itself there)."""
+    from tug.engine.lab import addresses, client, hosts, layout
+
+    address = addresses.address_of(args.name)
+    if os.environ.get("TUG_LAB_IN_CLIENT") != "1":
+        hosts.require()
+        os.environ["TUG_LAB_IN_CLIENT"] = "1"
+        argv = [sys.executable, "-m", "tug.engine", *sys.argv[1:]]
+        os.execvp("nsenter", ["nsenter", f"--net=/run/netns/{layout.CLIENT_NS}", "--", *argv])
+
+    async def until_signalled() -> dict[str, Any]:
+        # SIGINT/SIGTERM end the run early and still print the result: a
+        # script starts the client, migrates, then stops it.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        result: dict[str, Any] = await client.run(
+            address, port=args.port, duration=args.duration, connections=args.connections,
+            interval_ms=args.interval_ms, bulk_bytes=args.bulk, upload_bytes=args.upload, rate=args.rate, stop=stop,
+        )
+        return result
+
+    result = run(until_signalled())
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['replies']} replies over {result['connections']} connection(s), longest gap "
+              f"{result['max_gap_ms']:.0f} ms, {result['reconnects']} reconnects, {result['errors']} errors, "
+              f"{result['out_of_order']} out of order")
+        for key in ("bulk", "upload"):
+            if key in result:
+                print(f"{key}: {result[key]}")
+    return 0 if result["ok"] else 1
+
+
+
+def add_lab_parser(sub: Any) -> None:
+    lab = sub.add_parser("lab", help="the built-in test lab: several hosts on this machine")
+    ls = lab.add_subparsers(dest="lab_cmd", required=True)
+    up = ls.add_parser("up", help="create the lab (idempotent)")
+    up.add_argument("--hosts", type=int, default=2)
+    up.add_argument("--rate", help="shape each host's link, e.g. 1gbit")
+    up.add_argument("--delay", help="add latency to each host's link, e.g. 1ms")
+    ls.add_parser("down", help="remove everything the lab created")
+    st = ls.add_parser("status")
+    st.add_argument("--json", action="store_true")
+    u = ls.add_parser("url", help="print the ssh URL of a host")
+    u.add_argument("host")
+    r = ls.add_parser("run", help="run a command inside a host: tug lab run a -- CMD")
+    r.add_argument("host")
+    r.add_argument("argv", nargs=argparse.REMAINDER)
+    dm = ls.add_parser("demo", help="start the demo workload container on a host")
+    dm.add_argument("host")
+    dm.add_argument("name")
+    dm.add_argument("--memory", type=int, default=64, metavar="MIB")
+    dm.add_argument("--dirty-rate", type=int, default=0, metavar="PAGES_PER_S")
+    dm.add_argument("--hot-set", type=float, default=1.0, metavar="FRACTION")
+    rm = ls.add_parser("rm", help="delete a container and its bundle from a host")
+    rm.add_argument("host")
+    rm.add_argument("name")
+    cl = ls.add_parser("client", help="hold connections to a demo container from the lab's client host")
+    cl.add_argument("name")
+    cl.add_argument("--duration", type=float, default=10.0, metavar="S",
+                    help="seconds to hold the connections (SIGINT or SIGTERM ends the run early, result still printed)")
+    cl.add_argument("--connections", type=int, default=1)
+    cl.add_argument("--interval-ms", type=float, default=5.0)
+    cl.add_argument("--bulk", type=int, default=0, metavar="BYTES", help="also download BYTES, verified")
+    cl.add_argument("--upload", type=int, default=0, metavar="BYTES", help="also upload BYTES, verified")
+    cl.add_argument("--rate", type=float, default=2 << 20, metavar="BYTES_PER_S", help="pace of bulk/upload")
+    cl.add_argument("--port", type=int, default=7000)
+    cl.add_argument("--json", action="store_true")
+    ck = ls.add_parser("check", help="verify a demo container: running, counter continuous, memory intact")
+    ck.add_argument("host")
+    ck.add_argument("name")
+    lab.set_defaults(fn=cmd_lab)

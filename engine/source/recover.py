@@ -1,0 +1,135 @@
+"""``tug recover``: finish or undo a migration that a failure left frozen.
+
+When a migration fails after the destination's copy may have run (the
+one-copy rule, :mod:`tug.engine.source.rollback`), or when ``tug migrate``
+itself was killed, the source is left frozen behind its network lock. Run on
+the source host, recover looks at both hosts and does the one safe thing:
+
+========================  ====================  =============================
+destination               source                action
+========================  ====================  =============================
+runs the container        frozen or gone        finish: delete the source and
+                                                its endpoint; the destination
+                                                adopts its copy
+does not run it           frozen                undo: remove the destination's
+                                                leftovers, resume the source,
+                                                lift its network lock
+does not run it           runs                  clean: the destination's
+                                                leftovers go
+runs it                   runs                  refuse: two copies (stop one)
+does not run it           gone                  refuse: it runs nowhere
+========================  ====================  =============================
+
+Nothing is decided from a guess: a destination that cannot be reached is an
+error, and both stay as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from dataclasses import dataclass, field
+from typing import Any
+
+from tug.engine.errors import ConfigError, MigrationError
+from tug.engine.hostcfg import HostConfig
+from tug.engine.options import MigrationOptions
+from tug.engine.runtime import network as netif
+from tug.engine.runtime.endpoint import SourceEndpoint
+from tug.engine.runtime.runc import Runc
+from tug.engine.source.container import open_session
+from tug.transports import protocol as p
+from tug.transports.ssh import parse_url
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecoverReport:
+    container: str
+    #: finished | undone | cleaned | nothing
+    action: str
+    source_before: str | None
+    destination_before: str | None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "container": self.container, "action": self.action, "source_before": self.source_before,
+            "destination_before": self.destination_before, "notes": list(self.notes),
+        }
+
+
+async def recover(container: str, destination: str, *, options: MigrationOptions | None = None) -> RecoverReport:
+    opts = options or MigrationOptions()
+    host = opts.host or HostConfig.from_env()
+    runc = Runc(host.runc_root, log_dir=host.data_dir / "logs")
+    target = parse_url(destination)
+    notes: list[str] = []
+
+    def ignore_notice(ev: p.Notice) -> None:
+        notes.append(f"{target.host}: {ev.message}")
+
+    src = await runc.state(container)
+    source = src.status if src is not None else None
+    agent, session, _peer = await open_session(target, opts, host, info={"recover": True}, on_notice=ignore_notice)
+    try:
+        seen = await session.call("inspect", container=container, timeout=60)
+        dest = seen.get("status") if isinstance(seen.get("status"), str) else None
+        if dest == "running":
+            if source == "running":
+                raise ConfigError(
+                    f"{container!r} runs on both {host.name} and {target.host}: two copies; stop the one clients "
+                    "should not reach (runc delete --force) and run recover again"
+                )
+            if src is not None:
+                await runc.delete(container, force=True)
+                notes.append(f"deleted the frozen source copy of {container!r}")
+            if src is not None:
+                await _remove_source_endpoint(host, container, src.bundle, notes)
+                if src.bundle.parent == host.bundles_dir:
+                    shutil.rmtree(src.bundle, ignore_errors=True)
+            await session.call("adopt", container=container, timeout=60)
+            action = "finished"
+        else:
+            if source is None:
+                raise ConfigError(
+                    f"{container!r} runs nowhere: not on {host.name}, and {target.host} has it {dest or 'not at all'}"
+                )
+            if seen.get("bundle") or dest is not None or seen.get("migrating"):
+                await session.call("discard", container=container, timeout=120)
+                notes.append(f"removed what {target.host} held of {container!r}")
+            if source == "paused":
+                await runc.resume(container)
+                assert src is not None
+                await _unlock_source(host, container, src.bundle, notes)
+                notes.append(f"resumed the source copy of {container!r}")
+                action = "undone"
+            else:
+                action = "cleaned" if notes else "nothing"
+        return RecoverReport(container=container, action=action, source_before=source, destination_before=dest, notes=notes)
+    finally:
+        with contextlib.suppress(MigrationError):
+            await session.close()
+        await agent.close()
+
+
+async def _unlock_source(host: HostConfig, container: str, bundle: Any, notes: list[str]) -> None:
+    """Lift a network lock left engaged (tc redirect, frame sink) and re-announce the MAC."""
+    spec = netif.load_spec(bundle)
+    if spec is None or host.network is None:
+        return
+    ep = await SourceEndpoint.open(host.network, container, spec)  # clears a crashed run's lock
+    try:
+        ep.locked = True
+        await ep.unlock([])
+    finally:
+        await ep.close()
+    notes.append("lifted the source's network lock")
+
+
+async def _remove_source_endpoint(host: HostConfig, container: str, bundle: Any, notes: list[str]) -> None:
+    spec = netif.load_spec(bundle)
+    if spec is None or host.network is None:
+        return
+    ep = await SourceEndpoint.open(host.network, container, spec)
+    await ep.remove()
+    notes.append("removed the source's network endpoint")
