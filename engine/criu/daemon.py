@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 from collections.abc import Callable
@@ -56,6 +57,9 @@ class CriuDaemon:
                 stderr=asyncio.subprocess.PIPE,
                 pass_fds=(w,),
                 start_new_session=True,
+                # Dies with us: an agent killed outright must not leave a page
+                # server or lazy-pages daemon listening behind it.
+                preexec_fn=_die_with_parent,
             )
         except BaseException:
             os.close(r)
@@ -152,3 +156,12 @@ async def _read_status(fd: int) -> bytes:
         return await reader.read(1)
     finally:
         transport.close()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the process that started it dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

@@ -55,15 +55,10 @@ from tug.engine.source.container import (
     start_final_page_server,
 )
 from tug.engine.source.context import SourceContext
+from tug.engine.source.failure import FailureHandling
 from tug.engine.source.rollback import (
-    ABORT_TIMEOUT,
     Destination,
-    abort_destination,
     finish_uncancelled,
-    frozen_message,
-    may_resume_source,
-    resume_source,
-    sweep_destination,
 )
 from tug.engine.source.strategies import RestoreMode
 from tug.engine.source.tally import Tally
@@ -73,7 +68,7 @@ from tug.transports.session import Session
 from tug.transports.ssh import AgentProcess, parse_url
 
 
-class Migration:
+class Migration(FailureHandling):
     def __init__(
         self, container: str, destination: str, opts: MigrationOptions, on_event: Callable[[Event], None] | None
     ) -> None:
@@ -367,69 +362,6 @@ class Migration:
         self.emit(Note(level=ev.level, message=f"{self.target.host}: {ev.message}"))
 
     # ---- failure and cleanup ------------------------------------------------
-
-    async def _fail(self, exc: BaseException) -> MigrationReport:
-        failed_in = self.machine.phase.value
-        if self.machine.phase is Phase.INIT:
-            self.machine.advance(Phase.FAILED)
-            return self._report("aborted", exc, failed_in)
-        if self.machine.can_roll_back:
-            self.machine.advance(Phase.ROLLBACK)
-            if self.changed:
-                self.emit(PhaseStarted(phase=Phase.ROLLBACK.value, at_s=time.monotonic() - self.tally.t0))
-        try:
-            outcome = await self._undo()
-        except (MigrationError, TimeoutError) as rb:
-            outcome = "failed"
-            self.note(f"rollback incomplete: {rb or type(rb).__name__}", "warning")
-        if self.machine.phase is not Phase.FAILED:
-            self.machine.advance(Phase.FAILED)
-        return self._report(outcome, exc, failed_in)
-
-    async def _undo(self) -> str:
-        """Apply the one-copy rule (source/rollback.py); returns the outcome."""
-        returned: list[bytes] | None = None
-        if self.dest is Destination.UNKNOWN:
-            # The agent cancels a restore still running and says whether the copy ran.
-            said, returned = await self._abort()
-            self.dest = said or Destination.UNKNOWN
-        if not may_resume_source(self.dest):
-            self.left_frozen = self.paused
-            self.note(frozen_message(self.dest, self.name, self.target.host, str(self.target)), "warning")
-            return "failed"
-        if self.paused:
-            # First, and bounded on its own: it depends on nothing the peer does.
-            async with asyncio.timeout(self.opts.timeout(Phase.ROLLBACK.value)):
-                await resume_source(self.runc, self.name)
-            self.paused = False
-            self.note(f"source container {self.name!r} resumed")
-        if returned is None:
-            said, returned = await self._abort()
-            if said is None and self.session is not None:
-                await sweep_destination(self.target, self.opts, self.host, self.name, self.note)
-        if self.net is not None and self.net.locked:
-            self.tally.held_frames = await self.net.unlock(returned)
-        return "rolled-back" if self.changed else "aborted"
-
-    async def _abort(self) -> tuple[Destination | None, list[bytes]]:
-        timeout = min(ABORT_TIMEOUT, self.opts.timeout(Phase.ROLLBACK.value))
-        return await abort_destination(self.session, self.name, self.target.host, self.note, timeout=timeout)
-
-    async def _close(self) -> None:
-        if self.final_ps is not None:
-            self.final_ps.close()
-        self.strategy.close()
-        if self.session is not None:
-            with contextlib.suppress(MigrationError):
-                await self.session.close()
-        if self.agent is not None:
-            await self.agent.close()
-        if self.net is not None:
-            if self.left_frozen:
-                await self.net.abandon()  # the lock stays engaged: tug recover lifts it
-            else:
-                await self.net.close()
-        remove_tree(self.work)
 
     def _report(self, outcome: str, exc: BaseException | None = None, phase: str = "") -> MigrationReport:
         return self.tally.report(

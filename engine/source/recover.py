@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tug.engine.errors import ConfigError, MigrationError
+from tug.engine.fsutil import remove_tree
 from tug.engine.hostcfg import HostConfig
 from tug.engine.options import MigrationOptions
 from tug.engine.runtime import network as netif
@@ -105,6 +106,11 @@ async def recover(container: str, destination: str, *, options: MigrationOptions
                 action = "undone"
             else:
                 action = "cleaned" if notes else "nothing"
+        # A killed tug migrate leaves its work dir (images, CRIU's files) behind.
+        leftover = host.work_dir / f"{container}.out"
+        if leftover.exists():
+            remove_tree(leftover)
+            notes.append(f"removed {leftover}")
         return RecoverReport(container=container, action=action, source_before=source, destination_before=dest, notes=notes)
     finally:
         with contextlib.suppress(MigrationError):

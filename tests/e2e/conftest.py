@@ -188,3 +188,14 @@ def wait_for(pred: Any, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def remove_cgroups(cgroup: str) -> None:
+    """A test's own cgroup parent, in every hierarchy, deepest first (empty dirs only)."""
+    for parent in Path("/sys/fs/cgroup").glob(f"*/{cgroup.lstrip('/')}"):
+        for d in sorted(parent.rglob("*"), key=lambda p: -len(p.parts)) + [parent]:
+            if d.is_dir():
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass

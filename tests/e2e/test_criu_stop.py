@@ -38,6 +38,7 @@ from tug.engine.errors import CriuError
 from tug.engine.lab.workload import read_verify, verify_seq
 from tug.engine.runtime.runc import Runc
 
+from .conftest import remove_cgroups
 from .test_images_criu import require_tools
 from .test_psfilter_runc import bundle, make_rootfs
 
@@ -65,13 +66,7 @@ def host(tmp_path: Path) -> Iterator[tuple[Runc, Path]]:
         yield Runc(root, log_dir=tmp_path / "logs"), src
     finally:
         subprocess.run(["runc", "--root", str(root), "delete", "--force", NAME], capture_output=True)
-        for parent in Path("/sys/fs/cgroup").glob(f"*/{cgroup.lstrip('/')}"):
-            for d in sorted(parent.rglob("*"), key=lambda p: -len(p.parts)) + [parent]:
-                if d.is_dir():
-                    try:
-                        d.rmdir()
-                    except OSError:
-                        pass
+        remove_cgroups(cgroup)
 
 
 def status_of(pid: int) -> dict[str, str]:

@@ -35,6 +35,7 @@ from tug.engine.source.trackers.shadow import ProcessMemory
 from tug.policies import parse_policy
 
 from ..unit.test_precopy_final import StubMigration
+from .conftest import remove_cgroups
 from .test_images_criu import require_tools
 
 pytestmark = pytest.mark.e2e
@@ -82,13 +83,7 @@ def host(tmp_path: Path) -> Iterator[tuple[Runc, Path, str]]:
     finally:
         for name in (NAME, COPY):
             subprocess.run(["runc", "--root", str(root), "delete", "--force", name], capture_output=True)
-        for parent in Path("/sys/fs/cgroup").glob(f"*/{cgroup.lstrip('/')}"):
-            for d in sorted(parent.rglob("*"), key=lambda p: -len(p.parts)) + [parent]:
-                if d.is_dir():
-                    try:
-                        d.rmdir()
-                    except OSError:
-                        pass
+        remove_cgroups(cgroup)
 
 
 async def record_round(runc: Runc, pc: ContentRounds, store: PageStore) -> int:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -133,13 +135,23 @@ def test_sigterm_mid_migration_rolls_back(lab: Lab, demo: str) -> None:
     assert lab.leftovers("b", demo) == []
 
 
-def test_lazy_fill_failure_leaves_the_source_frozen_until_recover(lab: Lab, demo: str) -> None:
+@pytest.fixture
+def big_demo(lab: Lab) -> Iterator[str]:
+    """Enough memory that the lazy fill is still running when the daemon is killed."""
+    name = f"tb{os.getpid()}"
+    tug("lab", "demo", "a", name, "--memory", "256", check=True)
+    yield name
+    lab.remove(name)
+
+
+def test_lazy_fill_failure_leaves_the_source_frozen_until_recover(lab: Lab, big_demo: str) -> None:
     """The destination ran before its memory was filled; the fill fails.
 
     Its copy ran (clients may have been answered by it), so the source is not
     resumed on its own: it stays frozen, the broken copy is removed, and the
     error names ``tug recover``, which then resumes the source.
     """
+    demo = big_demo
     res = migrate("a", demo, lab.url("b"), "--fault", "kill-lazy-pages")
     assert res.returncode == 1
     report = res.json()

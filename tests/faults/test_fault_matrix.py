@@ -44,7 +44,7 @@ OUTCOMES: dict[str, str] = {}
 
 STRATEGIES = ["stop-copy", "precopy"]
 PHASES = ["pre-checkpoint", "precopy", "checkpoint", "transfer", "restore"]
-FAULTS = ["agent-kill", "link-drop", "agent-stop", "criu-kill", "sigterm"]
+FAULTS = ["agent-kill", "link-drop", "agent-stop", "criu-kill", "sigterm", "migrate-kill"]
 
 
 def _cases() -> Iterator[tuple[str, str, str]]:
@@ -103,6 +103,11 @@ def _inject(fault: str, phase: str, run_pid: int) -> tuple[str, bool]:
         side = "b" if phase == "restore" else "a"
         n = signal_all(_poll(lambda: criu_pids(side), 5.0), signal.SIGKILL)
         return f"SIGKILL criu on {side} x{n}", n > 0
+    if fault == "migrate-kill":
+        # tug itself dies (OOM killer, kill -9): no rollback runs at all; the
+        # agent sees its session end, and tug recover puts things right.
+        os.kill(run_pid, signal.SIGKILL)
+        return "SIGKILL tug migrate", True
     if fault == "sigterm":
         os.kill(run_pid, signal.SIGTERM)
         time.sleep(0.05)
@@ -142,7 +147,15 @@ def test_fault(lab: Lab, victim: str, strategy: str, phase: str, fault: str) -> 
 
     copies = running_copies(lab, victim)
     assert list(copies.values()).count("running") <= 1, f"two running copies: {copies}\n{where}"
-    if outcome == "failed" or (outcome == "interrupted" and "tug recover" in res.stderr):
+    if fault == "migrate-kill" and outcome == "none":
+        # Nothing told the source what to do: whatever state it was left in,
+        # recover must find the one safe way out (and agents must be gone first).
+        assert _settled(lambda: not agent_pids("b"), 60), "the agent must end once its session is gone"
+        assert copies.get("a") != "running" or copies.get("b") != "running", where
+        rec = on("a", "tug", "recover", victim, "--to", lab.url("b"), "--json")
+        assert rec.returncode == 0, f"recover failed: {rec.stderr}\n{where}"
+        copies = running_copies(lab, victim)
+    elif outcome == "failed" or (outcome == "interrupted" and "tug recover" in res.stderr):
         assert copies.get("a") in ("paused", None), f"source resumed after the destination may have run: {copies}\n{where}"
         rec = on("a", "tug", "recover", victim, "--to", lab.url("b"), "--json")
         assert rec.returncode == 0, f"recover failed: {rec.stderr}\n{where}"

@@ -1,0 +1,132 @@
+"""What the driver does when a phase fails: the one-copy rule applied, then cleanup.
+
+A mixin of :class:`tug.engine.source.migration.Migration`, kept apart so that
+the failure paths can be read (and reviewed) on their own; the rule itself
+and its helpers are in :mod:`.rollback`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tug.engine.errors import MigrationError
+from tug.engine.events import MigrationReport, PhaseStarted
+from tug.engine.fsutil import remove_tree
+from tug.engine.phases import Phase, PhaseMachine
+from tug.engine.source.rollback import (
+    ABORT_TIMEOUT,
+    Destination,
+    abort_destination,
+    frozen_message,
+    may_resume_source,
+    resume_source,
+    sweep_destination,
+)
+
+if TYPE_CHECKING:
+    from tug.engine.criu.pageserver import RemotePageServer
+    from tug.engine.hostcfg import HostConfig
+    from tug.engine.options import MigrationOptions
+    from tug.engine.runtime.endpoint import SourceEndpoint
+    from tug.engine.runtime.runc import Runc
+    from tug.engine.source.strategies import Strategy
+    from tug.engine.source.tally import Tally
+    from tug.transports.session import Session
+    from tug.transports.ssh import AgentProcess, SshTarget
+
+
+class FailureHandling:
+    # Provided by the driver (migration.py).
+    name: str
+    target: SshTarget
+    opts: MigrationOptions
+    host: HostConfig
+    runc: Runc
+    machine: PhaseMachine
+    tally: Tally
+    strategy: Strategy
+    session: Session | None
+    agent: AgentProcess | None
+    net: SourceEndpoint | None
+    final_ps: RemotePageServer | None
+    work: Path
+    dest: Destination
+    paused: bool
+    changed: bool
+    left_frozen: bool
+
+    def note(self, message: str, level: str = "info") -> None:
+        raise NotImplementedError
+
+    def emit(self, ev: PhaseStarted) -> None:
+        raise NotImplementedError
+
+    def _report(self, outcome: str, exc: BaseException | None = None, phase: str = "") -> MigrationReport:
+        raise NotImplementedError
+
+    async def _fail(self, exc: BaseException) -> MigrationReport:
+        failed_in = self.machine.phase.value
+        if self.machine.phase is Phase.INIT:
+            self.machine.advance(Phase.FAILED)
+            return self._report("aborted", exc, failed_in)
+        if self.machine.can_roll_back:
+            self.machine.advance(Phase.ROLLBACK)
+            if self.changed:
+                self.emit(PhaseStarted(phase=Phase.ROLLBACK.value, at_s=time.monotonic() - self.tally.t0))
+        try:
+            outcome = await self._undo()
+        except (MigrationError, TimeoutError) as rb:
+            outcome = "failed"
+            self.note(f"rollback incomplete: {rb or type(rb).__name__}", "warning")
+        if self.machine.phase is not Phase.FAILED:
+            self.machine.advance(Phase.FAILED)
+        return self._report(outcome, exc, failed_in)
+
+    async def _undo(self) -> str:
+        """Apply the one-copy rule (source/rollback.py); returns the outcome."""
+        returned: list[bytes] | None = None
+        if self.dest is Destination.UNKNOWN:
+            # The agent cancels a restore still running and says whether the copy ran.
+            said, returned = await self._abort()
+            self.dest = said or Destination.UNKNOWN
+        if not may_resume_source(self.dest):
+            self.left_frozen = self.paused
+            self.note(frozen_message(self.dest, self.name, self.target.host, str(self.target)), "warning")
+            return "failed"
+        if self.paused:
+            # First, and bounded on its own: it depends on nothing the peer does.
+            async with asyncio.timeout(self.opts.timeout(Phase.ROLLBACK.value)):
+                await resume_source(self.runc, self.name)
+            self.paused = False
+            self.note(f"source container {self.name!r} resumed")
+        if returned is None:
+            said, returned = await self._abort()
+            if said is None and self.session is not None:
+                await sweep_destination(self.target, self.opts, self.host, self.name, self.note)
+        if self.net is not None and self.net.locked:
+            self.tally.held_frames = await self.net.unlock(returned)
+        return "rolled-back" if self.changed else "aborted"
+
+    async def _abort(self) -> tuple[Destination | None, list[bytes]]:
+        timeout = min(ABORT_TIMEOUT, self.opts.timeout(Phase.ROLLBACK.value))
+        return await abort_destination(self.session, self.name, self.target.host, self.note, timeout=timeout)
+
+    async def _close(self) -> None:
+        if self.final_ps is not None:
+            self.final_ps.close()
+        self.strategy.close()
+        if self.session is not None:
+            with contextlib.suppress(MigrationError):
+                await self.session.close()
+        if self.agent is not None:
+            await self.agent.close()
+        if self.net is not None:
+            if self.left_frozen:
+                await self.net.abandon()  # the lock stays engaged: tug recover lifts it
+            else:
+                await self.net.close()
+        remove_tree(self.work)
