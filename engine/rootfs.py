@@ -31,6 +31,10 @@ DIR, FILE, LINK, OTHER = "d", "f", "l", "o"
 KINDS = frozenset((DIR, FILE, LINK, OTHER))
 #: Deeper trees are refused: each level holds a directory fd while scanning.
 MAX_DEPTH = 512
+#: Larger trees are refused (the plan's answer must fit in one frame).
+MAX_ENTRIES = 2_000_000
+#: Bytes of manifest sent in one part (well under the protocol's frame limit).
+MANIFEST_PART_BYTES = 2 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,20 @@ class Entry:
         return (self.kind, self.size, self.mtime_ns, self.mode, self.uid, self.gid, self.link) == (
             other.kind, other.size, other.mtime_ns, other.mode, other.uid, other.gid, other.link,
         )
+
+
+def manifest_parts(entries: list[Entry], budget: int = MANIFEST_PART_BYTES) -> list[list[list[Any]]]:
+    """The manifest in parts of about ``budget`` bytes each (at least one part)."""
+    parts: list[list[list[Any]]] = [[]]
+    size = 0
+    for e in entries:
+        cost = len(e.path.encode()) + len(e.link.encode()) + 48
+        if parts[-1] and size + cost > budget:
+            parts.append([])
+            size = 0
+        parts[-1].append(e.to_wire())
+        size += cost
+    return parts
 
 
 def check_relpath(path: str) -> None:
@@ -271,6 +289,7 @@ class FileWriter:
         self.root = root
         self._rootfd: int | None = None
         self._file: safefs.NewFile | None = None
+        self._parent: tuple[str, int] | None = None
         self.files = 0
         self.bytes = 0
 
@@ -278,7 +297,14 @@ class FileWriter:
         if self._file is None:
             if self._rootfd is None:
                 self._rootfd = safefs.open_root(self.root)
-            self._file = safefs.NewFile(self._rootfd, entry.path)
+            # Files arrive directory by directory: the last parent's fd is
+            # kept (nothing runs in this tree while it is written).
+            head = entry.path.rpartition("/")[0]
+            if self._parent is None or self._parent[0] != head:
+                self._drop_parent()
+                pfd, _ = safefs.open_parent(self._rootfd, entry.path)
+                self._parent = (head, pfd)
+            self._file = safefs.NewFile(self._rootfd, entry.path, parent_fd=self._parent[1])
         if chunk:
             self._file.write(chunk)
             self.bytes += len(chunk)
@@ -296,8 +322,14 @@ class FileWriter:
         if self._file is not None:
             self._file.discard()
             self._file = None
+        self._drop_parent()
         if self._rootfd is not None:
             os.close(self._rootfd)
             self._rootfd = None
 
     abort = close
+
+    def _drop_parent(self) -> None:
+        if self._parent is not None:
+            os.close(self._parent[1])
+            self._parent = None

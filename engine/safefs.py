@@ -237,9 +237,13 @@ class NewFile:
     planted (a symlink at a guessed name) is opened; metadata is set on the fd.
     """
 
-    def __init__(self, rootfd: int, rel: str) -> None:
+    def __init__(self, rootfd: int, rel: str, parent_fd: int | None = None) -> None:
+        """``parent_fd``: an fd of ``rel``'s directory the caller already holds (it is duplicated)."""
         self.rel = rel
-        self.pfd, self.name = open_parent(rootfd, rel)
+        if parent_fd is not None:
+            self.pfd, self.name = os.dup(parent_fd), rel.rpartition("/")[2]
+        else:
+            self.pfd, self.name = open_parent(rootfd, rel)
         try:
             self.tmp = f".tug-{secrets.token_hex(8)}"
             self.fd: int | None = os.open(

@@ -37,7 +37,7 @@ from tug.engine.errors import MigrationError, PreconditionError, ProtocolError
 from tug.engine.fsutil import remove_tree
 from tug.engine.hostcfg import HostConfig
 from tug.engine.runtime import network as netif
-from tug.engine.runtime.endpoint import DestinationEndpoint
+from tug.engine.runtime.endpoint import DestinationEndpoint, chunk_frames
 from tug.engine.runtime.network import EndpointSpec
 from tug.transports import protocol as p
 from tug.transports.session import Session
@@ -118,7 +118,9 @@ class Agent(StagingCalls, RestoreCalls):
         if inc is None:
             return {"aborted": False, "ran": False, "frames": [], "page_servers": []}
         await _cancel_restore(inc)
-        frames = inc.endpoint.take_held() if inc.endpoint is not None else []
+        # They go back in the answer, which has to fit in one frame: the
+        # newest beyond that are dropped (their senders retransmit).
+        frames = chunk_frames(inc.endpoint.take_held() if inc.endpoint is not None else [])[0]
         if inc.restored and not inc.broken:
             await self._guarded(inc.name, self._keep(inc))
             return {"aborted": False, "ran": True, "frames": frames, "page_servers": []}

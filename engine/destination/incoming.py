@@ -60,6 +60,10 @@ class Incoming:
     #: session cancels it before deciding (a restore finishing after the
     #: cleanup would leave an orphan container).
     restoring: asyncio.Task[Any] | None = None
+    #: The source's rootfs manifest, while its parts arrive.
+    manifest: list[rootfs.Entry] = field(default_factory=list)
+    #: Frames the source held, sent ahead of the restore when they are many.
+    staged_frames: list[bytes] = field(default_factory=list)
     #: The restored copy ran and then broke (its lazy fill failed): it was
     #: killed, and nothing of it may be kept.
     broken: bool = False

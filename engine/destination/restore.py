@@ -111,7 +111,8 @@ class RestoreCalls(AgentState):
         if fault == "kill-lazy-pages" and inc.lazy is not None:
             inc.lazy.signal(signal.SIGKILL)  # test hook: the fill fails after the processes run
         if inc.endpoint is not None:
-            inc.stats.update(await inc.endpoint.after_restore(list(frames or ()), fault=fault))
+            staged, inc.staged_frames = inc.staged_frames, []
+            inc.stats.update(await inc.endpoint.after_restore(staged + list(frames or ()), fault=fault))
         st = await self.runc.require(container)
         return {"pid": st.pid, "status": st.status, "restore_ms": (time.monotonic() - t0) * 1000, **inc.stats}
 
@@ -141,6 +142,14 @@ class RestoreCalls(AgentState):
             await self._kill_restored(inc)
             raise
         return {"lazy_ms": (time.monotonic() - t0) * 1000}
+
+    async def call_stage_frames(self, container: str, frames: list[bytes]) -> dict[str, Any]:
+        """Held frames sent ahead of a restore whose call cannot carry them all."""
+        inc = self._get(container)
+        if inc.restored or not all(isinstance(f, bytes) for f in frames):
+            raise ProtocolError(f"frames for {container!r} staged out of turn")
+        inc.staged_frames.extend(frames)
+        return {"staged": len(inc.staged_frames)}
 
     async def call_deliver(self, container: str, frames: list[bytes]) -> dict[str, Any]:
         """Frames sent to the container while it was frozen (see runtime.netlock)."""

@@ -102,16 +102,30 @@ class StagingCalls(AgentState):
             netif.set_netns_path_in_spec(spec, self.host.network.netns_path(container))
         return json.dumps(spec, indent=2).encode()
 
-    async def call_rootfs_plan(self, container: str, manifest: list[Any]) -> dict[str, Any]:
+    async def call_rootfs_plan(self, container: str, manifest: list[Any], last: bool = True) -> dict[str, Any]:
+        """One part of the source's manifest; the last part applies the tree.
+
+        A manifest comes in parts (each well under the frame limit) so that a
+        tree of any size can be planned; the answer names the files to send
+        by their index in the whole manifest, which keeps it small too.
+        """
         inc = self._get(container)
-        source = [rootfs.Entry.from_wire(item) for item in manifest]
+        inc.manifest.extend(rootfs.Entry.from_wire(item) for item in manifest)
+        if len(inc.manifest) > rootfs.MAX_ENTRIES:
+            inc.manifest.clear()
+            raise ProtocolError(f"rootfs manifest of {container!r} has more than {rootfs.MAX_ENTRIES} entries")
+        if not last:
+            return {"parts": True}
+        source, inc.manifest = inc.manifest, []
         root = inc.bundle / "rootfs"
         plan = rootfs.plan(source, await asyncio.to_thread(rootfs.scan, root))
         await asyncio.to_thread(rootfs.apply_structure, root, plan)
+        index = {e.path: i for i, e in enumerate(source)}
         return {
-            "need": [e.path for e in plan.send],
+            "need": [index[e.path] for e in plan.send],
             "deleted": len(plan.delete),
-            "skipped": plan.skipped,
+            "skipped": len(plan.skipped),
+            "skipped_examples": plan.skipped[:5],
         }
 
     async def call_page_server_start(

@@ -33,6 +33,22 @@ from tug.engine.runtime import network as netif
 from tug.engine.runtime.netlock import FrameHold, LinkSwitch
 from tug.engine.runtime.network import EndpointSpec, HostNetwork
 
+#: Held frames carried by one call (the protocol's frames are 16 MiB at most).
+FRAMES_PER_CALL_BYTES = 4 << 20
+
+
+def chunk_frames(frames: list[bytes], budget: int = FRAMES_PER_CALL_BYTES) -> list[list[bytes]]:
+    """``frames`` in order, in chunks of at most ``budget`` bytes (one frame over it goes alone)."""
+    chunks: list[list[bytes]] = [[]]
+    size = 0
+    for f in frames:
+        if chunks[-1] and size + len(f) > budget:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(f)
+        size += len(f)
+    return chunks
+
 
 class SourceEndpoint:
     def __init__(self, net: HostNetwork, container: str, hold: FrameHold, announcer: netif.Announcer) -> None:

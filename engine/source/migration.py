@@ -43,7 +43,7 @@ from tug.engine.hostcfg import HostConfig
 from tug.engine.options import MigrationOptions
 from tug.engine.phases import Phase, PhaseMachine
 from tug.engine.progress import Meter
-from tug.engine.runtime.endpoint import SourceEndpoint
+from tug.engine.runtime.endpoint import SourceEndpoint, chunk_frames
 from tug.engine.runtime.network import EndpointSpec
 from tug.engine.runtime.runc import Runc
 from tug.engine.source import strategies
@@ -296,6 +296,10 @@ class Migration(FailureHandling):
         # What clients sent during the freeze goes along, to be answered by the
         # destination the moment its sockets exist (runtime.netlock).
         frames = self.net.take() if self.net is not None else []
+        # Many held frames go ahead in parts; the restore call carries the last.
+        *ahead, last = chunk_frames(frames)
+        for part in ahead:
+            await self.s.call("stage_frames", container=self.name, frames=part)
         # From here until an answer, the destination may run the container.
         self.dest = Destination.UNKNOWN
         try:
@@ -304,7 +308,7 @@ class Migration(FailureHandling):
                 container=self.name,
                 tcp_close=self.opts.tcp_close,
                 rebuild_pages=self.rebuild_pages,
-                frames=frames,
+                frames=last,
                 lazy=self.lazy,
                 fault=self.opts.fault,
             )
@@ -323,8 +327,11 @@ class Migration(FailureHandling):
         if self.net is not None:
 
             async def deliver(late: list[bytes]) -> int:
-                got = await self.s.call("deliver", container=self.name, frames=late)
-                return int(got.get("delivered", 0))
+                done = 0
+                for part in chunk_frames(late):
+                    got = await self.s.call("deliver", container=self.name, frames=part)
+                    done += int(got.get("delivered", 0))
+                return done
 
             self.tally.held_frames = await self.net.hand_over(len(frames), res, deliver)
         for key in ("restore_ms", "rebuild_ms", "network_up_ms"):

@@ -10,6 +10,7 @@ from pathlib import Path
 import aiofiles
 
 from tug.engine import rootfs, safefs
+from tug.engine.errors import ConfigError, ProtocolError
 from tug.engine.progress import Meter, ProgressFn
 from tug.transports.session import CHUNK, Session
 
@@ -42,7 +43,8 @@ async def send_entries(
             # Opened below the root's fd, through no symlink, and only if it is
             # still a regular file: the container may have swapped it since the
             # scan (for a symlink to a host file, a FIFO, a device).
-            fd = await asyncio.to_thread(safefs.open_regular_for_read, rootfd, e.path)
+            # (An empty file has nothing to read: no open, no thread hop.)
+            fd = await asyncio.to_thread(safefs.open_regular_for_read, rootfd, e.path) if left else None
             if fd is not None:
                 async with aiofiles.open(fd, "rb") as f:
                     while left > 0:
@@ -71,11 +73,18 @@ async def sync_rootfs(
     """One rootfs pass: the manifest goes over, the agent applies the tree and
     names the files it needs, and those are sent. Returns payload bytes."""
     entries = await asyncio.to_thread(rootfs.scan, root)
-    res = await session.call("rootfs_plan", container=container, manifest=[e.to_wire() for e in entries])
-    need = set(res.get("need", []))
-    send = [e for e in entries if e.path in need]
+    if len(entries) > rootfs.MAX_ENTRIES:
+        raise ConfigError(f"the rootfs has {len(entries)} entries; tug moves at most {rootfs.MAX_ENTRIES}")
+    parts = rootfs.manifest_parts(entries)
+    for i, part in enumerate(parts):
+        res = await session.call("rootfs_plan", container=container, manifest=part, last=i == len(parts) - 1)
+    need = res.get("need", [])
+    if not isinstance(need, list) or not all(type(i) is int and 0 <= i < len(entries) for i in need):
+        raise ProtocolError("the agent's rootfs plan names files that are not in the manifest")
+    send = [entries[i] for i in sorted(set(need))]
     if res.get("skipped"):
-        note(f"rootfs: {len(res['skipped'])} special files not copied (e.g. {res['skipped'][0]})", "warning")
+        examples = ", ".join(str(x) for x in res.get("skipped_examples") or [])
+        note(f"rootfs: {res['skipped']} special files not copied (e.g. {examples})", "warning")
     meter = Meter(phase, "rootfs", sum(e.size for e in send), emit)
     return await send_entries(session, kind="rootfs", container=container, root=root, entries=send, meter=meter)
 

@@ -64,3 +64,25 @@ def test_planted_symlinks_do_not_reach_the_hosts(lab: Lab, hostile: str, victim:
     # The destination's bundles are root-only: a setuid file in a container's
     # rootfs is no way up for the host's other users.
     assert stat.S_IMODE(lab.bundle("b", hostile).parent.stat().st_mode) & 0o077 == 0
+
+
+def test_a_rootfs_of_many_entries_migrates(lab: Lab, hostile: str) -> None:
+    """A manifest bigger than one part (tests/unit/test_large_calls.py shows a
+    300k-entry one, which used to exceed the 16 MiB frame limit, fits in parts)
+    crosses in parts and the tree arrives whole."""
+    root = lab.bundle("a", hostile) / "rootfs" / "many"
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for d in range(40):
+            os.mkdir(f"directory-{d:04d}", dir_fd=fd)
+            for i in range(1000):
+                os.close(os.open(f"directory-{d:04d}/some-file-name-{i:06d}", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    res = migrate("a", hostile, lab.url("b"))
+    assert res.returncode == 0, res.stderr
+    dst = lab.bundle("b", hostile) / "rootfs" / "many"
+    assert sum(1 for _ in dst.glob("directory-*/*")) == 40_000
+    assert "rootfs_plan" not in res.stderr
+    assert lab.check("b", hostile)["ok"]
