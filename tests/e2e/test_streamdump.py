@@ -126,8 +126,8 @@ def test_streamed_rollback_when_restore_fails(lab: Lab, demo: str) -> None:
     res = migrate("a", demo, lab.url("b"), "--stream-dump", "--fault", "corrupt-images")
     assert res.returncode == 1
     report = res.json()
-    assert report["outcome"] == "rolled-back"
-    assert report["error"]["kind"] == "criu" and report["error"]["phase"] == "restore"
+    assert report["outcome"] == "rolled-back", report
+    assert report["error"]["kind"] == "criu" and report["error"]["phase"] == "restore", report["error"]
     assert report["error"]["details"]["error_lines"]
     assert Path(report["error"]["details"]["log_path"]).exists()
     assert "rolled back" in res.stderr
