@@ -116,10 +116,29 @@ def criu_holder(ours: tuple[str, int], peer: tuple[str, int]) -> tuple[int, int]
         return f"cannot look at the peer's socket: {getattr(exc, 'strerror', None) or exc}"
     if not holders:
         return "no process holds the peer's socket"
-    refused = sorted({why for pid in {pid for pid, _ in holders} if (why := why_not_root_criu(pid, criu)) is not None})
+    refused: dict[int, str] = {}
+    for pid in {pid for pid, _ in holders}:
+        why = why_not_root_criu(pid, criu)
+        if why is not None:
+            refused[pid] = why
+    # A holder that exited meanwhile (one of CRIU's short-lived children)
+    # holds nothing any more: it is no impostor, and no reason to refuse.
+    refused = {pid: why for pid, why in refused.items() if _alive(pid)}
     if refused:
-        return f"the peer's socket is held by {'; '.join(refused)}: not only criu"
-    return holders[0]
+        return f"the peer's socket is held by {'; '.join(sorted(refused.values()))}: not only criu"
+    admitted = [h for h in holders if h[0] not in refused and why_not_root_criu(h[0], criu) is None]
+    if not admitted:
+        return "no process holds the peer's socket"
+    return admitted[0]
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still exists and is not a zombie (a zombie holds no files)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
 
 
 def peer_is_criu(ours: tuple[str, int], peer: tuple[str, int]) -> str | None:
