@@ -1,6 +1,7 @@
-"""What the driver does when a phase fails: the one-copy rule applied, then cleanup.
+"""The driver's bookkeeping (events, notes, bytes, the report) and what it
+does when a phase fails: the one-copy rule applied, then cleanup.
 
-A mixin of :class:`tug.engine.source.migration.Migration`, kept apart so that
+The base of :class:`tug.engine.source.migration.Migration`, kept apart so that
 the failure paths can be read (and reviewed) on their own; the rule itself
 and its helpers are in :mod:`.rollback`.
 """
@@ -10,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tug.engine.errors import MigrationError
-from tug.engine.events import MigrationReport, PhaseStarted
+from tug.engine.events import Event, MigrationReport, Note, PhaseStarted
 from tug.engine.fsutil import remove_tree
 from tug.engine.phases import Phase, PhaseMachine
 from tug.engine.source.rollback import (
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
 
 
 class FailureHandling:
-    # Provided by the driver (migration.py).
+    # Set by the driver (migration.py).
     name: str
     target: SshTarget
     opts: MigrationOptions
@@ -58,15 +60,30 @@ class FailureHandling:
     paused: bool
     changed: bool
     left_frozen: bool
+    stream_dump: bool
+    on_event: Callable[[Event], None] | None
+
+    def emit(self, ev: Event) -> None:
+        if self.on_event is not None:
+            self.on_event(ev)
 
     def note(self, message: str, level: str = "info") -> None:
-        raise NotImplementedError
+        self.tally.notes.append(message)
+        self.emit(Note(level=level, message=message))
 
-    def emit(self, ev: PhaseStarted) -> None:
-        raise NotImplementedError
+    def wire_bytes(self) -> int:
+        """Payload bytes on the wire so far: the session and every forward."""
+        s = self.session
+        forwarded = self.agent.forwarded_bytes if self.agent is not None else 0
+        return forwarded + (0 if s is None else s.bytes_sent + s.bytes_received)
 
     def _report(self, outcome: str, exc: BaseException | None = None, phase: str = "") -> MigrationReport:
-        raise NotImplementedError
+        return self.tally.report(
+            container=self.name, source=self.host.name, destination=str(self.target), strategy=self.strategy.name,
+            outcome=outcome, phases=self.machine.durations(), bytes_total=self.wire_bytes(),
+            rounds=self.strategy.events, tracker=self.strategy.tracker, dump_streamed=self.stream_dump,
+            page_server_bytes=self.final_ps.wire_bytes if self.final_ps is not None else 0, exc=exc, phase=phase,
+        )
 
     async def _fail(self, exc: BaseException) -> MigrationReport:
         failed_in = self.machine.phase.value

@@ -110,20 +110,6 @@ class Migration(FailureHandling):
 
     # ---- plumbing -----------------------------------------------------------
 
-    def emit(self, ev: Event) -> None:
-        if self.on_event is not None:
-            self.on_event(ev)
-
-    def note(self, message: str, level: str = "info") -> None:
-        self.tally.notes.append(message)
-        self.emit(Note(level=level, message=message))
-
-    def wire_bytes(self) -> int:
-        """Payload bytes on the wire so far: the session and every forward."""
-        s = self.session
-        forwarded = self.agent.forwarded_bytes if self.agent is not None else 0
-        return forwarded + (0 if s is None else s.bytes_sent + s.bytes_received)
-
     async def _phase(self, phase: Phase, body: Callable[[], Awaitable[None]]) -> None:
         self.machine.advance(phase)
         start = time.monotonic()
@@ -369,11 +355,3 @@ class Migration(FailureHandling):
         self.emit(Note(level=ev.level, message=f"{self.target.host}: {ev.message}"))
 
     # ---- failure and cleanup ------------------------------------------------
-
-    def _report(self, outcome: str, exc: BaseException | None = None, phase: str = "") -> MigrationReport:
-        return self.tally.report(
-            container=self.name, source=self.host.name, destination=str(self.target), strategy=self.strategy.name,
-            outcome=outcome, phases=self.machine.durations(), bytes_total=self.wire_bytes(),
-            rounds=self.strategy.events, tracker=self.strategy.tracker, dump_streamed=self.stream_dump,
-            page_server_bytes=self.final_ps.wire_bytes if self.final_ps is not None else 0, exc=exc, phase=phase,
-        )
