@@ -70,34 +70,30 @@ class ContentRounds(Rounds):
         sent_before = self.ctx.session.bytes_sent
 
         async def scanner() -> None:
-            try:
-                for host_pid in await self.ctx.runc.pids(self.ctx.name):
-                    try:
-                        mem = await asyncio.to_thread(ProcessMemory, host_pid)
-                    except (FileNotFoundError, ProcessLookupError):
-                        continue  # exited since ps
-                    try:
-                        regions = await asyncio.to_thread(mem.regions)
-                        for region in regions:
-                            try:
-                                runs = await asyncio.to_thread(mem.runs, region)
-                            except OSError:
-                                continue  # unmapped meanwhile
-                            for vaddr, npages in runs:
-                                res = await asyncio.to_thread(self.tracker.scan, mem, vaddr, npages)
-                                c.scanned += res.scanned
-                                if res.changed:
-                                    c.dirty += res.changed_pages
-                                    await queue.put((mem.ns_pid, res.changed))
-                    finally:
-                        mem.close()
-            except BaseException:
-                # Cancelled (a deadline, Ctrl-C) or failed: the sender is being
-                # cancelled too; waiting for room in a queue nobody drains would
-                # hang the TaskGroup, and with it the rollback.
-                raise
-            else:
-                await queue.put(None)
+            for host_pid in await self.ctx.runc.pids(self.ctx.name):
+                try:
+                    mem = await asyncio.to_thread(ProcessMemory, host_pid)
+                except (FileNotFoundError, ProcessLookupError):
+                    continue  # exited since ps
+                try:
+                    regions = await asyncio.to_thread(mem.regions)
+                    for region in regions:
+                        try:
+                            runs = await asyncio.to_thread(mem.runs, region)
+                        except OSError:
+                            continue  # unmapped meanwhile
+                        for vaddr, npages in runs:
+                            res = await asyncio.to_thread(self.tracker.scan, mem, vaddr, npages)
+                            c.scanned += res.scanned
+                            if res.changed:
+                                c.dirty += res.changed_pages
+                                await queue.put((mem.ns_pid, res.changed))
+                finally:
+                    mem.close()
+            # Not in a finally: when cancelled (a deadline, Ctrl-C) or failed, the
+            # sender is cancelled too, and waiting for room in a queue nobody
+            # drains would hang the TaskGroup, and with it the rollback.
+            await queue.put(None)
 
         async def sender() -> None:
             out = await self.ctx.session.open_stream("pages", {"container": self.ctx.name, "round": index})
