@@ -57,6 +57,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tug.engine import safefs
 from tug.engine.errors import UnsafePathError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -209,26 +210,20 @@ class _Held:
 
 
 def open_beneath(start_fd: int, parts: list[str]) -> int:
-    """Open directory ``parts`` below ``start_fd``, one component at a time, never
-    following a symlink. Raises FileNotFoundError if a component is missing and
-    :class:`UnsafePathError` if one is a symlink or not a directory."""
-    fd = os.dup(start_fd)
+    """Open directory ``parts`` below ``start_fd``, never following a symlink
+    (:func:`tug.engine.safefs.open_beneath`). Raises FileNotFoundError if a
+    component is missing and :class:`UnsafePathError` if one is a symlink, not
+    a directory, or not a plain name."""
+    if not parts:
+        return os.dup(start_fd)
+    if any("/" in part for part in parts):
+        raise UnsafePathError(f"bad path component in {parts!r}")
     try:
-        for part in parts:
-            if part in ("", ".", "..") or "/" in part:
-                raise UnsafePathError(f"bad path component {part!r}")
-            try:
-                nfd = os.open(part, _DIR, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise UnsafePathError(f"{part!r} is a symlink or not a directory: not followed") from None
-                raise
-            os.close(fd)
-            fd = nfd
-    except BaseException:
-        os.close(fd)
+        return safefs.open_beneath(start_fd, "/".join(parts), os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV):
+            raise UnsafePathError(f"{'/'.join(parts)!r} holds a symlink or a non-directory: not followed") from None
         raise
-    return fd
 
 
 def _open_target(h: Hierarchy, cgroups_path: str) -> _Held | None:
