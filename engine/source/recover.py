@@ -27,8 +27,8 @@ error, and both stay as they are.
 from __future__ import annotations
 
 import contextlib
-import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tug.engine.errors import ConfigError, MigrationError
@@ -38,7 +38,7 @@ from tug.engine.options import MigrationOptions
 from tug.engine.runtime import network as netif
 from tug.engine.runtime.endpoint import SourceEndpoint
 from tug.engine.runtime.runc import Runc
-from tug.engine.source.container import open_session
+from tug.engine.source.container import open_session, retire_source
 from tug.transports import protocol as p
 from tug.transports.ssh import parse_url
 
@@ -66,6 +66,9 @@ async def recover(container: str, destination: str, *, options: MigrationOptions
     target = parse_url(destination)
     notes: list[str] = []
 
+    def note(message: str, level: str = "info") -> None:
+        notes.append(message)
+
     def ignore_notice(ev: p.Notice) -> None:
         notes.append(f"{target.host}: {ev.message}")
 
@@ -82,12 +85,11 @@ async def recover(container: str, destination: str, *, options: MigrationOptions
                     "should not reach (runc delete --force) and run recover again"
                 )
             if src is not None:
-                await runc.delete(container, force=True)
-                notes.append(f"deleted the frozen source copy of {container!r}")
-            if src is not None:
-                await _remove_source_endpoint(host, container, src.bundle, notes)
-                if src.bundle.parent == host.bundles_dir:
-                    shutil.rmtree(src.bundle, ignore_errors=True)
+                # As after a commit: the source copy, its endpoint and its bundle go.
+                ep = await _open_source_endpoint(host, container, src.bundle)
+                if not await retire_source(runc, container, host, src.bundle, ep, note):
+                    raise MigrationError(f"could not delete the frozen source copy of {container!r}: {notes[-1]}")
+                notes.append(f"deleted the frozen source copy of {container!r} and its endpoint")
             await session.call("adopt", container=container, timeout=60)
             action = "finished"
         else:
@@ -118,24 +120,22 @@ async def recover(container: str, destination: str, *, options: MigrationOptions
         await agent.close()
 
 
-async def _unlock_source(host: HostConfig, container: str, bundle: Any, notes: list[str]) -> None:
-    """Lift a network lock left engaged (tc redirect, frame sink) and re-announce the MAC."""
+async def _open_source_endpoint(host: HostConfig, container: str, bundle: Path) -> SourceEndpoint | None:
+    """The source's endpoint as tug manages it (opening it clears a crashed run's lock), or None."""
     spec = netif.load_spec(bundle)
     if spec is None or host.network is None:
+        return None
+    return await SourceEndpoint.open(host.network, container, spec)
+
+
+async def _unlock_source(host: HostConfig, container: str, bundle: Path, notes: list[str]) -> None:
+    """Lift a network lock left engaged (tc redirect, frame sink) and re-announce the MAC."""
+    ep = await _open_source_endpoint(host, container, bundle)
+    if ep is None:
         return
-    ep = await SourceEndpoint.open(host.network, container, spec)  # clears a crashed run's lock
     try:
         ep.locked = True
         await ep.unlock([])
     finally:
         await ep.close()
     notes.append("lifted the source's network lock")
-
-
-async def _remove_source_endpoint(host: HostConfig, container: str, bundle: Any, notes: list[str]) -> None:
-    spec = netif.load_spec(bundle)
-    if spec is None or host.network is None:
-        return
-    ep = await SourceEndpoint.open(host.network, container, spec)
-    await ep.remove()
-    notes.append("removed the source's network endpoint")
