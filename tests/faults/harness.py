@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import threading
 import time
@@ -126,22 +125,6 @@ def signal_all(pids: list[int], sig: int) -> int:
     return n
 
 
-def wait_gone(pids: list[int], timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(Path(f"/proc/{p}").exists() and _state(p) != "Z" for p in pids):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
-
-
 def running_copies(lab: Lab, name: str) -> dict[str, str]:
     """Host -> runc status, for every host that has the container."""
     out = {}
@@ -150,7 +133,3 @@ def running_copies(lab: Lab, name: str) -> dict[str, str]:
         if st is not None:
             out[host] = st["status"]
     return out
-
-
-def signal_name(sig: int) -> str:
-    return signal.Signals(sig).name

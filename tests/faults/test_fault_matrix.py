@@ -28,7 +28,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -65,12 +65,11 @@ def victim(lab: Lab) -> Iterator[str]:
         tug("lab", "rm", host, name)
 
 
-def _poll(find_pids: object, timeout: float = 10.0) -> list[int]:
+def _poll(find_pids: Callable[[], list[int]], timeout: float = 10.0) -> list[int]:
     """The processes ``find_pids`` finds, once there are any (they may start just after the phase)."""
-    assert callable(find_pids)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        pids: list[int] = find_pids()
+        pids = find_pids()
         if pids:
             return pids
         time.sleep(0.005)
@@ -175,8 +174,7 @@ def test_fault(lab: Lab, victim: str, strategy: str, phase: str, fault: str) -> 
     assert _settled(lambda: not criu_pids("a") and not criu_pids("b")), f"CRIU left: {criu_pids('a')} {criu_pids('b')}\n{where}"
 
 
-def _settled(pred: object, timeout: float = 15.0) -> bool:
-    assert callable(pred)
+def _settled(pred: Callable[[], bool], timeout: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():

@@ -22,6 +22,8 @@ import pytest
 from tug.engine.errors import ForwardingRefusedError, TransportError
 from tug.transports.ssh import AgentProcess, SshTarget, connect_agent
 
+from .sshserver import known_hosts, start_server
+
 
 class _Server(asyncssh.SSHServer):
     def __init__(self, allow_forwarding: bool) -> None:
@@ -38,12 +40,6 @@ class _Server(asyncssh.SSHServer):
         return True
 
 
-async def _agent_process(process: asyncssh.SSHServerProcess[bytes]) -> None:
-    """Stands in for the tug agent: waits for stdin to close."""
-    await process.stdin.read()
-    process.exit(0)
-
-
 @dataclass
 class Ssh:
     agent: AgentProcess
@@ -52,23 +48,9 @@ class Ssh:
 
 
 async def _start(tmp_path: Path, *, allow: bool) -> tuple[asyncssh.SSHAcceptor, SshTarget, Path, Path]:
-    host_key = asyncssh.generate_private_key("ssh-ed25519")
-    client_key = asyncssh.generate_private_key("ssh-ed25519")
-    ident = tmp_path / "id"
-    ident.write_bytes(client_key.export_private_key())
-    os.chmod(ident, 0o600)
-    server = await asyncssh.listen(
-        "127.0.0.1",
-        0,
-        server_host_keys=[host_key],
-        authorized_client_keys=asyncssh.import_authorized_keys(client_key.export_public_key().decode()),
-        server_factory=lambda: _Server(allow),
-        process_factory=_agent_process,
-        encoding=None,
-    )
+    server, host_key, ident = await start_server(tmp_path, server_factory=lambda: _Server(allow))
     port = server.sockets[0].getsockname()[1]
-    known = tmp_path / "known_hosts"
-    known.write_text(f"[127.0.0.1]:{port} {host_key.export_public_key().decode().strip()}\n")
+    known = known_hosts(tmp_path, port, host_key)
     return server, SshTarget(user="root", host="127.0.0.1", port=port), ident, known
 
 

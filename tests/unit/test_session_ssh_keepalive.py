@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from pathlib import Path
 
-import asyncssh
 import pytest
 
 from tug.engine.errors import TransportError
 from tug.transports.ssh import SshTarget, connect_agent
+
+from .sshserver import known_hosts, start_server
 
 
 class Relay:
@@ -57,31 +57,12 @@ class Relay:
             w.close()
 
 
-async def _agent_process(process: asyncssh.SSHServerProcess[bytes]) -> None:
-    """A tug agent that says nothing: waits for stdin to close."""
-    await process.stdin.read()
-    process.exit(0)
-
-
 @pytest.mark.parametrize("keepalive", [True, False], ids=["keepalive", "no-keepalive"])
 async def test_partitioned_link_fails_the_read_within_keepalive_bound(tmp_path: Path, keepalive: bool) -> None:
-    host_key = asyncssh.generate_private_key("ssh-ed25519")
-    client_key = asyncssh.generate_private_key("ssh-ed25519")
-    ident = tmp_path / "id"
-    ident.write_bytes(client_key.export_private_key())
-    os.chmod(ident, 0o600)
-    server = await asyncssh.listen(
-        "127.0.0.1",
-        0,
-        server_host_keys=[host_key],
-        authorized_client_keys=asyncssh.import_authorized_keys(client_key.export_public_key().decode()),
-        process_factory=_agent_process,
-        encoding=None,
-    )
+    server, host_key, ident = await start_server(tmp_path)
     relay = Relay(server.sockets[0].getsockname()[1])
     port = await relay.start()
-    known = tmp_path / "known_hosts"
-    known.write_text(f"[127.0.0.1]:{port} {host_key.export_public_key().decode().strip()}\n")
+    known = known_hosts(tmp_path, port, host_key)
     interval, count = (0.2, 2) if keepalive else (0.0, 2)  # 0 turns keepalives off
     agent = await connect_agent(
         SshTarget(user="root", host="127.0.0.1", port=port),
