@@ -123,7 +123,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         stream_dump=args.stream_dump,
         lazy_restore=args.lazy_restore,
         timeouts={**DEFAULT_TIMEOUTS, **parse_timeouts(args.timeout)},
-        fault=args.fault,
     )
     progress = Progress(quiet=args.quiet)
     interrupted: list[MigrationReport | None] = []
@@ -251,7 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--timeout", action="append", default=[], metavar="PHASE=S",
                    help="deadline of one phase in seconds, e.g. restore=60 (repeatable; phases: "
                         + ", ".join(DEFAULT_TIMEOUTS) + ")")
-    m.add_argument("--fault", help=argparse.SUPPRESS)
     m.set_defaults(fn=cmd_migrate)
 
     r = sub.add_parser(

@@ -32,10 +32,6 @@ class HostConfig:
     #: managed endpoint cannot be received here.
     bridge: str | None = None
     bridge_netns: str | None = None
-    #: Whether a source may ask this host's agent to inject a test fault
-    #: (``--fault``). Only the lab's hosts allow it (TUG_ALLOW_FAULTS=1): on
-    #: any other host a request for one is refused.
-    allow_faults: bool = False
 
     @property
     def network(self) -> HostNetwork | None:
@@ -69,7 +65,6 @@ class HostConfig:
             ssh_known_hosts=path("TUG_SSH_KNOWN_HOSTS"),
             bridge=e.get("TUG_BRIDGE") or None,
             bridge_netns=e.get("TUG_BRIDGE_NETNS") or None,
-            allow_faults=e.get("TUG_ALLOW_FAULTS") == "1",
         )
 
     def env(self) -> dict[str, str]:
@@ -86,8 +81,6 @@ class HostConfig:
             out["TUG_SSH_IDENTITY"] = str(self.ssh_identity)
         if self.ssh_known_hosts:
             out["TUG_SSH_KNOWN_HOSTS"] = str(self.ssh_known_hosts)
-        if self.allow_faults:
-            out["TUG_ALLOW_FAULTS"] = "1"
         if self.bridge:
             out["TUG_BRIDGE"] = self.bridge
         if self.bridge_netns:

@@ -63,9 +63,6 @@ class MigrationOptions:
     #: already on the destination); commit waits until it is full. Falls back
     #: to an eager restore, with a note, where userfaultfd is missing.
     lazy_restore: bool = True
-    #: Testing only: make a step fail for real (e.g. "corrupt-images" damages
-    #: the images on the destination so that CRIU's restore fails).
-    fault: str | None = None
     host: HostConfig | None = None
 
     def timeout(self, phase: str) -> float:

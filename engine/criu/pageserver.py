@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
@@ -52,10 +51,6 @@ NOT_FLUSHED = "were not flushed"
 
 #: TCP state LISTEN in /proc/net/tcp (include/net/tcp_states.h).
 _TCP_LISTEN = "0A"
-#: How often the kill-page-server test hook looks at the images it receives.
-_FAULT_POLL_S = 0.002
-#: The kill-page-server hook fires once this much page data arrived (mid-dump).
-FAULT_KILL_AFTER = 1 << 20
 #: How often a streamed dump's progress is sampled (Meter emits at most 10/s).
 _PROGRESS_S = 0.1
 
@@ -139,7 +134,6 @@ class PageServer(CriuDaemon):
         self.images_dir = images_dir
         self.parent = parent
         self.port = 0
-        self._fault: asyncio.Task[None] | None = None
 
     async def start(self, timeout: float = 30.0) -> int:
         """Spawn CRIU and return the port it listens on once it is ready."""
@@ -155,26 +149,6 @@ class PageServer(CriuDaemon):
         self.port = port
         return port
 
-    async def kill(self) -> None:
-        if self._fault is not None:
-            self._fault.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._fault
-            self._fault = None
-        await super().kill()
-
-    def kill_when_receiving(self, threshold: int = FAULT_KILL_AFTER) -> None:
-        """Test hook (``--fault kill-page-server``): SIGKILL the server for
-        real once ``threshold`` bytes of pages arrived, i.e. in mid-dump."""
-
-        async def watch() -> None:
-            while self.returncode is None:
-                if pages_bytes(self.images_dir) >= threshold:
-                    self.signal(signal.SIGKILL)
-                    return
-                await asyncio.sleep(_FAULT_POLL_S)
-
-        self._fault = asyncio.create_task(watch(), name=f"tug-page-server-{self.ident}-fault")
 
 
 class RemotePageServer:
@@ -200,11 +174,10 @@ class RemotePageServer:
         *,
         images: str,
         parent: str | None = None,
-        fault: str | None = None,
     ) -> RemotePageServer:
         """Have the agent start a page server into ``images`` (relative to its
         work dir) and connect a forward to it."""
-        res = await session.call("page_server_start", container=container, images=images, parent=parent, fault=fault)
+        res = await session.call("page_server_start", container=container, images=images, parent=parent)
         fwd = await agent.forward(int(res["port"]), what=f"the CRIU page server on {agent.target.host}")
         # CRIU corks its socket and never pushes its last request: uncork it
         # from here, or every streamed dump ends with a 200 ms wait (uncork.py).

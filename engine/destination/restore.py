@@ -13,9 +13,7 @@ import contextlib
 import json
 import logging
 import resource
-import signal
 import time
-from pathlib import Path
 from typing import Any
 
 from tug.engine.destination.incoming import (
@@ -42,7 +40,6 @@ class RestoreCalls(AgentState):
         rebuild_pages: bool = False,
         frames: list[bytes] | None = None,
         lazy: bool = False,
-        fault: str | None = None,
     ) -> dict[str, Any]:
         """Restore; ``frames`` were held by the source's network lock, to be
         delivered once the restored sockets exist (see runtime.netlock).
@@ -53,7 +50,7 @@ class RestoreCalls(AgentState):
             raise ProtocolError(f"{container!r} is being or was restored already")
         inc.restoring = asyncio.current_task()
         try:
-            return await self._restore(inc, tcp_close, rebuild_pages, frames, lazy, fault)
+            return await self._restore(inc, tcp_close, rebuild_pages, frames, lazy)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -71,7 +68,7 @@ class RestoreCalls(AgentState):
             inc.restoring = None
 
     async def _restore(
-        self, inc: Incoming, tcp_close: bool, rebuild_pages: bool, frames: list[bytes] | None, lazy: bool, fault: str | None
+        self, inc: Incoming, tcp_close: bool, rebuild_pages: bool, frames: list[bytes] | None, lazy: bool
     ) -> dict[str, Any]:
         container = inc.name
         if tcp_close:
@@ -83,8 +80,6 @@ class RestoreCalls(AgentState):
             inc.stats.update(await asyncio.to_thread(inc.store.rebuild, inc.images))
             inc.stats["rebuild_ms"] = int((time.monotonic() - t_rebuild) * 1000)
             log.info("rebuilt pages images of %s: %s", container, inc.stats)
-        if fault == "corrupt-images":
-            _corrupt_images(inc.images)
         (inc.bundle / INCOMING_MARKER).unlink(missing_ok=True)
         (inc.bundle / INCOMING_MARKER).write_text("restoring\n")
         t0 = time.monotonic()
@@ -108,11 +103,9 @@ class RestoreCalls(AgentState):
             exc.log_path = self._keep_log(inc, "restore.log") or exc.log_path
             raise
         inc.restored = True
-        if fault == "kill-lazy-pages" and inc.lazy is not None:
-            inc.lazy.signal(signal.SIGKILL)  # test hook: the fill fails after the processes run
         if inc.endpoint is not None:
             staged, inc.staged_frames = inc.staged_frames, []
-            inc.stats.update(await inc.endpoint.after_restore(staged + list(frames or ()), fault=fault))
+            inc.stats.update(await inc.endpoint.after_restore(staged + list(frames or ())))
         st = await self.runc.require(container)
         return {"pid": st.pid, "status": st.status, "restore_ms": (time.monotonic() - t0) * 1000, **inc.stats}
 
@@ -196,14 +189,6 @@ def _usage() -> dict[str, float]:
         "max_rss_kib": float(me.ru_maxrss),
     }
 
-
-def _corrupt_images(images: Path) -> None:
-    """Test hook (``--fault corrupt-images``): damage the dump like a bad disk would."""
-    for img in sorted(images.glob("pagemap-*.img")) + sorted(images.glob("core-*.img")):
-        data = bytearray(img.read_bytes())
-        for i in range(8, len(data)):
-            data[i] ^= 0xFF
-        img.write_bytes(bytes(data))
 
 
 def _has_run(inc: Incoming) -> bool:

@@ -76,7 +76,7 @@ class StagingCalls(AgentState):
         return {"bundle": str(bundle), "work": str(work)}
 
     async def call_prepare_network(
-        self, container: str, neighbors: list[dict[str, Any]] | None = None, fault: str | None = None
+        self, container: str, neighbors: list[dict[str, Any]] | None = None
     ) -> dict[str, Any]:
         """Pre-restore: the endpoint exists, with its outer link still down and
         the container's neighbour cache in place (see network.read_neighbors)."""
@@ -86,7 +86,7 @@ class StagingCalls(AgentState):
         net = self.host.network
         assert net is not None  # checked in preflight
         inc.endpoint = DestinationEndpoint(net, container, inc.network)
-        ms = await inc.endpoint.prepare(neighbors, fault=fault)
+        ms = await inc.endpoint.prepare(neighbors)
         return {"endpoint": str(net.netns_path(container)), "ms": ms}
 
     def _rewrite_config(self, container: str, raw: bytes, has_endpoint: bool) -> bytes:
@@ -129,7 +129,7 @@ class StagingCalls(AgentState):
         }
 
     async def call_page_server_start(
-        self, container: str, images: str, parent: str | None = None, fault: str | None = None
+        self, container: str, images: str, parent: str | None = None
     ) -> dict[str, Any]:
         """Start a CRIU page server for one dump into ``images`` (under the work dir).
 
@@ -154,8 +154,6 @@ class StagingCalls(AgentState):
         except CriuError as exc:
             exc.log_path = self._keep_log(inc, ps.log.name) or exc.log_path
             raise
-        if fault == "kill-page-server":
-            ps.kill_when_receiving()
         return {"id": ident, "port": port, "ms": (time.monotonic() - t0) * 1000}
 
     async def call_page_server_wait(self, container: str, id: int) -> dict[str, Any]:

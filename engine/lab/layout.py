@@ -58,8 +58,6 @@ class LabHost:
             "TUG_SSH_KNOWN_HOSTS": str(KNOWN_HOSTS),
             "TUG_BRIDGE": "br0",
             "TUG_BRIDGE_NETNS": BRIDGE_NS,
-            # The lab's agents obey --fault (test hooks); no other agent does.
-            "TUG_ALLOW_FAULTS": "1",
         }
 
     def network(self) -> HostNetwork:

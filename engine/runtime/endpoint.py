@@ -136,10 +136,8 @@ class DestinationEndpoint:
         self.announcer: netif.Announcer | None = None
         self.hold: FrameHold | None = None
 
-    async def prepare(self, neighbors: list[dict[str, Any]] | None, *, fault: str | None = None) -> float:
+    async def prepare(self, neighbors: list[dict[str, Any]] | None) -> float:
         """Create it, link down; returns the ms it took."""
-        if fault == "network-conflict":
-            await asyncio.to_thread(_occupy_link_name, self.net, self.container)
         t0 = time.monotonic()
         path = await asyncio.to_thread(netif.create, self.net, self.container, self.spec, up=False)
         self.created = True
@@ -155,12 +153,10 @@ class DestinationEndpoint:
         await self.hold.engage(outbound=False)
         await self.link.set(up=True)
 
-    async def after_restore(self, frames: list[bytes], *, fault: str | None = None) -> dict[str, int]:
+    async def after_restore(self, frames: list[bytes]) -> dict[str, int]:
         """The restored sockets exist: held frames in (the source's first), then announce."""
         assert self.hold is not None and self.announcer is not None
         t0 = time.monotonic()
-        if fault == "lose-link":
-            await asyncio.to_thread(_remove_outer_link, self.net, self.container)
         own = await self.hold.open_gate()
         delivered = self.hold.inject(frames + own)
         self.announcer.send()
@@ -196,24 +192,3 @@ class DestinationEndpoint:
         await self.close()
         if self.created:
             await asyncio.to_thread(netif.delete, self.net, self.container)
-
-
-def _occupy_link_name(net: HostNetwork, container: str) -> None:
-    """Test hook (``--fault network-conflict``): the endpoint's outer link
-    name is already taken on the bridge's side, so creating it fails for real."""
-    netif.netlink_in(
-        net.bridge_netns,
-        lambda ipr: ipr.link("add", ifname=net.outer(container), kind="veth", peer={"ifname": f"tx{container[:10]}"}),
-    )
-
-
-def _remove_outer_link(net: HostNetwork, container: str) -> None:
-    """Test hook (``--fault lose-link``): the restored container's outer link
-    vanishes before it comes up, so the restore fails after CRIU succeeded."""
-
-    def remove(ipr: Any) -> None:
-        for idx in ipr.link_lookup(ifname=net.outer(container)):
-            ipr.link("del", index=idx)
-
-    netif.netlink_in(net.bridge_netns, remove)
-

@@ -118,7 +118,7 @@ async def preflight_destination(session: Session, name: str, criu_version: str, 
 
 
 async def start_final_page_server(
-    session: Session, agent: AgentProcess, name: str, parent: str | None, *, fault: str | None, optional: bool
+    session: Session, agent: AgentProcess, name: str, parent: str | None, *, optional: bool
 ) -> RemotePageServer:
     """The destination's page server for the frozen dump, and the forward to it.
 
@@ -129,7 +129,7 @@ async def start_final_page_server(
     the strategy could dump to files instead, which the error then says.
     """
     try:
-        return await RemotePageServer.start(session, agent, name, images="images", parent=parent, fault=fault)
+        return await RemotePageServer.start(session, agent, name, images="images", parent=parent)
     except ForwardingRefusedError as exc:
         if optional:
             raise ForwardingRefusedError(f"{exc} (or migrate with --no-stream-dump)") from None

@@ -208,7 +208,7 @@ class Migration(FailureHandling):
             assert self.host.network is not None
             self.net = await SourceEndpoint.open(self.host.network, self.name, self.endpoint)
             neighbors = await self.net.neighbors()
-            await self.s.call("prepare_network", container=self.name, neighbors=neighbors, fault=self.opts.fault)
+            await self.s.call("prepare_network", container=self.name, neighbors=neighbors)
 
     async def _checkpoint(self) -> None:
         parent = self.strategy.final_parent
@@ -252,7 +252,7 @@ class Migration(FailureHandling):
     async def _start_final_page_server(self, parent: str | None) -> None:
         assert self.agent is not None
         self.final_ps = await start_final_page_server(
-            self.s, self.agent, self.name, parent, fault=self.opts.fault, optional=not self.strategy.has_rounds
+            self.s, self.agent, self.name, parent, optional=not self.strategy.has_rounds
         )
 
     async def _transfer(self) -> None:
@@ -296,7 +296,6 @@ class Migration(FailureHandling):
                 rebuild_pages=self.rebuild_pages,
                 frames=last,
                 lazy=self.lazy,
-                fault=self.opts.fault,
             )
         except RanThenFailed:
             self.dest = Destination.RAN

@@ -177,6 +177,15 @@ def demo(lab: Lab) -> Iterator[str]:
     yield from demo_container(lab)
 
 
+@pytest.fixture
+def big_demo(lab: Lab) -> Iterator[str]:
+    """256 MiB: enough memory that a lazy fill is still running when its daemon is killed."""
+    name = f"tb{os.getpid()}-{next(_names)}"
+    tug("lab", "demo", "a", name, "--memory", "256", check=True)
+    yield name
+    lab.remove(name)
+
+
 def migrate(src: str, name: str, dest_url: str, *extra: str) -> Result:
     return on(src, "tug", "migrate", name, "--to", dest_url, "--json", *extra)
 

@@ -8,14 +8,17 @@ same connection; bulk streams in both directions are verified byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ..faults.harness import endpoint_name_taken, kill_lazy_pages_once_running, refuse_restore_on
 from .conftest import TUG, Lab, migrate, on, wait_for
 
 CLIENT_NS = "tuglab-client"
@@ -126,15 +129,20 @@ def test_many_connections_and_data_in_flight(lab: Lab, demo: str) -> None:
 @pytest.mark.parametrize(
     ("fault", "phase"),
     [
-        ("corrupt-images", "restore"),  # CRIU's restore fails on the destination
-        ("network-conflict", "pre-restore"),  # the destination cannot create the endpoint
+        ("restore-refused", "restore"),  # CRIU's restore fails on the destination
+        ("endpoint-name-taken", "pre-restore"),  # the destination cannot create the endpoint
     ],
 )
-def test_rollback_keeps_connections(lab: Lab, demo: str, fault: str, phase: str) -> None:
+def test_rollback_keeps_connections(lab: Lab, demo: str, fault: str, phase: str, tmp_path: Path) -> None:
     before = endpoint(lab, "a", demo)
     client = Client(lab, demo, connections=2)
     try:
-        res = migrate("a", demo, lab.url("b"), "--fault", fault)
+        with contextlib.ExitStack() as stack:
+            if fault == "restore-refused":
+                refuse_restore_on(lab, "a", demo, "b", tmp_path)
+            else:
+                stack.enter_context(endpoint_name_taken("b", demo))
+            res = migrate("a", demo, lab.url("b"))
         assert res.returncode == 1
         report = res.json()
         assert report["outcome"] == "rolled-back", report
@@ -153,15 +161,18 @@ def test_rollback_keeps_connections(lab: Lab, demo: str, fault: str, phase: str)
     assert lab.leftovers("b", demo) == []
 
 
-def test_copy_that_ran_then_lost_its_link_leaves_the_source_frozen_until_recover(lab: Lab, demo: str) -> None:
-    """Restored, then the destination's link vanishes: its copy ran, so the
-    source stays frozen (the one-copy rule) and the broken copy is removed;
-    ``tug recover`` resumes the source, whose clients' connections survive
-    (their segments sent meanwhile are retransmitted)."""
+def test_copy_that_ran_then_broke_leaves_the_source_frozen_until_recover(lab: Lab, big_demo: str) -> None:
+    """Restored, then b's memory fill dies: its copy ran, so the source stays
+    frozen (the one-copy rule) and the broken copy is removed; ``tug recover``
+    resumes the source, whose clients' connections survive (their segments
+    sent meanwhile are retransmitted)."""
+    demo = big_demo
     before = endpoint(lab, "a", demo)
     client = Client(lab, demo, connections=2)
     try:
-        res = migrate("a", demo, lab.url("b"), "--fault", "lose-link")
+        with kill_lazy_pages_once_running(lab, "b", demo) as killer:
+            res = migrate("a", demo, lab.url("b"))
+        assert killer.killed, "the lazy-pages daemon was never seen with the container restored"
         assert res.returncode == 1
         report = res.json()
         assert report["outcome"] == "failed", report

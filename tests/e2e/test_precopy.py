@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from ..faults.harness import refuse_restore_on
 from .conftest import Lab, migrate, tug
 
 
@@ -77,8 +79,9 @@ def test_dirtying_faster_than_the_link_stops_at_the_iteration_limit(gbit: Lab) -
         lab.remove(name)
 
 
-def test_rollback_after_precopy_rounds(lab: Lab, demo: str) -> None:
-    res = migrate("a", demo, lab.url("b"), "--strategy", "precopy", "--policy", "max-iter=2", "--fault", "corrupt-images")
+def test_rollback_after_precopy_rounds(lab: Lab, demo: str, tmp_path: Path) -> None:
+    refuse_restore_on(lab, "a", demo, "b", tmp_path)
+    res = migrate("a", demo, lab.url("b"), "--strategy", "precopy", "--policy", "max-iter=2")
     assert res.returncode == 1
     report = res.json()
     assert report["outcome"] == "rolled-back"

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from ..faults.harness import kill_lazy_pages_once_running, refuse_restore_on
 from .conftest import TUG, Lab, migrate, on, tug
 
 
@@ -49,9 +48,10 @@ def test_migrate_there_and_back(lab: Lab, demo: str) -> None:
     assert lab.leftovers("b", demo) == []
 
 
-def test_rollback_when_restore_fails(lab: Lab, demo: str) -> None:
-    """CRIU fails for real on damaged images: the source runs on, b is clean."""
-    res = migrate("a", demo, lab.url("b"), "--fault", "corrupt-images")
+def test_rollback_when_restore_fails(lab: Lab, demo: str, tmp_path: Path) -> None:
+    """CRIU's restore fails for real on b (its prestart hook refuses): the source runs on, b is clean."""
+    refuse_restore_on(lab, "a", demo, "b", tmp_path)
+    res = migrate("a", demo, lab.url("b"))
     assert res.returncode == 1
     report = res.json()
     assert report["outcome"] == "rolled-back"
@@ -135,15 +135,6 @@ def test_sigterm_mid_migration_rolls_back(lab: Lab, demo: str) -> None:
     assert lab.leftovers("b", demo) == []
 
 
-@pytest.fixture
-def big_demo(lab: Lab) -> Iterator[str]:
-    """Enough memory that the lazy fill is still running when the daemon is killed."""
-    name = f"tb{os.getpid()}"
-    tug("lab", "demo", "a", name, "--memory", "256", check=True)
-    yield name
-    lab.remove(name)
-
-
 def test_lazy_fill_failure_leaves_the_source_frozen_until_recover(lab: Lab, big_demo: str) -> None:
     """The destination ran before its memory was filled; the fill fails.
 
@@ -152,7 +143,9 @@ def test_lazy_fill_failure_leaves_the_source_frozen_until_recover(lab: Lab, big_
     error names ``tug recover``, which then resumes the source.
     """
     demo = big_demo
-    res = migrate("a", demo, lab.url("b"), "--fault", "kill-lazy-pages")
+    with kill_lazy_pages_once_running(lab, "b", demo) as killer:
+        res = migrate("a", demo, lab.url("b"))
+    assert killer.killed, "the lazy-pages daemon was never seen with the container restored"
     assert res.returncode == 1
     report = res.json()
     assert report["outcome"] == "failed", report

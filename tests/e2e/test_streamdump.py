@@ -23,6 +23,7 @@ from tug.engine.criu.pageserver import PageServer
 from tug.engine.errors import CriuError
 from tug.engine.lab import hosts as labhosts
 
+from ..faults.harness import kill_page_server_after, refuse_restore_on
 from .conftest import Lab, demo_container, migrate, tug
 from .test_network import Client, assert_clean_run
 
@@ -121,9 +122,10 @@ def test_dump_to_files_still_selectable(lab: Lab, demo: str) -> None:
     nothing_left(lab, demo)
 
 
-def test_streamed_rollback_when_restore_fails(lab: Lab, demo: str) -> None:
-    """The page server wrote damaged pagemaps' neighbours: CRIU's restore fails for real."""
-    res = migrate("a", demo, lab.url("b"), "--stream-dump", "--fault", "corrupt-images")
+def test_streamed_rollback_when_restore_fails(lab: Lab, demo: str, tmp_path: Path) -> None:
+    """The pages streamed into b's page server, then CRIU's restore fails for real there."""
+    refuse_restore_on(lab, "a", demo, "b", tmp_path)
+    res = migrate("a", demo, lab.url("b"), "--stream-dump")
     assert res.returncode == 1
     report = res.json()
     assert report["outcome"] == "rolled-back", report
@@ -141,8 +143,10 @@ def test_streamed_rollback_when_restore_fails(lab: Lab, demo: str) -> None:
 
 
 def test_page_server_killed_mid_dump_rolls_back(lab: Lab, demo: str) -> None:
-    """The agent SIGKILLs its page server once 1 MiB of pages arrived (--fault kill-page-server)."""
-    res = migrate("a", demo, lab.url("b"), "--stream-dump", "--fault", "kill-page-server")
+    """b's CRIU page server is SIGKILLed once 1 MiB of pages arrived, the source frozen."""
+    with kill_page_server_after("b", 1 << 20) as killer:
+        res = migrate("a", demo, lab.url("b"), "--stream-dump")
+    assert killer.killed, "b's page server was never seen"
     assert res.returncode == 1, res.stderr
     report = res.json()
     assert report["outcome"] == "rolled-back"

@@ -8,14 +8,19 @@ to real processes on real hosts.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tug.engine.lab import hosts as labhosts
 
 from ..e2e.conftest import TUG, Lab, Result
 
@@ -133,3 +138,117 @@ def running_copies(lab: Lab, name: str) -> dict[str, str]:
         if st is not None:
             out[host] = st["status"]
     return out
+
+
+# ---- faults the destination host causes by itself ---------------------------------------------
+
+#: An OCI prestart hook that fails on one lab host. runc runs prestart hooks
+#: inside CRIU's restore (its ``setup-namespaces`` action script), before any
+#: process of the container exists: CRIU's restore then fails for real, with
+#: its own error lines and log, and nothing of the container ever ran.
+REFUSING_HOOK = """#!/bin/sh
+state=$(cat)
+case "$state" in *"/hosts/{host}/"*) echo "prestart hook: this host refuses the container" >&2; exit 1;; esac
+exit 0
+"""
+
+
+def refuse_restore_on(lab: Lab, src: str, name: str, host: str, hook_dir: Path) -> None:
+    """Make every restore of ``name`` on ``host`` fail inside CRIU (and nothing else).
+
+    The hook goes into the container's own config on ``src``: the migration
+    carries it along as it carries any hook, and the start on ``src`` already
+    happened. Remove the container afterwards (the hook stays in its config).
+    """
+    script = hook_dir / f"refuse-on-{host}.sh"
+    script.write_text(REFUSING_HOOK.format(host=host))
+    script.chmod(0o755)
+    cfg_path = lab.bundle(src, name) / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.setdefault("hooks", {}).setdefault("prestart", []).append({"path": str(script)})
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+@contextlib.contextmanager
+def endpoint_name_taken(host: str, name: str) -> Iterator[str]:
+    """The veth name ``name``'s endpoint needs on ``host`` is already in use there.
+
+    Another interface holds it on the bridge's side, as a leftover of some
+    other tool would: creating the container's endpoint fails for real.
+    """
+    net = labhosts.require().host(host).network()
+    outer = net.outer(name)
+    peer = f"tx{name[:10]}"
+    subprocess.run(["ip", "-n", net.bridge_netns or "", "link", "add", outer, "type", "veth", "peer", "name", peer], check=True)
+    try:
+        yield outer
+    finally:
+        subprocess.run(["ip", "-n", net.bridge_netns or "", "link", "del", outer], check=False, capture_output=True)
+
+
+def _pages_written(pid: int) -> int:
+    """Bytes of pages a CRIU page server has written into its images dir so far.
+
+    (It splices from the socket: ``/proc/PID/io`` does not count them.)
+    """
+    cmd = _cmdline(pid)
+    try:
+        images = Path(cmd[cmd.index("--images-dir") + 1])
+        return sum(p.stat().st_size for p in images.glob("pages-*.img"))
+    except (ValueError, IndexError, OSError):
+        return 0
+
+
+def criu_daemons(host: str, mode: str) -> list[int]:
+    """CRIU processes of lab host ``host`` started as ``criu MODE`` (page-server, lazy-pages)."""
+    return [pid for pid in criu_pids(host) if mode in _cmdline(pid)[1:3]]
+
+
+@dataclass
+class Watcher:
+    """Kills a process when a condition holds, from a thread, while a migration runs."""
+
+    find: Callable[[], list[int]]
+    ready: Callable[[int], bool]
+    sig: int = signal.SIGKILL
+    killed: list[int] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and not self.killed:
+            for pid in self.find():
+                if self.ready(pid) and signal_all([pid], self.sig):
+                    self.killed.append(pid)
+                    return
+            time.sleep(0.002)
+
+    def __enter__(self) -> Watcher:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(timeout=10)
+
+
+def kill_page_server_after(host: str, nbytes: int) -> Watcher:
+    """SIGKILL ``host``'s CRIU page server once it has read ``nbytes`` (the dump is under way)."""
+    return Watcher(lambda: criu_daemons(host, "page-server"), lambda pid: _pages_written(pid) >= nbytes)
+
+
+def kill_lazy_pages_once_running(lab: Lab, host: str, name: str) -> Watcher:
+    """SIGKILL ``host``'s lazy-pages daemon once ``runc restore`` is done and runc knows the container.
+
+    By then CRIU has let its processes go (runc writes the container's state
+    a little earlier, while CRIU may still kill them on a failure): the fill
+    fails after they ran.
+    """
+
+    def restored(pid: int) -> bool:
+        restoring = find(lambda p, cmd: Path(cmd[0]).name == "runc" and "restore" in cmd and _env(p).get("TUG_HOST") == host)
+        return not restoring and lab.state(host, name) is not None
+
+    return Watcher(lambda: criu_daemons(host, "lazy-pages"), restored)
