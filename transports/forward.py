@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import cast
 
 import asyncssh
@@ -65,6 +65,10 @@ class PortForward:
         #: it, a reason refuses it and the forward waits on for another.
         self.admit: Callable[[tuple[str, int], tuple[str, int]], str | None] | None = None
         self.refused: list[str] = []
+        #: Sees every payload chunk as it passes: (from the peer?, bytes). Must not raise.
+        self.tap: Callable[[bool, bytes], None] | None = None
+        #: A reverse forward's listener on the peer (see open_reverse_forward).
+        self._listener: asyncssh.SSHListener | None = None
 
     @property
     def address(self) -> str:
@@ -83,6 +87,9 @@ class PortForward:
         if self._server is not None:
             self._server.close()
             self._server = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._local is not None:
             self._local.close()  # flushes what is buffered, then closes
             self._local = None
@@ -137,6 +144,8 @@ class PortForward:
             if ours and peer:
                 self.on_first_data((ours[0], ours[1]), (peer[0], peer[1]))
         self.bytes_sent += len(data)
+        if self.tap is not None:
+            self.tap(False, data)
         if self._chan is None:
             return
         try:
@@ -146,6 +155,8 @@ class PortForward:
 
     def _from_remote(self, data: bytes) -> None:
         self.bytes_received += len(data)
+        if self.tap is not None:
+            self.tap(True, data)
         if self._local is not None:
             self._local.write(data)
         else:
@@ -275,4 +286,60 @@ async def open_forward(conn: asyncssh.SSHClientConnection, host: str, remote_por
         fwd.close()
         raise TransportError(f"cannot listen on {LOOPBACK} for the forward to {what}: {exc}") from None
     fwd._listening(server)
+    return fwd
+
+
+async def open_reverse_forward(
+    conn: asyncssh.SSHClientConnection,
+    host: str,
+    what: str,
+    *,
+    admit_remote: Callable[[int], Awaitable[str | None]],
+    connect_local: Callable[[], Awaitable[socket.socket]],
+) -> PortForward:
+    """The other direction: ``127.0.0.1:remote_port`` on ``host`` leads to a local service.
+
+    The peer's sshd listens (``tcpip-forward``) on an ephemeral loopback port,
+    which becomes :attr:`PortForward.remote_port`. Any process on the peer
+    could connect to it, so each connection is vetted before anything is
+    relayed: ``admit_remote(client_port)`` (the peer's agent looks up who
+    holds that port) returns None to admit or why not; refused connections
+    are recorded in :attr:`PortForward.refused` and the listener waits on.
+    The first admitted one is connected to ``connect_local()`` (a connected
+    socket, which may live in another network namespace), and the listener
+    closes: one session, as CRIU's lazy dump serves one daemon.
+    """
+    fwd = PortForward(host, 0, what)
+    loop = asyncio.get_running_loop()
+
+    async def accept(orig_host: str, orig_port: int) -> _ChannelEnd:
+        if fwd._chan is not None or fwd.closed:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "this forward serves one connection")
+        why = await admit_remote(orig_port)
+        if why is not None:
+            fwd.refused.append(why)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, why)
+        if fwd._chan is not None or fwd.closed:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "this forward serves one connection")
+        try:
+            sock = await connect_local()
+            await loop.create_connection(lambda: _LocalEnd(fwd), sock=sock)
+        except (OSError, TransportError) as exc:
+            fwd._fail(f"cannot reach {what} here: {exc}")
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
+        if fwd._listener is not None:  # one session: stop listening on the peer
+            fwd._listener.close()
+            fwd._listener = None
+        return _ChannelEnd(fwd)
+
+    try:
+        listener = await conn.create_server(accept, LOOPBACK, 0)
+    except asyncssh.ChannelListenError as exc:
+        raise ForwardingRefusedError(
+            f"{host} refuses remote TCP forwarding over SSH (sshd AllowTcpForwarding?), which {what} needs: {exc}"
+        ) from None
+    except (asyncssh.Error, OSError) as exc:
+        raise TransportError(f"cannot listen on {host} for {what}: {exc}") from None
+    fwd._listener = listener
+    fwd.remote_port = listener.get_port()
     return fwd

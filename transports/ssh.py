@@ -18,6 +18,7 @@ import shlex
 import socket
 import sys
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -26,7 +27,7 @@ import asyncssh
 
 from tug.engine.errors import AuthenticationError, ConfigError, ForwardingRefusedError, HostKeyError, TransportError
 
-from .forward import LOOPBACK, PortForward, open_forward
+from .forward import LOOPBACK, PortForward, open_forward, open_reverse_forward
 
 __all__ = ["LOOPBACK", "AgentProcess", "PortForward", "SshTarget", "connect_agent", "parse_url"]
 
@@ -143,6 +144,21 @@ class AgentProcess:
         service in those errors.
         """
         fwd = await open_forward(self._conn, self.target.host, remote_port, what)
+        self._forwards.append(fwd)
+        return fwd
+
+    async def reverse_forward(
+        self,
+        *,
+        what: str,
+        admit_remote: Callable[[int], Awaitable[str | None]],
+        connect_local: Callable[[], Awaitable[socket.socket]],
+    ) -> PortForward:
+        """A port on the destination (``fwd.remote_port``, loopback) leading
+        to a service here; see :func:`open_reverse_forward` for the vetting."""
+        fwd = await open_reverse_forward(
+            self._conn, self.target.host, what, admit_remote=admit_remote, connect_local=connect_local
+        )
         self._forwards.append(fwd)
         return fwd
 

@@ -1,0 +1,169 @@
+"""CRIU's lazy-pages exchange, watched from the middle, sans-IO.
+
+In a post-copy migration the destination's ``criu lazy-pages`` daemon asks the
+source's lazy dump (``criu dump --lazy-pages``) for pages, and tug relays that
+connection over its SSH link. The relay does not change a byte; it watches,
+to report what the commit point costs: how many pages were fetched after the
+destination ran, how many requests were faults, how long each took.
+
+The exchange, from CRIU 4.2's ``criu/page-xfer.c`` and ``criu/uffd.c`` (same
+32-byte ``struct page_server_iov`` as :mod:`tug.transports.criu_pageserver`):
+
+* The daemon sends ``PS_IOV_GET`` (7) requests: ``nr_pages`` > 0 from
+  ``vaddr`` of the process ``dst_id`` (its pid in the dumped namespace,
+  encoded). It sends several before the first answer; answers come strictly
+  in request order. A fault asks for one page; the background fill for more.
+* The dump answers each with a header ``PS_IOV_ADD_F | PE_PRESENT << 16`` with
+  the same ``vaddr`` and ``dst_id`` and ``0 < nr_pages <= asked`` (fewer when
+  the run ends sooner), then ``nr_pages * 4096`` bytes of data. It never
+  answers zero pages: it closes the connection instead.
+* At the end the daemon sends ``PS_IOV_CLOSE`` (or ``FORCE_CLOSE``); the dump
+  answers a 4-byte status.
+
+:class:`LazyWatch` takes the bytes of each direction as they pass with the
+time they passed, and returns one :class:`Served` per completed answer. A
+stream that breaks these rules raises :class:`LazyProtocolError`, after which
+the watch is dead (the relay goes on: watching is not policing, CRIU checks
+its own input).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Final
+
+from tug.engine.criu.images import PE_PRESENT
+from tug.engine.errors import ProtocolError
+from tug.transports.criu_pageserver import (
+    HEADER,
+    MAX_ENTRY_PAGES,
+    PAGE_SIZE,
+    PS_CMD_BITS,
+    PS_IOV_ADD_F,
+    PS_IOV_CLOSE,
+    PS_IOV_FORCE_CLOSE,
+    PS_IOV_GET,
+)
+
+#: The header of every answer with pages.
+ANSWER_CMD: Final = PS_IOV_ADD_F | PE_PRESENT << PS_CMD_BITS
+#: The status that answers a close.
+STATUS_SIZE: Final = 4
+
+
+class LazyProtocolError(ProtocolError):
+    """The lazy-pages exchange broke CRIU's rules (see module doc)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    nr_pages: int
+    vaddr: int
+    dst_id: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Served:
+    """One request answered: ``pages`` of the ``asked`` arrived after ``latency_s``."""
+
+    asked: int
+    pages: int
+    vaddr: int
+    dst_id: int
+    latency_s: float
+
+    @property
+    def fault(self) -> bool:
+        """CRIU asks for exactly one page when a process faults on it."""
+        return self.asked == 1
+
+
+class LazyWatch:
+    def __init__(self, *, max_pages: int = MAX_ENTRY_PAGES) -> None:
+        self.max_pages = max_pages
+        self._requests = bytearray()
+        self._answers = bytearray()
+        self._pending: collections.deque[Request | None] = collections.deque()  # None: a close
+        self._data_left = 0  # bytes of page data still to come for the head request
+        self._answer: tuple[Request, int] | None = None  # head request and pages it got
+        self._closed = False
+        self._dead: str | None = None
+
+    @property
+    def closed(self) -> bool:
+        """The daemon said goodbye and the dump answered."""
+        return self._closed and not self._pending
+
+    @property
+    def outstanding(self) -> int:
+        """Requests sent and not yet answered."""
+        return len(self._pending)
+
+    def _check(self) -> None:
+        if self._dead is not None:
+            raise LazyProtocolError(f"lazy-pages stream already broken: {self._dead}")
+
+    def _die(self, why: str) -> LazyProtocolError:
+        self._dead = why
+        return LazyProtocolError(why)
+
+    def requests(self, data: bytes | bytearray | memoryview, now: float) -> None:
+        """Bytes from the lazy-pages daemon to the dump."""
+        self._check()
+        self._requests += data
+        while len(self._requests) >= HEADER.size:
+            cmd, nr_pages, vaddr, dst_id = HEADER.unpack_from(self._requests)
+            del self._requests[: HEADER.size]
+            if self._closed:
+                raise self._die("a request after the close")
+            if cmd in (PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE):
+                self._closed = True
+                self._pending.append(None)
+            elif cmd != PS_IOV_GET:
+                raise self._die(f"unexpected command {cmd:#x} from the lazy-pages daemon")
+            elif not 0 < nr_pages <= self.max_pages or vaddr % PAGE_SIZE:
+                raise self._die(f"bad request: {nr_pages} pages at {vaddr:#x}")
+            else:
+                self._pending.append(Request(nr_pages, vaddr, dst_id, now))
+
+    def answers(self, data: bytes | bytearray | memoryview, now: float) -> list[Served]:
+        """Bytes from the dump to the lazy-pages daemon; the answers they complete."""
+        self._check()
+        out: list[Served] = []
+        view = memoryview(data)
+        while view:
+            if self._data_left:
+                n = min(self._data_left, len(view))
+                self._data_left -= n
+                view = view[n:]
+                if not self._data_left:
+                    assert self._answer is not None
+                    req, pages = self._answer
+                    self._answer = None
+                    out.append(Served(asked=req.nr_pages, pages=pages, vaddr=req.vaddr, dst_id=req.dst_id,
+                                      latency_s=now - req.at))
+                continue
+            if not self._pending:
+                raise self._die("an answer nobody asked for")
+            head = self._pending[0]
+            need = STATUS_SIZE if head is None else HEADER.size
+            take = min(need - len(self._answers), len(view))
+            self._answers += view[:take]
+            view = view[take:]
+            if len(self._answers) < need:
+                break
+            self._pending.popleft()
+            if head is None:
+                self._answers.clear()
+                continue
+            cmd, nr_pages, vaddr, dst_id = HEADER.unpack_from(self._answers)
+            self._answers.clear()
+            if cmd != ANSWER_CMD or vaddr != head.vaddr or dst_id != head.dst_id or not 0 < nr_pages <= head.nr_pages:
+                raise self._die(
+                    f"answer {cmd:#x} {nr_pages} pages at {vaddr:#x} for a request of {head.nr_pages} at {head.vaddr:#x}"
+                )
+            self._answer = (head, nr_pages)
+            self._data_left = nr_pages * PAGE_SIZE
+        return out
