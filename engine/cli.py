@@ -75,6 +75,7 @@ def summary(r: MigrationReport) -> str:
         ("strategy", r.strategy + (f" (tracker {r.tracker}, {len(r.rounds)} rounds)" if r.tracker else "")),
         ("outcome", r.outcome),
         ("downtime", f"{r.downtime_ms:.0f} ms (source frozen {r.frozen_ms:.0f} ms)"),
+        *([("commit point", _commit_point(r))] if r.commit_point else []),
         ("total time", f"{r.total_s:.2f} s"),
         ("bytes on the wire", f"{human_bytes(r.bytes_total)} ({human_bytes(r.frozen_bytes)} while frozen)"),
         ("  CRIU images", human_bytes(r.image_bytes)),
@@ -87,6 +88,20 @@ def summary(r: MigrationReport) -> str:
         rows.append(("error", f"[{r.error.phase}] {r.error.message}"))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
+
+
+def _commit_point(r: MigrationReport) -> str:
+    if r.commit_point != "running":
+        return "confirmed (the destination ran with all its memory)"
+    text = "running (memory filled after"
+    text += f": {r.fill_ms:.0f} ms" if r.fill_ms is not None else ""
+    if r.bytes_after_commit is not None:
+        text += f", {human_bytes(r.bytes_after_commit)}"
+    if r.remote_faults is not None:
+        text += f", {r.remote_faults} remote faults"
+        if r.fault_latency_ms:
+            text += f" p50 {r.fault_latency_ms['p50']:.2f} ms p99 {r.fault_latency_ms['p99']:.2f} ms"
+    return text + ")"
 
 
 # ---- migrate --------------------------------------------------------------

@@ -114,6 +114,20 @@ class MigrationReport:
     #: Lazy restore: ms the destination's lazy-pages daemon took, after the
     #: downtime, to fill the container's memory (None: restored eagerly).
     lazy_fill_ms: float | None = None
+    #: Where the source gave up the container: "running" (the destination's
+    #: processes ran before their memory was all there: lazy restores) or
+    #: "confirmed" (they ran with all of it); None if it never got that far.
+    commit_point: str | None = None
+    #: From running to every page in place (the same as lazy_fill_ms).
+    fill_ms: float | None = None
+    #: Post-copy: pages the destination's processes faulted on and fetched
+    #: from the source (one-page requests), and how long each took (p50, p99):
+    #: from the request reaching the source to its last byte leaving it, plus
+    #: the link's round trip measured before the freeze (``link_rtt``).
+    remote_faults: int | None = None
+    fault_latency_ms: dict[str, float] | None = None
+    #: Wire bytes after the destination ran (the fill, the commit).
+    bytes_after_commit: int | None = None
     #: The destination agent's own CPU seconds, its children's (runc, CRIU),
     #: and its peak RSS; None when the migration did not reach commit.
     agent_cpu_s: float | None = None

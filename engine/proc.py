@@ -127,7 +127,7 @@ async def _interrupt_group(proc: asyncio.subprocess.Process, stop: GracefulStop)
                 await proc.wait()
 
 
-async def _stop_group(proc: asyncio.subprocess.Process, stop: GracefulStop | None) -> None:
+async def stop_group(proc: asyncio.subprocess.Process, stop: GracefulStop | None) -> None:
     """End the child's process group (gracefully first if ``stop``), reap the child,
     and wait (bounded) until no member of its group is left.
 
@@ -196,12 +196,12 @@ async def run(
         async with asyncio.timeout(timeout):
             stdout, stderr = await proc.communicate(input)
     except TimeoutError:
-        await asyncio.shield(_stop_group(proc, stop))
+        await asyncio.shield(stop_group(proc, stop))
         raise RuntimeToolError(
             f"{' '.join(argv[:3])} timed out after {timeout:g} s", argv=argv, returncode=None
         ) from None
     except BaseException:
-        await asyncio.shield(_stop_group(proc, stop))
+        await asyncio.shield(stop_group(proc, stop))
         raise
     result = Completed(argv=tuple(argv), returncode=proc.returncode or 0, stdout=stdout or b"", stderr=stderr or b"")
     if check and result.returncode != 0:

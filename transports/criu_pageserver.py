@@ -52,8 +52,8 @@ import struct
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
-from tug.engine.errors import ProtocolError
 from tug.engine.criu.images import PE_PARENT, PE_PRESENT  # CRIU's pagemap flags: defined once
+from tug.engine.errors import ProtocolError
 
 PAGE_SIZE: Final = 4096
 #: ``struct page_server_iov`` in host byte order (x86-64/arm64: little-endian), natural padding.

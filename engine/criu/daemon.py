@@ -69,7 +69,7 @@ class CriuDaemon:
         self._reaper = asyncio.create_task(self._reap(), name=f"tug-criu-{self._proc.pid}")
         try:
             async with asyncio.timeout(timeout):
-                ready = await _read_status(r)
+                ready = await read_status(r)
         except TimeoutError:
             await asyncio.shield(self.kill())
             raise self.failure(f"was not ready within {timeout:g} s") from None
@@ -142,7 +142,7 @@ class CriuDaemon:
         )
 
 
-async def _read_status(fd: int) -> bytes:
+async def read_status(fd: int) -> bytes:
     """Read CRIU's one ready byte from the status pipe (b"" if CRIU died first)."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()

@@ -102,6 +102,10 @@ class Agent(StagingCalls, RestoreCalls):
             "lazy_restore": await criu.has_feature("uffd-noncoop"),
         }
 
+    async def call_ping(self) -> dict[str, Any]:
+        """Nothing: the source times the round trip (post-copy's fault latency includes one)."""
+        return {}
+
     async def call_abort(self, container: str) -> dict[str, Any]:
         """Roll back what did not run; keep what ran (the one-copy rule).
 
@@ -254,19 +258,52 @@ class Agent(StagingCalls, RestoreCalls):
             try:
                 await inc.lazy.settle(KEEP_SETTLE_TIMEOUT)
             except MigrationError as exc:
+                if inc.lazy.remote:
+                    # Post-copy without its source: the missing memory exists
+                    # only in the frozen source now. Frozen, never running
+                    # with holes; tug recover on the source undoes it.
+                    log.error("copy of %s lost its source mid-fill (%s): frozen with part of its memory; "
+                              "'tug recover %s --to URL' on the source undoes the migration", inc.name, exc, inc.name)
+                    inc.broken = True
+                    await self._freeze_broken(inc)
+                    return
                 log.error("kept copy of %s could not get its memory (%s): removing it", inc.name, exc)
                 inc.broken = True
                 await self._kill_restored(inc)
                 await self._cleanup(inc)
                 return
+        await self._let_go(inc, KEPT)
+
+    async def _let_go(self, inc: Incoming, marker: str) -> None:
+        """Stop guarding a copy that stays here (its daemons, store and work dir go; ``marker`` says why)."""
         self.incoming.pop(inc.name, None)
         await stop_criu_daemons(inc)
         if inc.store is not None:
             inc.store.close()
         if inc.endpoint is not None:
             await inc.endpoint.close()
-        (inc.bundle / INCOMING_MARKER).write_text(f"{KEPT}\n")
+        (inc.bundle / INCOMING_MARKER).write_text(f"{marker}\n")
         remove_tree(inc.work)
+
+
+    async def _freeze_broken(self, inc: Incoming) -> None:
+        """Freeze a copy that ran and cannot get the rest of its memory; keep it for tug recover.
+
+        A thread waiting on a missing page inside a system call cannot always
+        be frozen (the cgroup v1 freezer gives up on it): then the copy is
+        killed instead. Never is it left to run, which it would once the
+        held userfaultfds close, on zero pages.
+        """
+        if inc.endpoint is not None:
+            await inc.endpoint.cut_off()
+        try:
+            await self.runc.pause(inc.name)
+        except MigrationError as exc:
+            log.error("could not freeze %s (%s): killing it instead", inc.name, exc)
+            await self._kill_restored(inc)
+        if inc.lazy is not None:
+            self._keep_log(inc, inc.lazy.log.name)
+        await self._let_go(inc, "frozen: lost its source mid-fill")
 
 
 class _PipeStream:

@@ -16,6 +16,7 @@ import resource
 import time
 from typing import Any
 
+from tug.engine.criu.uncork import peer_is_criu
 from tug.engine.destination.incoming import (
     INCOMING_MARKER,
     AgentState,
@@ -26,6 +27,7 @@ from tug.engine.destination.lazypages import LazyPages
 from tug.engine.destination.leftovers import kill_cgroup_of
 from tug.engine.errors import CriuError, MigrationError, ProtocolError, RanThenFailed
 from tug.engine.fsutil import remove_tree
+from tug.transports.forward import LOOPBACK
 
 log = logging.getLogger("tug.agent")
 
@@ -40,6 +42,7 @@ class RestoreCalls(AgentState):
         rebuild_pages: bool = False,
         frames: list[bytes] | None = None,
         lazy: bool = False,
+        lazy_source_port: int | None = None,
     ) -> dict[str, Any]:
         """Restore; ``frames`` were held by the source's network lock, to be
         delivered once the restored sockets exist (see runtime.netlock).
@@ -50,7 +53,7 @@ class RestoreCalls(AgentState):
             raise ProtocolError(f"{container!r} is being or was restored already")
         inc.restoring = asyncio.current_task()
         try:
-            return await self._restore(inc, tcp_close, rebuild_pages, frames, lazy)
+            return await self._restore(inc, tcp_close, rebuild_pages, frames, lazy, lazy_source_port)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -68,7 +71,8 @@ class RestoreCalls(AgentState):
             inc.restoring = None
 
     async def _restore(
-        self, inc: Incoming, tcp_close: bool, rebuild_pages: bool, frames: list[bytes] | None, lazy: bool
+        self, inc: Incoming, tcp_close: bool, rebuild_pages: bool, frames: list[bytes] | None, lazy: bool,
+        lazy_source_port: int | None,
     ) -> dict[str, Any]:
         container = inc.name
         if tcp_close:
@@ -89,20 +93,26 @@ class RestoreCalls(AgentState):
         # page it finds in a parent is read but never handed to the faulting
         # process: the restore hangs), so a chained page store restores eagerly.
         chained = (inc.images / "parent").is_symlink()
+        if lazy_source_port is not None and (not lazy or chained or not 0 < lazy_source_port < 65536):
+            raise ProtocolError(f"a post-copy restore of {container!r} needs a lazy restore of unchained images")
         lazy = lazy and not chained
         inc.stats["lazy"] = int(lazy)
         if lazy:
-            inc.lazy = LazyPages(inc.images, inc.criu_work)
+            inc.lazy = LazyPages(inc.images, inc.criu_work, remote_port=lazy_source_port)
             await inc.lazy.start()
         try:
-            await self.runc.restore_detached(
+            restoring = self.runc.restore_detached(
                 container, bundle=inc.bundle, image_dir=inc.images, work_dir=inc.criu_work,
                 tcp_established=not tcp_close, lazy_pages=lazy,
             )
+            # A daemon that dies once the processes run must not leave zero pages behind (lazypages.py).
+            await (inc.lazy.holding(restoring) if inc.lazy is not None else restoring)
         except CriuError as exc:
             exc.log_path = self._keep_log(inc, "restore.log") or exc.log_path
             raise
         inc.restored = True
+        if inc.lazy is not None:
+            inc.stats["uffds_held"] = len(inc.lazy.held)
         if inc.endpoint is not None:
             staged, inc.staged_frames = inc.staged_frames, []
             inc.stats.update(await inc.endpoint.after_restore(staged + list(frames or ())))
@@ -135,6 +145,19 @@ class RestoreCalls(AgentState):
             await self._kill_restored(inc)
             raise
         return {"lazy_ms": (time.monotonic() - t0) * 1000}
+
+    async def call_admit_lazy_peer(self, container: str, port: int, peer_port: int) -> dict[str, Any]:
+        """Post-copy: may the process at ``127.0.0.1:peer_port`` here fetch the frozen memory?
+
+        The source's reverse forward listens on ``127.0.0.1:port`` of this
+        host (sshd holds it), where any local process could connect: only
+        root's CRIU (our lazy-pages daemon) is admitted.
+        """
+        inc = self._get(container)
+        if inc.lazy is None or not inc.lazy.remote:
+            return {"refused": f"no post-copy restore of {container!r} is waiting for its memory"}
+        why = await asyncio.to_thread(peer_is_criu, (LOOPBACK, port), (LOOPBACK, peer_port))
+        return {"refused": why}
 
     async def call_stage_frames(self, container: str, frames: list[bytes]) -> dict[str, Any]:
         """Held frames sent ahead of a restore whose call cannot carry them all."""

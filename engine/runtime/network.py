@@ -335,6 +335,21 @@ def _in_netns(netns_path: Path, fn: Callable[[], T]) -> T:
     return result[0]
 
 
+def connect_in_netns(netns_path: Path, port: int, timeout: float = 10.0) -> socket.socket:
+    """A TCP socket connected to ``127.0.0.1:port`` inside ``netns_path``.
+
+    The socket is made by a thread that entered the namespace, and stays in
+    it: this process can use it while living elsewhere. Blocking.
+    """
+
+    def connect() -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        s.setblocking(False)
+        return s
+
+    return _in_netns(netns_path, connect)
+
+
 def netns_path_in_spec(spec: dict[str, Any]) -> str | None:
     """The network namespace path a runc config joins, if any."""
     for ns in spec.get("linux", {}).get("namespaces", []) or []:

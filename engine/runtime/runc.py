@@ -145,11 +145,15 @@ class Runc:
         tcp_established: bool = False,
         page_server: str | None = None,
         parent_path: str | None = None,
+        lazy_status_fd: int | None = None,
     ) -> list[str]:
         """``runc checkpoint`` for a frozen final dump or a pre-dump (pure).
 
         A pre-dump never stops the container and dumps no sockets, so it gets
-        neither ``--leave-running`` nor ``--tcp-established``.
+        neither ``--leave-running`` nor ``--tcp-established``. With
+        ``lazy_status_fd`` the dump is lazy: CRIU keeps the memory in the frozen
+        processes and serves it on ``page_server`` (it listens there), saying
+        on that fd when it is ready (see source/lazydump.py).
         """
         if parent_path is not None and (parent_path.startswith("/") or not parent_path):
             raise ConfigError(f"--parent-path must be relative to the image dir, got {parent_path!r}")
@@ -161,6 +165,8 @@ class Runc:
             argv += ["--page-server", page_server]
         if parent_path is not None:
             argv += ["--parent-path", parent_path]
+        if lazy_status_fd is not None:
+            argv += ["--lazy-pages", "--status-fd", str(lazy_status_fd)]
         argv.append(name)
         return argv
 

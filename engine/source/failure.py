@@ -25,6 +25,7 @@ from tug.engine.source.rollback import (
     abort_destination,
     frozen_message,
     may_resume_source,
+    refreeze_source,
     resume_source,
     sweep_destination,
 )
@@ -58,6 +59,7 @@ class FailureHandling:
     work: Path
     dest: Destination
     paused: bool
+    lazy: bool
     changed: bool
     left_frozen: bool
     stream_dump: bool
@@ -83,6 +85,7 @@ class FailureHandling:
             outcome=outcome, phases=self.machine.durations(), bytes_total=self.wire_bytes(),
             rounds=self.strategy.events, tracker=self.strategy.tracker, dump_streamed=self.stream_dump,
             page_server_bytes=self.final_ps.wire_bytes if self.final_ps is not None else 0, exc=exc, phase=phase,
+            commit_point=None if self.tally.running_at is None else ("running" if self.lazy else "confirmed"),
         )
 
     async def _fail(self, exc: BaseException) -> MigrationReport:
@@ -106,6 +109,12 @@ class FailureHandling:
     async def _undo(self) -> str:
         """Apply the one-copy rule (source/rollback.py); returns the outcome."""
         returned: list[bytes] | None = None
+        if self.paused and self.strategy.dump_keeps_serving:
+            # First: a dump still serving memory holds the processes itself,
+            # with the freezer thawed. Ended, CRIU re-freezes them; if it died
+            # instead, they would run: freeze them again.
+            await self.strategy.release_source()
+            await refreeze_source(self.runc, self.name, self.note)
         if self.dest is Destination.UNKNOWN:
             # The agent cancels a restore still running and says whether the copy ran.
             said, returned = await self._abort()

@@ -191,7 +191,7 @@ class Migration(FailureHandling):
         network = self.endpoint.to_dict() if self.endpoint is not None else None
         pre = await preflight_destination(self.s, self.name, str(version), network)
         lazy_possible = self.opts.lazy_restore and bool(pre.get("lazy_restore"))
-        self.lazy = self.strategy.restore_mode(lazy_possible) is RestoreMode.LAZY_LOCAL
+        self.lazy = self.strategy.restore_mode(lazy_possible) in (RestoreMode.LAZY_LOCAL, RestoreMode.LAZY_REMOTE)
         if self.opts.lazy_restore and not self.lazy:
             self.note(f"{self.target.host} has no userfaultfd (see tug doctor): its restore loads all memory first")
         self.changed = True
@@ -246,7 +246,9 @@ class Migration(FailureHandling):
         self.tally.timings["pause_ms"] = (t_dump - self.tally.frozen_at) * 1000
         self.tally.timings["dump_ms"] = (time.monotonic() - t_dump) * 1000
         st = await self.runc.require(self.name)
-        if st.status != "paused":
+        # A dump that goes on serving the memory holds the processes stopped
+        # itself (the freezer is thawed meanwhile), until it ends.
+        if st.status != "paused" and not self.strategy.dump_keeps_serving:
             raise MigrationError(f"container {self.name!r} is {st.status} after checkpoint; expected paused")
 
     async def _start_final_page_server(self, parent: str | None) -> None:
@@ -296,6 +298,7 @@ class Migration(FailureHandling):
                 rebuild_pages=self.rebuild_pages,
                 frames=last,
                 lazy=self.lazy,
+                **await self.strategy.restore_args(),
             )
         except RanThenFailed:
             self.dest = Destination.RAN
@@ -308,6 +311,7 @@ class Migration(FailureHandling):
             raise
         self.dest = Destination.RAN
         self.tally.running_at = time.monotonic()
+        self.tally.wire_at_running = self.wire_bytes()
         self.tally.frozen_bytes = self.wire_bytes() - self.tally.frozen_sent_at_freeze
         if self.net is not None:
 
@@ -330,7 +334,17 @@ class Migration(FailureHandling):
             # for that, so a failure here still resumes the source.
             settled = await self.s.call("settle", container=self.name, timeout=self.opts.timeout(Phase.RESTORE.value) + 30)
             self.tally.lazy_fill_ms = float(settled.get("lazy_ms", 0.0))
+            self.tally.fill = self.strategy.fill_stats()
             self.note(f"memory filled in place on {self.target.host} in {self.tally.lazy_fill_ms:.0f} ms")
+            if self.strategy.dump_keeps_serving:
+                try:
+                    await self.strategy.after_fill()
+                except MigrationError as exc:
+                    # The destination has every page: a late error here
+                    # changes nothing there. The source stays frozen.
+                    self.note(f"the source's dump ended badly after the fill: {exc}", "warning")
+                    await self.strategy.release_source()
+        self.tally.bytes_after_commit = self.wire_bytes() - self.tally.wire_at_running
 
     async def _commit(self) -> None:
         ack = await self.s.call("commit", container=self.name)

@@ -39,6 +39,7 @@ from tug.engine.runtime import network as netif
 from tug.engine.runtime.endpoint import SourceEndpoint
 from tug.engine.runtime.runc import Runc
 from tug.engine.source.container import open_session, retire_source
+from tug.engine.source.lazydump import release_from_dump
 from tug.transports import protocol as p
 from tug.transports.ssh import parse_url
 
@@ -73,6 +74,10 @@ async def recover(container: str, destination: str, *, options: MigrationOptions
         notes.append(f"{target.host}: {ev.message}")
 
     src = await runc.state(container)
+    if src is not None and src.status == "running" and await release_from_dump(src.pid):
+        # A killed tug's lazy dump was still holding it (runc said running).
+        notes.append(f"stopped the CRIU dump that still held {container!r} (its processes are frozen again)")
+        src = await runc.state(container)
     source = src.status if src is not None else None
     agent, session, _peer = await open_session(target, opts, host, info={"recover": True}, on_notice=ignore_notice)
     try:

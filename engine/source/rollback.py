@@ -61,6 +61,14 @@ async def resume_source(runc: Runc, name: str) -> None:
         await runc.resume(name)
 
 
+async def refreeze_source(runc: Runc, name: str, note: Callable[[str, str], None]) -> None:
+    """Make sure the source is frozen by its freezer (after a dump that held it itself)."""
+    st = await runc.state(name)
+    if st is not None and st.status == "running":
+        await runc.pause(name)
+        note(f"source container {name!r} was released by its dump and ran: frozen again", "warning")
+
+
 async def abort_destination(
     session: Session | None, name: str, host: str, note: Callable[[str, str], None], *, timeout: float = ABORT_TIMEOUT
 ) -> tuple[Destination | None, list[bytes]]:

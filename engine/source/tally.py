@@ -34,6 +34,11 @@ class Tally:
     held_frames: dict[str, int] = field(default_factory=dict)
     lazy_fill_ms: float | None = None
     agent_usage: dict[str, float] = field(default_factory=dict)
+    #: Wire bytes when the destination answered running, and those moved after it.
+    wire_at_running: int = 0
+    bytes_after_commit: int | None = None
+    #: What the fill after the commit point cost (the strategy's fill_stats).
+    fill: dict[str, Any] = field(default_factory=dict)
 
     def report(
         self,
@@ -51,6 +56,7 @@ class Tally:
         page_server_bytes: int,
         exc: BaseException | None = None,
         phase: str = "",
+        commit_point: str | None = None,
     ) -> MigrationReport:
         now = time.monotonic()
         downtime = 0.0
@@ -80,6 +86,11 @@ class Tally:
             frozen_steps_ms=dict(self.timings),
             held_frames=dict(self.held_frames),
             lazy_fill_ms=self.lazy_fill_ms,
+            commit_point=commit_point,
+            fill_ms=self.lazy_fill_ms,
+            remote_faults=self.fill.get("remote_faults"),
+            fault_latency_ms=self.fill.get("fault_latency_ms"),
+            bytes_after_commit=self.bytes_after_commit,
             agent_cpu_s=self.agent_usage.get("cpu_s"),
             agent_children_cpu_s=self.agent_usage.get("children_cpu_s"),
             agent_max_rss_kib=self.agent_usage.get("max_rss_kib"),

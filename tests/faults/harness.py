@@ -247,8 +247,33 @@ def kill_lazy_pages_once_running(lab: Lab, host: str, name: str) -> Watcher:
     fails after they ran.
     """
 
-    def restored(pid: int) -> bool:
-        restoring = find(lambda p, cmd: Path(cmd[0]).name == "runc" and "restore" in cmd and _env(p).get("TUG_HOST") == host)
-        return not restoring and lab.state(host, name) is not None
+    return Watcher(lambda: criu_daemons(host, "lazy-pages"), lambda pid: restored_on(lab, host, name))
 
-    return Watcher(lambda: criu_daemons(host, "lazy-pages"), restored)
+
+def restored_on(lab: Lab, host: str, name: str) -> bool:
+    """``runc restore`` of ``name`` on ``host`` is over and runc knows the container: its processes ran."""
+    restoring = find(lambda p, cmd: Path(cmd[0]).name == "runc" and "restore" in cmd and _env(p).get("TUG_HOST") == host)
+    return not restoring and lab.state(host, name) is not None
+
+
+def sshd_sessions_of(pids: list[int]) -> list[int]:
+    """The sshd processes whose children ``pids`` are (killing them cuts the link)."""
+    out = []
+    for pid in pids:
+        try:
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            if "sshd" in Path(f"/proc/{ppid}/comm").read_text():
+                out.append(ppid)
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def cut_link_once_running(lab: Lab, host: str, name: str) -> Watcher:
+    """Kill the SSH session carrying ``host``'s agent once the restored container ran there."""
+    return Watcher(lambda: sshd_sessions_of(agent_pids(host)), lambda pid: restored_on(lab, host, name))
+
+
+def runc_checkpoints() -> list[int]:
+    """Any ``runc checkpoint`` still running (a lazy dump outlives its phase; none may outlive a migration)."""
+    return find(lambda pid, cmd: bool(cmd) and Path(cmd[0]).name == "runc" and "checkpoint" in cmd)

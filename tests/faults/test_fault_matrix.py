@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from ..e2e.conftest import Lab, on, tug
-from .harness import agent_pids, criu_pids, running_copies, signal_all, start_migrate
+from .harness import agent_pids, criu_pids, runc_checkpoints, running_copies, signal_all, sshd_sessions_of, start_migrate
 
 pytestmark = pytest.mark.e2e
 
@@ -42,7 +42,7 @@ _names = itertools.count(1)
 #: strategy/phase/fault -> outcome, written to build/fault-matrix.json for the README.
 OUTCOMES: dict[str, str] = {}
 
-STRATEGIES = ["stop-copy", "precopy"]
+STRATEGIES = ["stop-copy", "precopy", "postcopy"]
 PHASES = ["pre-checkpoint", "precopy", "checkpoint", "transfer", "restore"]
 FAULTS = ["agent-kill", "link-drop", "agent-stop", "criu-kill", "sigterm", "migrate-kill"]
 
@@ -51,8 +51,8 @@ def _cases() -> Iterator[tuple[str, str, str]]:
     for strategy, phase, fault in itertools.product(STRATEGIES, PHASES, FAULTS):
         if phase == "precopy" and strategy != "precopy":
             continue
-        if fault == "criu-kill" and phase in ("pre-checkpoint", "transfer"):
-            continue  # no CRIU runs then (the page servers of a streamed dump are covered in checkpoint)
+        if fault == "criu-kill" and (phase == "pre-checkpoint" or (phase == "transfer" and strategy != "postcopy")):
+            continue  # no CRIU runs then (but post-copy's lazy dump serves from checkpoint to the end of the fill)
         yield strategy, phase, fault
 
 
@@ -76,24 +76,12 @@ def _poll(find_pids: Callable[[], list[int]], timeout: float = 10.0) -> list[int
     return []
 
 
-def _sshd_sessions(agents: list[int]) -> list[int]:
-    out = []
-    for pid in agents:
-        try:
-            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            if "sshd" in Path(f"/proc/{ppid}/comm").read_text():
-                out.append(ppid)
-        except (OSError, IndexError, ValueError):
-            continue
-    return out
-
-
 def _inject(fault: str, phase: str, run_pid: int) -> tuple[str, bool]:
     """Break something real; returns what was done and whether it was."""
     if fault in ("agent-kill", "agent-stop", "link-drop"):
         agents = _poll(lambda: agent_pids("b"))
         if fault == "link-drop":
-            n = signal_all(_sshd_sessions(agents), signal.SIGKILL)
+            n = signal_all(sshd_sessions_of(agents), signal.SIGKILL)
             return f"SIGKILL sshd session x{n}", n > 0
         sig = signal.SIGKILL if fault == "agent-kill" else signal.SIGSTOP
         n = signal_all(agents, sig)
@@ -172,6 +160,7 @@ def test_fault(lab: Lab, victim: str, strategy: str, phase: str, fault: str) -> 
     assert _settled(lambda: lab.leftovers(other, victim) == []), f"leftovers on {other}: {lab.leftovers(other, victim)}\n{where}"
     assert _settled(lambda: not agent_pids("b")), f"agents left: {agent_pids('b')}\n{where}"
     assert _settled(lambda: not criu_pids("a") and not criu_pids("b")), f"CRIU left: {criu_pids('a')} {criu_pids('b')}\n{where}"
+    assert _settled(lambda: not runc_checkpoints()), f"runc checkpoint left: {runc_checkpoints()}\n{where}"
 
 
 def _settled(pred: Callable[[], bool], timeout: float = 15.0) -> bool:

@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING
 
 from tug.engine.errors import ConfigError
 from tug.engine.source.strategies.base import RestoreMode, Strategy
+from tug.engine.source.strategies.postcopy import Postcopy
 from tug.engine.source.strategies.precopy import Precopy
 from tug.engine.source.strategies.stopcopy import StopCopy
 
 if TYPE_CHECKING:
     from tug.engine.options import MigrationOptions
 
-REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (StopCopy, Precopy)}
+REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (StopCopy, Precopy, Postcopy)}
 
 
 def create(opts: MigrationOptions) -> Strategy:

@@ -12,7 +12,12 @@ strategy by name:
   (:meth:`Strategy.prepare_final`, :meth:`Strategy.final_dump`)?
 - after it: which pages images does the destination rebuild itself
   (:meth:`Strategy.rebuilt_pages`), and how does it restore
-  (:meth:`Strategy.restore_mode`)?
+  (:meth:`Strategy.restore_mode`, :meth:`Strategy.restore_args`)?
+- does something on the source still serve the frozen memory after the dump
+  (:attr:`Strategy.dump_keeps_serving`)? Then :meth:`Strategy.after_fill`
+  ends it once the destination holds every page, and
+  :meth:`Strategy.release_source` on any failure, before the driver decides
+  whether the source resumes.
 
 A strategy lives in three steps: constructed from the options (bad input is a
 :class:`ConfigError` before anything happens), :meth:`Strategy.preflight`
@@ -25,7 +30,7 @@ from __future__ import annotations
 import abc
 import enum
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from tug.engine.events import RoundCompleted
 from tug.engine.source.context import DumpFn, SourceContext
@@ -40,6 +45,9 @@ class RestoreMode(enum.Enum):
     #: The processes run first; a local lazy-pages daemon fills their memory
     #: from the images already on the destination.
     LAZY_LOCAL = "lazy-local"
+    #: The processes run first; the destination's lazy-pages daemon fetches
+    #: their memory from the frozen source (post-copy).
+    LAZY_REMOTE = "lazy-remote"
 
 
 class Strategy(abc.ABC):
@@ -47,6 +55,9 @@ class Strategy(abc.ABC):
     name: ClassVar[str]
     #: Whether the PRECOPY phase runs (rounds while the container runs).
     has_rounds: ClassVar[bool] = False
+    #: Whether the frozen dump goes on serving the container's memory after it
+    #: returns (CRIU then holds the processes stopped, not the freezer).
+    dump_keeps_serving: ClassVar[bool] = False
 
     def __init__(self, opts: MigrationOptions) -> None:
         self.opts = opts
@@ -106,6 +117,20 @@ class Strategy(abc.ABC):
     def restore_mode(self, lazy_possible: bool) -> RestoreMode:
         """How the destination restores (``lazy_possible``: its userfaultfd)."""
         return RestoreMode.LAZY_LOCAL if lazy_possible else RestoreMode.EAGER
+
+    async def restore_args(self) -> dict[str, Any]:
+        """Extra arguments of the agent's ``restore`` call."""
+        return {}
+
+    async def after_fill(self) -> None:
+        """The destination holds every page: whatever still serves them here ends."""
+
+    async def release_source(self) -> None:
+        """A failure: the source's processes go back under its freezer (idempotent)."""
+
+    def fill_stats(self) -> dict[str, Any]:
+        """What the fill after the commit point cost (for the report)."""
+        return {}
 
     def close(self) -> None:
         """Release what the strategy holds (idempotent; always called)."""

@@ -1,0 +1,180 @@
+"""The source's lazy dump: CRIU keeps the frozen container's memory and serves it.
+
+``runc checkpoint --lazy-pages`` dumps everything but the memory, then CRIU
+stays, holding the container's processes stopped (ptrace; the cgroup freezer
+is thawed meanwhile), and serves their pages to whichever ``criu lazy-pages``
+daemon connects to its page-server address, until that daemon says it has
+them all. Then CRIU lets go: with ``--leave-running`` on a paused container it
+puts the freezer back to FROZEN, so the source stays frozen (see runc.py), as
+the commit point wants: after the destination ran, the source never resumes.
+
+Two things here are not CRIU's defaults, for safety:
+
+- CRIU's lazy server listens on 0.0.0.0 whatever address it is given
+  (measured: runc 1.1.5, CRIU 4.2.1), so anyone who can reach the host could
+  read the frozen container's memory. runc and CRIU run here in a network
+  namespace of their own that holds only loopback; tug connects into it
+  from a thread that entered it (runtime/network.py ``connect_in_netns``),
+  and the only way in from the destination is tug's vetted reverse forward.
+- CRIU is never SIGKILLed while it serves: that would release the processes
+  while the freezer is thawed (a second running copy). It is stopped the way
+  CRIU supports (SIGALRM, criu/tool.py ``DUMP_STOP``), which re-freezes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from pathlib import Path
+
+from tug.engine import proc
+from tug.engine.criu.daemon import read_status
+from tug.engine.criu.tool import DUMP_STOP, error_lines_from_text, log_error_lines, runs_criu
+from tug.engine.errors import CriuError
+from tug.engine.runtime.network import connect_in_netns
+from tug.engine.runtime.runc import Runc
+
+#: Where CRIU listens inside the dump's private network namespace (nothing else lives there).
+LAZY_PORT = 27182
+#: The shell step that gives the namespace a working loopback before runc starts.
+_LO_UP = 'ip link set lo up && exec "$@"'
+
+
+def lazy_dump_argv(runc_argv: list[str]) -> list[str]:
+    """``runc checkpoint --lazy-pages`` in a fresh network namespace (pure, for tests)."""
+    return ["unshare", "--net", "--", "sh", "-c", _LO_UP, "tug-lazy-dump", *runc_argv]
+
+
+class LazyDump:
+    def __init__(self, runc: Runc, name: str, *, image_dir: Path, work_dir: Path) -> None:
+        self.runc = runc
+        self.name = name
+        self.image_dir = image_dir
+        self.work_dir = work_dir
+        self.log = work_dir / "dump.log"
+        self.argv: list[str] = []
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reaper: asyncio.Task[tuple[bytes, bytes]] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    @property
+    def netns(self) -> Path:
+        """The dump's private network namespace (valid while it runs)."""
+        assert self._proc is not None
+        return Path(f"/proc/{self._proc.pid}/ns/net")
+
+    async def start(self, timeout: float) -> None:
+        """Dump; return once CRIU serves the memory (raises CriuError if it never does)."""
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        r, w = os.pipe()
+        runc_argv = self.runc.checkpoint_argv(
+            self.name, image_dir=self.image_dir, work_dir=self.work_dir, tcp_established=True,
+            page_server=f"127.0.0.1:{LAZY_PORT}", lazy_status_fd=w,
+        )  # fmt: skip
+        self.argv = lazy_dump_argv(runc_argv)
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=(w,),
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        self._reaper = asyncio.create_task(self._proc.communicate(), name=f"tug-lazy-dump-{self._proc.pid}")
+        try:
+            async with asyncio.timeout(timeout):
+                ready = await read_status(r)
+        except BaseException:
+            await asyncio.shield(self.stop())
+            raise
+        if ready != b"\0":
+            await asyncio.shield(self._reaper)
+            raise self._failure("did not start serving")
+
+    async def connect(self) -> socket.socket:
+        """A socket connected to CRIU's lazy server (for the reverse forward)."""
+        return await asyncio.to_thread(connect_in_netns, self.netns, LAZY_PORT)
+
+    async def finish(self, timeout: float) -> None:
+        """The destination has every page: CRIU ends on its own (raises CriuError if it fails)."""
+        if self._reaper is None:
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._reaper)
+        except TimeoutError:
+            await asyncio.shield(self.stop())
+            raise self._failure(f"was still serving {timeout:g} s after the destination had every page") from None
+        assert self._proc is not None
+        if self._proc.returncode != 0:
+            raise self._failure(f"exited with {self._proc.returncode}")
+
+    async def stop(self) -> None:
+        """End it gracefully (CRIU re-freezes the processes), then reap it. Idempotent."""
+        if self._proc is None:
+            return
+        if self._proc.returncode is None:
+            await proc.stop_group(self._proc, DUMP_STOP)
+        if self._reaper is not None:
+            await asyncio.shield(asyncio.wait({self._reaper}))
+
+    def _failure(self, what: str) -> CriuError:
+        err = b""
+        if self._reaper is not None and self._reaper.done() and not self._reaper.cancelled():
+            _, err = self._reaper.result()
+        stderr = (err or b"").decode(errors="replace")
+        lines = log_error_lines(self.log) or error_lines_from_text(stderr) or stderr.splitlines()[-1:]
+        return CriuError(
+            f"the lazy dump of {self.name} {what}",
+            argv=self.argv,
+            returncode=self._proc.returncode if self._proc is not None else None,
+            stderr=stderr,
+            log_path=self.log if self.log.exists() else None,
+            error_lines=lines,
+        )
+
+
+async def release_from_dump(init_pid: int, grace: float = DUMP_STOP.grace) -> bool:
+    """Stop a CRIU still holding the container whose init is ``init_pid`` (ptrace).
+
+    A ``tug migrate`` killed while its lazy dump served leaves runc and CRIU
+    behind, the processes stopped under ptrace and the freezer thawed (runc
+    says "running"). SIGALRM is how CRIU stops cleanly: it re-freezes them.
+    Returns whether there was one. Only a CRIU binary tracer is signalled.
+    """
+    tracer = _tracer_of(init_pid)
+    if tracer is None or not runs_criu(tracer):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(tracer, signal.SIGALRM)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while loop.time() < deadline and _tracer_of(init_pid) == tracer:
+        await asyncio.sleep(0.05)
+    if _tracer_of(init_pid) == tracer:
+        raise CriuError(f"CRIU (pid {tracer}) still holds the container's processes {grace:g} s after SIGALRM")
+    return True
+
+
+def _tracer_of(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("TracerPid:"):
+                tracer = int(line.split()[1])
+                return tracer or None
+    except (OSError, ValueError):
+        return None
+    return None
