@@ -113,7 +113,7 @@ class PagesSink:
             self.store.write(pid, vaddr, piece)
 
     async def close(self, meta: dict[str, Any]) -> None:
-        self.decoder.finish()
+        self.decoder.close(meta)
 
     async def abort(self, reason: str) -> None:
         pass
