@@ -23,8 +23,9 @@ import msgpack
 
 from tug.engine.errors import ProtocolError
 
-#: 2: page runs carry a digest (tug.engine.pagestream): stream payloads a
-#: version-1 peer would misread, so the handshake refuses the mix.
+#: 2: file records end with a digest trailer and page runs carry a digest
+#: (tug.engine.records, tug.engine.pagestream): stream payloads a version-1
+#: peer would misread, so the handshake refuses the mix.
 PROTOCOL_VERSION: Final[int] = 2
 MAX_FRAME_DEFAULT: Final[int] = 16 * 1024 * 1024
 

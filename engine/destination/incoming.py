@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tug.engine import rootfs
+from tug.engine import records, rootfs
 from tug.engine.criu.pageserver import PageServer
 from tug.engine.destination.lazypages import LazyPages
 from tug.engine.destination.pagestore import PageStore
@@ -78,20 +78,24 @@ class Incoming:
 
 
 class RecordSink:
-    """Receives a rootfs or images record stream into a directory."""
+    """Receives a rootfs or images record stream into a directory (records.py)."""
 
-    def __init__(self, root: Path, on_done: Any = None) -> None:
-        self.decoder = rootfs.RecordDecoder()
-        self.writer = rootfs.FileWriter(root)
+    def __init__(self, kind: str, root: Path, on_done: Any = None) -> None:
+        what = "image file" if kind == "images" else f"{kind} file"
+        self.decoder = records.RecordDecoder(what)
+        self.writer = rootfs.FileWriter(root, what)
         self.on_done = on_done
 
     async def write(self, data: bytes) -> None:
-        for entry, chunk, last in self.decoder.feed(data):
-            self.writer.write(entry, chunk, last)
+        for entry, chunk, end in self.decoder.feed(data):
+            if end is None:
+                self.writer.write(entry, chunk)
+            else:
+                self.writer.end(entry, keep=end is records.End.INTACT)
 
     async def close(self, meta: dict[str, Any]) -> None:
         try:
-            self.decoder.finish()
+            self.decoder.close(meta)
         finally:
             self.writer.close()
         if self.on_done is not None:
