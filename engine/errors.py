@@ -163,6 +163,32 @@ def _strip_stamp(line: str) -> str:
     return line
 
 
+class IntegrityError(MigrationError):
+    """Bytes that crossed from the source are not the bytes the source sent.
+
+    A rootfs file, an image file or a page run whose digest (see
+    :mod:`tug.engine.integrity`) or size differs between what the source read
+    and sent and what the destination received and wrote. Raised before the
+    restore uses them, so the failure rolls back like any other before the
+    commit point and the source resumes. ``subject`` names the file or the
+    page run (pid, vaddr); ``check`` is what differed (``crc32``, ``size``,
+    ``mtime_ns``), with the ``expected`` and ``got`` values.
+    """
+
+    kind = "integrity"
+
+    def __init__(self, message: str, *, subject: str = "", check: str = "", expected: int = 0, got: int = 0) -> None:
+        super().__init__(message)
+        self.subject = subject
+        self.check = check
+        self.expected = expected
+        self.got = got
+
+    def details(self) -> dict[str, object]:
+        """The structured fields, for the wire (the session rebuilds the error from them)."""
+        return {"subject": self.subject, "check": self.check, "expected": self.expected, "got": self.got}
+
+
 class ImageFormatError(MigrationError):
     """A CRIU image file is malformed or uses a layout tug does not read or write."""
 

@@ -6,9 +6,9 @@ The second pass is what makes restore safe: CRIU reopens the container's open
 files by path and checks their size, so the destination must hold exactly the
 frozen source's files.
 
-The comparison (:func:`plan`) and the file record framing
-(:class:`RecordDecoder`) are pure; scanning and applying are thin I/O around
-them.
+The comparison (:func:`plan`) is pure, as is the framing of the file
+records that carry contents (:mod:`tug.engine.records`, each with its
+digest); scanning and applying are thin I/O around them.
 """
 
 from __future__ import annotations
@@ -16,15 +16,11 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgpack
-
-from tug.engine import safefs
+from tug.engine import integrity, safefs
 from tug.engine.errors import ProtocolError, UnsafePathError
 
 DIR, FILE, LINK, OTHER = "d", "f", "l", "o"
@@ -196,73 +192,6 @@ def plan(source: list[Entry], dest: list[Entry]) -> Plan:
     return Plan(delete=delete, mkdirs=mkdirs, links=links, send=send, skipped=skipped)
 
 
-# ---- file records: [u32 header length][msgpack header][size bytes of data] ----
-
-_HDR = struct.Struct(">I")
-
-
-def encode_record_header(entry: Entry) -> bytes:
-    body: bytes = msgpack.packb(entry.to_wire(), use_bin_type=True)
-    return _HDR.pack(len(body)) + body
-
-
-class RecordDecoder:
-    """Splits the record stream back into (entry, data chunk, is_last) pieces.
-
-    Only headers are buffered; file data is handed on as views of the caller's
-    bytes, so a 1 MiB chunk of pages goes from the frame to ``os.write``
-    without another copy.
-    """
-
-    def __init__(self) -> None:
-        self._hdr = bytearray()
-        self._entry: Entry | None = None
-        self._left = 0
-
-    def feed(self, data: bytes | memoryview) -> Iterator[tuple[Entry, memoryview, bool]]:
-        view = memoryview(data)
-        while view:
-            if self._entry is None:
-                # Fill the 4-byte length, then the header it announces.
-                want = 4 if len(self._hdr) < 4 else 4 + self._header_len()
-                take = want - len(self._hdr)
-                self._hdr += view[:take]
-                view = view[take:]
-                if len(self._hdr) < 4 or len(self._hdr) < 4 + self._header_len():
-                    continue
-                try:
-                    item = msgpack.unpackb(bytes(self._hdr[4:]), raw=False)
-                except Exception as exc:  # msgpack raises several unrelated types
-                    raise ProtocolError(f"bad rootfs record header: {exc}") from None
-                self._hdr.clear()
-                entry = Entry.from_wire(item)
-                if entry.kind != FILE or entry.size < 0:
-                    raise ProtocolError(f"record for a non-file: {entry.path!r}")
-                self._entry, self._left = entry, entry.size
-                if self._left == 0:
-                    self._entry = None
-                    yield entry, memoryview(b""), True
-                continue
-            take = min(self._left, len(view))
-            chunk, view = view[:take], view[take:]
-            self._left -= take
-            entry = self._entry
-            if self._left == 0:
-                self._entry = None
-            yield entry, chunk, self._left == 0
-        return
-
-    def _header_len(self) -> int:
-        (n,) = _HDR.unpack_from(self._hdr)
-        if n > 1 << 20:
-            raise ProtocolError("rootfs record header too large")
-        return int(n)
-
-    def finish(self) -> None:
-        if self._entry is not None or self._hdr:
-            raise ProtocolError("rootfs stream ended in the middle of a file")
-
-
 # ---- applying on the destination ----------------------------------------
 
 
@@ -283,17 +212,27 @@ def apply_structure(root: Path, p: Plan) -> None:
 
 
 class FileWriter:
-    """Writes decoded records into root, each file via a random temporary + rename."""
+    """Writes decoded records into root, each file via a random temporary + rename.
 
-    def __init__(self, root: Path) -> None:
+    A file is committed (renamed into place with its metadata) only by
+    :meth:`end` with ``keep``, once its record verified, and only if exactly
+    the announced number of bytes went into it: a short or long file is an
+    IntegrityError, never padded or cut (see :mod:`tug.engine.records`).
+    """
+
+    def __init__(self, root: Path, what: str = "file") -> None:
         self.root = root
+        self.what = what
         self._rootfd: int | None = None
         self._file: safefs.NewFile | None = None
+        self._written = 0  # bytes written into the current file
         self._parent: tuple[str, int] | None = None
         self.files = 0
         self.bytes = 0
+        #: Records discarded because the source saw the file change while reading it.
+        self.changed = 0
 
-    def write(self, entry: Entry, chunk: bytes | memoryview, last: bool) -> None:
+    def _open(self, entry: Entry) -> safefs.NewFile:
         if self._file is None:
             if self._rootfd is None:
                 self._rootfd = safefs.open_root(self.root)
@@ -305,17 +244,37 @@ class FileWriter:
                 pfd, _ = safefs.open_parent(self._rootfd, entry.path)
                 self._parent = (head, pfd)
             self._file = safefs.NewFile(self._rootfd, entry.path, parent_fd=self._parent[1])
+            self._written = 0
+        return self._file
+
+    def write(self, entry: Entry, chunk: bytes | memoryview) -> None:
+        """Data of ``entry``'s file, in order."""
         if chunk:
-            self._file.write(chunk)
+            self._open(entry).write(chunk)
+            self._written += len(chunk)
             self.bytes += len(chunk)
-        if last:
-            f, self._file = self._file, None
-            try:
-                f.commit(uid=entry.uid, gid=entry.gid, mode=entry.mode, mtime_ns=entry.mtime_ns)
-            except BaseException:
-                f.discard()
-                raise
-            self.files += 1
+
+    def end(self, entry: Entry, *, keep: bool) -> None:
+        """The record of ``entry`` ended: commit the file (``keep``) or drop what was written."""
+        if not keep:
+            if self._file is not None:
+                self._file.discard()
+                self._file = None
+            self.changed += 1
+            return
+        f = self._open(entry)
+        self._file = None
+        try:
+            assert f.fd is not None
+            size = os.fstat(f.fd).st_size
+            for got in (self._written, size):  # what went in, what the file holds
+                if got != entry.size:
+                    raise integrity.size_mismatch(f"{self.what} {entry.path!r}", entry.size, got)
+            f.commit(uid=entry.uid, gid=entry.gid, mode=entry.mode, mtime_ns=entry.mtime_ns)
+        except BaseException:
+            f.discard()
+            raise
+        self.files += 1
 
     def close(self) -> None:
         """Drops a half-written file, if any, and the root fd."""

@@ -23,7 +23,10 @@ import msgpack
 
 from tug.engine.errors import ProtocolError
 
-PROTOCOL_VERSION: Final[int] = 1
+#: 2: file records end with a digest trailer and page runs carry a digest
+#: (tug.engine.records, tug.engine.pagestream): stream payloads a version-1
+#: peer would misread, so the handshake refuses the mix.
+PROTOCOL_VERSION: Final[int] = 2
 MAX_FRAME_DEFAULT: Final[int] = 16 * 1024 * 1024
 
 # No Hello is anywhere near this big; keeping the first frame this small means

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from tug.engine.errors import (
     ConfigError,
     CriuError,
+    IntegrityError,
     MigrationError,
     PreconditionError,
     ProtocolError,
@@ -100,6 +101,16 @@ def error_from_fail(ev: p.Fail) -> MigrationError:
             log_path=Path(log) if isinstance(log, str) else None,
             returncode=ev.details.get("returncode") if isinstance(ev.details.get("returncode"), int) else None,
         )
+    if ev.kind == IntegrityError.kind:
+        # The file or page run and the values that differed, kept for a caller to act on.
+        d = ev.details
+        return IntegrityError(
+            ev.message,
+            subject=d["subject"] if isinstance(d.get("subject"), str) else "",
+            check=d["check"] if isinstance(d.get("check"), str) else "",
+            expected=d["expected"] if type(d.get("expected")) is int else 0,
+            got=d["got"] if type(d.get("got")) is int else 0,
+        )
     cls = _KINDS.get(ev.kind)
     if cls is not None:
         return cls(ev.message)
@@ -115,6 +126,8 @@ def fail_from_error(call_id: int, exc: BaseException) -> p.Fail:
             "log_path": str(exc.log_path) if exc.log_path else None,
             "returncode": exc.returncode,
         }
+    elif isinstance(exc, IntegrityError):
+        details = exc.details()
     if isinstance(exc, MigrationError):
         return p.Fail(call_id=call_id, kind=exc.kind, message=str(exc), details=details)
     return p.Fail(call_id=call_id, kind="internal", message=f"{type(exc).__name__}: {exc}", details={})

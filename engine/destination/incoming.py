@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tug.engine import rootfs
+from tug.engine import records, rootfs
 from tug.engine.criu.pageserver import PageServer
 from tug.engine.destination.lazypages import LazyPages
 from tug.engine.destination.pagestore import PageStore
-from tug.engine.errors import ConfigError, ProtocolError
+from tug.engine.errors import ConfigError, IntegrityError, MigrationError, ProtocolError
 from tug.engine.hostcfg import HostConfig
 from tug.engine.pagestream import RunDecoder
 from tug.engine.runtime.endpoint import DestinationEndpoint
@@ -67,6 +67,11 @@ class Incoming:
     #: The restored copy ran and then broke (its lazy fill failed): it was
     #: killed, and nothing of it may be kept.
     broken: bool = False
+    #: Streams of this container still arriving (opened, not yet closed whole).
+    streams_open: int = 0
+    #: Why the first of its streams that failed here failed: what arrived
+    #: cannot be trusted, and no restore may use it (check_received).
+    stream_failure: MigrationError | None = None
 
     @property
     def images(self) -> Path:
@@ -76,47 +81,124 @@ class Incoming:
     def criu_work(self) -> Path:
         return self.work / "criu"
 
+    def check_received(self) -> None:
+        """Before a restore: every stream of this container arrived whole and verified.
 
-class RecordSink:
-    """Receives a rootfs or images record stream into a directory."""
+        A failed stream's IntegrityError is raised again as such (the source
+        rebuilds it with its details); any other failure, or a stream still
+        open, refuses the restore too: it would read incomplete files.
+        """
+        failure = self.stream_failure
+        if isinstance(failure, IntegrityError):
+            raise IntegrityError(
+                f"refusing to restore {self.name!r}: {failure}",
+                subject=failure.subject, check=failure.check, expected=failure.expected, got=failure.got,
+            )
+        if failure is not None:
+            raise MigrationError(f"refusing to restore {self.name!r}: a stream it needs failed here: {failure}")
+        if self.streams_open:
+            raise ProtocolError(f"refusing to restore {self.name!r}: {self.streams_open} of its streams are still open")
 
-    def __init__(self, root: Path, on_done: Any = None) -> None:
-        self.decoder = rootfs.RecordDecoder()
-        self.writer = rootfs.FileWriter(root)
-        self.on_done = on_done
+
+class _Received:
+    """A stream whose contents a restore will use: its failure is kept on the container.
+
+    The session reports a failed stream to the source, which learns of it at
+    its next call; the restore must not wait for that. Whatever broke a
+    stream here (a digest or size mismatch, a malformed record, a write
+    error) is remembered on the :class:`Incoming`, and
+    :meth:`Incoming.check_received` refuses the restore with it.
+    """
+
+    def __init__(self, inc: Incoming, kind: str) -> None:
+        self.inc = inc
+        self.kind = kind
+        inc.streams_open += 1
+        self._open = True
+
+    def _ended(self, failure: BaseException | None) -> None:
+        if self._open:
+            self._open = False
+            self.inc.streams_open -= 1
+        if failure is not None and self.inc.stream_failure is None:
+            if isinstance(failure, MigrationError):
+                self.inc.stream_failure = failure
+            else:
+                self.inc.stream_failure = MigrationError(f"the {self.kind} stream failed here: {failure}")
 
     async def write(self, data: bytes) -> None:
-        for entry, chunk, last in self.decoder.feed(data):
-            self.writer.write(entry, chunk, last)
+        try:
+            self._write(data)
+        except Exception as exc:
+            self._ended(exc)
+            raise
 
     async def close(self, meta: dict[str, Any]) -> None:
         try:
-            self.decoder.finish()
+            self._close(meta)
+        except Exception as exc:
+            self._ended(exc)
+            raise
+        self._ended(None)
+
+    async def abort(self, reason: str) -> None:
+        self._abort()
+        if self._open:  # the source gave up on it, or the session ended: incomplete
+            self._ended(MigrationError(f"the {self.kind} stream was aborted: {reason}"))
+
+    def _write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _close(self, meta: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _abort(self) -> None:
+        pass
+
+
+class RecordSink(_Received):
+    """Receives a rootfs or images record stream into a directory (records.py)."""
+
+    def __init__(self, inc: Incoming, kind: str, root: Path, on_done: Any = None) -> None:
+        super().__init__(inc, kind)
+        what = "image file" if kind == "images" else f"{kind} file"
+        self.decoder = records.RecordDecoder(what)
+        self.writer = rootfs.FileWriter(root, what)
+        self.on_done = on_done
+
+    def _write(self, data: bytes) -> None:
+        for entry, chunk, end in self.decoder.feed(data):
+            if end is None:
+                self.writer.write(entry, chunk)
+            else:
+                self.writer.end(entry, keep=end is records.End.INTACT)
+
+    def _close(self, meta: dict[str, Any]) -> None:
+        try:
+            self.decoder.close(meta)
         finally:
             self.writer.close()
         if self.on_done is not None:
             self.on_done(self.writer)
 
-    async def abort(self, reason: str) -> None:
+    def _abort(self) -> None:
         self.writer.abort()
 
 
-class PagesSink:
+class PagesSink(_Received):
     """Receives page runs (pre-copy rounds and the final delta) into the store."""
 
-    def __init__(self, store: PageStore) -> None:
+    def __init__(self, inc: Incoming, store: PageStore) -> None:
+        super().__init__(inc, "pages")
         self.store = store
         self.decoder = RunDecoder()
 
-    async def write(self, data: bytes) -> None:
+    def _write(self, data: bytes) -> None:
         for pid, vaddr, piece in self.decoder.feed(data):
             self.store.write(pid, vaddr, piece)
 
-    async def close(self, meta: dict[str, Any]) -> None:
-        self.decoder.finish()
-
-    async def abort(self, reason: str) -> None:
-        pass
+    def _close(self, meta: dict[str, Any]) -> None:
+        self.decoder.close(meta)
 
 
 class AgentState:

@@ -51,6 +51,10 @@ class RestoreCalls(AgentState):
         inc = self._get(container)
         if inc.restoring is not None or inc.restored:
             raise ProtocolError(f"{container!r} is being or was restored already")
+        # Nothing runs from files, images or pages that did not arrive whole
+        # and verified (a digest or size mismatch fails the migration here,
+        # before anything changed: the source resumes).
+        inc.check_received()
         inc.restoring = asyncio.current_task()
         try:
             return await self._restore(inc, tcp_close, rebuild_pages, frames, lazy, lazy_source_port)

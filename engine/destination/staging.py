@@ -41,14 +41,17 @@ class StagingCalls(AgentState):
     async def open_stream(self, kind: str, meta: dict[str, Any]) -> StreamSink:
         inc = self._get(meta.get("container"))
         if kind == "rootfs":
-            return RecordSink(inc.bundle / "rootfs", lambda w: inc.stats.__setitem__("rootfs_bytes", inc.stats.get("rootfs_bytes", 0) + w.bytes))
+            return RecordSink(
+                inc, kind, inc.bundle / "rootfs",
+                lambda w: inc.stats.__setitem__("rootfs_bytes", inc.stats.get("rootfs_bytes", 0) + w.bytes),
+            )
         if kind == "pages":
             if inc.store is None:
                 inc.store = PageStore(inc.work / "store")
-            return PagesSink(inc.store)
+            return PagesSink(inc, inc.store)
         if kind == "images":
             inc.images.mkdir(parents=True, exist_ok=True)
-            return RecordSink(inc.images, lambda w: inc.stats.__setitem__("image_bytes", w.bytes))
+            return RecordSink(inc, kind, inc.images, lambda w: inc.stats.__setitem__("image_bytes", w.bytes))
         raise ProtocolError(f"agent accepts no stream of kind {kind!r}")
 
     async def call_prepare(self, container: str, config: bytes, network: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -360,8 +360,11 @@ class Migration(FailureHandling):
 
     async def _sync_rootfs(self, phase: Phase) -> None:
         assert self.rootfs_dir is not None
+        # Once the container is frozen, a file that changes under the sync is
+        # an error, not something the next pass fixes: there is none.
         self.tally.rootfs_bytes += await sync_rootfs(
-            self.s, container=self.name, root=self.rootfs_dir, phase=phase.value, emit=self.emit, note=self.note
+            self.s, container=self.name, root=self.rootfs_dir, phase=phase.value, emit=self.emit, note=self.note,
+            frozen=self.paused,
         )
 
     def _on_notice(self, ev: p.Notice) -> None:

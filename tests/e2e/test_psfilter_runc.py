@@ -137,9 +137,12 @@ async def test_runc_final_dump_through_the_filter_restores_intact(host: tuple[Ru
     pc.close()
     assert (await runc.require(NAME)).status == "paused", "the source stays frozen after its dump"
     ((kind, meta, stream),) = m.streams
-    assert (kind, meta["round"], stream.closed) == ("pages", "final", {"round": "final", "bytes": pc.final_delta_bytes})
-    for pid, vaddr, piece in RunDecoder().feed(bytes(stream.data)):
+    assert (kind, meta["round"]) == ("pages", "final")
+    assert stream.closed is not None and (stream.closed["round"], stream.closed["bytes"]) == ("final", pc.final_delta_bytes)
+    dec = RunDecoder()
+    for pid, vaddr, piece in dec.feed(bytes(stream.data)):
         store.write(pid, vaddr, piece)
+    dec.close(stream.closed)  # every run's digest verified, and as many runs and bytes as were sent
     assert 0 < pc.final_delta_bytes < first * 4096 // 4, "only the pages dirtied since the last round"
     assert not [p for p in images_dir.glob("pages-*.img")], "no process pages written on the source"
     assert pc.rebuilt_pages() and (images_dir / "pagemap-1.img").exists() and (images_dir / "descriptors.json").exists()

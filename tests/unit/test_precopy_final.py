@@ -115,7 +115,7 @@ async def test_the_delta_streams_framed_and_the_pagemaps_are_left_for_the_images
     assert (kind, meta) == ("pages", {"container": "c", "round": "final"})
     runs = [(pid, vaddr, bytes(piece)) for pid, vaddr, piece in RunDecoder().feed(bytes(stream.data))]
     assert runs == [(1, BASE + PAGE_SIZE, page(9, 1) + page(1, 2)), (2, BASE, page(2, 0))]
-    assert stream.closed == {"round": "final", "bytes": 3 * PAGE_SIZE} and m.metered == 3 * PAGE_SIZE
+    assert stream.closed == {"round": "final", "runs": 2, "bytes": 3 * PAGE_SIZE} and m.metered == 3 * PAGE_SIZE
     assert pc.final_delta_bytes == 3 * PAGE_SIZE
     assert pc.rebuilt_pages() == {"pages-65537.img", "pages-65538.img"}
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["pagemap-1.img", "pagemap-2.img"]

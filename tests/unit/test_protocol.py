@@ -323,6 +323,18 @@ def test_version_mismatch() -> None:
         Connection(Role.SOURCE).send(old)
 
 
+def test_a_peer_without_digests_is_refused_at_the_handshake() -> None:
+    """Version 2 put digests inside stream payloads (file records, page runs):
+    a version-1 peer would misread them, so the mix ends at the Hello, whole or byte by byte."""
+    assert PROTOCOL_VERSION == 2
+    v1 = encode_event(Hello(version=1, software="tug 0.1", host="h", info={}))
+    raises_peer(Connection(Role.AGENT), v1, "peer speaks tug protocol version 1, this side speaks 2")
+    conn = Connection(Role.SOURCE)
+    for b in v1[:-1]:
+        assert conn.feed(bytes([b])) == []
+    raises_peer(conn, v1[-1:], "peer speaks tug protocol version 1, this side speaks 2")
+
+
 def test_reply_to_unknown_call() -> None:
     src, agent = pair()
     raises_peer(src, encode_event(Reply(call_id=9, result={})), "call 9")

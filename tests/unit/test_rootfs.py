@@ -1,4 +1,4 @@
-"""Rootfs sync logic: the plan, the record framing, and applying both to a tree."""
+"""Rootfs sync logic: the plan, the record framing (engine/records.py), and applying both to a tree."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tug.engine import rootfs
+from tug.engine import records, rootfs
 from tug.engine.errors import ProtocolError
 from tug.engine.rootfs import DIR, FILE, LINK, Entry
 
@@ -49,16 +49,16 @@ def test_unsafe_paths_are_refused(bad: str) -> None:
 def _records(files: dict[str, bytes]) -> bytes:
     out = b""
     for path, data in files.items():
-        out += rootfs.encode_record_header(E(path, size=len(data))) + data
+        out += records.encode_record(E(path, size=len(data)), data)
     return out
 
 
 def _decode(stream: bytes, chunks: list[int]) -> dict[str, bytes]:
-    dec = rootfs.RecordDecoder()
+    dec = records.RecordDecoder()
     got: dict[str, bytes] = {}
     pos = 0
     for n in chunks + [len(stream)]:
-        for entry, chunk, _last in dec.feed(stream[pos : pos + n]):
+        for entry, chunk, _end in dec.feed(stream[pos : pos + n]):
             got[entry.path] = got.get(entry.path, b"") + bytes(chunk)
         pos += n
         if pos >= len(stream):
@@ -85,7 +85,7 @@ def test_records_any_chunking(chunks: list[int]) -> None:
 
 def test_truncated_stream_is_an_error() -> None:
     stream = _records({"a": b"hello"})
-    dec = rootfs.RecordDecoder()
+    dec = records.RecordDecoder()
     list(dec.feed(stream[:-2]))
     with pytest.raises(ProtocolError):
         dec.finish()
@@ -94,7 +94,7 @@ def test_truncated_stream_is_an_error() -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=300))
 def test_garbage_records_raise_only_protocol_errors(data: bytes) -> None:
-    dec = rootfs.RecordDecoder()
+    dec = records.RecordDecoder()
     try:
         list(dec.feed(data))
         dec.finish()
@@ -115,11 +115,15 @@ def test_scan_apply_roundtrip(tmp_path: Path) -> None:
     p = rootfs.plan(entries, rootfs.scan(dst))
     rootfs.apply_structure(dst, p)
     writer = rootfs.FileWriter(dst)
-    dec = rootfs.RecordDecoder()
+    dec = records.RecordDecoder()
     for e in p.send:
-        for entry, chunk, last in dec.feed(rootfs.encode_record_header(e) + (src / e.path).read_bytes()):
-            writer.write(entry, chunk, last)
+        for entry, chunk, end in dec.feed(records.encode_record(e, (src / e.path).read_bytes())):
+            if end is None:
+                writer.write(entry, chunk)
+            else:
+                writer.end(entry, keep=end is records.End.INTACT)
     dec.finish()
+    writer.close()
 
     assert rootfs.plan(rootfs.scan(src), rootfs.scan(dst)) == rootfs.Plan()
     assert (dst / "d/e/f.txt").read_bytes() == b"content"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tug.engine import rootfs, safefs
+from tug.engine import records, rootfs, safefs
 from tug.engine.errors import ProtocolError, UnsafePathError
 from tug.engine.rootfs import DIR, FILE, LINK, Entry
 
@@ -50,12 +50,15 @@ def _host_unchanged(h: Path) -> None:
     assert sorted(p.name for p in h.iterdir()) == ["passwd", "secret"]
 
 
-def _write(dst: Path, e: Entry, data: bytes) -> None:
+def _write(dst: Path, e: Entry, data: bytes, end: records.End = records.End.INTACT) -> None:
     w = rootfs.FileWriter(dst)
     try:
-        dec = rootfs.RecordDecoder()
-        for entry, chunk, last in dec.feed(rootfs.encode_record_header(e) + data):
-            w.write(entry, chunk, last)
+        dec = records.RecordDecoder()
+        for entry, chunk, got in dec.feed(records.encode_record(e, data, end)):
+            if got is None:
+                w.write(entry, chunk)
+            else:
+                w.end(entry, keep=got is records.End.INTACT)
         dec.finish()
     finally:
         w.close()
@@ -73,7 +76,8 @@ def _sync(src: Path, dst: Path) -> rootfs.Plan:
             if fd is not None:
                 with os.fdopen(fd, "rb") as f:
                     data = f.read(e.size)
-            _write(dst, e, data.ljust(e.size, b"\0"))
+            end = records.End.INTACT if len(data) == e.size else records.End.CHANGED
+            _write(dst, e, data.ljust(e.size, b"\0"), end)
     return p
 
 
@@ -228,7 +232,7 @@ def test_a_failed_write_leaves_no_temporary(tmp_path: Path) -> None:
     dst = tmp_path / "dst"
     dst.mkdir()
     w = rootfs.FileWriter(dst)
-    w.write(E("f", size=10), b"12345", False)
+    w.write(E("f", size=10), b"12345")
     w.abort()
     assert list(dst.iterdir()) == []
 
@@ -248,10 +252,11 @@ def test_file_swapped_for_a_symlink_between_scan_and_send_is_not_read(tmp_path: 
         assert safefs.open_regular_for_read(rootfd, "data") is None
     p = rootfs.plan(entries, rootfs.scan(dst))
     assert [e.path for e in p.send] == ["data"]
-    # The full pass as tug runs it: the padded record, then the next pass.
+    # The full pass as tug runs it: the record completed with zeros and marked
+    # CHANGED, which the agent drops; then the next pass.
     rootfs.apply_structure(dst, p)
-    _write(dst, p.send[0], bytes(p.send[0].size))
-    assert SECRET not in (dst / "data").read_bytes()
+    _write(dst, p.send[0], bytes(p.send[0].size), records.End.CHANGED)
+    assert not (dst / "data").exists()
     _sync(src, dst)  # the frozen pass sees the symlink as a symlink
     assert os.readlink(dst / "data") == str(host / "secret")
     assert all(SECRET not in f.read_bytes() for f in dst.rglob("*") if f.is_file() and not f.is_symlink())

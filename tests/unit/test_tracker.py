@@ -148,8 +148,9 @@ def test_anon_runs_use_present_and_skip_file_pages() -> None:
 
 
 def test_pagestream_roundtrip_any_split() -> None:
-    payload = pagestream.encode_header(7, 0x4000, 3) + bytes(range(256)) * 48
-    payload += pagestream.encode_header(9, 0x9000, 1) + b"\x01" * PAGE
+    run = bytes(range(256)) * 48
+    payload = pagestream.encode_header(7, 0x4000, run) + run
+    payload += pagestream.encode_header(9, 0x9000, b"\x01" * PAGE) + b"\x01" * PAGE
     for step in (1, 5, 4095, 4096, 4097, len(payload)):
         dec = pagestream.RunDecoder()
         got: dict[tuple[int, int], bytes] = {}
@@ -165,8 +166,8 @@ def test_pagestream_roundtrip_any_split() -> None:
 
 def test_pagestream_rejects_bad_headers() -> None:
     with pytest.raises(ProtocolError):
-        list(pagestream.RunDecoder().feed(pagestream.encode_header(1, 0x1001, 1)))
+        list(pagestream.RunDecoder().feed(pagestream.encode_header(1, 0x1001, bytes(PAGE))))
     dec = pagestream.RunDecoder()
-    list(dec.feed(pagestream.encode_header(1, 0x1000, 2) + bytes(PAGE)))
+    list(dec.feed(pagestream.encode_header(1, 0x1000, bytes(2 * PAGE)) + bytes(PAGE)))
     with pytest.raises(ProtocolError):
         dec.finish()

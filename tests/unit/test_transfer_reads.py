@@ -1,6 +1,7 @@
 """The source's file sender reads only what the scan saw as regular files
 below the root: a container that swaps a file for a symlink (or a FIFO)
-between the scan and the send gets zeros, never a host file.
+between the scan and the send gets zeros in a record marked CHANGED (which
+the agent drops), never a host file.
 
 The swap is made by the harness at the exact moment the sender has announced
 the file and is about to open it (when its record header is written).
@@ -12,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tug.engine import rootfs
+from tug.engine import records, rootfs
 from tug.engine.progress import Meter
 from tug.engine.source.transfer import send_entries
 
@@ -39,9 +40,11 @@ class Capture:
 
 
 def _payload(stream: bytes) -> dict[str, bytes]:
-    dec, out = rootfs.RecordDecoder(), {}
-    for e, chunk, _ in dec.feed(stream):
+    """What each record carried; every one must be marked CHANGED (the agent drops it)."""
+    dec, out = records.RecordDecoder(), {}
+    for e, chunk, end in dec.feed(stream):
         out[e.path] = out.get(e.path, b"") + bytes(chunk)
+        assert end in (None, records.End.CHANGED)
     dec.finish()
     return out
 
@@ -49,7 +52,8 @@ def _payload(stream: bytes) -> dict[str, bytes]:
 async def _send(root: Path, swap: Any) -> dict[str, bytes]:
     entries = [e for e in rootfs.scan(root) if e.kind == rootfs.FILE]
     cap = Capture(swap)
-    await send_entries(cap, kind="rootfs", container="c", root=root, entries=entries, meter=Meter("t", "rootfs", None, None))  # type: ignore[arg-type]
+    meter = Meter("t", "rootfs", None, None)
+    await send_entries(cap, kind="rootfs", container="c", root=root, entries=entries, meter=meter, frozen=False)  # type: ignore[arg-type]
     return _payload(bytes(cap.data))
 
 

@@ -29,7 +29,7 @@ from tug.engine.progress import Meter
 from tug.engine.source.context import DumpFn, SourceContext
 from tug.engine.source.psfilter import FilterServer
 from tug.engine.source.trackers.base import Rounds
-from tug.engine.source.trackers.shadow import PAGE, ContentTracker, ProcessMemory
+from tug.engine.source.trackers.shadow import ContentTracker, ProcessMemory
 from tug.policies import ConvergencePolicy, RoundStats
 
 QUEUE_DEPTH = 8  # chunks of up to 4 MiB in flight between scanner and sender
@@ -40,6 +40,7 @@ class _RoundCounters:
     scanned: int = 0
     dirty: int = 0
     bytes: int = 0
+    runs: int = 0
     #: Seconds the sender spent handing data to the transport (incl. waits
     #: for flow control): with the link saturated, bytes/send_s is its rate.
     send_s: float = 0.0
@@ -101,12 +102,13 @@ class ContentRounds(Rounds):
                 pid, runs = item
                 t_send = time.monotonic()
                 for vaddr, data in runs:
-                    await out.write(pagestream.encode_header(pid, vaddr, len(data) // PAGE))
+                    await out.write(pagestream.encode_header(pid, vaddr, data))
                     await out.write(data)
                     c.bytes += len(data)
+                    c.runs += 1
                     meter.add(len(data))
                 c.send_s += time.monotonic() - t_send
-            await out.close({"round": index})
+            await out.close({"round": index, "runs": c.runs, "bytes": c.bytes})
             meter.add(0, final=True)
 
         meter = Meter(Phase.PRECOPY.value, "pages", None, self.ctx.emit)
@@ -149,13 +151,14 @@ class ContentRounds(Rounds):
         m = self.ctx
         out = await m.session.open_stream("pages", {"container": m.name, "round": "final"})
         meter = Meter(Phase.CHECKPOINT.value, "pages", None, m.emit)
-        sent = 0
+        sent = runs = 0
 
         async def sink(pid: int, vaddr: int, data: bytes) -> None:
-            nonlocal sent
-            await out.write(pagestream.encode_header(pid, vaddr, len(data) // PAGE))
+            nonlocal sent, runs
+            await out.write(pagestream.encode_header(pid, vaddr, data))
             await out.write(data)
             sent += len(data)
+            runs += 1
             meter.add(len(data))
 
         serve = asyncio.create_task(fs.serve(sink), name="tug-final-dump-filter")
@@ -176,7 +179,7 @@ class ContentRounds(Rounds):
                 own.add_note(f"CRIU's dump failed as a consequence: {exc}")
                 raise own from None
             raise
-        await out.close({"round": "final", "bytes": sent})
+        await out.close({"round": "final", "runs": runs, "bytes": sent})
         meter.add(0, final=True)
         m.timings["delta_ms"] = (time.monotonic() - t_criu) * 1000
         self.final_delta_bytes = sent
