@@ -71,10 +71,6 @@ def naive_mux(name: str, src: Host, dst: Host, lab: LabInfo, timeout: float) -> 
     return _naive(name, src, dst, lab, timeout, mux=True)
 
 
-#: The lab's bridge namespace (engine/lab/hosts.py BRIDGE_NS), where container endpoints attach.
-LAB_BRIDGE_NS = "tuglab-br"
-
-
 def endpoint(host: Host, name: str) -> dict[str, str]:
     """The container's address (CIDR) and MAC, as ``tug lab demo`` recorded them in its bundle."""
     data: dict[str, str] = json.loads((host.bundle(name) / "tug-network.json").read_text())
@@ -100,10 +96,10 @@ def _naive(name: str, src: Host, dst: Host, lab: LabInfo, timeout: float, *, mux
             f"for i in $(seq 100); do {ssh} -O check root@{dst.address} 2>/dev/null && break; sleep 0.05; done",
         ]
         ssh += " -o ControlMaster=no"
-    dest_cgroup = f"/tuglab-{dst.name}/{name}"  # the lab's cgroup parent convention
+    dest_cgroup = f"{dst.cgroup_parent}/{name}"
     ep = endpoint(src, name)
-    src_ns, dst_ns = f"tug-{src.name}-{name}", f"tug-{dst.name}-{name}"  # the lab's netns convention
-    outer = "nv" + hashlib.sha1(f"{dst.name}/{name}".encode()).hexdigest()[:12]
+    src_ns, dst_ns = f"tug-{src.tug_host}-{name}", f"tug-{dst.tug_host}-{name}"  # the lab's endpoint netns convention
+    outer = "nv" + hashlib.sha1(f"{dst.tug_host}/{name}".encode()).hexdigest()[:12]
     cfg = q(str(dst_bundle / "config.json"))
     remote = "; ".join([
         "set -e",
@@ -111,8 +107,8 @@ def _naive(name: str, src: Host, dst: Host, lab: LabInfo, timeout: float, *, mux
         # The endpoint by hand: same IP and MAC, the veth's outer end on the lab bridge.
         f"sed -i 's#/run/netns/{src_ns}\"#/run/netns/{dst_ns}\"#' {cfg}",
         f"ip netns add {dst_ns}",
-        f"ip -n {LAB_BRIDGE_NS} link add {outer} type veth peer name eth0 netns {dst_ns}",
-        f"ip -n {LAB_BRIDGE_NS} link set {outer} master br0 up",
+        f"ip -n {lab.bridge_netns} link add {outer} type veth peer name eth0 netns {dst_ns}",
+        f"ip -n {lab.bridge_netns} link set {outer} master br0 up",
         f"ip -n {dst_ns} link set lo up",
         f"ip -n {dst_ns} link set eth0 address {ep['mac']}",
         f"ip -n {dst_ns} addr add {ep['address']} dev eth0",

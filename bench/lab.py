@@ -7,7 +7,10 @@ use the paths the lab documents: bundles under ``<data_dir>/containers/NAME``,
 the cgroup from the bundle's own ``config.json``.
 
 The lab is shared with other people: nothing here ever calls ``tug lab down``,
-and only containers this process created (``bench-...``) are removed.
+and only containers this process created (``bench-...``) are removed. The
+lab is the instance TUG_LAB names (the default lab without it): every ``tug
+lab`` command inherits the variable, and the names the benchmark uses beyond
+the CLI (namespaces, cgroups) come from ``tug lab status --json``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tug.engine.lab.layout import STATE_FILE
+from tug.engine.lab.instance import current
 
 from .matrix import Link, Workload
 
@@ -60,6 +63,11 @@ class Host:
     address: str
     runc_root: str
     data_dir: str
+    #: The host's network namespace, cgroup parent and TUG_HOST (which names
+    #: its containers' endpoint namespaces, ``tug-TUG_HOST-NAME``).
+    netns: str
+    cgroup_parent: str
+    tug_host: str
 
     def bundle(self, container: str) -> Path:
         return Path(self.data_dir) / "containers" / container
@@ -71,6 +79,7 @@ class LabInfo:
     identity: str
     known_hosts: str
     link: Link
+    bridge_netns: str
 
 
 def status() -> dict[str, Any]:
@@ -83,11 +92,12 @@ def info() -> LabInfo:
     if not st.get("up"):
         raise LabError("the lab is not up")
     hosts = {
-        h["name"]: Host(name=h["name"], url=h["url"], address=h["address"], runc_root=h["runc_root"], data_dir=h["data_dir"])
+        h["name"]: Host(name=h["name"], url=h["url"], address=h["address"], runc_root=h["runc_root"], data_dir=h["data_dir"],
+                        netns=h["netns"], cgroup_parent=h["cgroup_parent"], tug_host=h["tug_host"])
         for h in st["hosts"]
     }
     return LabInfo(hosts=hosts, identity=st["identity"], known_hosts=st["known_hosts"],
-                   link=Link(rate=st.get("rate"), delay=st.get("delay")))
+                   link=Link(rate=st.get("rate"), delay=st.get("delay")), bridge_netns=st["bridge_netns"])
 
 
 def current_link() -> Link | None:
@@ -106,7 +116,7 @@ def state_stamp() -> int | None:
     (another user's ``tug lab up --rate X`` ... ``tug lab up``).
     """
     try:
-        return int(Path(STATE_FILE).stat().st_mtime_ns)
+        return int(current().state_file.stat().st_mtime_ns)
     except OSError:
         return None
 
@@ -196,8 +206,6 @@ def container_memory(host: Host, name: str) -> dict[str, int | None]:
 
 # ---- a client of the container's service, as a user of it would see it ------
 
-#: The lab's client host (engine/lab/hosts.py CLIENT_NS).
-CLIENT_NS = "tuglab-client"
 SERVICE_PORT = 7000
 
 
@@ -230,7 +238,7 @@ class TcpClient:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 break
-            res = subprocess.run(["ip", "netns", "exec", CLIENT_NS, "ss", "-Htn", "state", "established"],
+            res = subprocess.run(["ip", "netns", "exec", current().client_ns, "ss", "-Htn", "state", "established"],
                                  capture_output=True, text=True)
             if target in res.stdout:
                 return

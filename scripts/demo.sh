@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: a live migration in the built-in two-host lab, end to end.
+# It runs in the lab instance TUG_LAB names (the default lab without it).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 TUG=.venv/bin/tug
@@ -35,13 +36,19 @@ print("client: %d replies on the same connection: errors=%d reconnects=%d out_of
 sys.exit(0 if r["ok"] else 1)' "$CLIENT_OUT"
 }
 
+runc_root() {  # where lab host $1 keeps its runc state (the instance's own)
+  $TUG lab status --json | $PY -c '
+import json, sys
+print(next(h["runc_root"] for h in json.load(sys.stdin)["hosts"] if h["name"] == sys.argv[1]))' "$1"
+}
+
 step "lab: two hosts (network namespaces with their own sshd, runc root and data dir) and a client host"
 $TUG lab up
 for h in a b; do $TUG lab rm "$h" demo; done  # a previous demo run's container, if any
 
 step "start the demo container on host a (${MEM} MiB of checked memory, ${RATE} pages/s dirtied)"
 $TUG lab demo a demo --memory "$MEM" --dirty-rate "$RATE"
-$TUG lab run a -- runc --root /run/tug-lab/a/runc exec demo sh -c 'echo "written on a at $(date)" > /root/hello.txt'
+$TUG lab run a -- runc --root "$(runc_root a)" exec demo sh -c 'echo "written on a at $(date)" > /root/hello.txt'
 $TUG lab check a demo >/dev/null && echo "demo is running on a; its memory checksum verifies"
 
 step "live-migrate demo from a to b over SSH (stop-copy: everything moves while frozen)"
@@ -57,7 +64,7 @@ hb = r["heartbeat"]
 print("ok=%s counter=%s memory_check=%s longest_heartbeat_gap=%.0f ms resets=%d"
       % (r["ok"], r["counter"], r["verify"]["ok"], hb["max_gap_ms"], hb["resets"]))
 sys.exit(0 if r["ok"] else 1)'
-$TUG lab run b -- runc --root /run/tug-lab/b/runc exec demo cat /root/hello.txt
+$TUG lab run b -- runc --root "$(runc_root b)" exec demo cat /root/hello.txt
 
 step "and back from b to a with iterative pre-copy (content tracker, p.haul's convergence rule)"
 client_start
@@ -70,4 +77,4 @@ print("ok=%s counter=%s memory_check=%s resets=%d" % (r["ok"], r["counter"], r["
 sys.exit(0 if r["ok"] else 1)'
 $TUG lab status
 
-step "done: the lab stays up for you to play with ('tug lab down' removes it)"
+step "done: the lab stays up for you to play with ('tug lab down${TUG_LAB:+ --lab $TUG_LAB}' removes it)"

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tug.engine.lab.layout import DEFAULT, ENV
 from tug.engine.runner import run
 
 
@@ -19,64 +20,75 @@ def _say(msg: str) -> None:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    from tug.engine.lab import addresses, demo, hosts
+    from tug.engine.lab import addresses, demo, hosts, instance
 
+    layout = instance.current(args.lab)
     if args.lab_cmd == "up":
-        lab = hosts.up(args.hosts, rate=args.rate, delay=args.delay, log=_say)
+        lab = hosts.up(layout, args.hosts, rate=args.rate, delay=args.delay, log=_say)
         for h in lab.hosts:
             print(f"{h.name}\t{h.url}")
     elif args.lab_cmd == "down":
-        hosts.down(log=_say)
-        _say("down")
+        hosts.down(layout, log=_say)
+        _say(f"{layout.title} is down")
     elif args.lab_cmd == "status":
-        st = hosts.status()
-        if args.json:
-            print(json.dumps(st))
-        elif not st["hosts"]:
-            print("the lab is down")
-        else:
-            print(f"lab {'up' if st['up'] else 'DEGRADED'}: rate={st['rate'] or 'unlimited'} delay={st['delay'] or '0'}")
-            for h in st["hosts"]:
-                cs = ", ".join(f"{c['id']} ({c['status']})" for c in h["containers"]) or "-"
-                print(f"  {h['name']}  {h['url']}  sshd {h['sshd']}  containers: {cs}")
-        return 0 if st["up"] or not st["hosts"] else 1
+        return _lab_status(hosts.status(layout), as_json=args.json)
     elif args.lab_cmd == "url":
-        print(hosts.require().host(args.host).url)
+        print(hosts.require(layout).host(args.host).url)
     elif args.lab_cmd == "run":
-        argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-        hosts.exec_in_host(args.host, argv)
+        argv = args.argv
+        if argv[:1] == ["--lab"] and len(argv) > 1:  # 'tug lab run a --lab NAME -- CMD'
+            layout, argv = instance.current(argv[1]), argv[2:]
+        argv = argv[1:] if argv[:1] == ["--"] else argv
+        hosts.exec_in_host(layout, args.host, argv)
     elif args.lab_cmd == "demo":
-        h = hosts.require().host(args.host)
+        lab = hosts.require(layout)
+        h = lab.host(args.host)
         spec = demo.WorkloadSpec(memory_mib=args.memory, dirty_rate=args.dirty_rate, hot_set=args.hot_set)
-        bundle = demo.start(h, args.name, spec)
+        bundle = demo.start(lab, h, args.name, spec)
         _say(f"demo container {args.name} running on {h.name} ({args.memory} MiB, {args.dirty_rate} pages/s), bundle {bundle}")
     elif args.lab_cmd == "rm":
-        lab = hosts.require()
+        lab = hosts.require(layout)
         h = lab.host(args.host)
         if demo.remove(h, args.name):
             _say(f"removed {args.name} from {h.name}")
         if not any((Path(o.data_dir) / "containers" / args.name).exists() for o in lab.hosts):
-            addresses.release_address(args.name)
+            addresses.release_address(layout, args.name)
     elif args.lab_cmd == "client":
         return _lab_client(args)
     elif args.lab_cmd == "check":
-        h = hosts.require().host(args.host)
+        h = hosts.require(layout).host(args.host)
         result = demo.check(h, args.name)
         print(json.dumps(result))
         return 0 if result["ok"] else 1
     return 0
 
 
+def _lab_status(st: dict[str, Any], *, as_json: bool) -> int:
+    name = "the lab" if st["instance"] == DEFAULT else f"lab {st['instance']}"
+    if as_json:
+        print(json.dumps(st))
+    elif not st["hosts"]:
+        print(f"{name} is down")
+    else:
+        print(f"{name} {'up' if st['up'] else 'DEGRADED'}: subnet {st['subnet']} rate={st['rate'] or 'unlimited'} "
+              f"delay={st['delay'] or '0'}")
+        for h in st["hosts"]:
+            cs = ", ".join(f"{c['id']} ({c['status']})" for c in h["containers"]) or "-"
+            print(f"  {h['name']}  {h['url']}  sshd {h['sshd']}  containers: {cs}")
+    return 0 if st["up"] or not st["hosts"] else 1
+
+
 def _lab_client(args: argparse.Namespace) -> int:
     """Runs inside the lab's client namespace (re-executing itself there)."""
-    from tug.engine.lab import addresses, client, hosts, layout
+    from tug.engine.lab import addresses, client, hosts, instance
 
-    address = addresses.address_of(args.name)
+    lab = hosts.require(instance.current(args.lab))
+    address = addresses.address_of(lab, args.name)
     if os.environ.get("TUG_LAB_IN_CLIENT") != "1":
-        hosts.require()
         os.environ["TUG_LAB_IN_CLIENT"] = "1"
+        os.environ["TUG_LAB"] = lab.layout.instance
         argv = [sys.executable, "-m", "tug.engine", *sys.argv[1:]]
-        os.execvp("nsenter", ["nsenter", f"--net=/run/netns/{layout.CLIENT_NS}", "--", *argv])
+        os.execvp("nsenter", ["nsenter", f"--net=/run/netns/{lab.layout.client_ns}", "--", *argv])
 
     async def until_signalled() -> dict[str, Any]:
         # SIGINT/SIGTERM end the run early and still print the result: a
@@ -107,12 +119,18 @@ def _lab_client(args: argparse.Namespace) -> int:
 
 def add_lab_parser(sub: Any) -> None:
     lab = sub.add_parser("lab", help="the built-in test lab: several hosts on this machine")
-    ls = lab.add_subparsers(dest="lab_cmd", required=True)
+    instance_help = (f"the lab instance (1-8 of a-z0-9; default: ${ENV}, else '{DEFAULT}'): "
+                     "instances coexist, each with its own namespaces, paths, cgroups and subnet")
+    lab.add_argument("--lab", metavar="NAME", default=None, help=instance_help)
+    # Also after the subcommand; SUPPRESS keeps a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--lab", metavar="NAME", default=argparse.SUPPRESS, help=instance_help)
+    ls = lab.add_subparsers(dest="lab_cmd", required=True, parser_class=_parser_with(common))
     up = ls.add_parser("up", help="create the lab (idempotent)")
     up.add_argument("--hosts", type=int, default=2)
     up.add_argument("--rate", help="shape each host's link, e.g. 1gbit")
     up.add_argument("--delay", help="add latency to each host's link, e.g. 1ms")
-    ls.add_parser("down", help="remove everything the lab created")
+    ls.add_parser("down", help="remove everything the lab (this instance only) created")
     st = ls.add_parser("status")
     st.add_argument("--json", action="store_true")
     u = ls.add_parser("url", help="print the ssh URL of a host")
@@ -144,3 +162,14 @@ def add_lab_parser(sub: Any) -> None:
     ck.add_argument("host")
     ck.add_argument("name")
     lab.set_defaults(fn=cmd_lab)
+
+
+def _parser_with(common: argparse.ArgumentParser) -> type[argparse.ArgumentParser]:
+    """An ArgumentParser class whose every instance also takes ``common``'s options."""
+
+    class WithCommon(argparse.ArgumentParser):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["parents"] = [*kwargs.get("parents", []), common]
+            super().__init__(*args, **kwargs)
+
+    return WithCommon

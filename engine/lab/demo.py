@@ -20,11 +20,10 @@ from typing import Any
 
 from tug.engine.errors import ConfigError, PreconditionError
 from tug.engine.lab.addresses import address_of
-from tug.engine.lab.layout import DATA_DIR, LabHost, sh
+from tug.engine.lab.layout import Lab, LabHost, Layout, sh
 from tug.engine.lab.workload import analyze_heartbeat, build_workload, read_status, read_verify, verify_seq
 from tug.engine.runtime import network as netif
 
-IMAGE_DIR = DATA_DIR / "image"
 APPLETS = ("sh", "ls", "cat", "echo", "sleep", "ps", "top", "kill", "wc", "head", "tail", "grep", "mkdir", "rm", "touch", "date", "env", "true", "false", "md5sum")
 
 
@@ -42,14 +41,15 @@ class WorkloadSpec:
         ]
 
 
-def image_rootfs() -> Path:
-    """The demo rootfs (busybox + workload), built once and reused."""
-    rootfs = IMAGE_DIR / "rootfs"
+def image_rootfs(layout: Layout) -> Path:
+    """The demo rootfs (busybox + workload), built once per lab instance and reused."""
+    image_dir = layout.image_dir
+    rootfs = image_dir / "rootfs"
     busybox = shutil.which("busybox")
     if busybox is None:
         raise PreconditionError("busybox not found (apt-get install busybox-static)")
-    binary = build_workload(IMAGE_DIR / "tug-workload")
-    stamp = IMAGE_DIR / "rootfs.stamp"
+    binary = build_workload(image_dir / "tug-workload")
+    stamp = image_dir / "rootfs.stamp"
     want = f"{binary.stat().st_mtime_ns}"
     if rootfs.exists() and stamp.exists() and stamp.read_text() == want:
         return rootfs
@@ -68,9 +68,9 @@ def image_rootfs() -> Path:
     return rootfs
 
 
-def endpoint_spec(name: str) -> netif.EndpointSpec:
+def endpoint_spec(lab: Lab, name: str) -> netif.EndpointSpec:
     """The container's address on the lab segment, and a MAC derived from it."""
-    ip = address_of(name, allocate=True)
+    ip = address_of(lab, name, allocate=True)
     last = int(ip.rsplit(".", 1)[1])
     return netif.EndpointSpec(address=f"{ip}/24", mac=f"02:74:75:67:{(last >> 8) & 0xff:02x}:{last & 0xff:02x}")
 
@@ -88,8 +88,8 @@ def _spec(name: str, host: LabHost, workload: WorkloadSpec) -> dict[str, Any]:
     return spec
 
 
-def start(host: LabHost, name: str, workload: WorkloadSpec) -> Path:
-    """Create and run demo container ``name`` on ``host``; returns its bundle."""
+def start(lab: Lab, host: LabHost, name: str, workload: WorkloadSpec) -> Path:
+    """Create and run demo container ``name`` on ``host`` of ``lab``; returns its bundle."""
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"invalid container name {name!r}")
     if sh("runc", "--root", host.runc_root, "state", name, check=False).returncode == 0:
@@ -98,8 +98,8 @@ def start(host: LabHost, name: str, workload: WorkloadSpec) -> Path:
     if bundle.exists():
         shutil.rmtree(bundle)
     bundle.mkdir(parents=True)
-    sh("cp", "-a", str(image_rootfs()), str(bundle / "rootfs"))
-    endpoint = endpoint_spec(name)
+    sh("cp", "-a", str(image_rootfs(lab.layout)), str(bundle / "rootfs"))
+    endpoint = endpoint_spec(lab, name)
     netif.create(host.network(), name, endpoint, up=True)
     netif.save_spec(bundle, endpoint)
     (bundle / "config.json").write_text(json.dumps(_spec(name, host, workload), indent=2))

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from tug.engine.errors import PreconditionError
-from tug.engine.lab.layout import AUTHORIZED_KEYS, IDENTITY, KNOWN_HOSTS, RUN_DIR, Lab, LabHost, in_ns, sh
+from tug.engine.lab.layout import Lab, LabHost, in_ns, sh
 
 
 def sshd_config(h: LabHost) -> Path:
@@ -22,8 +22,8 @@ def sshd_config(h: LabHost) -> Path:
                 f"ListenAddress {h.address}",
                 f"Port {h.port}",
                 f"HostKey {key}",
-                f"PidFile {RUN_DIR / h.name / 'sshd.pid'}",
-                f"AuthorizedKeysFile {AUTHORIZED_KEYS}",
+                f"PidFile {h.layout.sshd_pidfile(h.name)}",
+                f"AuthorizedKeysFile {h.layout.authorized_keys}",
                 "PermitRootLogin prohibit-password",
                 "PubkeyAuthentication yes",
                 "PasswordAuthentication no",
@@ -50,7 +50,7 @@ def start_sshd(h: LabHost) -> str:
 
 
 def read_pid(h: LabHost) -> int:
-    pidfile = RUN_DIR / h.name / "sshd.pid"
+    pidfile = h.layout.sshd_pidfile(h.name)
     for _ in range(50):
         try:
             return int(pidfile.read_text().strip())
@@ -65,8 +65,9 @@ def wait_ssh(lab: Lab, timeout: float = 10.0) -> None:
     for h in lab.hosts:
         while True:
             res = in_ns(
-                h.netns, "ssh", "-i", str(IDENTITY), "-o", f"UserKnownHostsFile={KNOWN_HOSTS}", "-o", "StrictHostKeyChecking=yes",
-                "-o", "BatchMode=yes", "-o", "ConnectTimeout=2", "-p", str(h.port), f"root@{h.address}", "true", check=False,
+                h.netns, "ssh", "-i", str(lab.layout.identity), "-o", f"UserKnownHostsFile={lab.layout.known_hosts}",
+                "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=2", "-p", str(h.port),
+                f"root@{h.address}", "true", check=False,
             )
             if res.returncode == 0:
                 break

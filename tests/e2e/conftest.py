@@ -2,6 +2,11 @@
 
 Everything goes through the ``tug`` CLI, the same surface a user and the
 acceptance checks use. A missing prerequisite fails with what to install.
+
+The lab is the instance TUG_LAB names (the default lab without it): every
+``tug lab`` command the tests run inherits the variable, and the paths they
+read come from the same :class:`~tug.engine.lab.layout.Layout`, so a test run
+given its own instance touches nothing of another.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from tug.engine.lab.layout import BRIDGE_NS
-from tug.engine.runtime.network import HostNetwork
+from tug.engine.lab.instance import current
+from tug.engine.lab.layout import Layout
 
 TUG = str(Path(sys.executable).with_name("tug"))
 _names = itertools.count(1)
@@ -69,15 +74,21 @@ def require_prerequisites() -> None:
 @dataclass
 class Lab:
     urls: dict[str, str]
+    layout: Layout
 
     def url(self, host: str) -> str:
         return self.urls[host]
 
+    @property
+    def subnet(self) -> str:
+        """The lab's /24 as ``10.231.X`` (from a host's address)."""
+        return self.urls["a"].split("@", 1)[1].rsplit(":", 1)[0].rsplit(".", 1)[0]
+
     def runc_root(self, host: str) -> str:
-        return f"/run/tug-lab/{host}/runc"
+        return str(self.layout.runc_root(host))
 
     def bundle(self, host: str, name: str) -> Path:
-        return Path(f"/var/lib/tug-lab/hosts/{host}/containers/{name}")
+        return self.layout.host_data_dir(host) / "containers" / name
 
     def state(self, host: str, name: str) -> dict[str, Any] | None:
         res = subprocess.run(["runc", "--root", self.runc_root(host), "state", name], capture_output=True, text=True)
@@ -118,7 +129,7 @@ class Lab:
 
     def netns(self, host: str, name: str) -> Path:
         """The network namespace of ``name``'s endpoint on ``host``."""
-        return Path(f"/run/netns/tug-{host}-{name}")
+        return self.layout.host_network(host).netns_path(name)
 
     def address(self, name: str) -> str:
         """The container's lab address (the same on every host)."""
@@ -135,14 +146,14 @@ class Lab:
             found.append(f"runc container {name}")
         if self.bundle(host, name).exists():
             found.append(f"bundle {self.bundle(host, name)}")
-        work = Path(f"/dev/shm/tuglab-{host}")
+        work = self.layout.work_dir(host)
         for p in (work / name, work / f"{name}.out"):
             if p.exists():
                 found.append(str(p))
         if self.netns(host, name).exists():
             found.append(f"network namespace {self.netns(host, name)}")
-        outer = HostNetwork(host=host, bridge="br0", bridge_netns=BRIDGE_NS).outer(name)
-        if subprocess.run(["ip", "-n", BRIDGE_NS, "link", "show", outer], capture_output=True).returncode == 0:
+        outer = self.layout.host_network(host).outer(name)
+        if subprocess.run(["ip", "-n", self.layout.bridge_ns, "link", "show", outer], capture_output=True).returncode == 0:
             found.append(f"veth {outer} on the lab bridge")
         mounts = Path("/proc/self/mountinfo").read_text()
         for prefix in (f"{work}/{name}/", f"{work}/{name}.out/"):
@@ -159,7 +170,7 @@ def lab() -> Iterator[Lab]:
     if res.returncode != 0:
         pytest.fail(f"'tug lab up' failed: {res.stderr.strip()}")
     status = tug("lab", "status", "--json", check=True).json()
-    yield Lab(urls={h["name"]: h["url"] for h in status["hosts"]})
+    yield Lab(urls={h["name"]: h["url"] for h in status["hosts"]}, layout=current())
     if not was_up:
         tug("lab", "down", timeout=120)
 

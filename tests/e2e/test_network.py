@@ -21,14 +21,13 @@ import pytest
 from ..faults.harness import endpoint_name_taken, kill_lazy_pages_once_running, refuse_restore_on
 from .conftest import TUG, Lab, migrate, on, wait_for
 
-CLIENT_NS = "tuglab-client"
-
 
 class Client:
     """``tug lab client NAME`` in the background; :meth:`stop` ends it with SIGINT."""
 
     def __init__(self, lab: Lab, name: str, *extra: str, connections: int = 1) -> None:
         self.address = lab.address(name)
+        self.client_ns = lab.layout.client_ns
         self.connections = connections
         self.proc = subprocess.Popen(
             [TUG, "lab", "client", name, "--duration", "600", "--json", "--connections", str(connections), *extra],
@@ -42,7 +41,7 @@ class Client:
     def sockets(self) -> set[str]:
         """Local ends (addr:port) of the client's established connections to the container."""
         res = subprocess.run(
-            ["ip", "netns", "exec", CLIENT_NS, "ss", "-Htn", "state", "established"], capture_output=True, text=True
+            ["ip", "netns", "exec", self.client_ns, "ss", "-Htn", "state", "established"], capture_output=True, text=True
         )
         return {ln.split()[2] for ln in res.stdout.splitlines() if f"{self.address}:7000" in ln}
 

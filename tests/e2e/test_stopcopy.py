@@ -90,7 +90,7 @@ def _bad_input_cases(lab: Lab, demo: str, tmp_path: Path) -> dict[str, tuple[lis
     b = lab.url("b")
     return {
         "unknown container": (["no-such-container", "--to", b], "not found on this host"),
-        "unreachable host": ([demo, "--to", "ssh://root@10.231.77.250:22", "--connect-timeout", "2"], "cannot reach"),
+        "unreachable host": ([demo, "--to", f"ssh://root@{lab.subnet}.250:22", "--connect-timeout", "2"], "cannot reach"),
         "wrong key": ([demo, "--to", b, "--identity", str(wrong_key)], "refused key"),
         "unknown host key": ([demo, "--to", b, "--known-hosts", str(empty_known)], "host key"),
     }

@@ -22,6 +22,7 @@ import pytest
 from tug.engine.criu.pageserver import PageServer
 from tug.engine.errors import CriuError
 from tug.engine.lab import hosts as labhosts
+from tug.engine.lab.instance import current
 
 from ..faults.harness import kill_page_server_after, refuse_restore_on
 from .conftest import Lab, demo_container, migrate, tug
@@ -56,7 +57,7 @@ def page_servers(where: str) -> list[str]:
 
 def listeners(host: str, name: str) -> list[str]:
     """TCP listeners in lab host ``host`` owned by a page server or a tug of ``name``'s migration."""
-    ns = labhosts.require().host(host).netns
+    ns = labhosts.require(current()).host(host).netns
     out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
     return [
         line.strip()
@@ -176,7 +177,7 @@ def test_page_server_killed_mid_dump_rolls_back(lab: Lab, demo: str) -> None:
 @pytest.fixture
 def sshd_without_forwarding(lab: Lab, tmp_path: Path) -> Iterator[str]:
     """A second, real OpenSSH sshd for lab host b on another port, with AllowTcpForwarding no."""
-    h = labhosts.require().host("b")
+    h = labhosts.require(current()).host("b")
     base = Path(h.data_dir) / "sshd_config"
     key = tmp_path / "host_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)

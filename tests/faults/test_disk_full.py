@@ -22,7 +22,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def small_disk(lab: Lab) -> Iterator[Path]:
-    where = Path("/var/lib/tug-lab/hosts/b/containers")
+    where = lab.layout.host_data_dir("b") / "containers"
     where.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tug-test-full", str(where)], check=True)
     try:
