@@ -56,6 +56,8 @@ STRATEGIES: dict[str, Strategy] = {
                  doc="tug stop-copy: freeze, dump, send, restore, commit"),
         Strategy(name="naive-mux", kind="baseline", baseline="naive-mux",
                  doc="naive with one multiplexed ssh connection opened before the checkpoint (opt-in)"),
+        Strategy(name="postcopy", kind="engine", migrate_args=("--strategy", "postcopy"),
+                 doc="tug post-copy: freeze, dump all but memory, restore at once; memory fetched from the frozen source"),
         _precopy("phaul"),
         _precopy("incus"),
         _precopy("qemu"),
@@ -64,7 +66,7 @@ STRATEGIES: dict[str, Strategy] = {
 
 #: What a session compares unless --strategies says otherwise. naive-mux is
 #: opt-in: the brief's anchor is plain naive.
-DEFAULT_STRATEGIES: tuple[str, ...] = ("naive", "stop-copy", "precopy-phaul", "precopy-incus", "precopy-qemu")
+DEFAULT_STRATEGIES: tuple[str, ...] = ("naive", "stop-copy", "postcopy", "precopy-phaul", "precopy-incus", "precopy-qemu")
 
 
 def strategy(spec: str) -> Strategy:

@@ -82,7 +82,8 @@ def groups(runs: list[dict[str, Any]], order: dict[str, Any]) -> list[Group]:
 
 COLUMNS = ("strategy | memory MiB | RSS MiB | dirty pg/s | dirty MB/s | link | ok/runs | downtime p50 (client) ms "
            "| client min–max ms | reconnects | engine downtime p50 ms | heartbeat gap p50 ms | total s | MB sent "
-           "| MB while down | rounds | src CPU s | dst CPU s | src peak RSS MiB | x vs naive")
+           "| MB while down | rounds | fill ms | remote faults | fault p50/p99 ms | MB after commit "
+           "| src CPU s | dst CPU s | src peak RSS MiB | x vs naive")
 
 
 def table(gs: list[Group]) -> str:
@@ -111,6 +112,10 @@ def table(gs: list[Group]) -> str:
             _fmt(_div(g.p50(lambda r: r.get("bytes_total")), 1e6), 1),
             _fmt(_div(g.p50(lambda r: r.get("frozen_bytes")), 1e6), 1),
             _fmt(g.p50(lambda r: r.get("rounds_count")), 0),
+            _fmt(g.p50(lambda r: r.get("fill_ms")), 0),
+            _fmt(g.p50(lambda r: r.get("remote_faults")), 0),
+            _latency(g),
+            _fmt(_div(g.p50(lambda r: r.get("bytes_after_commit")), 1e6), 1),
             _fmt(g.p50(lambda r: r.get("src_cpu_s")), 2),
             _fmt(g.p50(lambda r: r.get("dst_cpu_s")), 2),
             _fmt(_div(g.p50(lambda r: r.get("src_max_rss_kib")), 1024), 0),
@@ -118,6 +123,12 @@ def table(gs: list[Group]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _latency(g: Group) -> str:
+    p50 = g.p50(lambda r: (r.get("fault_latency_ms") or {}).get("p50"))
+    p99 = g.p50(lambda r: (r.get("fault_latency_ms") or {}).get("p99"))
+    return "–" if p50 is None or p99 is None else f"{p50:.2f}/{p99:.2f}"
 
 
 def _div(v: float | None, by: float) -> float | None:

@@ -10,8 +10,9 @@ The exchange, from CRIU 4.2's ``criu/page-xfer.c`` and ``criu/uffd.c`` (same
 32-byte ``struct page_server_iov`` as :mod:`tug.transports.criu_pageserver`):
 
 * The daemon sends ``PS_IOV_GET`` (7) requests: ``nr_pages`` > 0 from
-  ``vaddr`` of the process ``dst_id`` (its pid in the dumped namespace,
-  encoded). It sends several before the first answer; answers come strictly
+  ``vaddr`` of the process ``dst_id``: its pid in the dumped namespace, plain
+  (``request_remote_pages`` passes the pid; unlike the dump direction, no
+  ``encode_pm`` type bits). It sends several before the first answer; answers come strictly
   in request order. A fault asks for one page; the background fill for more.
 * The dump answers each with a header ``PS_IOV_ADD_F | PE_PRESENT << 16`` with
   the same ``vaddr`` and ``dst_id`` and ``0 < nr_pages <= asked`` (fewer when
@@ -30,6 +31,7 @@ its own input).
 from __future__ import annotations
 
 import collections
+import struct
 from dataclasses import dataclass
 from typing import Final
 
@@ -50,6 +52,7 @@ from tug.transports.criu_pageserver import (
 ANSWER_CMD: Final = PS_IOV_ADD_F | PE_PRESENT << PS_CMD_BITS
 #: The status that answers a close.
 STATUS_SIZE: Final = 4
+_STATUS: Final = struct.Struct("=i")
 
 
 class LazyProtocolError(ProtocolError):
@@ -78,6 +81,69 @@ class Served:
     def fault(self) -> bool:
         """CRIU asks for exactly one page when a process faults on it."""
         return self.asked == 1
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    """A ``PS_IOV_GET``: ``nr_pages`` from ``vaddr`` of the process ``pid`` (dumped namespace)."""
+
+    nr_pages: int
+    vaddr: int
+    pid: int
+    dst_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbye:
+    """``PS_IOV_CLOSE``: answer :func:`goodbye_answer`, then nothing more comes."""
+
+
+class LazyRequests:
+    """The serving side's parser: bytes from a lazy-pages daemon in, :class:`Get` / :class:`Goodbye` out."""
+
+    def __init__(self, *, max_pages: int = MAX_ENTRY_PAGES) -> None:
+        self.max_pages = max_pages
+        self._buf = bytearray()
+        self._closed = False
+        self._dead: str | None = None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Get | Goodbye]:
+        if self._dead is not None:
+            raise LazyProtocolError(f"lazy-pages stream already broken: {self._dead}")
+        self._buf += data
+        out: list[Get | Goodbye] = []
+        while len(self._buf) >= HEADER.size:
+            cmd, nr_pages, vaddr, dst_id = HEADER.unpack_from(self._buf)
+            del self._buf[: HEADER.size]
+            why = None
+            if self._closed:
+                why = "a request after the close"
+            elif cmd in (PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE):
+                self._closed = True
+                out.append(Goodbye())
+                continue
+            elif cmd != PS_IOV_GET:
+                why = f"unexpected command {cmd:#x} from the lazy-pages daemon"
+            elif not 0 < nr_pages <= self.max_pages or vaddr % PAGE_SIZE or vaddr + nr_pages * PAGE_SIZE > 1 << 64:
+                why = f"bad request: {nr_pages} pages at {vaddr:#x}"
+            elif not 0 < dst_id < 1 << 31:
+                why = f"bad request: no such pid ({dst_id:#x})"
+            if why is not None:
+                self._dead = why
+                raise LazyProtocolError(why)
+            out.append(Get(nr_pages, vaddr, dst_id, dst_id))
+        return out
+
+
+def pages_answer(get: Get, nr_pages: int) -> bytes:
+    """The header that precedes ``nr_pages`` (``0 <`` ... ``<= get.nr_pages``) pages from ``get.vaddr``."""
+    if not 0 < nr_pages <= get.nr_pages:
+        raise ValueError(f"an answer carries 1..{get.nr_pages} pages, not {nr_pages}")
+    return HEADER.pack(ANSWER_CMD, nr_pages, get.vaddr, get.dst_id)
+
+
+def goodbye_answer(status: int = 0) -> bytes:
+    return _STATUS.pack(status)
 
 
 class LazyWatch:

@@ -21,6 +21,7 @@ from tug.engine import records, rootfs
 from tug.engine.criu.pageserver import PageServer
 from tug.engine.destination.lazypages import LazyPages
 from tug.engine.destination.pagestore import PageStore
+from tug.engine.destination.storeserver import StorePageServer
 from tug.engine.errors import ConfigError, IntegrityError, MigrationError, ProtocolError
 from tug.engine.hostcfg import HostConfig
 from tug.engine.pagestream import RunDecoder
@@ -56,6 +57,8 @@ class Incoming:
     page_servers: dict[int, PageServer] = field(default_factory=dict)
     #: The lazy-pages daemon of a lazy restore, until it has filled the memory.
     lazy: LazyPages | None = None
+    #: The agent's page server feeding that daemon from the page store (after pre-copy).
+    store_server: StorePageServer | None = None
     #: The task running the restore call, while it runs: an abort or a lost
     #: session cancels it before deciding (a restore finishing after the
     #: cleanup would leave an orphan container).
@@ -257,3 +260,5 @@ async def stop_criu_daemons(inc: Incoming) -> None:
         await ps.kill()
     if inc.lazy is not None:
         await inc.lazy.kill()
+    if inc.store_server is not None:
+        await inc.store_server.close()

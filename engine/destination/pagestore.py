@@ -27,12 +27,19 @@ order, its segment simply *is* the pages image and is renamed into place.
 
 A page the pagemap needs but no segment holds is an error, never a hole of
 zeros: correctness does not depend on the layout.
+
+Served lazily: CRIU's lazy-pages daemon cannot read parent images, so a lazy
+restore gets the pages another way. :meth:`PageStore.rebuild_lazy` announces
+every lazy page as lazy only (as CRIU's own lazy dump does), and the agent's
+page server (``storeserver.py``) answers the daemon's requests straight from
+the segments (:meth:`PageStore.run_at`): nothing is copied or loaded inside
+the downtime, and the processes run before their memory is in place.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tug.engine.criu import images
@@ -143,6 +150,22 @@ def _subtract(a: list[Run], b: list[Run]) -> list[Run]:
     return out
 
 
+def _process_pagemaps(images_dir: Path) -> Iterator[tuple[int, Path, images.Pagemap, Path]]:
+    """Each process's pagemap in ``images_dir``: (pid, its path, it, the path of its pages image)."""
+    for pm_path in sorted(images_dir.glob("pagemap-*.img")):
+        pid = images.process_pagemap_pid(pm_path.name)
+        if pid is not None:
+            pm = images.read_pagemap(pm_path.read_bytes())
+            yield pid, pm_path, pm, images_dir / images.pages_file_name(pm.pages_id)
+
+
+def _runs_in(proc: _ProcessPages | None, first: int, n: int) -> list[Run]:
+    """Which of pages ``first``..``first+n`` the store holds, as runs."""
+    if proc is None:
+        return []
+    return _coalesce((p, 1) for p in range(first, first + n) if p in proc.index)
+
+
 def _level_entries(present: list[Run], parent: list[Run]) -> list[images.PagemapEntry]:
     """A level's pagemap: ``present`` pages in its file, ``parent`` pages below it."""
     tagged = sorted([(f, n, images.PE_PRESENT) for f, n in present] + [(f, n, images.PE_PARENT) for f, n in parent])
@@ -167,16 +190,65 @@ class PageStore:
             proc = self._procs[pid] = _ProcessPages(self.root, pid)
         proc.write(vaddr, memoryview(data))
 
+    def run_at(self, pid: int, first: int, n: int) -> tuple[int, int, int] | None:
+        """Where pages ``first``.. of ``pid`` are: (fd, byte offset, how many of the ``n`` lie
+        contiguously from there in one segment); None if the first page is not here."""
+        proc = self._procs.get(pid)
+        slot = proc.index.get(first) if proc is not None else None
+        if proc is None or slot is None:
+            return None
+        count = 1
+        while count < n and proc.index.get(first + count) == (slot[0], slot[1] + count * PAGE):
+            count += 1
+        return proc.segments[slot[0]].fd, slot[1], count
+
+    def rebuild_lazy(self, images_dir: Path) -> dict[str, int]:
+        """Images for a lazy restore served from this store (module doc: "served lazily").
+
+        Every page CRIU marked lazy stays here and is announced as lazy only
+        (``PE_LAZY`` without ``PE_PRESENT``, as CRIU's own lazy dump writes
+        it): the lazy-pages daemon will ask for it. The few pages CRIU restores
+        itself (present, not lazy) are copied into the pages image. A page the
+        pagemap needs that the store lacks fails here, before the restore.
+        """
+        stats = {"lazy_pages": 0, "copied_pages": 0}
+        for pid, pm_path, pm, target in _process_pagemaps(images_dir):
+            if target.exists():
+                raise MigrationError(f"{target.name} was sent whole: a lazy restore from the page store cannot use it")
+            proc = self._procs.get(pid)
+            entries: list[images.PagemapEntry] = []
+            with open(target, "wb") as out:
+                for e in pm.entries:
+                    if e.flags & images.PE_PARENT:
+                        raise MigrationError(f"pagemap of pid {pid} refers to a parent image: not served from the store")
+                    if not e.present:
+                        entries.append(e)
+                        continue
+                    first = e.vaddr // PAGE
+                    missing = _subtract([(first, e.nr_pages)], _runs_in(proc, first, e.nr_pages))
+                    if missing:
+                        raise MigrationError(
+                            f"page store has no copy of page {missing[0][0] * PAGE:#x} of pid {pid}: "
+                            "source and destination disagree"
+                        )
+                    if e.flags & images.PE_LAZY:
+                        entries.append(images.PagemapEntry(vaddr=e.vaddr, nr_pages=e.nr_pages, flags=e.flags & ~images.PE_PRESENT))
+                        stats["lazy_pages"] += e.nr_pages
+                    else:
+                        assert proc is not None
+                        for k in range(e.nr_pages):
+                            seg, off = proc.index[first + k]
+                            out.write(os.pread(self._procs[pid].segments[seg].fd, PAGE, off))
+                        entries.append(e)
+                        stats["copied_pages"] += e.nr_pages
+            pm_path.write_bytes(images.write_pagemap(images.Pagemap(pages_id=pm.pages_id, entries=tuple(entries))))
+        return stats
+
     def rebuild(self, images_dir: Path) -> dict[str, int]:
         """Make every process pages image the restore needs readable by CRIU (module doc)."""
         stats = {"renamed_files": 0, "empty_files": 0, "chained_processes": 0, "chain_levels": 0, "rebuilt_pages": 0}
         chained: dict[int, tuple[Path, images.Pagemap, list[Run]]] = {}
-        for pm_path in sorted(images_dir.glob("pagemap-*.img")):
-            pid = images.process_pagemap_pid(pm_path.name)
-            if pid is None:
-                continue
-            pm = images.read_pagemap(pm_path.read_bytes())
-            target = images_dir / images.pages_file_name(pm.pages_id)
+        for pid, pm_path, pm, target in _process_pagemaps(images_dir):
             if target.exists():
                 continue  # sent whole
             needed = _coalesce((v // PAGE, n) for v, n, _ in images.page_layout(pm))

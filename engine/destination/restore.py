@@ -25,6 +25,7 @@ from tug.engine.destination.incoming import (
 )
 from tug.engine.destination.lazypages import LazyPages
 from tug.engine.destination.leftovers import kill_cgroup_of
+from tug.engine.destination.storeserver import StorePageServer
 from tug.engine.errors import CriuError, MigrationError, ProtocolError, RanThenFailed
 from tug.engine.fsutil import remove_tree
 from tug.transports.forward import LOOPBACK
@@ -81,11 +82,20 @@ class RestoreCalls(AgentState):
         container = inc.name
         if tcp_close:
             self._criu_config(inc, ["tcp-close"])
+        if lazy_source_port is not None and (not lazy or rebuild_pages or not 0 < lazy_source_port < 65536):
+            raise ProtocolError(f"a post-copy restore of {container!r} is lazy and needs no page store")
         if rebuild_pages:
             if inc.store is None:
                 raise ProtocolError("asked to rebuild pages images, but no pages were received")
             t_rebuild = time.monotonic()
-            inc.stats.update(await asyncio.to_thread(inc.store.rebuild, inc.images))
+            if lazy:
+                # The pages stay in the store; the agent serves them to the
+                # lazy-pages daemon (storeserver.py): no chain, no copy.
+                inc.stats.update(await asyncio.to_thread(inc.store.rebuild_lazy, inc.images))
+                inc.store_server = StorePageServer(inc.store, container)
+                lazy_source_port = await inc.store_server.start()
+            else:
+                inc.stats.update(await asyncio.to_thread(inc.store.rebuild, inc.images))
             inc.stats["rebuild_ms"] = int((time.monotonic() - t_rebuild) * 1000)
             log.info("rebuilt pages images of %s: %s", container, inc.stats)
         (inc.bundle / INCOMING_MARKER).unlink(missing_ok=True)
@@ -96,10 +106,7 @@ class RestoreCalls(AgentState):
         # CRIU's lazy-pages daemon cannot read pages from parent images (a
         # page it finds in a parent is read but never handed to the faulting
         # process: the restore hangs), so a chained page store restores eagerly.
-        chained = (inc.images / "parent").is_symlink()
-        if lazy_source_port is not None and (not lazy or chained or not 0 < lazy_source_port < 65536):
-            raise ProtocolError(f"a post-copy restore of {container!r} needs a lazy restore of unchained images")
-        lazy = lazy and not chained
+        lazy = lazy and not (inc.images / "parent").is_symlink()
         inc.stats["lazy"] = int(lazy)
         if lazy:
             inc.lazy = LazyPages(inc.images, inc.criu_work, remote_port=lazy_source_port)
@@ -148,7 +155,10 @@ class RestoreCalls(AgentState):
             inc.broken = True
             await self._kill_restored(inc)
             raise
-        return {"lazy_ms": (time.monotonic() - t0) * 1000}
+        out: dict[str, Any] = {"lazy_ms": (time.monotonic() - t0) * 1000}
+        if inc.store_server is not None:
+            out.update(inc.store_server.stats())
+        return out
 
     async def call_admit_lazy_peer(self, container: str, port: int, peer_port: int) -> dict[str, Any]:
         """Post-copy: may the process at ``127.0.0.1:peer_port`` here fetch the frozen memory?

@@ -336,6 +336,9 @@ class Migration(FailureHandling):
             self.tally.lazy_fill_ms = float(settled.get("lazy_ms", 0.0))
             self.tally.fill = self.strategy.fill_stats()
             self.note(f"memory filled in place on {self.target.host} in {self.tally.lazy_fill_ms:.0f} ms")
+            if isinstance(settled.get("store_pages"), int):
+                self.note(f"the page store served {settled['store_pages']} pages to the fill "
+                          f"({settled.get('store_requests')} requests, {settled.get('store_faults')} of them faults)")
             if self.strategy.dump_keeps_serving:
                 try:
                     await self.strategy.after_fill()

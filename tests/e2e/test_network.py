@@ -140,7 +140,7 @@ def test_rollback_keeps_connections(lab: Lab, demo: str, fault: str, phase: str,
             if fault == "restore-refused":
                 refuse_restore_on(lab, "a", demo, "b", tmp_path)
             else:
-                stack.enter_context(endpoint_name_taken("b", demo))
+                stack.enter_context(endpoint_name_taken(lab, "b", demo))
             res = migrate("a", demo, lab.url("b"))
         assert res.returncode == 1
         report = res.json()

@@ -170,13 +170,13 @@ def refuse_restore_on(lab: Lab, src: str, name: str, host: str, hook_dir: Path) 
 
 
 @contextlib.contextmanager
-def endpoint_name_taken(host: str, name: str) -> Iterator[str]:
+def endpoint_name_taken(lab: Lab, host: str, name: str) -> Iterator[str]:
     """The veth name ``name``'s endpoint needs on ``host`` is already in use there.
 
     Another interface holds it on the bridge's side, as a leftover of some
     other tool would: creating the container's endpoint fails for real.
     """
-    net = labhosts.require().host(host).network()
+    net = labhosts.require(lab.layout).host(host).network()
     outer = net.outer(name)
     peer = f"tx{name[:10]}"
     subprocess.run(["ip", "-n", net.bridge_netns or "", "link", "add", outer, "type", "veth", "peer", "name", peer], check=True)

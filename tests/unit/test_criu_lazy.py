@@ -6,10 +6,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tug.transports.criu_lazy import ANSWER_CMD, LazyProtocolError, LazyWatch, Served
+from tug.transports.criu_lazy import (
+    ANSWER_CMD,
+    Get,
+    Goodbye,
+    LazyProtocolError,
+    LazyRequests,
+    LazyWatch,
+    Served,
+    goodbye_answer,
+    pages_answer,
+)
 from tug.transports.criu_pageserver import HEADER, PAGE_SIZE, PS_IOV_CLOSE, PS_IOV_GET
 
-PID = 1 << 8 | 1  # pid 1's pagemap (encode_pm)
+PID = 1  # PS_IOV_GET carries the plain pid
 
 
 def get(nr: int, vaddr: int) -> bytes:
@@ -57,7 +67,7 @@ def test_byte_by_byte() -> None:
         (get(1, 0x7000), HEADER.pack(ANSWER_CMD, 2, 0x7000, PID), "for a request of 1"),  # more than asked
         (get(4, 0x7000), HEADER.pack(ANSWER_CMD, 0, 0x7000, PID), "0 pages"),  # zero pages
         (get(1, 0x7000), HEADER.pack(ANSWER_CMD, 1, 0x8000, PID), "at 0x8000"),  # another address
-        (get(1, 0x7000), HEADER.pack(ANSWER_CMD, 1, 0x7000, PID + 256), "for a request"),  # another process
+        (get(1, 0x7000), HEADER.pack(ANSWER_CMD, 1, 0x7000, PID + 1), "for a request"),  # another process
         (b"", answer(1, 0x7000), "nobody asked"),
         (get(0, 0x7000), b"", "bad request"),
         (get(1, 0x7001), b"", "bad request"),
@@ -104,3 +114,51 @@ def test_valid_exchanges_in_any_chunking(runs: list[tuple[int, int]], chunk: int
         served += w.answers(answers[i : i + chunk], now=1.0)
     assert [(s.asked, s.pages) for s in served] == [(asked, min(got, asked)) for asked, got in runs]
     assert w.outstanding == 0
+
+
+# ---- the serving side (tug's own lazy page server on the destination) ----
+
+
+def test_requests_whole_and_byte_by_byte() -> None:
+    whole = LazyRequests().feed(REQUESTS)
+    assert whole == [Get(1, 0x7000, 1, PID), Get(16, 0x10000, 1, PID), Goodbye()]
+    r = LazyRequests()
+    events = []
+    for i in range(len(REQUESTS)):
+        events += r.feed(REQUESTS[i : i + 1])
+    assert events == whole
+    assert pages_answer(whole[1], 9) == HEADER.pack(ANSWER_CMD, 9, 0x10000, PID)
+    assert goodbye_answer() == b"\0\0\0\0"
+    with pytest.raises(ValueError):
+        pages_answer(whole[0], 2)
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (get(0, 0x7000), "bad request"),
+        (get(1, 0x7001), "bad request"),
+        (HEADER.pack(PS_IOV_GET, 1, 0x7000, 0), "no such pid"),
+        (HEADER.pack(PS_IOV_GET, 1, 0x7000, 1 << 40), "no such pid"),
+        (HEADER.pack(PS_IOV_GET, 2, (1 << 64) - 4096, PID), "bad request"),  # wraps
+        (HEADER.pack(3, 1, 0, PID), "unexpected command"),
+        (HEADER.pack(PS_IOV_CLOSE, 0, 0, 0) + get(1, 0), "after the close"),
+    ],
+)
+def test_bad_requests(data: bytes, why: str) -> None:
+    r = LazyRequests()
+    with pytest.raises(LazyProtocolError, match=why):
+        r.feed(data)
+    with pytest.raises(LazyProtocolError, match="already broken"):
+        r.feed(b"")
+
+
+@given(st.binary(max_size=400), st.integers(1, 64))
+def test_request_garbage_is_a_protocol_error_or_valid_events(data: bytes, chunk: int) -> None:
+    r = LazyRequests()
+    try:
+        for i in range(0, len(data), chunk):
+            for ev in r.feed(data[i : i + chunk]):
+                assert isinstance(ev, Goodbye) or (ev.nr_pages > 0 and ev.vaddr % PAGE_SIZE == 0 and ev.pid > 0)
+    except LazyProtocolError:
+        pass
