@@ -22,10 +22,10 @@ keeping up with 1 gbit (~110 MiB/s) costs ~2% of a core instead of ~9%.
 Digests are incremental (:class:`Digest`) so that files and runs are
 digested chunk by chunk as they stream, never read twice.
 
-Not covered: memory that CRIU itself sends to a ``criu page-server`` on the
-destination (the streamed stop-copy dump, soft-dirty rounds) passes through
-tug only as opaque bytes in an SSH forward; there SSH's MAC and CRIU are
-the checks.
+Memory that CRIU itself sends to a ``criu page-server`` on the destination
+(the streamed stop-copy dump, soft-dirty rounds) passes through tug only in
+an SSH forward: it is digested per pagemap as it passes and checked in the
+pages images once written (:mod:`tug.engine.criu.dumpdigest`).
 """
 
 from __future__ import annotations

@@ -38,9 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from tug.engine.criu.daemon import CriuDaemon
+from tug.engine.criu.dumpdigest import StreamDigest
 from tug.engine.criu.tool import criu_binary, log_error_lines
 from tug.engine.criu.uncork import peer_is_criu, uncork_peer
-from tug.engine.errors import CriuError
+from tug.engine.errors import CriuError, IntegrityError
 from tug.engine.progress import Meter
 from tug.transports.session import Session
 from tug.transports.ssh import LOOPBACK, AgentProcess, PortForward
@@ -164,6 +165,7 @@ class RemotePageServer:
         self.container = container
         self.ident = ident
         self.forward = forward
+        self.digest = StreamDigest()
 
     @classmethod
     async def start(
@@ -183,7 +185,10 @@ class RemotePageServer:
         # from here, or every streamed dump ends with a 200 ms wait (uncork.py).
         fwd.on_first_data = lambda ours, peer: _uncork_later(ours, peer)
         fwd.admit = peer_is_criu  # only root's CRIU (by uid and binary, not name) may feed pages
-        return cls(session, container, int(res["id"]), fwd)
+        ps = cls(session, container, int(res["id"]), fwd)
+        # The pages are digested as they pass, and checked there once written (dumpdigest.py).
+        fwd.tap = lambda from_peer, data: None if from_peer else ps.digest.feed(data)
+        return ps
 
     @property
     def address(self) -> str:
@@ -199,10 +204,17 @@ class RemotePageServer:
 
         Raises the server's CriuError (with its kept log) if it failed.
         """
+        digests = None if self.digest.error is not None else self.digest.digests
         try:
-            return await self.session.call("page_server_wait", container=self.container, id=self.ident)
+            res = await self.session.call("page_server_wait", container=self.container, id=self.ident, digests=digests)
         finally:
             self.forward.close()
+        if self.digest.error is not None:
+            raise IntegrityError(
+                f"the pages streamed to the CRIU page server could not be followed ({self.digest.error}): "
+                "they cannot be verified"
+            )
+        return res
 
     @contextlib.asynccontextmanager
     async def progress(self, meter: Meter) -> AsyncIterator[None]:

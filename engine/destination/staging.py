@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from tug.engine import rootfs
+from tug.engine.criu.dumpdigest import verify_pages_images
 from tug.engine.criu.pageserver import PageServer, pages_bytes
 from tug.engine.destination.incoming import (
     INCOMING_MARKER,
@@ -159,9 +160,13 @@ class StagingCalls(AgentState):
             raise
         return {"id": ident, "port": port, "ms": (time.monotonic() - t0) * 1000}
 
-    async def call_page_server_wait(self, container: str, id: int) -> dict[str, Any]:
+    async def call_page_server_wait(
+        self, container: str, id: int, digests: dict[str, list[int]] | None = None
+    ) -> dict[str, Any]:
         """Reap a page server after its session (it exits once it has written
-        everything); a failure raises its CriuError with the log kept."""
+        everything); a failure raises its CriuError with the log kept. Then
+        its pages images are checked against the source's ``digests``
+        (criu/dumpdigest.py)."""
         inc = self._get(container)
         ps = inc.page_servers.get(id)
         if ps is None:
@@ -170,4 +175,7 @@ class StagingCalls(AgentState):
         if rc != 0:
             ps.reported = True
             raise ps.failure(kept_log=self._keep_log(inc, ps.log.name))
-        return {"exit": rc, "pages_bytes": pages_bytes(ps.images_dir)}
+        if not isinstance(digests, dict):
+            raise ProtocolError("a page server's pages come with the source's digests")
+        checked = await asyncio.to_thread(verify_pages_images, ps.images_dir, digests)
+        return {"exit": rc, "pages_bytes": pages_bytes(ps.images_dir), "verified_bytes": checked}
