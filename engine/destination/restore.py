@@ -16,6 +16,7 @@ import resource
 import time
 from typing import Any
 
+from tug.engine.criu.stats import criu_restore_steps
 from tug.engine.criu.uncork import peer_is_criu
 from tug.engine.destination.incoming import (
     INCOMING_MARKER,
@@ -122,13 +123,14 @@ class RestoreCalls(AgentState):
             exc.log_path = self._keep_log(inc, "restore.log") or exc.log_path
             raise
         inc.restored = True
+        steps = criu_restore_steps(inc.criu_work)
         if inc.lazy is not None:
             inc.stats["uffds_held"] = len(inc.lazy.held)
         if inc.endpoint is not None:
             staged, inc.staged_frames = inc.staged_frames, []
             inc.stats.update(await inc.endpoint.after_restore(staged + list(frames or ())))
         st = await self.runc.require(container)
-        return {"pid": st.pid, "status": st.status, "restore_ms": (time.monotonic() - t0) * 1000, **inc.stats}
+        return {"pid": st.pid, "status": st.status, "restore_ms": (time.monotonic() - t0) * 1000, **steps, **inc.stats}
 
     def _criu_config(self, inc: Incoming, options: list[str]) -> None:
         """Point runc at a CRIU config file for this restore (org.criu.config)."""

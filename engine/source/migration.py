@@ -29,6 +29,7 @@ from pathlib import Path
 
 from tug.engine.criu import tool as criu
 from tug.engine.criu.pageserver import RemotePageServer
+from tug.engine.criu.stats import criu_dump_steps
 from tug.engine.errors import (
     MigrationError,
     PhaseTimeoutError,
@@ -245,6 +246,7 @@ class Migration(FailureHandling):
             await self.strategy.final_dump(dump, self.final_ps.address if self.final_ps is not None else None)
         self.tally.timings["pause_ms"] = (t_dump - self.tally.frozen_at) * 1000
         self.tally.timings["dump_ms"] = (time.monotonic() - t_dump) * 1000
+        self.tally.timings.update(criu_dump_steps(self.work / "criu"))
         st = await self.runc.require(self.name)
         # A dump that goes on serving the memory holds the processes stopped
         # itself (the freezer is thawed meanwhile), until it ends.
@@ -323,7 +325,7 @@ class Migration(FailureHandling):
                 return done
 
             self.tally.held_frames = await self.net.hand_over(len(frames), res, deliver)
-        for key in ("restore_ms", "rebuild_ms", "network_up_ms"):
+        for key in ("restore_ms", "rebuild_ms", "network_up_ms", "criu_restore_ms", "criu_forking_ms"):
             if isinstance(res.get(key), (int, float)):
                 self.tally.timings[key] = float(res[key])
         self.note(f"restored on {self.target.host} as pid {res.get('pid')} in {res.get('restore_ms', 0):.0f} ms")

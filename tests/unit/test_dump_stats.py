@@ -17,7 +17,7 @@ import struct
 import pytest
 
 from tug.engine.criu.images import IMG_SERVICE_MAGIC, STATS_MAGIC
-from tug.engine.criu.stats import DumpStats, read_dump_stats
+from tug.engine.criu.stats import DumpStats, read_dump_stats, read_restore_stats
 from tug.engine.errors import ImageFormatError
 
 PLAIN = bytes.fromhex(
@@ -91,3 +91,14 @@ def test_shared_memory_counts_as_dirty_and_unknown_fields_are_skipped() -> None:
 def test_malformed_stats_are_refused(data: bytes, match: str) -> None:
     with pytest.raises(ImageFormatError, match=match):
         read_dump_stats(data)
+
+
+def test_restore_stats() -> None:
+    st = read_restore_stats(_image(_varints({1: 10, 2: 20, 3: 3000, 4: 4000, 5: 7}), field=2))
+    assert (st.forking_time_us, st.restore_time_us, st.pages_compared, st.pages_skipped_cow, st.pages_restored) == (
+        3000, 4000, 10, 20, 7
+    )
+    with pytest.raises(ImageFormatError, match="no restore statistics"):
+        read_restore_stats(_image(_varints({1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6, 7: 7, 9: 9})))
+    with pytest.raises(ImageFormatError, match="lack required fields: restore_time_us"):
+        read_restore_stats(_image(_varints({1: 10, 2: 20, 3: 3000}), field=2))
