@@ -75,6 +75,16 @@ import json, sys
 r = json.load(sys.stdin)
 print("ok=%s counter=%s memory_check=%s resets=%d" % (r["ok"], r["counter"], r["verify"]["ok"], r["heartbeat"]["resets"]))
 sys.exit(0 if r["ok"] else 1)'
+
+step "and to b once more with post-copy (b runs first, its memory follows from the frozen a)"
+client_start
+$TUG lab run a -- tug migrate demo --to "$($TUG lab url b)" --strategy postcopy
+client_stop
+$TUG lab check b demo | $PY -c '
+import json, sys
+r = json.load(sys.stdin)
+print("ok=%s counter=%s memory_check=%s resets=%d" % (r["ok"], r["counter"], r["verify"]["ok"], r["heartbeat"]["resets"]))
+sys.exit(0 if r["ok"] else 1)'
 $TUG lab status
 
 step "done: the lab stays up for you to play with ('tug lab down${TUG_LAB:+ --lab $TUG_LAB}' removes it)"
