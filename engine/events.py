@@ -120,10 +120,10 @@ class MigrationReport:
     commit_point: str | None = None
     #: From running to every page in place (the same as lazy_fill_ms).
     fill_ms: float | None = None
-    #: Post-copy: pages the destination's processes faulted on and fetched
-    #: from the source (one-page requests), and how long each took (p50, p99):
-    #: from the request reaching the source to its last byte leaving it, plus
-    #: the link's round trip measured before the freeze (``link_rtt``).
+    #: Post-copy: page faults of the destination's processes, each served
+    #: from the source. ``fault_latency_ms`` (p50, p99), for every lazy
+    #: restore: from a fault to its page in place, as the destination's
+    #: lazy-pages daemon logged them (the wait the faulting thread had).
     remote_faults: int | None = None
     fault_latency_ms: dict[str, float] | None = None
     #: Wire bytes after the destination ran (the fill, the commit).

@@ -102,10 +102,6 @@ class Agent(StagingCalls, RestoreCalls):
             "lazy_restore": await criu.has_feature("uffd-noncoop"),
         }
 
-    async def call_ping(self) -> dict[str, Any]:
-        """Nothing: the source times the round trip (post-copy's fault latency includes one)."""
-        return {}
-
     async def call_abort(self, container: str) -> dict[str, Any]:
         """Roll back what did not run; keep what ran (the one-copy rule).
 

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import re
 from collections.abc import Awaitable
 from pathlib import Path
 
@@ -177,3 +178,57 @@ def uffd_fds_of(pid: int, skip: set[int] | None = None) -> list[int]:
     finally:
         os.close(pidfd)
     return out
+
+
+_LOG_LINE = re.compile(
+    r"^\((\d+\.\d+)\) uffd: (\d+-\d+): (?:#PF at 0x([0-9a-f]+)|uffd_copy: 0x([0-9a-f]+)/(\d+)|zero page at 0x([0-9a-f]+))$"
+)
+
+
+def fault_latencies(log_text: str) -> list[float]:
+    """Seconds from each page fault to its page being in place, as the daemon saw them.
+
+    From the daemon's own ``-v4`` log: ``#PF at A`` when a process faults,
+    then the ``uffd_copy: DST/LEN`` (or ``zero page at A``) that fills it,
+    for the same process and userfaultfd. This is the wait the faulting
+    thread had, request and answer included, whatever the pages' source.
+    """
+    pending: dict[str, list[tuple[int, float]]] = {}
+    out: list[float] = []
+    for line in log_text.splitlines():
+        m = _LOG_LINE.match(line)
+        if m is None:
+            continue
+        t, who = float(m.group(1)), m.group(2)
+        if m.group(3) is not None:
+            pending.setdefault(who, []).append((int(m.group(3), 16), t))
+            continue
+        if m.group(4) is not None:
+            lo = int(m.group(4), 16)
+            hi = lo + int(m.group(5))
+        else:
+            lo = int(m.group(6), 16)
+            hi = lo + 1
+        waiting = pending.get(who)
+        if not waiting:
+            continue
+        left = []
+        for addr, t0 in waiting:
+            if lo <= addr < hi:
+                out.append(t - t0)
+            else:
+                left.append((addr, t0))
+        pending[who] = left
+    return out
+
+
+def latency_summary(latencies: list[float]) -> dict[str, float]:
+    """p50 and p99 in ms (empty without faults)."""
+    if not latencies:
+        return {}
+    lat = sorted(latencies)
+
+    def pick(q: float) -> float:
+        return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000
+
+    return {"p50": pick(0.50), "p99": pick(0.99)}

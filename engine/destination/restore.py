@@ -24,7 +24,7 @@ from tug.engine.destination.incoming import (
     Incoming,
     stop_criu_daemons,
 )
-from tug.engine.destination.lazypages import LazyPages
+from tug.engine.destination.lazypages import LazyPages, fault_latencies, latency_summary
 from tug.engine.destination.leftovers import kill_cgroup_of
 from tug.engine.destination.storeserver import StorePageServer
 from tug.engine.errors import CriuError, MigrationError, ProtocolError, RanThenFailed
@@ -158,6 +158,9 @@ class RestoreCalls(AgentState):
             await self._kill_restored(inc)
             raise
         out: dict[str, Any] = {"lazy_ms": (time.monotonic() - t0) * 1000}
+        with contextlib.suppress(OSError):
+            lat = fault_latencies(await asyncio.to_thread(inc.lazy.log.read_text, errors="replace"))
+            out.update({"faults": len(lat), "fault_latency_ms": latency_summary(lat)})
         if inc.store_server is not None:
             out.update(inc.store_server.stats())
         return out

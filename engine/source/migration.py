@@ -336,7 +336,13 @@ class Migration(FailureHandling):
             # for that, so a failure here still resumes the source.
             settled = await self.s.call("settle", container=self.name, timeout=self.opts.timeout(Phase.RESTORE.value) + 30)
             self.tally.lazy_fill_ms = float(settled.get("lazy_ms", 0.0))
-            self.tally.fill = self.strategy.fill_stats()
+            self.tally.fill = fill = self.strategy.fill_stats()
+            # The destination's lazy-pages daemon logged each fault and when its page landed.
+            if isinstance(settled.get("faults"), int) and fill.get("faults_are_remote"):
+                fill["remote_faults"] = settled["faults"]
+            lat = settled.get("fault_latency_ms")
+            if isinstance(lat, dict) and all(isinstance(v, (int, float)) for v in lat.values()):
+                fill["fault_latency_ms"] = {str(k): float(v) for k, v in lat.items()}
             self.note(f"memory filled in place on {self.target.host} in {self.tally.lazy_fill_ms:.0f} ms")
             if isinstance(settled.get("store_pages"), int):
                 self.note(f"the page store served {settled['store_pages']} pages to the fill "
