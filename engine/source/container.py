@@ -56,10 +56,43 @@ async def inspect_container(runc: Runc, name: str, host: HostConfig) -> SourceCo
         )
     if endpoint is not None and host.network is None:
         raise PreconditionError(f"container {name!r} has a network endpoint but TUG_BRIDGE is not set here")
+    volumes = host_volumes(spec)
+    if volumes:
+        raise PreconditionError(
+            f"container {name!r} mounts host storage ({', '.join(volumes)}): tug moves a container's rootfs "
+            "but not its volumes yet, and the same path on the destination need not hold the same data; "
+            "nothing was changed"
+        )
     return SourceContainer(
         name=name, bundle=st.bundle, rootfs=root if root.is_absolute() else st.bundle / root,
         config_raw=config_raw, endpoint=endpoint,
     )
+
+
+#: Mount types a container gets from the kernel, not from the host's storage.
+KERNEL_FILESYSTEMS = frozenset({
+    "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2", "devtmpfs", "securityfs", "debugfs",
+    "tracefs", "hugetlbfs", "bpf", "pstore",
+})  # fmt: skip
+
+
+def host_volumes(spec: dict[str, Any]) -> list[str]:
+    """The mounts of a runc config that bring host storage in (``source -> destination``).
+
+    Bind mounts (by type or option) and block or network file systems: their
+    data lives outside the rootfs tug moves. Kernel file systems (proc, sysfs,
+    tmpfs, ...) are recreated by the restore and are fine.
+    """
+    out = []
+    for m in spec.get("mounts") or []:
+        if not isinstance(m, dict):
+            continue
+        options = m.get("options") or []
+        kind = m.get("type") or ""
+        if kind in KERNEL_FILESYSTEMS and "bind" not in options and "rbind" not in options:
+            continue
+        out.append(f"{m.get('source', '?')} -> {m.get('destination', '?')}")
+    return out
 
 
 async def open_session(
