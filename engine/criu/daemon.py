@@ -47,25 +47,9 @@ class CriuDaemon:
     async def spawn(self, argv_for: Callable[[int], list[str]], timeout: float = 30.0) -> None:
         """Start CRIU with ``argv_for(status_fd)`` and wait until it says it is ready."""
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        r, w = os.pipe()
-        self.argv = argv_for(w)
-        try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *self.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                pass_fds=(w,),
-                start_new_session=True,
-                # Dies with us: an agent killed outright must not leave a page
-                # server or lazy-pages daemon listening behind it.
-                preexec_fn=_die_with_parent,
-            )
-        except BaseException:
-            os.close(r)
-            raise
-        finally:
-            os.close(w)  # only CRIU holds the write end now: its death reads as EOF
+        # Dies with us: an agent killed outright must not leave a page server
+        # or lazy-pages daemon listening behind it.
+        self._proc, r, self.argv = await spawn_with_status_fd(argv_for, die_with_parent=True)
         self._reaper = asyncio.create_task(self._reap(), name=f"tug-criu-{self._proc.pid}")
         try:
             async with asyncio.timeout(timeout):
@@ -140,6 +124,34 @@ class CriuDaemon:
             log_path=log if log.exists() else None,
             error_lines=lines,
         )
+
+
+async def spawn_with_status_fd(
+    argv_for: Callable[[int], list[str]], *, die_with_parent: bool, stdout: int = asyncio.subprocess.DEVNULL
+) -> tuple[asyncio.subprocess.Process, int, list[str]]:
+    """Start ``argv_for(status_fd)`` in a session of its own; returns it, the status pipe's read end and the argv.
+
+    Only the child holds the write end afterwards, so its death reads as EOF
+    (:func:`read_status`). The caller owns the read end.
+    """
+    r, w = os.pipe()
+    argv = argv_for(w)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=asyncio.subprocess.PIPE,
+            pass_fds=(w,),
+            start_new_session=True,
+            preexec_fn=_die_with_parent if die_with_parent else None,
+        )
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    return proc, r, argv
 
 
 async def read_status(fd: int) -> bytes:

@@ -31,7 +31,7 @@ import socket
 from pathlib import Path
 
 from tug.engine import proc
-from tug.engine.criu.daemon import read_status
+from tug.engine.criu.daemon import read_status, spawn_with_status_fd
 from tug.engine.criu.tool import DUMP_STOP, error_lines_from_text, log_error_lines, runs_criu
 from tug.engine.errors import CriuError
 from tug.engine.runtime.network import connect_in_netns
@@ -73,26 +73,18 @@ class LazyDump:
         """Dump; return once CRIU serves the memory (raises CriuError if it never does)."""
         self.image_dir.mkdir(parents=True, exist_ok=True)
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        r, w = os.pipe()
-        runc_argv = self.runc.checkpoint_argv(
-            self.name, image_dir=self.image_dir, work_dir=self.work_dir, tcp_established=True,
-            page_server=f"127.0.0.1:{LAZY_PORT}", lazy_status_fd=w,
-        )  # fmt: skip
-        self.argv = lazy_dump_argv(runc_argv)
-        try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *self.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                pass_fds=(w,),
-                start_new_session=True,
-            )
-        except BaseException:
-            os.close(r)
-            raise
-        finally:
-            os.close(w)
+
+
+        def argv_for(status_fd: int) -> list[str]:
+            return lazy_dump_argv(self.runc.checkpoint_argv(
+                self.name, image_dir=self.image_dir, work_dir=self.work_dir, tcp_established=True,
+                page_server=f"127.0.0.1:{LAZY_PORT}", lazy_status_fd=status_fd,
+            ))  # fmt: skip
+
+        # Not tied to our life: if tug dies, CRIU must end gracefully, not with us (module doc).
+        self._proc, r, self.argv = await spawn_with_status_fd(
+            argv_for, die_with_parent=False, stdout=asyncio.subprocess.PIPE
+        )
         self._reaper = asyncio.create_task(self._proc.communicate(), name=f"tug-lazy-dump-{self._proc.pid}")
         try:
             async with asyncio.timeout(timeout):
