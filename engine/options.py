@@ -24,6 +24,9 @@ DEFAULT_TIMEOUTS: Mapping[str, float] = {
     "checkpoint": 300.0,
     "transfer": 1800.0,
     "restore": 300.0,
+    # The memory of a lazy restore, after the processes run: post-copy moves
+    # all of it over the link here (~11 s per GiB at 1 gbit).
+    "fill": 3600.0,
     "commit": 60.0,
     "rollback": 120.0,
 }

@@ -22,6 +22,9 @@ class Phase(enum.Enum):
     CHECKPOINT = "checkpoint"
     TRANSFER = "transfer"
     RESTORE = "restore"
+    #: A lazy restore's processes run; their memory is still arriving. The
+    #: source stays frozen (the destination ran: it never resumes).
+    FILL = "fill"
     COMMIT = "commit"
     ROLLBACK = "rollback"
     DONE = "done"
@@ -36,7 +39,10 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.PRECOPY: frozenset({Phase.CHECKPOINT, Phase.ROLLBACK}),
     Phase.CHECKPOINT: frozenset({Phase.TRANSFER, Phase.RESTORE, Phase.ROLLBACK}),
     Phase.TRANSFER: frozenset({Phase.RESTORE, Phase.ROLLBACK}),
-    Phase.RESTORE: frozenset({Phase.COMMIT, Phase.ROLLBACK}),
+    Phase.RESTORE: frozenset({Phase.FILL, Phase.COMMIT, Phase.ROLLBACK}),
+    # Rolling back from here never resumes the source (source/rollback.py):
+    # it cleans up around a copy that ran.
+    Phase.FILL: frozenset({Phase.COMMIT, Phase.ROLLBACK}),
     # A commit whose acknowledgement is lost fails without a rollback: the
     # destination's copy has run, so the source must never resume.
     Phase.COMMIT: frozenset({Phase.DONE, Phase.FAILED}),

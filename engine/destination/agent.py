@@ -283,20 +283,21 @@ class Agent(StagingCalls, RestoreCalls):
 
 
     async def _freeze_broken(self, inc: Incoming) -> None:
-        """Freeze a copy that ran and cannot get the rest of its memory; keep it for tug recover.
+        """Keep a copy that ran and cannot get the rest of its memory frozen, for tug recover.
 
-        A thread waiting on a missing page inside a system call cannot always
-        be frozen (the cgroup v1 freezer gives up on it): then the copy is
-        killed instead. Never is it left to run, which it would once the
-        held userfaultfds close, on zero pages.
+        The fill's guard has frozen it already, or killed it where the cgroup
+        v1 freezer cannot take a thread waiting on a page inside a system
+        call. Never is it left to run on zero pages.
         """
         if inc.endpoint is not None:
             await inc.endpoint.cut_off()
-        try:
-            await self.runc.pause(inc.name)
-        except MigrationError as exc:
-            log.error("could not freeze %s (%s): killing it instead", inc.name, exc)
-            await self._kill_restored(inc)
+        st = await self.runc.state(inc.name)
+        if st is not None and st.status == "running":  # the fill's guard freezes it first (uffdguard.py)
+            try:
+                await self.runc.pause(inc.name)
+            except MigrationError as exc:
+                log.error("could not freeze %s (%s): killing it instead", inc.name, exc)
+                await self._kill_restored(inc)
         if inc.lazy is not None:
             self._keep_log(inc, inc.lazy.log.name)
         await self._let_go(inc, "frozen: lost its source mid-fill")

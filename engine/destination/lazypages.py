@@ -16,19 +16,17 @@ A lazy restore only counts as done once the daemon has exited successfully
 
 If the daemon dies first, the kernel releases the processes' userfaultfds
 and every page still missing reads as zeros from then on: a running copy
-with silently corrupted memory. So the agent holds its own duplicate of each
-userfaultfd (:meth:`LazyPages.hold`, via ``pidfd_getfd``) for as long as the
-daemon works: a dead daemon then leaves the faulting threads waiting, and
-the agent freezes or kills the copy before it lets go (:meth:`LazyPages.release`).
+with silently corrupted memory. A guard process (uffdguard.py), which
+outlives the agent, holds duplicates of them until the fill is confirmed,
+and freezes or kills the copy otherwise (:meth:`LazyPages.guarded`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import os
 import re
+import sys
 from collections.abc import Awaitable
 from pathlib import Path
 
@@ -66,9 +64,8 @@ class LazyPages(CriuDaemon):
         self.images_dir = images_dir
         self.work_dir = work_dir
         self.remote_port = remote_port
-        #: Our duplicates of the restored processes' userfaultfds.
-        self.held: list[int] = []
-        self._seen: set[int] = set()  # the daemon's fd numbers we took
+        #: The process that keeps the container from running on zero pages (uffdguard.py).
+        self.guard: asyncio.subprocess.Process | None = None
 
     @property
     def remote(self) -> bool:
@@ -82,102 +79,76 @@ class LazyPages(CriuDaemon):
             timeout,
         )
 
+    async def guarded(self, restore: Awaitable[None], runc_root: Path, name: str) -> None:
+        """Run ``restore`` with the guard taking each userfaultfd as the daemon gets it.
+
+        CRIU hands the daemon each process's userfaultfd during the restore,
+        well before it lets the processes go, so a daemon (or agent) that dies
+        as soon as they run cannot release one. The guard lives in a session
+        of its own: it outlives this agent.
+        """
+        assert self.pid is not None
+        self.guard = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tug.engine.destination.uffdguard", str(self.pid), str(runc_root), name,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            await restore
+        except BaseException:
+            await asyncio.shield(self._verdict("failed"))
+            raise
+        self._tell("restored")
+
+    def _tell(self, word: str) -> None:
+        if self.guard is not None and self.guard.stdin is not None and not self.guard.stdin.is_closing():
+            with contextlib.suppress(OSError, RuntimeError):
+                self.guard.stdin.write(f"{word}\n".encode())
+
+    async def _verdict(self, word: str) -> None:
+        """Tell the guard how the fill ended and wait until it acted (it freezes the copy unless ``settled``)."""
+        if self.guard is None:
+            return
+        self._tell(word)
+        if self.guard.stdin is not None:
+            self.guard.stdin.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_GUARD_S):
+                await self.guard.wait()
+        if self.guard.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.guard.kill()
+            await self.guard.wait()
+        self.guard = None
+
     async def settle(self, timeout: float) -> None:
         """Wait until every page is in place; a daemon that fails raises CriuError.
 
-        On failure the held userfaultfds stay held: the caller freezes or
-        kills the processes, then releases them.
+        On failure the guard has frozen (or killed) the copy before this returns.
         """
         try:
             async with asyncio.timeout(timeout):
                 rc = await self.wait()
         except TimeoutError:
             await super().kill()
+            await self._verdict("failed")
             raise self.failure(f"had not filled the memory within {timeout:g} s") from None
         if rc != 0:
             self.reported = True
+            await self._verdict("failed")
             raise self.failure()
         # Every page is in place: a fault from now on (memory the process
         # dropped and touches again) must be the kernel's, not a dead daemon's.
-        self.release()
+        await self._verdict("settled")
 
     async def kill(self) -> None:
-        """Kill and reap the daemon, then let go of the userfaultfds (call once the processes are frozen or gone)."""
+        """Kill and reap the daemon; the guard freezes the copy if it was not settled."""
         await super().kill()
-        self.release()
-
-    def hold(self) -> int:
-        """Take a duplicate of every userfaultfd the daemon holds that we do not yet; how many we hold."""
-        if self.pid is not None and self.returncode is None:
-            self.held += uffd_fds_of(self.pid, skip=self._seen)
-        return len(self.held)
-
-    async def holding(self, restore: Awaitable[None]) -> None:
-        """Run ``restore``, taking each userfaultfd as the daemon gets it.
-
-        CRIU hands the daemon each process's userfaultfd during the restore,
-        well before it lets the processes go: polling meanwhile (and once more
-        after) means a daemon that dies as soon as they run cannot release one.
-        """
-
-        async def poll() -> None:
-            while True:
-                self.hold()
-                await asyncio.sleep(_HOLD_POLL_S)
-
-        poller = asyncio.create_task(poll(), name="tug-uffd-hold")
-        try:
-            await restore
-        finally:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
-            self.hold()
-
-    def release(self) -> None:
-        """Let go of the held userfaultfds (after the copy was filled, frozen or killed)."""
-        held, self.held = self.held, []
-        for fd in held:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        await self._verdict("failed")
 
 
-#: How often the userfaultfds are looked for while a restore runs.
-_HOLD_POLL_S = 0.002
-_SYS_PIDFD_GETFD = 438  # the same number on x86-64 and arm64 (asm-generic)
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def uffd_fds_of(pid: int, skip: set[int] | None = None) -> list[int]:
-    """Duplicates, in this process, of every userfaultfd that process ``pid`` holds.
-
-    With ``skip``: not those whose fd numbers are in it, which it then gains.
-    """
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return []
-    out: list[int] = []
-    try:
-        for name in os.listdir(f"/proc/{pid}/fd"):
-            if skip is not None and int(name) in skip:
-                continue
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{name}") != "anon_inode:[userfaultfd]":
-                    continue
-            except OSError:
-                continue
-            fd = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(name), 0)
-            if fd >= 0:
-                os.set_inheritable(fd, False)
-                out.append(fd)
-                if skip is not None:
-                    skip.add(int(name))
-    except OSError:
-        pass
-    finally:
-        os.close(pidfd)
-    return out
+#: How long the guard may take to freeze (or kill) a copy.
+_GUARD_S = 40.0
 
 
 _LOG_LINE = re.compile(

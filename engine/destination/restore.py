@@ -118,14 +118,12 @@ class RestoreCalls(AgentState):
                 tcp_established=not tcp_close, lazy_pages=lazy,
             )
             # A daemon that dies once the processes run must not leave zero pages behind (lazypages.py).
-            await (inc.lazy.holding(restoring) if inc.lazy is not None else restoring)
+            await (inc.lazy.guarded(restoring, self.runc.root, container) if inc.lazy is not None else restoring)
         except CriuError as exc:
             exc.log_path = self._keep_log(inc, "restore.log") or exc.log_path
             raise
         inc.restored = True
         steps = criu_restore_steps(inc.criu_work)
-        if inc.lazy is not None:
-            inc.stats["uffds_held"] = len(inc.lazy.held)
         if inc.endpoint is not None:
             staged, inc.staged_frames = inc.staged_frames, []
             inc.stats.update(await inc.endpoint.after_restore(staged + list(frames or ())))

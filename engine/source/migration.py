@@ -99,6 +99,8 @@ class Migration(FailureHandling):
         self.rebuild_pages = False
         #: Whether the destination restores lazily (decided in pre-checkpoint).
         self.lazy = False
+        #: The destination runs and its memory is still arriving (Phase.FILL follows).
+        self.filling = False
         #: What the source knows of the destination's copy (source/rollback.py).
         self.dest = Destination.UNTOUCHED
         #: Set when a failure leaves the source frozen (the one-copy rule).
@@ -143,6 +145,8 @@ class Migration(FailureHandling):
             await self._phase(Phase.CHECKPOINT, self._checkpoint)
             await self._phase(Phase.TRANSFER, self._transfer)
             await self._phase(Phase.RESTORE, self._restore)
+            if self.filling:
+                await self._phase(Phase.FILL, self._fill)
             await self._phase(Phase.COMMIT, self._commit)
             self.machine.advance(Phase.DONE)
             return self._report("migrated")
@@ -332,29 +336,34 @@ class Migration(FailureHandling):
         if self.lazy and not res.get("lazy"):
             self.note("restored eagerly: the pre-copied pages sit in parent images, which CRIU's lazy-pages daemon cannot read")
         elif self.lazy:
-            # Running, but its memory is still being filled: the commit waits
-            # for that, so a failure here still resumes the source.
-            settled = await self.s.call("settle", container=self.name, timeout=self.opts.timeout(Phase.RESTORE.value) + 30)
-            self.tally.lazy_fill_ms = float(settled.get("lazy_ms", 0.0))
-            self.tally.fill = fill = self.strategy.fill_stats()
-            # The destination's lazy-pages daemon logged each fault and when its page landed.
-            if isinstance(settled.get("faults"), int) and fill.get("faults_are_remote"):
-                fill["remote_faults"] = settled["faults"]
-            lat = settled.get("fault_latency_ms")
-            if isinstance(lat, dict) and all(isinstance(v, (int, float)) for v in lat.values()):
-                fill["fault_latency_ms"] = {str(k): float(v) for k, v in lat.items()}
-            self.note(f"memory filled in place on {self.target.host} in {self.tally.lazy_fill_ms:.0f} ms")
-            if isinstance(settled.get("store_pages"), int):
-                self.note(f"the page store served {settled['store_pages']} pages to the fill "
-                          f"({settled.get('store_requests')} requests, {settled.get('store_faults')} of them faults)")
-            if self.strategy.dump_keeps_serving:
-                try:
-                    await self.strategy.after_fill()
-                except MigrationError as exc:
-                    # The destination has every page: a late error here
-                    # changes nothing there. The source stays frozen.
-                    self.note(f"the source's dump ended badly after the fill: {exc}", "warning")
-                    await self.strategy.release_source()
+            # Running, but its memory is still being filled (the FILL phase):
+            # the commit waits for that; the source never resumes now.
+            self.filling = True
+            return
+        self.tally.bytes_after_commit = self.wire_bytes() - self.tally.wire_at_running
+
+    async def _fill(self) -> None:
+        settled = await self.s.call("settle", container=self.name, timeout=self.opts.timeout(Phase.FILL.value) + 30)
+        self.tally.lazy_fill_ms = float(settled.get("lazy_ms", 0.0))
+        self.tally.fill = fill = self.strategy.fill_stats()
+        # The destination's lazy-pages daemon logged each fault and when its page landed.
+        if isinstance(settled.get("faults"), int) and fill.get("faults_are_remote"):
+            fill["remote_faults"] = settled["faults"]
+        lat = settled.get("fault_latency_ms")
+        if isinstance(lat, dict) and all(isinstance(v, (int, float)) for v in lat.values()):
+            fill["fault_latency_ms"] = {str(k): float(v) for k, v in lat.items()}
+        self.note(f"memory filled in place on {self.target.host} in {self.tally.lazy_fill_ms:.0f} ms")
+        if isinstance(settled.get("store_pages"), int):
+            self.note(f"the page store served {settled['store_pages']} pages to the fill "
+                      f"({settled.get('store_requests')} requests, {settled.get('store_faults')} of them faults)")
+        if self.strategy.dump_keeps_serving:
+            try:
+                await self.strategy.after_fill()
+            except MigrationError as exc:
+                # The destination has every page: a late error here
+                # changes nothing there. The source stays frozen.
+                self.note(f"the source's dump ended badly after the fill: {exc}", "warning")
+                await self.strategy.release_source()
         self.tally.bytes_after_commit = self.wire_bytes() - self.tally.wire_at_running
 
     async def _commit(self) -> None:

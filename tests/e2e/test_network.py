@@ -175,7 +175,7 @@ def test_copy_that_ran_then_broke_leaves_the_source_frozen_until_recover(lab: La
         assert res.returncode == 1
         report = res.json()
         assert report["outcome"] == "failed", report
-        assert report["error"]["phase"] == "restore", report["error"]
+        assert report["error"]["phase"] == "fill", report["error"]
         st = lab.state("a", demo)
         assert st is not None and st["status"] == "paused"
         assert lab.state("b", demo) is None

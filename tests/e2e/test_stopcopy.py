@@ -149,7 +149,7 @@ def test_lazy_fill_failure_leaves_the_source_frozen_until_recover(lab: Lab, big_
     assert res.returncode == 1
     report = res.json()
     assert report["outcome"] == "failed", report
-    assert report["error"]["kind"] == "criu" and report["error"]["phase"] == "restore", report["error"]
+    assert report["error"]["kind"] == "criu" and report["error"]["phase"] == "fill", report["error"]
     assert "lazy-pages" in report["error"]["message"]
     assert f"tug recover {demo} --to {lab.url('b')}" in res.stderr
     st = lab.state("a", demo)

@@ -19,6 +19,17 @@ def test_a_lost_commit_acknowledgement_fails_without_a_rollback() -> None:
     assert m.phase is Phase.FAILED
 
 
+def test_a_lazy_restore_fills_between_restore_and_commit() -> None:
+    m = PhaseMachine()
+    for ph in (Phase.PRE_CHECKPOINT, Phase.PRE_RESTORE, Phase.CHECKPOINT, Phase.TRANSFER, Phase.RESTORE, Phase.FILL):
+        m.advance(ph)
+    # A failure while filling still goes through the rollback, which (the copy
+    # ran) leaves the source frozen instead of resuming it.
+    assert m.can_roll_back and not m.committed
+    m.advance(Phase.COMMIT)
+    assert m.committed
+
+
 def test_only_an_untouched_destination_lets_the_source_resume() -> None:
     assert may_resume_source(Destination.UNTOUCHED)
     assert not may_resume_source(Destination.RAN)

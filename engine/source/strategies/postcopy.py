@@ -86,7 +86,7 @@ class Postcopy(Strategy):
         assert self.dump is not None
         await self.dump.start(timeout=self.ctx.opts.timeout("checkpoint"))
         lazy = await asyncio.to_thread(lazy_bytes, self.dump.image_dir)
-        self.meter = Meter("restore", "memory", lazy, self.ctx.emit)
+        self.meter = Meter("fill", "memory", lazy, self.ctx.emit)
 
     async def restore_args(self) -> dict[str, Any]:
         assert self.forward is not None
