@@ -8,6 +8,7 @@ the agent's call groups (:mod:`.staging`, :mod:`.restore`) share.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import re
@@ -103,7 +104,7 @@ class Incoming:
             raise ProtocolError(f"refusing to restore {self.name!r}: {self.streams_open} of its streams are still open")
 
 
-class _Received:
+class _Received(abc.ABC):
     """A stream whose contents a restore will use: its failure is kept on the container.
 
     The session reports a failed stream to the source, which learns of it at
@@ -149,11 +150,13 @@ class _Received:
         if self._open:  # the source gave up on it, or the session ended: incomplete
             self._ended(MigrationError(f"the {self.kind} stream was aborted: {reason}"))
 
+    @abc.abstractmethod
     def _write(self, data: bytes) -> None:
-        raise NotImplementedError
+        """Take one chunk of the stream (raise on anything wrong with it)."""
 
+    @abc.abstractmethod
     def _close(self, meta: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """The stream ended whole: check it against ``meta`` (its counts) and commit it."""
 
     def _abort(self) -> None:
         pass
