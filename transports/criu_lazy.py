@@ -148,8 +148,7 @@ def goodbye_answer(status: int = 0) -> bytes:
 
 class LazyWatch:
     def __init__(self, *, max_pages: int = MAX_ENTRY_PAGES) -> None:
-        self.max_pages = max_pages
-        self._requests = bytearray()
+        self._requests = LazyRequests(max_pages=max_pages)
         self._answers = bytearray()
         self._pending: collections.deque[Request | None] = collections.deque()  # None: a close
         self._data_left = 0  # bytes of page data still to come for the head request
@@ -178,21 +177,16 @@ class LazyWatch:
     def requests(self, data: bytes | bytearray | memoryview, now: float) -> None:
         """Bytes from the lazy-pages daemon to the dump."""
         self._check()
-        self._requests += data
-        while len(self._requests) >= HEADER.size:
-            cmd, nr_pages, vaddr, dst_id = HEADER.unpack_from(self._requests)
-            del self._requests[: HEADER.size]
-            if self._closed:
-                raise self._die("a request after the close")
-            if cmd in (PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE):
+        try:
+            events = self._requests.feed(data)
+        except LazyProtocolError as exc:
+            raise self._die(str(exc)) from None
+        for ev in events:
+            if isinstance(ev, Goodbye):
                 self._closed = True
                 self._pending.append(None)
-            elif cmd != PS_IOV_GET:
-                raise self._die(f"unexpected command {cmd:#x} from the lazy-pages daemon")
-            elif not 0 < nr_pages <= self.max_pages or vaddr % PAGE_SIZE:
-                raise self._die(f"bad request: {nr_pages} pages at {vaddr:#x}")
             else:
-                self._pending.append(Request(nr_pages, vaddr, dst_id, now))
+                self._pending.append(Request(ev.nr_pages, ev.vaddr, ev.dst_id, now))
 
     def answers(self, data: bytes | bytearray | memoryview, now: float) -> list[Served]:
         """Bytes from the dump to the lazy-pages daemon; the answers they complete."""

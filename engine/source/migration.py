@@ -346,8 +346,9 @@ class Migration(FailureHandling):
         settled = await self.s.call("settle", container=self.name, timeout=self.opts.timeout(Phase.FILL.value) + 30)
         self.tally.lazy_fill_ms = float(settled.get("lazy_ms", 0.0))
         self.tally.fill = fill = self.strategy.fill_stats()
-        # The destination's lazy-pages daemon logged each fault and when its page landed.
-        if isinstance(settled.get("faults"), int) and fill.get("faults_are_remote"):
+        # The destination's lazy-pages daemon logged each fault and when its page
+        # landed; a dump that keeps serving (post-copy) answered every one of them.
+        if isinstance(settled.get("faults"), int) and self.strategy.dump_keeps_serving:
             fill["remote_faults"] = settled["faults"]
         lat = settled.get("fault_latency_ms")
         if isinstance(lat, dict) and all(isinstance(v, (int, float)) for v in lat.values()):

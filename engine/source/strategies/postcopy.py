@@ -140,8 +140,7 @@ class Postcopy(Strategy):
             self.forward.close()
 
     def fill_stats(self) -> dict[str, Any]:
-        # Every page the destination faulted on came from here.
-        return {"remote_requests": self.requests, "remote_pages": self.pages, "faults_are_remote": True}
+        return {"remote_requests": self.requests, "remote_pages": self.pages}
 
     def close(self) -> None:
         if self.forward is not None:
