@@ -161,10 +161,11 @@ def test_rollback_keeps_connections(lab: Lab, demo: str, fault: str, phase: str,
 
 
 def test_copy_that_ran_then_broke_leaves_the_source_frozen_until_recover(lab: Lab, big_demo: str) -> None:
-    """Restored, then b's memory fill dies: its copy ran, so the source stays
-    frozen (the one-copy rule) and the broken copy is removed; ``tug recover``
-    resumes the source, whose clients' connections survive (their segments
-    sent meanwhile are retransmitted)."""
+    """Restored, then b's memory fill dies (its lazy-pages daemon SIGKILLed):
+    its copy ran (clients may have been answered by it), so the source stays
+    frozen (the one-copy rule), the broken copy is removed, and the error
+    names ``tug recover``, which resumes the source, whose clients'
+    connections survive (their segments sent meanwhile are retransmitted)."""
     demo = big_demo
     before = endpoint(lab, "a", demo)
     client = Client(lab, demo, connections=2)
@@ -175,13 +176,17 @@ def test_copy_that_ran_then_broke_leaves_the_source_frozen_until_recover(lab: La
         assert res.returncode == 1
         report = res.json()
         assert report["outcome"] == "failed", report
-        assert report["error"]["phase"] == "fill", report["error"]
+        assert report["error"]["kind"] == "criu" and report["error"]["phase"] == "fill", report["error"]
+        assert "lazy-pages" in report["error"]["message"]
+        assert f"tug recover {demo} --to {lab.url('b')}" in res.stderr
         st = lab.state("a", demo)
-        assert st is not None and st["status"] == "paused"
-        assert lab.state("b", demo) is None
+        assert st is not None and st["status"] == "paused", "the source must not resume after the destination ran"
+        assert lab.state("b", demo) is None, "the broken copy is removed"
         rec = on("a", "tug", "recover", demo, "--to", lab.url("b"), "--json")
         assert rec.returncode == 0, rec.stderr
         assert rec.json()["action"] == "undone", rec.stdout
+        st = lab.state("a", demo)
+        assert st is not None and st["status"] == "running"
         count = client.established()
     finally:
         result = client.stop()

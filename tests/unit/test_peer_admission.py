@@ -93,14 +93,18 @@ def test_a_process_named_criu_running_as_nobody_is_refused(listener: socket.sock
         end(p)
 
 
-def test_a_root_process_named_criu_from_another_binary_is_refused(listener: socket.socket) -> None:
-    p = impostor(listener.getsockname()[1], 0)
+def why_refused(listener: socket.socket, p: subprocess.Popen[str]) -> str | None:
+    """What peer_is_criu says of the impostor ``p``'s connection (and ``p`` ends)."""
     try:
         with accepted_from(listener, p) as conn:
-            why = peer_is_criu(conn.getsockname(), conn.getpeername())
-            assert why is not None and "not the CRIU binary" in why, why
+            return peer_is_criu(conn.getsockname(), conn.getpeername())
     finally:
         end(p)
+
+
+def test_a_root_process_named_criu_from_another_binary_is_refused(listener: socket.socket) -> None:
+    why = why_refused(listener, impostor(listener.getsockname()[1], 0))
+    assert why is not None and "not the CRIU binary" in why, why
 
 
 def test_a_binary_run_under_the_name_criu_is_refused(listener: socket.socket, tmp_path: Path) -> None:
@@ -108,13 +112,8 @@ def test_a_binary_run_under_the_name_criu_is_refused(listener: socket.socket, tm
     link = tmp_path / "criu"
     link.symlink_to(os.path.realpath(sys.executable))
     tmp_path.chmod(0o755)
-    p = impostor(listener.getsockname()[1], NOBODY, python=str(link))
-    try:
-        with accepted_from(listener, p) as conn:
-            why = peer_is_criu(conn.getsockname(), conn.getpeername())
-            assert why is not None and "not root" in why, why
-    finally:
-        end(p)
+    why = why_refused(listener, impostor(listener.getsockname()[1], NOBODY, python=str(link)))
+    assert why is not None and "not root" in why, why
 
 
 def criu_dump_into(port: int, tmp_path: Path) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
