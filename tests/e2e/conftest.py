@@ -104,17 +104,21 @@ class Lab:
         assert (res.returncode == 0) == bool(data["ok"])
         return data
 
-    def check_moved_intact(self, host: str, name: str, before: dict[str, Any], downtime_ms: float) -> dict[str, Any]:
+    def check_moved_intact(
+        self, host: str, name: str, before: dict[str, Any], downtime_ms: float, fault_wait_ms: float = 0.0
+    ) -> dict[str, Any]:
         """``name`` runs on ``host`` with its memory intact, its counter continued
         from ``before`` (a check on the source), and no heartbeat gap beyond the
-        engine's ``downtime_ms`` plus HEARTBEAT_SLACK_MS."""
+        engine's ``downtime_ms`` plus HEARTBEAT_SLACK_MS, plus ``fault_wait_ms``
+        where the processes ran before their memory was there (post-copy: the
+        heartbeat thread then waits on its pages' remote faults, within the fill)."""
         after = self.check(host, name)
         assert after["ok"], after
         assert after["verify"]["ok"] and after["verify"]["bad_pages"] == 0
         hb = after["heartbeat"]
         assert hb["resets"] == 0 and hb["backwards"] == 0 and hb["skipped"] == 0
         assert hb["last_counter"] > before["heartbeat"]["last_counter"]
-        assert hb["max_gap_ms"] <= downtime_ms + HEARTBEAT_SLACK_MS
+        assert hb["max_gap_ms"] <= downtime_ms + HEARTBEAT_SLACK_MS + fault_wait_ms
         return after
 
     def exec(self, host: str, name: str, *argv: str) -> str:
