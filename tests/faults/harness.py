@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tug.engine.lab import hosts as labhosts
+from tug.engine.lab.instance import current
 
 from ..e2e.conftest import TUG, Lab, Result
 
@@ -95,6 +96,12 @@ def _env(pid: int) -> dict[str, str]:
     return dict(item.decode(errors="replace").partition("=")[::2] for item in raw if b"=" in item)
 
 
+def _on_host(pid: int, host: str) -> bool:
+    """Whether ``pid`` works for lab host ``host`` of this test run's instance
+    (TUG_LAB): another instance's processes on this machine are never touched."""
+    return _env(pid).get("TUG_HOST") == current().agent_host(host)
+
+
 def _pids() -> list[int]:
     return sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
 
@@ -105,7 +112,7 @@ def find(pred: Callable[[int, list[str]], bool]) -> list[int]:
 
 def agent_pids(host: str) -> list[int]:
     """The tug agents serving migrations to lab host ``host``."""
-    return find(lambda pid, cmd: any("tug.engine.agent" in c for c in cmd) and _env(pid).get("TUG_HOST") == host)
+    return find(lambda pid, cmd: any("tug.engine.agent" in c for c in cmd) and _on_host(pid, host))
 
 
 def criu_pids(host: str) -> list[int]:
@@ -115,7 +122,7 @@ def criu_pids(host: str) -> list[int]:
             exe = os.readlink(f"/proc/{pid}/exe")
         except OSError:
             return False
-        return exe.endswith("/criu") and _env(pid).get("TUG_HOST") == host
+        return exe.endswith("/criu") and _on_host(pid, host)
     return find(is_criu)
 
 
@@ -252,7 +259,7 @@ def kill_lazy_pages_once_running(lab: Lab, host: str, name: str) -> Watcher:
 
 def restored_on(lab: Lab, host: str, name: str) -> bool:
     """``runc restore`` of ``name`` on ``host`` is over and runc knows the container: its processes ran."""
-    restoring = find(lambda p, cmd: Path(cmd[0]).name == "runc" and "restore" in cmd and _env(p).get("TUG_HOST") == host)
+    restoring = find(lambda p, cmd: Path(cmd[0]).name == "runc" and "restore" in cmd and _on_host(p, host))
     return not restoring and lab.state(host, name) is not None
 
 
