@@ -45,11 +45,12 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from tug.engine.criu import images
 from tug.engine.criu.uncork import peer_is_criu, uncork_peer
 from tug.engine.errors import MigrationError
-from tug.engine.source.trackers.shadow import ContentTracker
+from tug.engine.source.trackers.shadow import ScanResult
 from tug.transports import criu_pageserver as ps
 from tug.transports.forward import LOOPBACK
 
@@ -63,6 +64,15 @@ SCRATCH_BYTES = 256 << 10
 DIRECT_MIN = 64 << 10
 #: First pages id of a page server (criu/image.c: page_ids += 0x10000).
 FIRST_PAGES_ID = 0x10001
+
+class PageFilter(Protocol):
+    """What the dump's pages are compared with (the content tracker's shadow,
+    or the uffd tracker's record of what the destination holds)."""
+
+    def diff(self, pid: int, vaddr: int, data: bytes | bytearray | memoryview, *, record: bool = True) -> ScanResult:
+        """The runs of ``data`` (whole pages at vaddr) the destination does not hold."""
+        ...
+
 
 #: Called with (pid, vaddr, bytes of whole pages) for each changed run, in order.
 Sink = Callable[[int, int, bytes], Awaitable[None]]
@@ -97,7 +107,7 @@ class _Pagemap:
 class FilterServer:
     """A one-dump CRIU page server that filters pages against a content tracker."""
 
-    def __init__(self, tracker: ContentTracker, images_dir: Path, listener: socket.socket, *, uncork: bool = True) -> None:
+    def __init__(self, tracker: PageFilter, images_dir: Path, listener: socket.socket, *, uncork: bool = True) -> None:
         self.tracker = tracker
         self.images_dir = images_dir
         self._listener: socket.socket | None = listener
@@ -125,7 +135,7 @@ class FilterServer:
 
     @classmethod
     def listen(
-        cls, tracker: ContentTracker, images_dir: Path, host: str = LOOPBACK, *, uncork: bool = True, only_criu: bool = True
+        cls, tracker: PageFilter, images_dir: Path, host: str = LOOPBACK, *, uncork: bool = True, only_criu: bool = True
     ) -> FilterServer:
         """Listen on an ephemeral port (before the freeze: no start-up in the downtime).
 

@@ -2,7 +2,8 @@
 
 The strategy owns the convergence policy and picks the tracker that finds
 dirty pages (:mod:`tug.engine.source.trackers`): soft-dirty where the kernel
-has it (CRIU's pre-dumps), else the content tracker. Everything else it
+has it (CRIU's pre-dumps), else the content tracker; ``uffd`` (userfaultfd
+write-protect and PAGEMAP_SCAN, no shadow copy) when asked for. Everything else it
 delegates to the tracker's rounds, which also decide where the frozen dump's
 memory goes.
 """
@@ -19,12 +20,13 @@ from tug.engine.source.strategies.base import Strategy
 from tug.engine.source.trackers.base import Rounds
 from tug.engine.source.trackers.content import ContentRounds
 from tug.engine.source.trackers.softdirty import PreDump
+from tug.engine.source.trackers.uffdrounds import UffdRounds
 from tug.policies import ConvergencePolicy, PolicySpecError, parse_policy
 
 if TYPE_CHECKING:
     from tug.engine.options import MigrationOptions
 
-TRACKERS: dict[str, type[Rounds]] = {"content": ContentRounds, "soft-dirty": PreDump}
+TRACKERS: dict[str, type[Rounds]] = {"content": ContentRounds, "soft-dirty": PreDump, "uffd": UffdRounds}
 TRACKER_CHOICES = ("auto", *TRACKERS)
 
 
@@ -36,8 +38,8 @@ async def choose_tracker(requested: str) -> str:
     """
     if requested not in TRACKER_CHOICES:
         raise PreconditionError(f"unknown tracker {requested!r} (choose from {', '.join(TRACKER_CHOICES)})")
-    if requested == "content":
-        return "content"
+    if requested in ("content", "uffd"):
+        return requested  # uffd: a process it cannot attach is compared by content (noted)
     soft_dirty = await criu.has_feature("mem_dirty_track")
     if requested == "soft-dirty" and not soft_dirty:
         raise PreconditionError("kernel lacks soft-dirty (see tug doctor); use --tracker content")

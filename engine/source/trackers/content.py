@@ -27,16 +27,18 @@ from tug.engine.errors import MigrationError
 from tug.engine.phases import Phase
 from tug.engine.progress import Meter
 from tug.engine.source.context import DumpFn, SourceContext
-from tug.engine.source.psfilter import FilterServer
+from tug.engine.source.psfilter import FilterServer, PageFilter
 from tug.engine.source.trackers.base import Rounds
-from tug.engine.source.trackers.shadow import ContentTracker, ProcessMemory
+from tug.engine.source.trackers.shadow import ContentTracker, ProcessMemory, Region
 from tug.policies import ConvergencePolicy, RoundStats
 
 QUEUE_DEPTH = 8  # chunks of up to 4 MiB in flight between scanner and sender
+#: (pid inside the container, changed runs), None at the end of a round.
+PageQueue = asyncio.Queue[tuple[int, list[tuple[int, bytes]]] | None]
 
 
 @dataclass(slots=True)
-class _RoundCounters:
+class RoundCounters:
     scanned: int = 0
     dirty: int = 0
     bytes: int = 0
@@ -66,31 +68,12 @@ class ContentRounds(Rounds):
     async def round(self, index: int) -> RoundStats:
         t0 = time.monotonic()
         since = self._since_last_round(t0)
-        c = _RoundCounters()
-        queue: asyncio.Queue[tuple[int, list[tuple[int, bytes]]] | None] = asyncio.Queue(QUEUE_DEPTH)
+        c = RoundCounters()
+        queue: PageQueue = asyncio.Queue(QUEUE_DEPTH)
         sent_before = self.ctx.session.bytes_sent
 
         async def scanner() -> None:
-            for host_pid in await self.ctx.runc.pids(self.ctx.name):
-                try:
-                    mem = await asyncio.to_thread(ProcessMemory, host_pid)
-                except (FileNotFoundError, ProcessLookupError):
-                    continue  # exited since ps
-                try:
-                    regions = await asyncio.to_thread(mem.regions)
-                    for region in regions:
-                        try:
-                            runs = await asyncio.to_thread(mem.runs, region)
-                        except OSError:
-                            continue  # unmapped meanwhile
-                        for vaddr, npages in runs:
-                            res = await asyncio.to_thread(self.tracker.scan, mem, vaddr, npages)
-                            c.scanned += res.scanned
-                            if res.changed:
-                                c.dirty += res.changed_pages
-                                await queue.put((mem.ns_pid, res.changed))
-                finally:
-                    mem.close()
+            await self._scan(c, queue)
             # Not in a finally: when cancelled (a deadline, Ctrl-C) or failed, the
             # sender is cancelled too, and waiting for room in a queue nobody
             # drains would hang the TaskGroup, and with it the rollback.
@@ -133,10 +116,41 @@ class ContentRounds(Rounds):
             dirty_rate_pps=(c.dirty / since) if since > 0 else 0.0,
         )
 
+    async def _scan(self, c: RoundCounters, queue: PageQueue) -> None:
+        """Find the changed pages of every process and queue them (the content compare)."""
+        for host_pid in await self.ctx.runc.pids(self.ctx.name):
+            try:
+                mem = await asyncio.to_thread(ProcessMemory, host_pid)
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # exited since ps
+            try:
+                await self._compare(mem, await asyncio.to_thread(mem.regions), c, queue)
+            finally:
+                mem.close()
+
+    async def _compare(self, mem: ProcessMemory, regions: list[Region], c: RoundCounters, queue: PageQueue) -> None:
+        """Compare ``regions`` of one process with the shadow, page by page; queue what changed."""
+        for region in regions:
+            try:
+                runs = await asyncio.to_thread(mem.runs, region)
+            except OSError:
+                continue  # unmapped meanwhile
+            for vaddr, npages in runs:
+                res = await asyncio.to_thread(self.tracker.scan, mem, vaddr, npages)
+                c.scanned += res.scanned
+                if res.changed:
+                    c.dirty += res.changed_pages
+                    await queue.put((mem.ns_pid, res.changed))
+
+    def page_filter(self) -> PageFilter:
+        """What the frozen dump's pages are compared with: the shadow here."""
+        return self.tracker
+
     async def prepare_final(self, images_dir: Path) -> None:
         """Listen for CRIU's dump before the freeze (no start-up in the downtime)."""
-        self.close()
-        self._filter = FilterServer.listen(self.tracker, images_dir, only_criu=self.only_criu_peers)
+        if self._filter is not None:
+            self._filter.close()
+        self._filter = FilterServer.listen(self.page_filter(), images_dir, only_criu=self.only_criu_peers)
 
     async def final_dump(self, dump: DumpFn, page_server: str | None) -> None:
         """Dump into the filter: changed pages stream to the agent while CRIU runs.

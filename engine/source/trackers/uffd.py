@@ -1,0 +1,240 @@
+"""The kernel interface of the uffd tracker: a userfaultfd in async write-protect
+mode, and ``PAGEMAP_SCAN`` on ``/proc/PID/pagemap``.
+
+Why: with ``UFFD_FEATURE_WP_ASYNC`` a write to a write-protected page never
+blocks the writer: the kernel just clears the page's uffd-wp bit. A
+``PAGEMAP_SCAN`` with ``PAGE_IS_WRITTEN`` and ``PM_SCAN_WP_MATCHING`` then
+lists the pages whose bit is clear (written since they were protected, or
+never protected) and protects them again, atomically, in a few ms per GiB.
+No copy of the memory is kept anywhere.
+
+Only the creation of the fd needs the target (:mod:`.inject`); ``UFFDIO_API``
+and ``UFFDIO_REGISTER`` act on the fd's mm and run here. Closing the fd (tug
+exiting included) unregisters every range and clears the bits: the target is
+never left write-protected by a tug that went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import json
+import os
+import socket
+import struct
+import sys
+from dataclasses import dataclass
+
+from tug.engine.source.trackers.inject import sys_call
+
+UFFD_API = 0xAA
+UFFDIO_API = 0xC018AA3F
+UFFDIO_REGISTER = 0xC020AA00
+UFFDIO_UNREGISTER = 0x8010AA01
+UFFDIO_REGISTER_MODE_WP = 1 << 1
+UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
+UFFD_FEATURE_WP_ASYNC = 1 << 15
+#: Features asked for: async write-protect, and unpopulated pages protected
+#: too (so a page first touched after the scan is reported written).
+FEATURES = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED
+
+PAGEMAP_SCAN = 0xC0606610
+PM_SCAN_WP_MATCHING = 1 << 0
+PM_SCAN_CHECK_WPASYNC = 1 << 1
+PAGE_IS_WPALLOWED = 1 << 0
+PAGE_IS_WRITTEN = 1 << 1
+PAGE_IS_FILE = 1 << 2
+PAGE_IS_PRESENT = 1 << 3
+PAGE_IS_SWAPPED = 1 << 4
+PAGE_IS_PFNZERO = 1 << 5
+RETURN_MASK = PAGE_IS_WRITTEN | PAGE_IS_FILE | PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO
+_SCAN_ARG = struct.Struct("<12Q")
+_REGION = struct.Struct("<3Q")
+#: page_region entries per PAGEMAP_SCAN call (24 bytes each).
+VEC_LEN = 4096
+PAGE = 4096
+KCMP_FILE = 0
+NR_KCMP = 312
+USERFAULTFD_LINK = "anon_inode:[userfaultfd]"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ioctl.restype = ctypes.c_int
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+
+
+class UffdError(Exception):
+    """A userfaultfd or PAGEMAP_SCAN step failed (the caller falls back to content)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """A run of pages PAGEMAP_SCAN reported written, with their categories."""
+
+    start: int
+    end: int
+    categories: int
+
+    @property
+    def dumpable(self) -> bool:
+        """Pages CRIU puts in the process's pagemap: present or swapped, anonymous."""
+        return bool(self.categories & (PAGE_IS_PRESENT | PAGE_IS_SWAPPED)) and not self.categories & PAGE_IS_FILE
+
+
+def _ioctl(fd: int, request: int, buf: ctypes.Array[ctypes.c_char]) -> int:
+    r: int = _libc.ioctl(fd, request, ctypes.addressof(buf))
+    if r < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return r
+
+
+def parse_regions(raw: bytes, count: int, lo: int, hi: int) -> list[Written]:
+    """The first ``count`` page_region entries of ``raw``, checked.
+
+    The kernel fills them, but the addresses describe the untrusted target:
+    an entry outside [lo, hi), unaligned or empty is an error, not data.
+    """
+    if count < 0 or count * _REGION.size > len(raw):
+        raise UffdError(f"PAGEMAP_SCAN returned {count} regions for a buffer of {len(raw) // _REGION.size}")
+    out = []
+    for i in range(count):
+        start, end, cats = _REGION.unpack_from(raw, i * _REGION.size)
+        if start % PAGE or end % PAGE or not lo <= start < end <= hi:
+            raise UffdError(f"PAGEMAP_SCAN region {start:#x}-{end:#x} outside the scanned {lo:#x}-{hi:#x}")
+        out.append(Written(start, end, cats))
+    return out
+
+
+class Pagemap:
+    """``PAGEMAP_SCAN`` on one process's pagemap."""
+
+    def __init__(self, pid: int) -> None:
+        self.fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        self._vec = ctypes.create_string_buffer(VEC_LEN * _REGION.size)
+        self._arg = ctypes.create_string_buffer(_SCAN_ARG.size)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def written(self, lo: int, hi: int, *, protect: bool = True) -> list[Written]:
+        """Pages of [lo, hi) written since last protected; with ``protect``,
+        write-protect them again in the same walk (VMAs not registered are
+        skipped by the kernel)."""
+        out: list[Written] = []
+        start = lo
+        while start < hi:
+            flags = PM_SCAN_WP_MATCHING if protect else 0
+            arg = _SCAN_ARG.pack(
+                _SCAN_ARG.size, flags, start, hi, 0, ctypes.addressof(self._vec), VEC_LEN, 0, 0, PAGE_IS_WRITTEN, 0, RETURN_MASK
+            )
+            ctypes.memmove(self._arg, arg, len(arg))
+            try:
+                n = _ioctl(self.fd, PAGEMAP_SCAN, self._arg)
+            except OSError as exc:
+                raise UffdError(f"PAGEMAP_SCAN {start:#x}-{hi:#x}: {exc.strerror}") from None
+            out.extend(parse_regions(self._vec.raw, n, lo, hi))
+            walk_end = _SCAN_ARG.unpack(self._arg.raw)[4]
+            if walk_end <= start or walk_end % PAGE:
+                raise UffdError(f"PAGEMAP_SCAN made no progress at {start:#x} (walk_end {walk_end:#x})")
+            start = walk_end
+        return out
+
+
+class Userfaultfd:
+    """Tug's duplicate of a userfaultfd created inside a target process."""
+
+    def __init__(self, fd: int, pid: int) -> None:
+        self.fd = fd
+        self.pid = pid
+
+    def close(self) -> None:
+        """Closing the last fd unregisters every range and clears the bits."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def api(self) -> None:
+        """UFFDIO_API with async write-protect; fails on an fd already set up
+        (so an fd the target made for itself is never mistaken for ours)."""
+        buf = ctypes.create_string_buffer(struct.pack("<3Q", UFFD_API, FEATURES, 0), 24)
+        try:
+            _ioctl(self.fd, UFFDIO_API, buf)
+        except OSError as exc:
+            raise UffdError(f"UFFDIO_API (WP_ASYNC) refused: {exc.strerror}") from None
+        features = struct.unpack("<3Q", buf.raw)[1]
+        if features & FEATURES != FEATURES:
+            raise UffdError(f"kernel lacks userfaultfd WP_ASYNC/WP_UNPOPULATED (features {features:#x})")
+
+    def register(self, start: int, end: int) -> str:
+        """Register [start, end) for write-protect; "" on success, else why not."""
+        buf = ctypes.create_string_buffer(struct.pack("<4Q", start, end - start, UFFDIO_REGISTER_MODE_WP, 0), 32)
+        try:
+            _ioctl(self.fd, UFFDIO_REGISTER, buf)
+        except OSError as exc:
+            return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        return ""
+
+    def unregister(self, start: int, end: int) -> None:
+        buf = ctypes.create_string_buffer(struct.pack("<2Q", start, end - start), 16)
+        try:
+            _ioctl(self.fd, UFFDIO_UNREGISTER, buf)
+        except OSError as exc:
+            raise UffdError(f"UFFDIO_UNREGISTER {start:#x}-{end:#x}: {exc.strerror}") from None
+
+    def leaked(self) -> bool:
+        """Does any fd of the target refer to our userfaultfd (kcmp)?
+
+        It closed its own in the injection; a thread of the container that
+        duplicated it meanwhile (or a child forked then) could write-protect
+        pages itself and hide writes from the scan.
+        """
+        try:
+            names = os.listdir(f"/proc/{self.pid}/fd")
+        except OSError:
+            return False
+        for name in names:
+            try:
+                if os.readlink(f"/proc/{self.pid}/fd/{name}") != USERFAULTFD_LINK:
+                    continue
+                if sys_call(NR_KCMP, os.getpid(), self.pid, KCMP_FILE, self.fd, int(name)) == 0:
+                    return True
+            except OSError:
+                continue
+        return False
+
+
+async def inject_userfaultfd(pid: int, timeout: float = 10.0) -> Userfaultfd:
+    """Run the injection helper (:mod:`.inject`) on ``pid``; our duplicate of its fd.
+
+    The helper runs in its own session so that signals for tug (Ctrl-C, a
+    SIGKILL of tug's process group) never stop it half-way.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tug.engine.source.trackers.inject", str(pid), str(theirs.fileno()),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            pass_fds=(theirs.fileno(),), start_new_session=True,
+        )  # fmt: skip
+        theirs.close()
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            raise UffdError(f"injection helper for {pid} did not finish in {timeout:.0f} s") from None
+        ours.setblocking(False)
+        try:
+            msg, fds, _, _ = socket.recv_fds(ours, 4096, 1)
+        except BlockingIOError:
+            raise UffdError(f"injection helper for {pid} exited {proc.returncode} without a report: {err.decode()[-300:]}") from None
+        status = json.loads(msg or b"{}")
+        if not status.get("ok") or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise UffdError(f"injection into {pid} failed: {status.get('error', 'no fd received')}")
+        return Userfaultfd(fds[0], pid)
+    finally:
+        ours.close()
+        theirs.close()

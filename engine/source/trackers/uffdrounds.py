@@ -1,0 +1,213 @@
+"""The uffd tracker's rounds: pre-copy without soft-dirty and without a shadow copy.
+
+Each round, per container process: re-read its maps, register every private
+readable VMA with tug's userfaultfd (already registered ones are left as they
+are), then ``PAGEMAP_SCAN`` each registered VMA for pages written since the
+last scan, write-protecting them again in the same walk, and read and send
+those pages (:mod:`.uffdtrack` says why that is exact). A round costs a few
+ms per GiB of scan plus the pages it sends; no copy of the memory is kept.
+
+A process is attached the first round it is seen (the userfaultfd is made
+inside it by :mod:`.inject`). What the scans do not cover falls back to the
+content compare of :class:`~.content.ContentRounds`, per region or per
+process, and every round's note says how many pages came from which source:
+a process where injection failed (noted once), VMAs the kernel refused to
+register, a process that duplicated tug's userfaultfd (kcmp), processes that
+exited (forgotten) or appeared (attached).
+
+The frozen dump goes through the same filtering page server as the content
+tracker's, but the filter asks :meth:`.uffdtrack.UffdTracker.diff`: a final
+scan right after the freeze (no protect, nothing read) is all it needs.
+
+Registration is left in place during the frozen dump: the restored processes
+are new mms that never had tug's userfaultfd (CRIU restores VMAs from its
+images, without uffd flags or uffd-wp bits), and a source resumed after a
+rollback is unregistered when :meth:`close` drops the fd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from tug.engine.source.context import DumpFn, SourceContext
+from tug.engine.source.psfilter import PageFilter
+from tug.engine.source.trackers.content import ContentRounds, PageQueue, RoundCounters
+from tug.engine.source.trackers.shadow import CHUNK_PAGES, PAGE, ProcessMemory, Region, ns_pid
+from tug.engine.source.trackers.uffd import Pagemap, UffdError, inject_userfaultfd
+from tug.engine.source.trackers.uffdtrack import Process, Sources, UffdTracker, register_all, start_time
+from tug.policies import ConvergencePolicy, RoundStats
+
+
+class UffdRounds(ContentRounds):
+    """Pre-copy rounds with userfaultfd write-protect and PAGEMAP_SCAN (module doc)."""
+
+    name = "uffd"
+
+    def __init__(self, ctx: SourceContext, policy: ConvergencePolicy) -> None:
+        super().__init__(ctx, policy)
+        self.uffd = UffdTracker(self.tracker)
+        #: Host pid -> the process under the tracker.
+        self.procs: dict[int, Process] = {}
+        #: Host pid (and its start time) -> why it is compared by content instead.
+        self.refused: dict[tuple[int, str], str] = {}
+        self.sources = Sources()
+        self.history_sources: list[Sources] = []
+
+    def page_filter(self) -> PageFilter:
+        return self.uffd
+
+    async def round(self, index: int) -> RoundStats:
+        self.sources = Sources()
+        stats = await super().round(index)
+        self.history_sources.append(self.sources)
+        self.ctx.note(f"round {index} (uffd): {self.sources.line()}")
+        return stats
+
+    async def _attach(self, pid: int) -> Process | None:
+        """The process under the tracker, attaching it on first sight; None: content."""
+        try:
+            started = await asyncio.to_thread(start_time, pid)
+        except (OSError, IndexError):
+            return None
+        proc = self.procs.get(pid)
+        if proc is not None and proc.start_time == started:
+            return proc
+        if proc is not None:  # the pid was reused: a new process
+            self._drop(pid)
+        if (pid, started) in self.refused:
+            return None
+        try:
+            uffd = await inject_userfaultfd(pid)
+        except UffdError as exc:
+            self._refuse(pid, started, str(exc))
+            return None
+        try:
+            uffd.api()
+            pm = Pagemap(pid)
+            nspid = await asyncio.to_thread(ns_pid, pid)
+        except (UffdError, OSError) as exc:
+            uffd.close()
+            self._refuse(pid, started, str(exc))
+            return None
+        self.uffd.forget_pid(nspid)  # a new process may reuse a pid inside the container
+        self.procs[pid] = proc = Process(pid, nspid, started, uffd, pm)
+        return proc
+
+    def _refuse(self, pid: int, started: str, why: str) -> None:
+        self.refused[(pid, started)] = why
+        self.ctx.note(f"uffd tracker: process {pid} compared by content instead: {why}", "warning")
+
+    def _drop(self, pid: int) -> None:
+        proc = self.procs.pop(pid, None)
+        if proc is not None:
+            self.uffd.forget_pid(proc.ns_pid)
+            proc.close()
+
+    async def _scan(self, c: RoundCounters, queue: PageQueue) -> None:
+        pids = await self.ctx.runc.pids(self.ctx.name)
+        for gone in set(self.procs) - set(pids):
+            self._drop(gone)  # exited: its fd goes, nothing of it will be dumped
+        for host_pid in pids:
+            try:
+                mem = await asyncio.to_thread(ProcessMemory, host_pid)
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            try:
+                proc = await self._attach(host_pid)
+                regions = await asyncio.to_thread(mem.regions)
+                if proc is not None and proc.uffd.leaked():
+                    self.ctx.note(f"uffd tracker: process {host_pid} holds tug's userfaultfd; compared by content", "warning")
+                    self.refused[(host_pid, proc.start_time)] = "holds tug's userfaultfd"
+                    self._drop(host_pid)
+                    proc = None
+                if proc is None:
+                    self.sources.fallback["process not attached"] += 1
+                    await self._content(mem, regions, c, queue)
+                    continue
+                await self._tracked(proc, mem, regions, c, queue)
+            finally:
+                mem.close()
+
+    async def _content(self, mem: ProcessMemory, regions: list[Region], c: RoundCounters, queue: PageQueue) -> None:
+        scanned, dirty = c.scanned, c.dirty
+        await self._compare(mem, regions, c, queue)
+        self.sources.content_scanned += c.scanned - scanned
+        self.sources.content_changed += c.dirty - dirty
+
+    async def _tracked(self, proc: Process, mem: ProcessMemory, regions: list[Region], c: RoundCounters, queue: PageQueue) -> None:
+        def scan() -> tuple[list[tuple[int, int]], list[Region], int]:
+            ok, refused = register_all(proc, regions)
+            for r, why in refused:
+                self.uffd.untracked(proc.ns_pid, r)
+                self.sources.fallback[why] += 1
+            runs: list[tuple[int, int]] = []
+            pages = 0
+            for r in ok:
+                pages += (r.end - r.start) // PAGE
+                runs.extend(self.uffd.note_written(proc, proc.pagemap.written(r.start, r.end)))
+            return runs, [r for r, _ in refused], pages
+
+        try:
+            runs, refused, pages = await asyncio.to_thread(scan)
+        except UffdError as exc:
+            # The scan failed: this process is compared by content from now on.
+            self.refused[(proc.pid, proc.start_time)] = str(exc)
+            self.ctx.note(f"uffd tracker: process {proc.pid} compared by content instead: {exc}", "warning")
+            self._drop(proc.pid)
+            await self._content(mem, regions, c, queue)
+            return
+        c.scanned += pages
+        for lo, hi in runs:
+            for vaddr in range(lo, hi, CHUNK_PAGES * PAGE):
+                npages = min(CHUNK_PAGES, (hi - vaddr) // PAGE)
+                data = await asyncio.to_thread(mem.read, vaddr, npages)
+                data = data[: len(data) // PAGE * PAGE]
+                if not data:
+                    continue  # unmapped meanwhile: CRIU will not dump it either
+                self.uffd.sent(proc.ns_pid, vaddr, data)
+                n = len(data) // PAGE
+                c.dirty += n
+                self.sources.uffd_written += n
+                await queue.put((proc.ns_pid, [(vaddr, data)]))
+        if refused:
+            await self._content(mem, refused, c, queue)
+
+    async def final_dump(self, dump: DumpFn, page_server: str | None) -> None:
+        """The final scan (frozen: ms, nothing read), then the filtered dump."""
+        t0 = time.monotonic()
+        sources = Sources()
+        pids = await self.ctx.runc.pids(self.ctx.name)
+
+        def freeze() -> None:
+            for host_pid in pids:
+                proc = self.procs.get(host_pid)
+                try:
+                    current = start_time(host_pid)
+                except (OSError, IndexError):
+                    continue
+                if proc is None or proc.start_time != current:
+                    if proc is not None:
+                        self._drop(host_pid)
+                    sources.fallback["process not attached"] += 1
+                    continue  # never recorded as held: the content compare decides
+                try:
+                    regions = ProcessMemory(host_pid)
+                    try:
+                        self.uffd.freeze(proc, regions.regions(), sources)
+                    finally:
+                        regions.close()
+                except (UffdError, OSError) as exc:
+                    sources.fallback[f"final scan failed: {exc}"] += 1
+                    self._drop(host_pid)
+
+        await asyncio.to_thread(freeze)
+        self.ctx.timings["uffd_final_scan_ms"] = (time.monotonic() - t0) * 1000
+        self.ctx.note(f"final uffd scan in {(time.monotonic() - t0) * 1000:.1f} ms: {sources.line()}")
+        await super().final_dump(dump, page_server)
+
+    def close(self) -> None:
+        super().close()
+        for pid in list(self.procs):
+            self._drop(pid)
+

@@ -1,0 +1,229 @@
+"""What the uffd tracker knows: which pages the destination holds, per process.
+
+Why no shadow: a page's uffd-wp bit is set only by tug's own scans (every
+protect goes through ``PAGEMAP_SCAN`` with ``PM_SCAN_WP_MATCHING`` on tug's
+userfaultfd), and the kernel clears it on any write. So "bit set" means
+"not written since tug protected it and then read it", whatever happened
+meanwhile: a VMA mapped again at the same address, moved by mremap, or
+copied into a forked child carries no bits and reads as written. What is left
+to remember is one byte per page sent (:class:`Held`), ~0.5 MiB per GiB.
+
+The one invariant: a page of a dump is skipped only if it was read and sent
+after its bit was set, its bit is still set at the freeze, and it lies in a
+VMA registered with tug's userfaultfd at the freeze. Everything else goes to
+the content tracker (:class:`~.shadow.ContentTracker`), which compares bytes
+with what it sent for the regions it covered and calls every page it never
+recorded changed.
+
+Registration is tried again every round on every private, readable VMA: a
+VMA already registered with tug's fd is left as it is, a new one becomes
+tracked, and one the kernel refuses (registered by the container's own
+userfaultfd, a shared mapping, a range that changed meanwhile) is compared by
+content for that round, and its held pages forgotten.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tug.engine.source.trackers.shadow import PAGE, ContentTracker, Region, ScanResult
+from tug.engine.source.trackers.uffd import Pagemap, Userfaultfd, Written
+
+#: Pages per block of the held map: 64 pages = 256 KiB of address space.
+BLOCK = 64
+_ALL = b"\x01" * BLOCK
+
+
+class Held:
+    """Per process (pid in the container): the pages the destination holds.
+
+    One byte per page of address space that ever held a sent page, in
+    blocks, so a whole block checks with one ``find``.
+    """
+
+    def __init__(self) -> None:
+        self._pids: dict[int, dict[int, bytearray]] = {}
+
+    def pages(self, pid: int) -> int:
+        return sum(b.count(1) for b in self._pids.get(pid, {}).values())
+
+    def forget_pid(self, pid: int) -> None:
+        self._pids.pop(pid, None)
+
+    def _each(self, pid: int, lo: int, hi: int, create: bool) -> list[tuple[bytearray, int, int]]:
+        blocks = self._pids.setdefault(pid, {}) if create else self._pids.get(pid, {})
+        out = []
+        page, end = lo // PAGE, hi // PAGE
+        while page < end:
+            index, slot = divmod(page, BLOCK)
+            cnt = min(BLOCK - slot, end - page)
+            blk = blocks.get(index)
+            if blk is None and create:
+                blk = blocks[index] = bytearray(BLOCK)
+            if blk is not None:
+                out.append((blk, slot, slot + cnt))
+            page += cnt
+        return out
+
+    def add(self, pid: int, lo: int, hi: int) -> None:
+        for blk, s, e in self._each(pid, lo, hi, True):
+            blk[s:e] = _ALL[: e - s]
+
+    def forget(self, pid: int, lo: int, hi: int) -> None:
+        for blk, s, e in self._each(pid, lo, hi, False):
+            blk[s:e] = bytes(e - s)
+
+    def missing(self, pid: int, lo: int, hi: int) -> list[tuple[int, int]]:
+        """Runs [a, b) of [lo, hi) not held, ascending and maximal."""
+        blocks = self._pids.get(pid, {})
+        runs: list[tuple[int, int]] = []
+        page, end = lo // PAGE, hi // PAGE
+        while page < end:
+            index, slot = divmod(page, BLOCK)
+            cnt = min(BLOCK - slot, end - page)
+            blk = blocks.get(index)
+            if blk is not None and blk.find(0, slot, slot + cnt) < 0:
+                page += cnt
+                continue
+            for k in range(cnt):
+                if blk is not None and blk[slot + k]:
+                    continue
+                a = (page + k) * PAGE
+                if runs and runs[-1][1] == a:
+                    runs[-1] = (runs[-1][0], a + PAGE)
+                else:
+                    runs.append((a, a + PAGE))
+            page += cnt
+        return runs
+
+
+@dataclass(slots=True)
+class Process:
+    """One process under the tracker: tug's duplicate of its userfaultfd."""
+
+    pid: int
+    ns_pid: int
+    start_time: str
+    uffd: Userfaultfd
+    pagemap: Pagemap
+
+    def close(self) -> None:
+        self.pagemap.close()
+        self.uffd.close()
+
+
+@dataclass(slots=True)
+class Sources:
+    """Where one round's (or the freeze's) pages came from: the report's line."""
+
+    uffd_written: int = 0  # pages the scans reported written (dumpable ones)
+    content_scanned: int = 0  # pages compared by content (fallback)
+    content_changed: int = 0
+    fallback: Counter[str] = field(default_factory=Counter)  # why regions / processes were compared
+
+    def line(self) -> str:
+        why = ", ".join(f"{n}x {k}" for k, n in sorted(self.fallback.items()))
+        return (
+            f"{self.uffd_written} pages written (uffd scan); {self.content_scanned} compared by content, "
+            f"{self.content_changed} changed" + (f" (fallback: {why})" if why else "")
+        )
+
+
+def start_time(pid: int) -> str:
+    """Field 22 of /proc/PID/stat: tells a process from a later one with its pid."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def register_all(proc: Process, regions: list[Region]) -> tuple[list[Region], list[tuple[Region, str]]]:
+    """Register every region for write-protect: (tracked, [(untracked, why)])."""
+    ok: list[Region] = []
+    refused: list[tuple[Region, str]] = []
+    for r in regions:
+        why = proc.uffd.register(r.start, r.end)
+        if why:
+            refused.append((r, f"register {why}"))
+        else:
+            ok.append(r)
+    return ok, refused
+
+
+class UffdTracker:
+    """The uffd tracker's record, and the frozen dump's filter (:meth:`diff`)."""
+
+    def __init__(self, content: ContentTracker) -> None:
+        #: The fallback: compares bytes for whatever the scans do not cover.
+        self.content = content
+        self.held = Held()
+        #: Per pid in the container: the ranges registered at the freeze, sorted.
+        self._frozen: dict[int, list[tuple[int, int]]] = {}
+
+    def note_written(self, proc: Process, runs: list[Written]) -> list[tuple[int, int]]:
+        """Forget the pages a scan reported written; the dumpable runs to read and send."""
+        out = []
+        for w in runs:
+            self.held.forget(proc.ns_pid, w.start, w.end)
+            if w.dumpable:
+                out.append((w.start, w.end))
+        return out
+
+    def sent(self, ns_pid: int, vaddr: int, data: bytes) -> None:
+        """The caller sends ``data`` (read after the page was protected)."""
+        self.held.add(ns_pid, vaddr, vaddr + len(data) // PAGE * PAGE)
+
+    def untracked(self, ns_pid: int, region: Region) -> None:
+        """A region goes to the content compare: what was held there no longer counts."""
+        self.held.forget(ns_pid, region.start, region.end)
+
+    def freeze(self, proc: Process, regions: list[Region], sources: Sources) -> None:
+        """At the freeze: register again (tells what is tracked), scan without
+        protecting, forget what was written. Milliseconds; nothing is read."""
+        ok, refused = register_all(proc, regions)
+        for r, why in refused:
+            self.untracked(proc.ns_pid, r)
+            sources.fallback[why] += 1
+        self._frozen[proc.ns_pid] = sorted((r.start, r.end) for r in ok)
+        for r in ok:
+            written = proc.pagemap.written(r.start, r.end, protect=False)
+            for lo, hi in self.note_written(proc, written):
+                sources.uffd_written += (hi - lo) // PAGE
+
+    def forget_pid(self, ns_pid: int) -> None:
+        self.held.forget_pid(ns_pid)
+        self._frozen.pop(ns_pid, None)
+
+    def _tracked_end(self, pid: int, vaddr: int) -> int:
+        """End of the frozen registered range holding vaddr (vaddr if none)."""
+        ranges = self._frozen.get(pid, [])
+        i = bisect.bisect_right(ranges, (vaddr, 2**64)) - 1
+        if i >= 0 and ranges[i][0] <= vaddr < ranges[i][1]:
+            return ranges[i][1]
+        return vaddr
+
+    def diff(self, pid: int, vaddr: int, data: bytes | bytearray | memoryview, *, record: bool = True) -> ScanResult:
+        """The runs of a dump's pages the destination does not hold (see the invariant).
+
+        Held pages inside a range registered at the freeze are skipped; every
+        other run is the content tracker's to judge (byte compare against
+        what it sent; never recorded means changed).
+        """
+        if vaddr % PAGE:
+            raise ValueError(f"vaddr {vaddr:#x} is not page aligned")
+        n = len(data) // PAGE
+        end = vaddr + n * PAGE
+        tracked_end = min(self._tracked_end(pid, vaddr), end)
+        check: list[tuple[int, int]] = self.held.missing(pid, vaddr, tracked_end) if tracked_end > vaddr else []
+        if tracked_end < end:
+            if check and check[-1][1] == tracked_end:
+                check[-1] = (check[-1][0], end)
+            else:
+                check.append((tracked_end, end))
+        changed: list[tuple[int, bytes]] = []
+        with memoryview(data) as view:
+            for lo, hi in check:
+                res = self.content.diff(pid, lo, view[lo - vaddr : hi - vaddr], record=record)
+                changed.extend(res.changed)
+        return ScanResult(scanned=n, changed=changed)
