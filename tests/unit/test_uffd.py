@@ -44,6 +44,7 @@ TARGET_C = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <unistd.h>
 static unsigned char *m, *extra;
 static size_t nextra;
@@ -64,6 +65,7 @@ int main(void) {
         case 'm': nextra = v[0]; extra = mmap(NULL, nextra * ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
                   for (size_t i = 0; i < nextra; i++) extra[i * ps] = 1; printf("%%lx\n", (unsigned long)extra); break;
         case 'W': for (int i = 0; i < k; i++) extra[v[i] * ps + 3] ^= 0x11; printf("ok\n"); break;
+        case 'k': for (int i = 0; i < k; i++) getrandom(m + v[i] * ps + 100, 16, 0); printf("ok\n"); break;
         case 'u': munmap(extra, nextra * ps); printf("ok\n"); break;
         case 'p': mprotect(m + v[0] * ps, ps, PROT_READ); mprotect(m + v[0] * ps, ps, PROT_READ | PROT_WRITE); printf("ok\n"); break;
         case 't': { pthread_t t; ntp = k; memcpy(tpages, v, sizeof(long) * k); pthread_create(&t, NULL, thr, NULL); pthread_join(t, NULL); printf("ok\n"); break; }
@@ -148,6 +150,8 @@ def test_reports_exactly_the_written_pages_threads_and_mprotect(target: Target) 
         assert scan(tracker, proc, target.base, NPAGES) == set()
         target.ask("t 8 9 64")  # another thread of the same mm
         assert scan(tracker, proc, target.base, NPAGES) == {8, 9, 64}
+        target.ask("k 20 21")  # written by the kernel (copy_to_user), not by the process
+        assert scan(tracker, proc, target.base, NPAGES) == {20, 21}
         target.ask("p 50")  # splits the VMA in three and merges it back
         assert scan(tracker, proc, target.base, NPAGES) == set(), "mprotect alone writes nothing"
         target.ask("w 50 51")
@@ -218,6 +222,9 @@ def smaps_flags(pid: int) -> list[str]:
 def test_target_left_as_it_was(target: Target) -> None:
     fds = sorted(os.listdir(f"/proc/{target.pid}/fd"))
     flags = smaps_flags(target.pid)
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{target.pid}/syscall").read_text().split()[0] != "0" and time.monotonic() < deadline:
+        time.sleep(0.01)  # until it waits in read() for the next command
     inject.seize_and_interrupt(target.pid)  # blocked in read(): registers as of that syscall
     before = bytes(inject.getregs(target.pid))
     inject.detach(target.pid)

@@ -12,7 +12,7 @@ instruction pointer at a ``syscall`` instruction (``0f 05``) found in an
 executable mapping (the vDSO first), single-step exactly that instruction,
 read the result, and put every register back. Nothing is written into the
 target's memory, so no text page is copied-on-write. Two syscalls are run:
-``userfaultfd(O_CLOEXEC|O_NONBLOCK)``, then (after ``pidfd_getfd`` took a
+``userfaultfd(O_CLOEXEC|O_NONBLOCK|UFFD_USER_MODE_ONLY)``, then (after ``pidfd_getfd`` took a
 duplicate) ``close`` of the target's fd, so the container holds no extra fd
 when CRIU dumps it.
 
@@ -67,6 +67,12 @@ NR_USERFAULTFD = 323
 NR_PIDFD_OPEN = 434
 NR_PIDFD_GETFD = 438
 SYSCALL_INSN = b"\x0f\x05"
+#: userfaultfd(2) flag: without it a process lacking CAP_SYS_PTRACE (a
+#: container's) gets EPERM where vm.unprivileged_userfaultfd is 0 (the
+#: default). It only limits *synchronous* faults to user mode: the async
+#: write-protect path never reaches that check, so the kernel's own writes
+#: into user memory (read(2), getrandom(2)) are still tracked (tested).
+UFFD_USER_MODE_ONLY = 1
 GROUP_STOP_SIGNALS = (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 
 _REG_NAMES = (
@@ -241,7 +247,7 @@ def take_userfaultfd(pid: int) -> int:
         saved = getregs(tid)
         ours = target_fd = -1
         try:
-            target_fd = run_syscall(tid, saved, gadget, NR_USERFAULTFD, (os.O_CLOEXEC | os.O_NONBLOCK,))
+            target_fd = run_syscall(tid, saved, gadget, NR_USERFAULTFD, (os.O_CLOEXEC | os.O_NONBLOCK | UFFD_USER_MODE_ONLY,))
             try:
                 ours = sys_call(NR_PIDFD_GETFD, pidfd, target_fd, 0)
             finally:
