@@ -36,12 +36,12 @@ class Strategy:
     doc: str = ""
 
 
-def _precopy(policy: str) -> Strategy:
+def _precopy(policy: str, tracker: str = "content", name: str = "") -> Strategy:
     return Strategy(
-        name=f"precopy-{policy}" if "=" not in policy else f"precopy:{policy}",
+        name=name or (f"precopy-{policy}" if "=" not in policy else f"precopy:{policy}"),
         kind="engine",
-        migrate_args=("--strategy", "precopy", "--policy", policy, "--tracker", "content"),
-        doc=f"tug pre-copy, content tracker, convergence policy {policy!r}",
+        migrate_args=("--strategy", "precopy", "--policy", policy, "--tracker", tracker),
+        doc=f"tug pre-copy, {tracker} tracker, convergence policy {policy!r}",
     )
 
 
@@ -61,6 +61,7 @@ STRATEGIES: dict[str, Strategy] = {
         _precopy("phaul"),
         _precopy("incus"),
         _precopy("qemu"),
+        _precopy("phaul", "uffd", "precopy-uffd"),
     )
 }
 

@@ -49,6 +49,7 @@ async def run_checks(destination: str | None = None, *, identity: Path | None = 
     rows.append(_iptables_check())
     rows.append(_pipe_check())
     rows.append(_pagemap_scan_check())
+    rows.append(await _uffd_tracker_check())
     rows.append(_tcp_repair_check())
     if destination:
         rows += await _ssh_checks(destination, identity, known_hosts)
@@ -75,7 +76,7 @@ async def _criu_checks() -> list[Check]:
         "this kernel has no soft-dirty page tracking (CONFIG_MEM_SOFT_DIRTY is off), so CRIU's pre-dump "
         "cannot find the pages a running container changed; stop-copy works, and pre-copy must use "
         "tug's content tracker instead",
-        fix="" if soft_dirty else "nothing to fix: --tracker auto (the default) picks the content tracker here",
+        fix="" if soft_dirty else "nothing to fix: --tracker auto (the default) picks uffd (below), else content",
     ))
     uffd = await criu.has_feature("uffd-noncoop")
     rows.append(Check(
@@ -134,6 +135,18 @@ def _pipe_check() -> Check:
         name="pipe-max-size", status=OK if good else WARN, detail=f"{size} bytes",
         fix="" if good else f"echo {PIPE_MAX_WANTED} > /proc/sys/fs/pipe-max-size "
         "(CRIU's lazy-pages page server fails without it when CAP_SYS_RESOURCE is missing)",
+    )
+
+
+async def _uffd_tracker_check() -> Check:
+    """Run the uffd tracker for real on a throwaway process (what --tracker auto does)."""
+    from tug.engine.source.trackers.uffd import probe
+
+    why = await probe()
+    return Check(
+        name="uffd tracker", status=OK if not why else WARN,
+        detail="userfaultfd WP_ASYNC + PAGEMAP_SCAN work on a test process: pre-copy without a shadow copy"
+        if not why else f"does not work here ({why}); pre-copy falls back to the content tracker",
     )
 
 

@@ -321,3 +321,10 @@ def test_held_runs() -> None:
     assert h.pages(7) == 197 and h.missing(8, 0, PAGE) == [(0, PAGE)]
     h.forget_pid(7)
     assert h.pages(7) == 0
+
+
+def test_probe_on_a_throwaway_process() -> None:
+    """What tug doctor and --tracker auto run: works on this kernel (6.18)."""
+    from tug.engine.source.trackers.uffd import probe
+
+    assert asyncio.run(probe()) == ""

@@ -20,6 +20,7 @@ from tug.engine.source.strategies.base import Strategy
 from tug.engine.source.trackers.base import Rounds
 from tug.engine.source.trackers.content import ContentRounds
 from tug.engine.source.trackers.softdirty import PreDump
+from tug.engine.source.trackers.uffd import probe as uffd_probe
 from tug.engine.source.trackers.uffdrounds import UffdRounds
 from tug.policies import ConvergencePolicy, PolicySpecError, parse_policy
 
@@ -31,7 +32,9 @@ TRACKER_CHOICES = ("auto", *TRACKERS)
 
 
 async def choose_tracker(requested: str) -> str:
-    """auto picks soft-dirty where the kernel has it, else content.
+    """auto picks soft-dirty where the kernel has it, then uffd where it works
+    on a throwaway process (:func:`~tug.engine.source.trackers.uffd.probe`),
+    else content.
 
     Runs before anything changes on either host, so refusing an explicit
     ``soft-dirty`` here leaves nothing to roll back.
@@ -43,7 +46,9 @@ async def choose_tracker(requested: str) -> str:
     soft_dirty = await criu.has_feature("mem_dirty_track")
     if requested == "soft-dirty" and not soft_dirty:
         raise PreconditionError("kernel lacks soft-dirty (see tug doctor); use --tracker content")
-    return "soft-dirty" if soft_dirty else "content"
+    if soft_dirty:
+        return "soft-dirty"
+    return "uffd" if not await uffd_probe() else "content"
 
 
 class Precopy(Strategy):

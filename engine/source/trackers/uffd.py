@@ -238,3 +238,49 @@ async def inject_userfaultfd(pid: int, timeout: float = 10.0) -> Userfaultfd:
     finally:
         ours.close()
         theirs.close()
+
+
+_PROBE_CHILD = (
+    "import ctypes, mmap, sys\n"
+    "m = mmap.mmap(-1, 16 * 4096)\n"
+    "for i in range(16): m[i * 4096] = 1\n"
+    "print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)\n"
+    "sys.stdin.readline(); m[3 * 4096] = 2; print('ok', flush=True); sys.stdin.readline()\n"
+)
+
+
+async def probe() -> str:
+    """Try the whole tracker on a throwaway process: "" if it works, else why not.
+
+    Injection, UFFDIO_API with WP_ASYNC, registration, a protecting scan, one
+    write by the process, and a scan that must report exactly that page.
+    """
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _PROBE_CHILD, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    assert child.stdin is not None and child.stdout is not None
+    uffd: Userfaultfd | None = None
+    pm: Pagemap | None = None
+    try:
+        base = int(await asyncio.wait_for(child.stdout.readline(), 10))
+        uffd = await inject_userfaultfd(child.pid)
+        uffd.api()
+        if why := uffd.register(base, base + 16 * PAGE):
+            return f"UFFDIO_REGISTER (write-protect) refused: {why}"
+        pm = Pagemap(child.pid)
+        pm.written(base, base + 16 * PAGE)
+        child.stdin.write(b"\n")
+        await child.stdin.drain()
+        await asyncio.wait_for(child.stdout.readline(), 10)
+        got = [(w.start, w.end) for w in pm.written(base, base + 16 * PAGE)]
+        want = [(base + 3 * PAGE, base + 4 * PAGE)]
+        return "" if got == want else f"PAGEMAP_SCAN reported {len(got)} written runs where one page was written"
+    except (UffdError, OSError, ValueError, TimeoutError) as exc:
+        return str(exc) or type(exc).__name__
+    finally:
+        for res in (pm, uffd):
+            if res is not None:
+                res.close()
+        if child.returncode is None:
+            child.kill()
+        await child.wait()
