@@ -75,7 +75,7 @@ async def _criu_checks() -> list[Check]:
         detail="kernel tracks dirty pages: CRIU pre-dump works" if soft_dirty else
         "this kernel has no soft-dirty page tracking (CONFIG_MEM_SOFT_DIRTY is off), so CRIU's pre-dump "
         "cannot find the pages a running container changed; stop-copy works, and pre-copy must use "
-        "tug's content tracker instead",
+        "tug's uffd or content tracker instead",
         fix="" if soft_dirty else "nothing to fix: --tracker auto (the default) picks uffd (below), else content",
     ))
     uffd = await criu.has_feature("uffd-noncoop")

@@ -35,9 +35,14 @@ UFFDIO_UNREGISTER = 0x8010AA01
 UFFDIO_REGISTER_MODE_WP = 1 << 1
 UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
 UFFD_FEATURE_WP_ASYNC = 1 << 15
-#: Features asked for: async write-protect, and unpopulated pages protected
-#: too (so a page first touched after the scan is reported written).
-FEATURES = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED
+#: Features asked for: async write-protect only. WP_UNPOPULATED would make
+#: every empty entry of a registered VMA carry a uffd-wp marker, which
+#: /proc/PID/pagemap shows as a *swapped* page (PM_SWAP): CRIU would dump every
+#: never touched page. A page first touched after a scan carries no bit
+#: anyway, so it is reported written without it. (The scan's own protect
+#: still puts markers into empty entries of page tables it walks: see
+#: :meth:`.uffdtrack.UffdTracker.freeze`, which unregisters at the freeze.)
+FEATURES = UFFD_FEATURE_WP_ASYNC
 
 PAGEMAP_SCAN = 0xC0606610
 PM_SCAN_WP_MATCHING = 1 << 0
@@ -166,7 +171,7 @@ class Userfaultfd:
             raise UffdError(f"UFFDIO_API (WP_ASYNC) refused: {exc.strerror}") from None
         features = struct.unpack("<3Q", buf.raw)[1]
         if features & FEATURES != FEATURES:
-            raise UffdError(f"kernel lacks userfaultfd WP_ASYNC/WP_UNPOPULATED (features {features:#x})")
+            raise UffdError(f"kernel lacks userfaultfd WP_ASYNC (features {features:#x})")
 
     def register(self, start: int, end: int) -> str:
         """Register [start, end) for write-protect; "" on success, else why not."""

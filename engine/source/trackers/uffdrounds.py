@@ -1,7 +1,7 @@
 """The uffd tracker's rounds: pre-copy without soft-dirty and without a shadow copy.
 
 Each round, per container process: re-read its maps, register every private
-readable VMA with tug's userfaultfd (already registered ones are left as they
+readable anonymous VMA with tug's userfaultfd (already registered ones are left as they
 are), then ``PAGEMAP_SCAN`` each registered VMA for pages written since the
 last scan, write-protecting them again in the same walk, and read and send
 those pages (:mod:`.uffdtrack` says why that is exact). A round costs a few
@@ -11,18 +11,18 @@ A process is attached the first round it is seen (the userfaultfd is made
 inside it by :mod:`.inject`). What the scans do not cover falls back to the
 content compare of :class:`~.content.ContentRounds`, per region or per
 process, and every round's note says how many pages came from which source:
-a process where injection failed (noted once), VMAs the kernel refused to
-register, a process that duplicated tug's userfaultfd (kcmp), processes that
+file-backed private mappings (a binary's .data: a few pages), a process
+where injection failed (noted once), VMAs the kernel refused to register, a process that duplicated tug's userfaultfd (kcmp), processes that
 exited (forgotten) or appeared (attached).
 
 The frozen dump goes through the same filtering page server as the content
 tracker's, but the filter asks :meth:`.uffdtrack.UffdTracker.diff`: a final
 scan right after the freeze (no protect, nothing read) is all it needs.
 
-Registration is left in place during the frozen dump: the restored processes
-are new mms that never had tug's userfaultfd (CRIU restores VMAs from its
-images, without uffd flags or uffd-wp bits), and a source resumed after a
-rollback is unregistered when :meth:`close` drops the fd.
+The frozen processes are unregistered right after the final scan, before
+CRIU dumps them (:meth:`.uffdtrack.UffdTracker.freeze` says why: markers
+would look like swapped pages); a source resumed after a rollback thus runs
+unregistered, and :meth:`close` drops the fds.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ the content tracker (:class:`~.shadow.ContentTracker`), which compares bytes
 with what it sent for the regions it covered and calls every page it never
 recorded changed.
 
-Registration is tried again every round on every private, readable VMA: a
+Registration is tried again every round on every private, readable,
+anonymous VMA: a
 VMA already registered with tug's fd is left as it is, a new one becomes
 tracked, and one the kernel refuses (registered by the container's own
 userfaultfd, a shared mapping, a range that changed meanwhile) is compared by
@@ -138,11 +139,27 @@ def start_time(pid: int) -> str:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def anonymous(region: Region) -> bool:
+    """No file behind it (the kernel names such mappings "", [heap], [stack]
+    or [anon:NAME]; a file mapping's name is its path, which starts with "/"
+    or names a pseudo file system)."""
+    return region.path in ("", "[heap]", "[stack]") or region.path.startswith("[anon:")
+
+
 def register_all(proc: Process, regions: list[Region]) -> tuple[list[Region], list[tuple[Region, str]]]:
-    """Register every region for write-protect: (tracked, [(untracked, why)])."""
+    """Register every anonymous region for write-protect: (tracked, [(untracked, why)]).
+
+    File-backed private mappings (a binary's .data, a library's) are left to
+    the content compare: registering them would make the scan put uffd-wp
+    markers into their empty entries (the kernel always uses markers for
+    files), which CRIU would then dump as swapped pages.
+    """
     ok: list[Region] = []
     refused: list[tuple[Region, str]] = []
     for r in regions:
+        if not anonymous(r):
+            refused.append((r, "file-backed mapping"))
+            continue
         why = proc.uffd.register(r.start, r.end)
         if why:
             refused.append((r, f"register {why}"))
@@ -180,7 +197,17 @@ class UffdTracker:
 
     def freeze(self, proc: Process, regions: list[Region], sources: Sources) -> None:
         """At the freeze: register again (tells what is tracked), scan without
-        protecting, forget what was written. Milliseconds; nothing is read."""
+        protecting, forget what was written, then unregister. Milliseconds;
+        nothing is read.
+
+        Why unregister before CRIU dumps: the scans' protect leaves uffd-wp
+        markers in empty page-table entries, and /proc/PID/pagemap reports a
+        marker as a swapped page, so CRIU would dump (and the destination
+        populate) every never touched page near a touched one (measured: 5 MiB
+        of a demo container's .bss, sent while frozen). Unregistering clears
+        markers and bits. A restored process never had tug's registration in
+        any case (CRIU restores VMAs without uffd flags; tested end to end).
+        """
         ok, refused = register_all(proc, regions)
         for r, why in refused:
             self.untracked(proc.ns_pid, r)
@@ -190,6 +217,8 @@ class UffdTracker:
             written = proc.pagemap.written(r.start, r.end, protect=False)
             for lo, hi in self.note_written(proc, written):
                 sources.uffd_written += (hi - lo) // PAGE
+        for r in ok:
+            proc.uffd.unregister(r.start, r.end)
 
     def forget_pid(self, ns_pid: int) -> None:
         self.held.forget_pid(ns_pid)
