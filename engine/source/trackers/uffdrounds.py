@@ -174,29 +174,30 @@ class UffdRounds(ContentRounds):
             await self._content(mem, refused, c, queue)
 
     async def final_dump(self, dump: DumpFn, page_server: str | None) -> None:
-        """The final scan (frozen: ms, nothing read), then the filtered dump."""
+        """The final scan (frozen: ms, nothing read), then the filtered dump.
+
+        Only the processes the rounds attached are scanned (no ``runc ps`` in
+        the downtime): any other process of the dump has nothing held, so the
+        filter compares all of its pages by content (changed, unless the
+        content compare recorded them)."""
         t0 = time.monotonic()
         sources = Sources()
-        pids = await self.ctx.runc.pids(self.ctx.name)
 
         def freeze() -> None:
-            for host_pid in pids:
-                proc = self.procs.get(host_pid)
+            for host_pid, proc in list(self.procs.items()):
                 try:
-                    current = start_time(host_pid)
+                    alive = start_time(host_pid) == proc.start_time
                 except (OSError, IndexError):
+                    alive = False
+                if not alive:
+                    self._drop(host_pid)  # exited (or its pid reused): nothing of it is held
                     continue
-                if proc is None or proc.start_time != current:
-                    if proc is not None:
-                        self._drop(host_pid)
-                    sources.fallback["process not attached"] += 1
-                    continue  # never recorded as held: the content compare decides
                 try:
-                    regions = ProcessMemory(host_pid)
+                    mem = ProcessMemory(host_pid)
                     try:
-                        self.uffd.freeze(proc, regions.regions(), sources)
+                        self.uffd.freeze(proc, mem.regions(), sources)
                     finally:
-                        regions.close()
+                        mem.close()
                 except (UffdError, OSError) as exc:
                     sources.fallback[f"final scan failed: {exc}"] += 1
                     self._drop(host_pid)
