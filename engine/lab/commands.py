@@ -43,7 +43,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
     elif args.lab_cmd == "demo":
         lab = hosts.require(layout)
         h = lab.host(args.host)
-        spec = demo.WorkloadSpec(memory_mib=args.memory, dirty_rate=args.dirty_rate, hot_set=args.hot_set)
+        spec = demo.WorkloadSpec(memory_mib=args.memory, dirty_rate=args.dirty_rate, hot_set=args.hot_set, churn_mib=args.churn)
         bundle = demo.start(lab, h, args.name, spec)
         _say(f"demo container {args.name} running on {h.name} ({args.memory} MiB, {args.dirty_rate} pages/s), bundle {bundle}")
     elif args.lab_cmd == "rm":
@@ -144,6 +144,7 @@ def add_lab_parser(sub: Any) -> None:
     dm.add_argument("--memory", type=int, default=64, metavar="MIB")
     dm.add_argument("--dirty-rate", type=int, default=0, metavar="PAGES_PER_S")
     dm.add_argument("--hot-set", type=float, default=1.0, metavar="FRACTION")
+    dm.add_argument("--churn", type=int, default=0, metavar="MIB", help="map this much new memory every 200 ms")
     rm = ls.add_parser("rm", help="delete a container and its bundle from a host")
     rm.add_argument("host")
     rm.add_argument("name")

@@ -33,12 +33,15 @@ class WorkloadSpec:
     dirty_rate: int = 0
     hot_set: float = 1.0
     port: int = 7000
+    #: MiB mapped anew every 200 ms (the workload's --churn-mib): memory that
+    #: appears while pre-copy runs.
+    churn_mib: int = 0
 
     def argv(self) -> list[str]:
         return [
             "/usr/bin/tug-workload", "--memory", str(self.memory_mib), "--dirty-rate", str(self.dirty_rate),
             "--hot-set", repr(self.hot_set), "--state", "/state", "--port", str(self.port),
-        ]
+        ] + (["--churn-mib", str(self.churn_mib)] if self.churn_mib else [])
 
 
 def image_rootfs(layout: Layout) -> Path:

@@ -11,6 +11,10 @@
  *              and checked after a migration (SIGUSR1 -> verify.json).
  *   dirtying   --dirty-rate pages/s of the hot set are rewritten (version++)
  *              so pre-copy has something to converge against.
+ *   churn      --churn-mib: every 200 ms a fresh anonymous mapping of that
+ *              size replaces the previous one (mapped before the old one is
+ *              unmapped, so addresses alternate and get reused), filled with
+ *              pages that verify checks too: memory mapped while pre-copy runs.
  *   heartbeat  every --interval-ms a line "<counter> <realtime_ns> <mono_ns>"
  *              goes to heartbeat.log; gaps in realtime measure downtime,
  *              counter steps prove the process continued rather than restarted.
@@ -65,6 +69,10 @@ static double opt_hot_set = 1.0;
 static const char *opt_state = "/state";
 static long opt_port = 7000;
 static int64_t opt_interval_ms = 10;
+static uint64_t opt_churn_mib = 0;
+#define CHURN_PERIOD_NS (200 * NS_PER_MS)
+/* Page numbers of the churn mapping in page_seed(), apart from the main block's. */
+#define CHURN_FIRST_PAGE (1ULL << 30)
 
 /* ---- state ------------------------------------------------------------ */
 
@@ -77,6 +85,9 @@ static uint64_t g_pages;
 static uint64_t g_hot_pages;
 static uint64_t g_dirtied_total;
 static uint64_t g_rng = 0x853c49e6748fea9bULL;
+static uint64_t *g_churn;      /* the current churn mapping, g_churn_pages pages */
+static uint64_t g_churn_pages;
+static uint32_t g_churn_gen;
 
 static uint64_t g_counter;
 static uint64_t g_verify_seq;
@@ -221,6 +232,13 @@ static void do_verify(void)
             bad++;
         }
     }
+    for (uint64_t i = 0; g_churn && i < g_churn_pages; i++) {
+        if (!page_ok(g_churn + i * PAGE_WORDS, CHURN_FIRST_PAGE + i, g_churn_gen)) {
+            if (first_bad < 0)
+                first_bad = (int64_t)(g_pages + i);
+            bad++;
+        }
+    }
     g_verify_seq++;
     char buf[512];
     int n = snprintf(buf, sizeof buf,
@@ -233,6 +251,21 @@ static void do_verify(void)
                      (long long)real_ns(), (long long)(mono_ns() - t0));
     if (n > 0 && (size_t)n < sizeof buf)
         write_atomic(g_verify_path, g_verify_tmp, buf, (size_t)n);
+}
+
+static void *map_anon(size_t len);
+
+/* A new churn mapping (next generation) replaces the old one. */
+static void churn(void)
+{
+    size_t len = (size_t)g_churn_pages * PAGE_BYTES;
+    uint64_t *fresh = map_anon(len);
+    g_churn_gen++;
+    for (uint64_t i = 0; i < g_churn_pages; i++)
+        fill_page(fresh + i * PAGE_WORDS, CHURN_FIRST_PAGE + i, g_churn_gen);
+    if (g_churn)
+        munmap(g_churn, len);
+    g_churn = fresh;
 }
 
 static void heartbeat(void)
@@ -577,13 +610,14 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: tug-workload [--memory MIB] [--dirty-rate PAGES_PER_S] [--hot-set FRACTION]\n"
-            "                    [--state DIR] [--port N] [--interval-ms N]\n"
+            "                    [--state DIR] [--port N] [--interval-ms N] [--churn-mib MIB]\n"
             "  --memory MIB        anonymous memory to fill and verify (default 64)\n"
             "  --dirty-rate N      pages rewritten per second (default 0)\n"
             "  --hot-set F         dirty only the first ceil(F*pages) pages, 0<F<=1 (default 1.0)\n"
             "  --state DIR         heartbeat.log, status.json, verify.json (default /state)\n"
             "  --port N            TCP port on 0.0.0.0, 0 disables (default 7000)\n"
             "  --interval-ms N     heartbeat interval (default 10)\n"
+            "  --churn-mib MIB     every 200 ms map a new region this big, unmap the last (default 0)\n"
             "signals: SIGUSR1 verify memory -> verify.json; SIGTERM/SIGINT exit 0\n");
 }
 
@@ -603,6 +637,7 @@ static void parse_args(int argc, char **argv)
         {"state", required_argument, NULL, 's'},
         {"port", required_argument, NULL, 'p'},
         {"interval-ms", required_argument, NULL, 'i'},
+        {"churn-mib", required_argument, NULL, 'c'},
         {"help", no_argument, NULL, 'H'},
         {NULL, 0, NULL, 0},
     };
@@ -643,6 +678,11 @@ static void parse_args(int argc, char **argv)
             if (parse_u64(optarg, &v) < 0 || v < 1 || v > 3600000)
                 bad_arg("interval-ms", optarg);
             opt_interval_ms = (int64_t)v;
+            break;
+        case 'c':
+            if (parse_u64(optarg, &v) < 0 || v > 1024)
+                bad_arg("churn-mib", optarg);
+            opt_churn_mib = v;
             break;
         case 'H':
             usage(stdout);
@@ -731,6 +771,10 @@ int main(int argc, char **argv)
     for (uint64_t i = 0; i < g_pages; i++)
         fill_page(g_block + i * PAGE_WORDS, i, 0);
 
+    g_churn_pages = opt_churn_mib * (1024 * 1024 / PAGE_BYTES);
+    if (g_churn_pages)
+        churn();
+
     g_started_realtime_ns = real_ns();
     g_rng ^= (uint64_t)g_started_realtime_ns; /* page choice need not be reproducible */
     if (!g_rng)
@@ -748,7 +792,7 @@ int main(int argc, char **argv)
     const int64_t dirty_period =
         opt_dirty_rate > 0 ? NS_PER_S / (int64_t)opt_dirty_rate + DIRTY_MIN_STEP_NS : 0;
     int64_t now = mono_ns();
-    int64_t next_hb = now, next_status = now, next_dirty = now;
+    int64_t next_hb = now, next_status = now, next_dirty = now, next_churn = now + CHURN_PERIOD_NS;
     g_dirty_base_ns = now;
     g_dirty_base_count = 0;
 
@@ -761,6 +805,7 @@ int main(int argc, char **argv)
         next_status = sane_deadline(next_status, now, STATUS_PERIOD_NS);
         if (opt_dirty_rate > 0)
             next_dirty = sane_deadline(next_dirty, now, dirty_period);
+        next_churn = sane_deadline(next_churn, now, CHURN_PERIOD_NS);
 
         if (g_verify) {
             g_verify = 0;
@@ -773,6 +818,10 @@ int main(int argc, char **argv)
         }
         if (opt_dirty_rate > 0 && now >= next_dirty)
             next_dirty = dirty_tick(now);
+        if (g_churn_pages && now >= next_churn) {
+            churn();
+            next_churn = next_slot(next_churn, now, CHURN_PERIOD_NS);
+        }
         if (now >= next_status) {
             write_status();
             next_status = next_slot(next_status, now, STATUS_PERIOD_NS);
@@ -799,6 +848,8 @@ int main(int argc, char **argv)
         int64_t due = next_hb < next_status ? next_hb : next_status;
         if (opt_dirty_rate > 0 && next_dirty < due)
             due = next_dirty;
+        if (g_churn_pages && next_churn < due)
+            due = next_churn;
         int64_t wait_ns = due - mono_ns();
         int timeout = wait_ns <= 0 ? 0 : (int)((wait_ns + NS_PER_MS - 1) / NS_PER_MS);
         if (timeout > 1000)
