@@ -247,7 +247,7 @@ async def inject_userfaultfd(pid: int, timeout: float = 10.0) -> Userfaultfd:
 
 _PROBE_CHILD = (
     "import ctypes, mmap, sys\n"
-    "m = mmap.mmap(-1, 16 * 4096)\n"
+    "m = mmap.mmap(-1, 16 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)\n"
     "for i in range(16): m[i * 4096] = 1\n"
     "print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)\n"
     "sys.stdin.readline(); m[3 * 4096] = 2; print('ok', flush=True); sys.stdin.readline()\n"
