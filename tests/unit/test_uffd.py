@@ -19,9 +19,12 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
+from tug.engine.api import MigrationOptions
+from tug.engine.source.context import SourceContext
 from tug.engine.source.trackers import inject
 from tug.engine.source.trackers.shadow import PAGE, ContentTracker, ProcessMemory, ns_pid
 from tug.engine.source.trackers.uffd import (
@@ -34,7 +37,9 @@ from tug.engine.source.trackers.uffd import (
     inject_userfaultfd,
     parse_regions,
 )
+from tug.engine.source.trackers.uffdrounds import UffdRounds
 from tug.engine.source.trackers.uffdtrack import Held, Process, Sources, UffdTracker, register_all, start_time
+from tug.policies import parse_policy
 
 NPAGES = 128
 
@@ -356,3 +361,85 @@ def test_freeze_leaves_no_page_for_criu_to_dump_that_was_not_there(target: Targe
     finally:
         mem.close()
         proc.close()
+
+
+def test_injection_refused_on_a_stopped_process_leaves_it_stopped(target: Target) -> None:
+    """A process in a group-stop is not ours to resume: the helper fails, the
+    process stays stopped, and once continued it runs on unharmed."""
+    fds = sorted(os.listdir(f"/proc/{target.pid}/fd"))
+    os.kill(target.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while _state(target.pid) != "T" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(UffdError, match="stopped"):
+        asyncio.run(inject_userfaultfd(target.pid))
+    assert _state(target.pid) == "T" and not _tracer(target.pid)
+    os.kill(target.pid, signal.SIGCONT)
+    assert target.ask("w 1") == "ok"
+    assert sorted(os.listdir(f"/proc/{target.pid}/fd")) == fds
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+class _Stream:
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    async def write(self, data: bytes | memoryview) -> None:
+        self.data += data
+
+    async def close(self, meta: dict[str, Any] | None = None) -> None:
+        pass
+
+
+class _Stub:
+    """Session and runc for UffdRounds: streams recorded, one container process."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.bytes_sent = 0
+        self.streams: list[_Stream] = []
+
+    async def open_stream(self, kind: str, meta: dict[str, Any]) -> _Stream:
+        self.streams.append(_Stream())
+        return self.streams[-1]
+
+    async def pids(self, name: str) -> list[int]:
+        return [self.pid]
+
+
+def _rounds(pid: int) -> tuple[UffdRounds, _Stub]:
+    stub = _Stub(pid)
+    ctx = SourceContext(name="c", session=cast(Any, stub), agent=None, runc=cast(Any, stub), work=Path("/nonexistent"),
+                        opts=MigrationOptions())
+    return UffdRounds(ctx, parse_policy("max-iter=3")), stub
+
+
+def test_rounds_fall_back_to_content_with_a_note(target: Target) -> None:
+    """Injection refused (the process is stopped at round 0): its pages come
+    from the content compare, and the notes say so; a tracked process's
+    rounds come from the scans."""
+    os.kill(target.pid, signal.SIGSTOP)
+    rounds, stub = _rounds(target.pid)
+    try:
+        asyncio.run(rounds.round(0))
+        assert any("compared by content instead" in n for n in rounds.ctx.notes)
+        src = rounds.history_sources[0]
+        assert src.uffd_written == 0 and src.content_changed >= NPAGES and src.fallback["process not attached"] == 1
+    finally:
+        os.kill(target.pid, signal.SIGCONT)
+        rounds.close()
+    rounds, stub = _rounds(target.pid)
+    try:
+        asyncio.run(rounds.round(0))
+        target.ask("w 5 6 7")
+        stats = asyncio.run(rounds.round(1))
+        src = rounds.history_sources[1]
+        assert src.uffd_written >= 3 and src.fallback["process not attached"] == 0
+        assert stats.dirty_pages == src.uffd_written + src.content_changed
+        assert "round 1 (uffd): " in rounds.ctx.notes[-1]
+    finally:
+        rounds.close()
+    assert not any(" uw" in f for f in smaps_flags(target.pid)), "close() unregistered everything"
