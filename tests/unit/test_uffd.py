@@ -44,7 +44,10 @@ from tug.policies import parse_policy
 NPAGES = 128
 
 TARGET_C = r"""
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <pthread.h>
+#include <sys/prctl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -73,6 +76,9 @@ int main(void) {
                   printf("%%lx\n", (unsigned long)extra); break;
         case 'W': for (int i = 0; i < k; i++) extra[v[i] * ps + 3] ^= 0x11; printf("ok\n"); break;
         case 'k': for (int i = 0; i < k; i++) getrandom(m + v[i] * ps + 100, 16, 0); printf("ok\n"); break;
+        case 's': { struct sock_filter allow = BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+                    struct sock_fprog prog = {1, &allow}; prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                    printf(prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) ? "fail\n" : "ok\n"); break; }
         case 'u': munmap(extra, nextra * ps); printf("ok\n"); break;
         case 'p': mprotect(m + v[0] * ps, ps, PROT_READ); mprotect(m + v[0] * ps, ps, PROT_READ | PROT_WRITE); printf("ok\n"); break;
         case 't': { pthread_t t; ntp = k; memcpy(tpages, v, sizeof(long) * k); pthread_create(&t, NULL, thr, NULL); pthread_join(t, NULL); printf("ok\n"); break; }
@@ -443,3 +449,11 @@ def test_rounds_fall_back_to_content_with_a_note(target: Target) -> None:
     finally:
         rounds.close()
     assert not any(" uw" in f for f in smaps_flags(target.pid)), "close() unregistered everything"
+
+
+def test_injection_refused_under_a_seccomp_filter(target: Target) -> None:
+    """A filter could kill the process for the injected syscall: not tried."""
+    assert target.ask("s") == "ok"  # an allow-all filter, but a filter
+    with pytest.raises(UffdError, match="seccomp"):
+        asyncio.run(inject_userfaultfd(target.pid))
+    assert target.ask("w 2") == "ok" and not _tracer(target.pid)

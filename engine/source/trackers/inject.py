@@ -25,7 +25,9 @@ had interrupted it.
 
 A signal that arrives while the thread is being interrupted is passed on
 unchanged (the thread handles it as it would have) and the interrupt still
-comes. A thread in a group-stop (SIGSTOP) is left alone: injection fails.
+comes. A thread in a group-stop (SIGSTOP) is left alone, and so is one
+under a seccomp filter (the filter could kill it for the injected syscall):
+injection fails and the tracker compares that process by content.
 
 When the tracer dies: the kernel detaches its tracees and resumes them with
 *whatever registers they hold*. Seized and interrupted but unmodified, the
@@ -67,6 +69,8 @@ NR_USERFAULTFD = 323
 NR_PIDFD_OPEN = 434
 NR_PIDFD_GETFD = 438
 SYSCALL_INSN = b"\x0f\x05"
+#: The code segment of 64-bit user mode (a 32-bit process runs with 0x23).
+USER_CS_64 = 0x33
 #: userfaultfd(2) flag: without it a process lacking CAP_SYS_PTRACE (a
 #: container's) gets EPERM where vm.unprivileged_userfaultfd is 0 (the
 #: default). It only limits *synchronous* faults to user mode: the async
@@ -217,6 +221,15 @@ def run_syscall(tid: int, saved: Regs, gadget: int, nr: int, args: Sequence[int]
     return res
 
 
+def seccomp_mode(pid: int, tid: int) -> str:
+    """The thread's seccomp mode (0: none, 1: strict, 2: filter)."""
+    with open(f"/proc/{pid}/task/{tid}/status") as f:
+        for line in f:
+            if line.startswith("Seccomp:"):
+                return line.split()[1]
+    return "0"
+
+
 def pick_thread(pid: int) -> int:
     """A live thread of ``pid`` (the leader, unless it is a zombie)."""
     tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
@@ -241,12 +254,18 @@ def take_userfaultfd(pid: int) -> int:
         raise InjectError(f"syscall injection is implemented for x86_64 only, not {platform.machine()}")
     gadget = find_gadget(pid)
     tid = pick_thread(pid)
+    if seccomp_mode(pid, tid) != "0":
+        # The filter decides what our syscalls do: SECCOMP_RET_KILL would
+        # kill the process, RET_TRAP deliver a SIGSYS to it. Not worth it.
+        raise InjectError(f"thread {tid} runs under a seccomp filter: an injected syscall could kill it")
     pidfd = sys_call(NR_PIDFD_OPEN, pid, 0)
     try:
         seize_and_interrupt(tid)
         saved = getregs(tid)
         ours = target_fd = -1
         try:
+            if saved.cs != USER_CS_64:
+                raise InjectError(f"thread {tid} runs 32-bit code (cs {saved.cs:#x}): not injecting x86_64 syscalls")
             target_fd = run_syscall(tid, saved, gadget, NR_USERFAULTFD, (os.O_CLOEXEC | os.O_NONBLOCK | UFFD_USER_MODE_ONLY,))
             try:
                 ours = sys_call(NR_PIDFD_GETFD, pidfd, target_fd, 0)
