@@ -9,6 +9,7 @@ exactly the ones a command wrote.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -410,13 +411,14 @@ class _Stub:
         self.pid = pid
         self.bytes_sent = 0
         self.streams: list[_Stream] = []
+        self.extra: list[int] = []
 
     async def open_stream(self, kind: str, meta: dict[str, Any]) -> _Stream:
         self.streams.append(_Stream())
         return self.streams[-1]
 
     async def pids(self, name: str) -> list[int]:
-        return [self.pid]
+        return [self.pid, *self.extra]
 
 
 def _rounds(pid: int) -> tuple[UffdRounds, _Stub]:
@@ -460,3 +462,23 @@ def test_injection_refused_under_a_seccomp_filter(target: Target) -> None:
     with pytest.raises(UffdError, match="seccomp"):
         asyncio.run(inject_userfaultfd(target.pid))
     assert target.ask("w 2") == "ok" and not _tracer(target.pid)
+
+
+def test_rounds_attach_new_processes_and_drop_exited_ones(target: Target) -> None:
+    rounds, stub = _rounds(target.pid)
+    child = int(target.ask("f 1"))
+    try:
+        asyncio.run(rounds.round(0))
+        assert set(rounds.procs) == {target.pid}
+        stub.extra = [child]  # forked after the start: attached by the next round
+        asyncio.run(rounds.round(1))
+        assert set(rounds.procs) == {target.pid, child}
+        assert rounds.history_sources[1].uffd_written >= NPAGES, "the child's memory is new: sent whole"
+        os.kill(child, signal.SIGKILL)
+        stub.extra = []
+        asyncio.run(rounds.round(2))
+        assert set(rounds.procs) == {target.pid}, "the exited child is dropped"
+    finally:
+        rounds.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)

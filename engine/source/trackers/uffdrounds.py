@@ -79,7 +79,7 @@ class UffdRounds(ContentRounds):
             return None
         try:
             uffd = await inject_userfaultfd(pid)
-        except UffdError as exc:
+        except (UffdError, OSError, ValueError) as exc:  # ValueError: a garbled report
             self._refuse(pid, started, str(exc))
             return None
         try:
@@ -115,7 +115,10 @@ class UffdRounds(ContentRounds):
                 continue
             try:
                 proc = await self._attach(host_pid)
-                regions = await asyncio.to_thread(mem.regions)
+                try:
+                    regions = await asyncio.to_thread(mem.regions)
+                except (FileNotFoundError, ProcessLookupError):
+                    continue  # exited meanwhile (the next round drops it)
                 if proc is not None and proc.uffd.leaked():
                     self.ctx.note(f"uffd tracker: process {host_pid} holds tug's userfaultfd; compared by content", "warning")
                     self.refused[(host_pid, proc.start_time)] = "holds tug's userfaultfd"
