@@ -41,8 +41,14 @@ async def choose_tracker(requested: str) -> str:
     """
     if requested not in TRACKER_CHOICES:
         raise PreconditionError(f"unknown tracker {requested!r} (choose from {', '.join(TRACKER_CHOICES)})")
-    if requested in ("content", "uffd"):
-        return requested  # uffd: a process it cannot attach is compared by content (noted)
+    if requested == "content":
+        return "content"
+    if requested == "uffd":
+        # Refused here, before anything changes, if it cannot work at all; a
+        # process it cannot attach later is compared by content (noted).
+        if why := await uffd_probe():
+            raise PreconditionError(f"the uffd tracker does not work here ({why}); see tug doctor, or use --tracker content")
+        return "uffd"
     soft_dirty = await criu.has_feature("mem_dirty_track")
     if requested == "soft-dirty" and not soft_dirty:
         raise PreconditionError("kernel lacks soft-dirty (see tug doctor); use --tracker content")
