@@ -245,7 +245,8 @@ def test_target_left_as_it_was(target: Target) -> None:
     inject.detach(target.pid)
     proc = attach(target.pid)
     assert sorted(os.listdir(f"/proc/{target.pid}/fd")) == fds, "the target's own userfaultfd was closed"
-    assert not proc.uffd.leaked()
+    assert proc.uffd.leaked([target.pid]) is None
+    assert proc.uffd.leaked([target.pid, os.getpid()]) == os.getpid(), "a holder of the fd is found (here: us)"
     mem = ProcessMemory(target.pid)
     register_all(proc, mem.regions())
     mem.close()

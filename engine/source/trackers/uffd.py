@@ -196,26 +196,30 @@ class Userfaultfd:
         except OSError as exc:
             raise UffdError(f"UFFDIO_UNREGISTER {start:#x}-{end:#x}: {exc.strerror}") from None
 
-    def leaked(self) -> bool:
-        """Does any fd of the target refer to our userfaultfd (kcmp)?
+    def leaked(self, pids: list[int]) -> int | None:
+        """A process of ``pids`` holding our userfaultfd (kcmp), if any.
 
-        It closed its own in the injection; a thread of the container that
-        duplicated it meanwhile (or a child forked then) could write-protect
-        pages itself and hide writes from the scan.
+        The target closed its own in the injection; a thread of it that
+        duplicated the fd meanwhile, a child forked then, or a process it
+        passed the fd to could write-protect pages itself and hide writes
+        from the scan (only the container's own memory would suffer: it is
+        then compared by content). An fd still in flight in a unix socket is
+        in nobody's table: it is found once received, the next round.
         """
-        try:
-            names = os.listdir(f"/proc/{self.pid}/fd")
-        except OSError:
-            return False
-        for name in names:
+        for pid in pids:
             try:
-                if os.readlink(f"/proc/{self.pid}/fd/{name}") != USERFAULTFD_LINK:
-                    continue
-                if sys_call(NR_KCMP, os.getpid(), self.pid, KCMP_FILE, self.fd, int(name)) == 0:
-                    return True
+                names = os.listdir(f"/proc/{pid}/fd")
             except OSError:
                 continue
-        return False
+            for name in names:
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{name}") != USERFAULTFD_LINK:
+                        continue
+                    if sys_call(NR_KCMP, os.getpid(), pid, KCMP_FILE, self.fd, int(name)) == 0:
+                        return pid
+                except (OSError, ValueError):
+                    continue
+        return None
 
 
 async def inject_userfaultfd(pid: int, timeout: float = 10.0) -> Userfaultfd:

@@ -119,9 +119,11 @@ class UffdRounds(ContentRounds):
                     regions = await asyncio.to_thread(mem.regions)
                 except (FileNotFoundError, ProcessLookupError):
                     continue  # exited meanwhile (the next round drops it)
-                if proc is not None and proc.uffd.leaked():
-                    self.ctx.note(f"uffd tracker: process {host_pid} holds tug's userfaultfd; compared by content", "warning")
-                    self.refused[(host_pid, proc.start_time)] = "holds tug's userfaultfd"
+                holder = await asyncio.to_thread(proc.uffd.leaked, pids) if proc is not None else None
+                if proc is not None and holder is not None:
+                    why = f"process {holder} of the container holds tug's userfaultfd of process {host_pid}"
+                    self.ctx.note(f"uffd tracker: {why}; compared by content", "warning")
+                    self.refused[(host_pid, proc.start_time)] = why
                     self._drop(host_pid)
                     proc = None
                 if proc is None:
