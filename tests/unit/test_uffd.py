@@ -47,6 +47,9 @@ NPAGES = 128
 TARGET_C = r"""
 #include <linux/filter.h>
 #include <linux/seccomp.h>
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
 #include <pthread.h>
 #include <sys/prctl.h>
 #include <stdio.h>
@@ -54,6 +57,7 @@ TARGET_C = r"""
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/random.h>
+#include <fcntl.h>
 #include <unistd.h>
 static unsigned char *m, *extra;
 static size_t nextra;
@@ -81,6 +85,10 @@ int main(void) {
         case 's': { struct sock_filter allow = BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
                     struct sock_fprog prog = {1, &allow}; prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
                     printf(prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) ? "fail\n" : "ok\n"); break; }
+        case 'U': { int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | 1);  /* its own, on the extra region */
+                    struct uffdio_api api = {.api = UFFD_API, .features = 1ULL << 15 /* WP_ASYNC */};
+                    struct uffdio_register reg = {.range = {(unsigned long)extra, nextra * ps}, .mode = UFFDIO_REGISTER_MODE_WP};
+                    printf(fd < 0 || ioctl(fd, UFFDIO_API, &api) || ioctl(fd, UFFDIO_REGISTER, &reg) ? "fail\n" : "ok\n"); break; }
         case 'u': munmap(extra, nextra * ps); printf("ok\n"); break;
         case 'p': mprotect(m + v[0] * ps, ps, PROT_READ); mprotect(m + v[0] * ps, ps, PROT_READ | PROT_WRITE); printf("ok\n"); break;
         case 't': { pthread_t t; ntp = k; memcpy(tpages, v, sizeof(long) * k); pthread_create(&t, NULL, thr, NULL); pthread_join(t, NULL); printf("ok\n"); break; }
@@ -483,3 +491,27 @@ def test_rounds_attach_new_processes_and_drop_exited_ones(target: Target) -> Non
         rounds.close()
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
+
+
+def test_a_vma_the_container_registered_itself_is_compared_by_content(target: Target) -> None:
+    """The container's own userfaultfd on a VMA (its write-protect bits would
+    mean nothing to us): registration refused, the region is the content
+    compare's, and nothing in it counts as held."""
+    tracker = UffdTracker(ContentTracker())
+    proc = attach(target.pid)
+    mem = ProcessMemory(target.pid)
+    try:
+        target.ask("m 8")
+        scan(tracker, proc, target.base, NPAGES)  # registers and sends it, as ours
+        target.ask("u")
+        again = int(target.ask("m 8"), 16)
+        assert target.ask("U") == "ok"
+        region = next(r for r in mem.regions() if r.start <= again < r.end)
+        ok, refused = register_all(proc, [region])
+        assert ok == [] and [why for _, why in refused] == ["register EBUSY"]
+        tracker.freeze(proc, mem.regions(), Sources())
+        data = mem.read(again, 8)
+        assert tracker.diff(proc.ns_pid, again, data, record=False).changed_pages == 8
+    finally:
+        mem.close()
+        proc.close()
