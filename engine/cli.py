@@ -70,7 +70,7 @@ class Progress:
 
 def summary(r: MigrationReport) -> str:
     rows = [
-        ("container", r.container),
+        ("container" if len(r.containers) <= 1 else "containers", ", ".join(r.containers) or r.container),
         ("from -> to", f"{r.source} -> {r.destination}"),
         ("strategy", r.strategy + (f" (tracker {r.tracker}, {len(r.rounds)} rounds)" if r.tracker else "")),
         ("outcome", r.outcome),
@@ -239,8 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tug", description="Live-migrate running containers between hosts with CRIU.")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    m = sub.add_parser("migrate", help="live-migrate a running container to another host")
-    m.add_argument("container")
+    m = sub.add_parser("migrate", help="live-migrate a running container (or several, as one group) to another host")
+    m.add_argument("container", nargs="+",
+                   help="the container; several move as one group: one freeze, one commit point, one rollback "
+                        "(restored in the order given)")
     m.add_argument("--to", required=True, metavar="URL", help="destination, ssh://user@host[:port]")
     m.add_argument("--strategy", default="stop-copy", choices=STRATEGIES)
     m.add_argument("--policy", default="phaul", metavar="SPEC",

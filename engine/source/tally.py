@@ -44,6 +44,7 @@ class Tally:
         self,
         *,
         container: str,
+        containers: list[str],
         source: str,
         destination: str,
         strategy: str,
@@ -64,6 +65,7 @@ class Tally:
             downtime = ((self.running_at or now) - self.frozen_at) * 1000
         return MigrationReport(
             container=container,
+            containers=containers,
             source=source,
             destination=destination,
             strategy=strategy,
