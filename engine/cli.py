@@ -81,6 +81,8 @@ def summary(r: MigrationReport) -> str:
         ("  CRIU images", human_bytes(r.image_bytes)),
         *([("  page server", human_bytes(r.page_server_bytes))] if r.dump_streamed else []),
         ("  rootfs files", human_bytes(r.rootfs_bytes)),
+        *[(f"  volume {v['destination']}", f"{v['mode']}" + (f", {human_bytes(v['bytes'])}" if v["mode"] == "copy" else ""))
+          for v in r.volumes],
     ]
     for phase, secs in r.phases.items():
         rows.append((f"  {phase}", f"{secs * 1000:.0f} ms, {human_bytes(r.bytes_by_phase.get(phase, 0))}"))
@@ -137,6 +139,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         tracker=args.tracker,
         stream_dump=args.stream_dump,
         lazy_restore=args.lazy_restore,
+        volumes=tuple(args.volume),
         timeouts={**DEFAULT_TIMEOUTS, **parse_timeouts(args.timeout)},
     )
     progress = Progress(quiet=args.quiet)
@@ -256,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop-copy: stream the frozen dump's memory to a CRIU page server on the destination while "
                         "CRIU dumps (overlaps dump and transfer; needs sshd TCP forwarding) instead of dumping to "
                         "files first (default: %(default)s)")
+    m.add_argument("--volume", action="append", default=[], metavar="PATH=MODE",
+                   help="how a host mount of the container moves, by its path inside the container: PATH=shared "
+                        "(the destination has the same storage there; verified), PATH=copy or PATH=copy:DESTDIR "
+                        "(tug copies it like the rootfs); repeat for each; a host mount not named refuses the migration")
     m.add_argument("--identity", "-i", metavar="KEY", help="SSH private key (default: $TUG_SSH_IDENTITY or ~/.ssh)")
     m.add_argument("--known-hosts", metavar="FILE", help="known_hosts to check the destination's host key against")
     m.add_argument("--agent-command", metavar="CMD", help="command that starts the agent on the destination")

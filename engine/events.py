@@ -136,6 +136,10 @@ class MigrationReport:
     agent_max_rss_kib: float | None = None
     #: Every container the migration moved as one group, in restore order.
     containers: list[str] = field(default_factory=list)
+    #: Each host mount that moved: container, destination (its path inside
+    #: the container), mode (shared | copy), source (its path here), bytes
+    #: (what the copy passes sent; 0 when shared).
+    volumes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:

@@ -66,6 +66,10 @@ class MigrationOptions:
     #: already on the destination); commit waits until it is full. Falls back
     #: to an eager restore, with a note, where userfaultfd is missing.
     lazy_restore: bool = True
+    #: How each host mount of the container moves, by its path inside the
+    #: container: ``"/data=shared"``, ``"/data=copy"`` or ``"/data=copy:DESTDIR"``
+    #: (see tug.engine.volumes). A host mount not named here refuses the migration.
+    volumes: tuple[str, ...] = ()
     host: HostConfig | None = None
 
     def timeout(self, phase: str) -> float:

@@ -102,8 +102,11 @@ def _kind(mode: int) -> str:
     return OTHER
 
 
-def scan(root: Path) -> list[Entry]:
+def scan(root: Path, only: str | None = None) -> list[Entry]:
     """Every entry below root, parents before children, never through a symlink.
+
+    ``only``: just that one name directly below root (a bound file's parent
+    is scanned for the file alone, never for its siblings).
 
     Each directory is listed through an fd opened below the root without
     following symlinks; a directory the container swapped for a symlink since
@@ -120,7 +123,7 @@ def scan(root: Path) -> list[Entry]:
                 os.close(fd)
                 raise UnsafePathError(f"rootfs nested deeper than {MAX_DEPTH} directories at {rel!r}")
             with os.scandir(fd) as it:
-                items = sorted(it, key=lambda e: e.name, reverse=True)
+                items = sorted((e for e in it if only is None or rel or e.name == only), key=lambda e: e.name, reverse=True)
             stack.append((fd, rel, items))
 
         try:

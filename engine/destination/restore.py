@@ -27,6 +27,7 @@ from tug.engine.destination.incoming import (
 from tug.engine.destination.lazypages import LazyPages, fault_latencies, latency_summary
 from tug.engine.destination.leftovers import kill_cgroup_of
 from tug.engine.destination.storeserver import StorePageServer
+from tug.engine.destination.volumes import CREATED_FILE
 from tug.engine.errors import CriuError, MigrationError, ProtocolError, RanThenFailed
 from tug.engine.fsutil import remove_tree
 from tug.transports.forward import LOOPBACK
@@ -214,6 +215,7 @@ class RestoreCalls(AgentState):
         if inc.endpoint is not None:
             await inc.endpoint.close()
         (inc.bundle / INCOMING_MARKER).unlink(missing_ok=True)
+        (inc.bundle / CREATED_FILE).unlink(missing_ok=True)  # the copies are the container's now
         remove_tree(inc.work)
         del self.incoming[container]
         return {"committed": True, **_usage()}

@@ -75,7 +75,29 @@ def endpoint_spec(lab: Lab, name: str) -> netif.EndpointSpec:
     return netif.EndpointSpec(address=f"{ip}/24", mac=f"02:74:75:67:{(last >> 8) & 0xff:02x}:{last & 0xff:02x}")
 
 
-def _spec(name: str, host: LabHost, workload: WorkloadSpec) -> dict[str, Any]:
+#: Where the workload keeps its state inside the container.
+STATE = "/state"
+
+
+def volume_dir(host: LabHost, name: str) -> Path:
+    """The host directory a demo started with ``--volume`` keeps its state in."""
+    return Path(host.data_dir) / "volumes" / name
+
+
+def state_dir(bundle: Path) -> Path:
+    """Where the workload's state is on the host: the source of the bind
+    mount at /state (a volume, wherever a migration put it), else in the rootfs."""
+    try:
+        spec = json.loads((bundle / "config.json").read_text())
+        for m in spec.get("mounts") or []:
+            if isinstance(m, dict) and m.get("destination") == STATE and m.get("source"):
+                return Path(m["source"])
+    except (OSError, ValueError):
+        pass
+    return bundle / "rootfs" / STATE.lstrip("/")
+
+
+def _spec(name: str, host: LabHost, workload: WorkloadSpec, volume: Path | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         subprocess.run(["runc", "spec"], cwd=d, check=True, capture_output=True)
         spec: dict[str, Any] = json.loads(Path(d, "config.json").read_text())
@@ -85,11 +107,18 @@ def _spec(name: str, host: LabHost, workload: WorkloadSpec) -> dict[str, Any]:
     spec["hostname"] = name
     spec["linux"]["cgroupsPath"] = f"{host.cgroup_parent}/{name}"
     netif.set_netns_path_in_spec(spec, host.network().netns_path(name))
+    if volume is not None:
+        spec["mounts"].append({"destination": STATE, "type": "bind", "source": str(volume), "options": ["rbind", "rw"]})
     return spec
 
 
-def start(lab: Lab, host: LabHost, name: str, workload: WorkloadSpec) -> Path:
-    """Create and run demo container ``name`` on ``host`` of ``lab``; returns its bundle."""
+def start(lab: Lab, host: LabHost, name: str, workload: WorkloadSpec, *, volume: bool = False) -> Path:
+    """Create and run demo container ``name`` on ``host`` of ``lab``; returns its bundle.
+
+    ``volume``: its state (the heartbeat log it keeps open and appends to,
+    its status and verify files) lives on a host directory bind-mounted at
+    /state, a volume a migration must move (``--volume /state=...``).
+    """
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"invalid container name {name!r}")
     if sh("runc", "--root", host.runc_root, "state", name, check=False).returncode == 0:
@@ -102,7 +131,11 @@ def start(lab: Lab, host: LabHost, name: str, workload: WorkloadSpec) -> Path:
     endpoint = endpoint_spec(lab, name)
     netif.create(host.network(), name, endpoint, up=True)
     netif.save_spec(bundle, endpoint)
-    (bundle / "config.json").write_text(json.dumps(_spec(name, host, workload), indent=2))
+    vdir = volume_dir(host, name) if volume else None
+    if vdir is not None:
+        shutil.rmtree(vdir, ignore_errors=True)
+        vdir.mkdir(parents=True)
+    (bundle / "config.json").write_text(json.dumps(_spec(name, host, workload, vdir), indent=2))
     log = Path(host.data_dir) / "logs"
     log.mkdir(parents=True, exist_ok=True)
     with open("/dev/null", "rb") as null_in, open("/dev/null", "wb") as null_out:
@@ -116,7 +149,7 @@ def start(lab: Lab, host: LabHost, name: str, workload: WorkloadSpec) -> Path:
         netif.delete(host.network(), name)
         tail = [ln for ln in (log / f"runc-{name}.log").read_text(errors="replace").splitlines() if ln.strip()]
         raise PreconditionError(f"runc run {name} failed: {tail[-1] if tail else f'exit {res.returncode}'}")
-    state = bundle / "rootfs" / "state"
+    state = state_dir(bundle)
     deadline = time.monotonic() + 30  # the first touch of fresh memory is slow here
     while time.monotonic() < deadline:
         if (state / "status.json").exists():
@@ -134,6 +167,9 @@ def remove(host: LabHost, name: str) -> bool:
     if bundle.exists():
         shutil.rmtree(bundle)
         existed = True
+    if volume_dir(host, name).exists():
+        shutil.rmtree(volume_dir(host, name))
+        existed = True
     if host.network().netns_path(name).exists():
         netif.delete(host.network(), name)
         existed = True
@@ -146,24 +182,23 @@ def check(host: LabHost, name: str, timeout: float = 20.0) -> dict[str, Any]:
     if res.returncode != 0:
         return {"host": host.name, "container": name, "running": False, "ok": False, "reason": "no such container"}
     st = json.loads(res.stdout)
-    bundle = Path(st["bundle"])
-    state_dir = bundle / "rootfs" / "state"
+    state = state_dir(Path(st["bundle"]))
     out: dict[str, Any] = {"host": host.name, "container": name, "status": st["status"], "running": st["status"] == "running"}
     if st["status"] != "running":
         return {**out, "ok": False, "reason": f"container is {st['status']}"}
-    before = verify_seq(state_dir)
+    before = verify_seq(state)
     sh("runc", "--root", host.runc_root, "kill", name, str(int(signal.SIGUSR1)))
     deadline = time.monotonic() + timeout
     verify = None
     while time.monotonic() < deadline:
-        verify = read_verify(state_dir)
+        verify = read_verify(state)
         if verify is not None and int(verify.get("seq", 0)) > before:
             break
         time.sleep(0.05)
     else:
         return {**out, "ok": False, "reason": f"workload did not answer the verify request within {timeout:g} s"}
-    hb = analyze_heartbeat(state_dir / "heartbeat.log")
-    status = read_status(state_dir)
+    hb = analyze_heartbeat(state / "heartbeat.log")
+    status = read_status(state)
     problems = []
     if not verify or not verify.get("ok"):
         problems.append(f"memory checksum failed ({verify.get('bad_pages') if verify else '?'} bad pages)")

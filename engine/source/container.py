@@ -7,7 +7,7 @@ import contextlib
 import json
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from tug.engine.runtime import network as netif
 from tug.engine.runtime.endpoint import SourceEndpoint
 from tug.engine.runtime.network import EndpointSpec
 from tug.engine.runtime.runc import Runc
+from tug.engine.volumes import Volume, VolumeChoice, classify
 from tug.transports import protocol as p
 from tug.transports.session import Session
 from tug.transports.ssh import AgentProcess, SshTarget, connect_agent
@@ -37,10 +38,15 @@ class SourceContainer:
     config_raw: bytes
     #: The network endpoint tug manages for it (None: no network of tug's).
     endpoint: EndpointSpec | None
+    #: Its host mounts and how each moves.
+    volumes: list[Volume]
 
 
-async def inspect_container(runc: Runc, name: str, host: HostConfig) -> SourceContainer:
-    """A running container tug can move, or a clear error saying why not."""
+async def inspect_container(
+    runc: Runc, name: str, host: HostConfig, choices: Mapping[str, VolumeChoice]
+) -> SourceContainer:
+    """A running container tug can move, or a clear error saying why not
+    (a host mount without a mode in ``choices`` is one: tug.engine.volumes)."""
     st = await runc.require(name)
     if st.status != "running":
         raise ConfigError(f"container {name!r} is {st.status}; only a running container can be migrated")
@@ -56,43 +62,10 @@ async def inspect_container(runc: Runc, name: str, host: HostConfig) -> SourceCo
         )
     if endpoint is not None and host.network is None:
         raise PreconditionError(f"container {name!r} has a network endpoint but TUG_BRIDGE is not set here")
-    volumes = host_volumes(spec)
-    if volumes:
-        raise PreconditionError(
-            f"container {name!r} mounts host storage ({', '.join(volumes)}): tug moves a container's rootfs "
-            "but not its volumes yet, and the same path on the destination need not hold the same data; "
-            "nothing was changed"
-        )
     return SourceContainer(
         name=name, bundle=st.bundle, rootfs=root if root.is_absolute() else st.bundle / root,
-        config_raw=config_raw, endpoint=endpoint,
+        config_raw=config_raw, endpoint=endpoint, volumes=classify(name, spec, choices),
     )
-
-
-#: Mount types a container gets from the kernel, not from the host's storage.
-KERNEL_FILESYSTEMS = frozenset({
-    "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2", "devtmpfs", "securityfs", "debugfs",
-    "tracefs", "hugetlbfs", "bpf", "pstore",
-})  # fmt: skip
-
-
-def host_volumes(spec: dict[str, Any]) -> list[str]:
-    """The mounts of a runc config that bring host storage in (``source -> destination``).
-
-    Bind mounts (by type or option) and block or network file systems: their
-    data lives outside the rootfs tug moves. Kernel file systems (proc, sysfs,
-    tmpfs, ...) are recreated by the restore and are fine.
-    """
-    out = []
-    for m in spec.get("mounts") or []:
-        if not isinstance(m, dict):
-            continue
-        options = m.get("options") or []
-        kind = m.get("type") or ""
-        if kind in KERNEL_FILESYSTEMS and "bind" not in options and "rbind" not in options:
-            continue
-        out.append(f"{m.get('source', '?')} -> {m.get('destination', '?')}")
-    return out
 
 
 async def open_session(

@@ -83,7 +83,12 @@ class FailureHandling:
     def _report(self, outcome: str, exc: BaseException | None = None, phase: str = "") -> MigrationReport:
         lazy = any(m.lazy for m in self.members)
         return self.tally.report(
-            container=self.members[0].name, containers=[m.name for m in self.members], source=self.host.name, destination=str(self.target), strategy=self.strategy.name,
+            container=self.members[0].name, containers=[m.name for m in self.members],
+            volumes=[
+                {"container": m.name, "destination": v.destination, "mode": v.mode, "source": str(v.source),
+                 "bytes": m.volume_bytes.get(v.destination, 0)}
+                for m in self.members for v in m.volumes
+            ], source=self.host.name, destination=str(self.target), strategy=self.strategy.name,
             outcome=outcome, phases=self.machine.durations(), bytes_total=self.wire_bytes(),
             rounds=[ev for m in self.members for ev in m.strategy.events], tracker=self.strategy.tracker,
             dump_streamed=self.strategy.dump_to_destination,

@@ -14,7 +14,7 @@ that ran keeps every member frozen here: a group is moved, or undone, whole.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tug.engine.criu.pageserver import RemotePageServer
@@ -23,6 +23,7 @@ from tug.engine.runtime.endpoint import SourceEndpoint
 from tug.engine.runtime.network import EndpointSpec
 from tug.engine.source.rollback import Destination
 from tug.engine.source.strategies import Strategy
+from tug.engine.volumes import Volume
 
 #: The most containers one migration moves (a pod's members, say).
 MAX_MEMBERS = 32
@@ -55,6 +56,10 @@ class Member:
     filling: bool = False
     #: Whether the agent rebuilds pages images from its store.
     rebuild_pages: bool = False
+    #: Its host mounts and how each moves (tug.engine.volumes).
+    volumes: list[Volume] = field(default_factory=list)
+    #: Bytes each copied volume sent, by its path inside the container.
+    volume_bytes: dict[str, int] = field(default_factory=dict)
 
 
 def check_group(names: Sequence[str]) -> list[str]:

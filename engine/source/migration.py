@@ -58,6 +58,7 @@ from tug.engine.source.rollback import finish_uncancelled
 from tug.engine.source.strategies import RestoreMode
 from tug.engine.source.tally import Tally
 from tug.engine.source.window import FrozenWindow
+from tug.engine.volumes import SHARED, parse_volume_options, verify_shared
 from tug.transports import protocol as p
 from tug.transports.session import Session
 from tug.transports.ssh import AgentProcess, parse_url
@@ -72,6 +73,8 @@ class Migration(FrozenWindow):
         on_event: Callable[[Event], None] | None,
     ) -> None:
         names = check_group([containers] if isinstance(containers, str) else containers)
+        #: How each host mount moves, by its path inside the container.
+        self.volume_choices = parse_volume_options(opts.volumes)
         self.target = parse_url(destination)
         self.opts = opts
         self.on_event = on_event
@@ -153,8 +156,9 @@ class Migration(FrozenWindow):
 
     async def _pre_checkpoint(self) -> None:
         for m in self.members:
-            src = await inspect_container(self.runc, m.name, self.host)
+            src = await inspect_container(self.runc, m.name, self.host, self.volume_choices)
             m.bundle, m.rootfs, m.endpoint, m.config_raw = src.bundle, src.rootfs, src.endpoint, src.config_raw
+            m.volumes = src.volumes
         version = await criu.version()
         if not version.supported:
             raise PreconditionError(f"CRIU {version} here is too old; need >= 4.2 (run 'tug doctor')")
@@ -180,10 +184,16 @@ class Migration(FrozenWindow):
             m.lazy = m.strategy.restore_mode(lazy_possible) in (RestoreMode.LAZY_LOCAL, RestoreMode.LAZY_REMOTE)
         if self.opts.lazy_restore and not all(m.lazy for m in self.members):
             self.note(f"{self.target.host} has no userfaultfd (see tug doctor): its restore loads all memory first")
+        for m in self.members:
+            for vol in m.volumes:
+                if vol.mode == SHARED:
+                    await verify_shared(self.s, m.name, vol, self.target.host)
+                    self.note(f"volume {vol.destination} of {m.name!r}: {vol.source} is the same storage on {self.target.host}")
         self.changed = True
         for m in self.members:
             network = m.endpoint.to_dict() if m.endpoint is not None else None
-            await self.s.call("prepare", container=m.name, config=m.config_raw, network=network)
+            extra: dict[str, Any] = {"volumes": [v.to_wire() for v in m.volumes]} if m.volumes else {}
+            await self.s.call("prepare", container=m.name, config=m.config_raw, network=network, **extra)
             await self._sync_rootfs(m, Phase.PRE_CHECKPOINT)
 
     async def _pre_restore(self) -> None:

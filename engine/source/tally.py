@@ -45,6 +45,7 @@ class Tally:
         *,
         container: str,
         containers: list[str],
+        volumes: list[dict[str, Any]],
         source: str,
         destination: str,
         strategy: str,
@@ -66,6 +67,7 @@ class Tally:
         return MigrationReport(
             container=container,
             containers=containers,
+            volumes=volumes,
             source=source,
             destination=destination,
             strategy=strategy,

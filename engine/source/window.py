@@ -26,6 +26,7 @@ from tug.engine.source.failure import FailureHandling
 from tug.engine.source.member import Member
 from tug.engine.source.rollback import Destination
 from tug.engine.source.transfer import send_images_except, sync_rootfs
+from tug.engine.volumes import COPY
 from tug.transports.session import Session
 
 #: Steps of the agent's restore answer that go into the frozen window's breakdown.
@@ -244,6 +245,7 @@ class FrozenWindow(FailureHandling):
     # ---- rootfs passes -------------------------------------------------------------
 
     async def _sync_rootfs(self, m: Member, phase: Phase) -> None:
+        """A pass over ``m``'s rootfs and its copied volumes."""
         assert m.rootfs is not None
         # Once the container is frozen, a file that changes under the sync is
         # an error, not something the next pass fixes: there is none.
@@ -251,3 +253,11 @@ class FrozenWindow(FailureHandling):
             self.s, container=m.name, root=m.rootfs, phase=phase.value, emit=self.emit, note=self.note,
             frozen=m.paused,
         )
+        for vol in m.volumes:
+            if vol.mode == COPY:
+                root, only = vol.tree
+                sent = await sync_rootfs(
+                    self.s, container=m.name, root=root, phase=phase.value, emit=self.emit, note=self.note,
+                    frozen=m.paused, volume=vol.index, only=only,
+                )
+                m.volume_bytes[vol.destination] = m.volume_bytes.get(vol.destination, 0) + sent
