@@ -140,6 +140,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         stream_dump=args.stream_dump,
         lazy_restore=args.lazy_restore,
         volumes=tuple(args.volume),
+        pod=args.pod,
         timeouts={**DEFAULT_TIMEOUTS, **parse_timeouts(args.timeout)},
     )
     progress = Progress(quiet=args.quiet)
@@ -259,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop-copy: stream the frozen dump's memory to a CRIU page server on the destination while "
                         "CRIU dumps (overlaps dump and transfer; needs sshd TCP forwarding) instead of dumping to "
                         "files first (default: %(default)s)")
+    m.add_argument("--pod", action="store_true",
+                   help="move each named container with every container that joins its network namespace (its pod), "
+                        "as one group")
     m.add_argument("--volume", action="append", default=[], metavar="PATH=MODE",
                    help="how a host mount of the container moves, by its path inside the container: PATH=shared "
                         "(the destination has the same storage there; verified), PATH=copy or PATH=copy:DESTDIR "

@@ -70,6 +70,9 @@ class MigrationOptions:
     #: container: ``"/data=shared"``, ``"/data=copy"`` or ``"/data=copy:DESTDIR"``
     #: (see tug.engine.volumes). A host mount not named here refuses the migration.
     volumes: tuple[str, ...] = ()
+    #: Add to the group every container that joins the network namespace
+    #: of a named one (its pod: tug.engine.source.pod).
+    pod: bool = False
     host: HostConfig | None = None
 
     def timeout(self, phase: str) -> float:

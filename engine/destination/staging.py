@@ -61,7 +61,12 @@ class StagingCalls(AgentState):
         raise ProtocolError(f"agent accepts no stream of kind {kind!r}")
 
     async def call_prepare(
-        self, container: str, config: bytes, network: dict[str, Any] | None = None, volumes: Any = None
+        self,
+        container: str,
+        config: bytes,
+        network: dict[str, Any] | None = None,
+        volumes: Any = None,
+        netns_of: str | None = None,
     ) -> dict[str, Any]:
         """Create the staging bundle and the work space (and the directories
         of copied volumes: destination/volumes.py)."""
@@ -75,6 +80,13 @@ class StagingCalls(AgentState):
         remove_tree(work)
         inc = Incoming(name=container, bundle=bundle, work=work)
         inc.network = EndpointSpec.from_dict(network) if network is not None else None
+        if netns_of is not None:
+            # A pod's member: it joins the namespace of a container received
+            # in this session (prepared first), never anything else here.
+            holder = self.incoming.get(netns_of) if isinstance(netns_of, str) else None
+            if holder is None or holder.network is None or inc.network is not None:
+                raise ProtocolError(f"{container!r} cannot join the network namespace of {netns_of!r}")
+            inc.netns_of = netns_of
         self.incoming[container] = inc
         private_dir(self.host.bundles_dir)
         private_dir(self.host.work_dir)
@@ -111,9 +123,9 @@ class StagingCalls(AgentState):
         spec.setdefault("root", {})["path"] = "rootfs"
         if self.host.cgroup_parent:
             spec.setdefault("linux", {})["cgroupsPath"] = f"{self.host.cgroup_parent.rstrip('/')}/{inc.name}"
-        if inc.network is not None:
+        if inc.network is not None or inc.netns_of is not None:
             assert self.host.network is not None
-            netif.set_netns_path_in_spec(spec, self.host.network.netns_path(inc.name))
+            netif.set_netns_path_in_spec(spec, self.host.network.netns_path(inc.netns_of or inc.name))
         inc.volumes = {v.index: v for v in stage_volumes(inc.bundle, spec, volumes)}
         return json.dumps(spec, indent=2).encode()
 

@@ -97,7 +97,7 @@ def state_dir(bundle: Path) -> Path:
     return bundle / "rootfs" / STATE.lstrip("/")
 
 
-def _spec(name: str, host: LabHost, workload: WorkloadSpec, volume: Path | None = None) -> dict[str, Any]:
+def _spec(name: str, host: LabHost, workload: WorkloadSpec, volume: Path | None = None, netns: Path | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         subprocess.run(["runc", "spec"], cwd=d, check=True, capture_output=True)
         spec: dict[str, Any] = json.loads(Path(d, "config.json").read_text())
@@ -106,18 +106,22 @@ def _spec(name: str, host: LabHost, workload: WorkloadSpec, volume: Path | None 
     spec["root"] = {"path": "rootfs", "readonly": False}
     spec["hostname"] = name
     spec["linux"]["cgroupsPath"] = f"{host.cgroup_parent}/{name}"
-    netif.set_netns_path_in_spec(spec, host.network().netns_path(name))
+    netif.set_netns_path_in_spec(spec, netns or host.network().netns_path(name))
     if volume is not None:
         spec["mounts"].append({"destination": STATE, "type": "bind", "source": str(volume), "options": ["rbind", "rw"]})
     return spec
 
 
-def start(lab: Lab, host: LabHost, name: str, workload: WorkloadSpec, *, volume: bool = False) -> Path:
+def start(
+    lab: Lab, host: LabHost, name: str, workload: WorkloadSpec, *, volume: bool = False, netns_of: str | None = None
+) -> Path:
     """Create and run demo container ``name`` on ``host`` of ``lab``; returns its bundle.
 
     ``volume``: its state (the heartbeat log it keeps open and appends to,
     its status and verify files) lives on a host directory bind-mounted at
     /state, a volume a migration must move (``--volume /state=...``).
+    ``netns_of``: a pod's member, it joins that container's network
+    namespace (its address, its loopback) instead of getting its own.
     """
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"invalid container name {name!r}")
@@ -128,14 +132,19 @@ def start(lab: Lab, host: LabHost, name: str, workload: WorkloadSpec, *, volume:
         shutil.rmtree(bundle)
     bundle.mkdir(parents=True)
     sh("cp", "-a", str(image_rootfs(lab.layout)), str(bundle / "rootfs"))
-    endpoint = endpoint_spec(lab, name)
-    netif.create(host.network(), name, endpoint, up=True)
-    netif.save_spec(bundle, endpoint)
+    joined = host.network().netns_path(netns_of) if netns_of is not None else None
+    if joined is None:
+        endpoint = endpoint_spec(lab, name)
+        netif.create(host.network(), name, endpoint, up=True)
+        netif.save_spec(bundle, endpoint)
+    elif not joined.exists():
+        shutil.rmtree(bundle)
+        raise ConfigError(f"{netns_of!r} has no network namespace on {host.name} to join")
     vdir = volume_dir(host, name) if volume else None
     if vdir is not None:
         shutil.rmtree(vdir, ignore_errors=True)
         vdir.mkdir(parents=True)
-    (bundle / "config.json").write_text(json.dumps(_spec(name, host, workload, vdir), indent=2))
+    (bundle / "config.json").write_text(json.dumps(_spec(name, host, workload, vdir, joined), indent=2))
     log = Path(host.data_dir) / "logs"
     log.mkdir(parents=True, exist_ok=True)
     with open("/dev/null", "rb") as null_in, open("/dev/null", "wb") as null_out:
@@ -146,7 +155,8 @@ def start(lab: Lab, host: LabHost, name: str, workload: WorkloadSpec, *, volume:
         )
     if res.returncode != 0:
         shutil.rmtree(bundle, ignore_errors=True)
-        netif.delete(host.network(), name)
+        if joined is None:
+            netif.delete(host.network(), name)
         tail = [ln for ln in (log / f"runc-{name}.log").read_text(errors="replace").splitlines() if ln.strip()]
         raise PreconditionError(f"runc run {name} failed: {tail[-1] if tail else f'exit {res.returncode}'}")
     state = state_dir(bundle)

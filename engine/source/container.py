@@ -21,6 +21,7 @@ from tug.engine.runtime import network as netif
 from tug.engine.runtime.endpoint import SourceEndpoint
 from tug.engine.runtime.network import EndpointSpec
 from tug.engine.runtime.runc import Runc
+from tug.engine.source.pod import shared_namespaces
 from tug.engine.volumes import Volume, VolumeChoice, classify
 from tug.transports import protocol as p
 from tug.transports.session import Session
@@ -43,10 +44,11 @@ class SourceContainer:
 
 
 async def inspect_container(
-    runc: Runc, name: str, host: HostConfig, choices: Mapping[str, VolumeChoice]
+    runc: Runc, name: str, host: HostConfig, choices: Mapping[str, VolumeChoice], *, netns_of: str | None = None
 ) -> SourceContainer:
     """A running container tug can move, or a clear error saying why not
-    (a host mount without a mode in ``choices`` is one: tug.engine.volumes)."""
+    (a host mount without a mode in ``choices`` is one: tug.engine.volumes).
+    ``netns_of``: the member of the group whose network namespace it joins (source/pod.py)."""
     st = await runc.require(name)
     if st.status != "running":
         raise ConfigError(f"container {name!r} is {st.status}; only a running container can be migrated")
@@ -55,7 +57,14 @@ async def inspect_container(
     root = Path(spec.get("root", {}).get("path", "rootfs"))
     endpoint = netif.load_spec(st.bundle)
     joined = netif.netns_path_in_spec(spec)
-    if endpoint is None and joined:
+    shared = shared_namespaces(name, spec)
+    if shared:
+        raise PreconditionError(
+            f"container {name!r} shares namespaces with another container ({', '.join(shared)}): CRIU treats only "
+            "network namespaces as external, so these would be dumped with each member and restored as copies; "
+            "nothing was changed"
+        )
+    if endpoint is None and joined and netns_of is None:
         raise PreconditionError(
             f"container {name!r} joins network namespace {joined}, which tug does not manage "
             f"(no {netif.SPEC_FILE} in its bundle): its network cannot be recreated on the destination"

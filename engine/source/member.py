@@ -56,6 +56,8 @@ class Member:
     filling: bool = False
     #: Whether the agent rebuilds pages images from its store.
     rebuild_pages: bool = False
+    #: The member whose network namespace it joins (a pod: source/pod.py).
+    netns_of: str | None = None
     #: Its host mounts and how each moves (tug.engine.volumes).
     volumes: list[Volume] = field(default_factory=list)
     #: Bytes each copied volume sent, by its path inside the container.

@@ -54,6 +54,7 @@ from tug.engine.source.container import (
 )
 from tug.engine.source.context import SourceContext
 from tug.engine.source.member import Member, check_group
+from tug.engine.source.pod import check_pods, expand_pods, read_sharing, restore_order
 from tug.engine.source.rollback import finish_uncancelled
 from tug.engine.source.strategies import RestoreMode
 from tug.engine.source.tally import Tally
@@ -87,17 +88,40 @@ class Migration(FrozenWindow):
         #: What happens before the freeze, where the frozen dump's memory goes
         #: and how the destination restores: the driver asks each member's
         #: strategy, never branches on one.
-        self.members = [Member(name=n, strategy=strategies.create(opts), work=self.host.work_dir / f"{n}.out") for n in names]
-        if len(self.members) > 1 and self.strategy.has_rounds:
-            raise ConfigError(
-                f"strategy {self.strategy.name!r} runs pre-copy rounds, which move one container for now: "
-                "a group moves with --strategy stop-copy or postcopy"
-            )
+        self.members = [self._member(n) for n in names]
+        self._check_group_strategy()
         #: Set once anything was changed on either host; before that a failure
         #: has nothing to undo and its outcome is "aborted", not "rolled-back".
         self.changed = False
         #: Set when a failure leaves the source frozen (the one-copy rule).
         self.left_frozen = False
+
+    def _member(self, name: str) -> Member:
+        return Member(name=name, strategy=strategies.create(self.opts), work=self.host.work_dir / f"{name}.out")
+
+    def _check_group_strategy(self) -> None:
+        if len(self.members) > 1 and self.strategy.has_rounds:
+            raise ConfigError(
+                f"strategy {self.strategy.name!r} runs pre-copy rounds, which move one container for now: "
+                f"a group ({', '.join(m.name for m in self.members)}) moves with --strategy stop-copy or postcopy"
+            )
+
+    async def _form_group(self) -> None:
+        """Pods: the group gains the containers joining its members' network
+        namespaces (``--pod``), must not split a pod, and restores holders first."""
+        net = self.host.network
+        sharing = await read_sharing(self.runc, lambda n: net.netns_path(n) if net is not None else None)
+        names = [m.name for m in self.members]
+        if self.opts.pod:
+            names = check_group(expand_pods(names, sharing))
+        holders = check_pods(names, sharing)
+        by_name = {m.name: m for m in self.members}
+        self.members = [by_name.get(n) or self._member(n) for n in restore_order(names, holders)]
+        for m in self.members:
+            m.netns_of = holders.get(m.name)
+        if len(self.members) > len(by_name):
+            self.note(f"pod: moving {', '.join(m.name for m in self.members)} as one group")
+        self._check_group_strategy()
 
     # ---- plumbing -----------------------------------------------------------
 
@@ -155,8 +179,9 @@ class Migration(FrozenWindow):
             await finish_uncancelled(asyncio.ensure_future(self._close()))
 
     async def _pre_checkpoint(self) -> None:
+        await self._form_group()
         for m in self.members:
-            src = await inspect_container(self.runc, m.name, self.host, self.volume_choices)
+            src = await inspect_container(self.runc, m.name, self.host, self.volume_choices, netns_of=m.netns_of)
             m.bundle, m.rootfs, m.endpoint, m.config_raw = src.bundle, src.rootfs, src.endpoint, src.config_raw
             m.volumes = src.volumes
         version = await criu.version()
@@ -193,6 +218,8 @@ class Migration(FrozenWindow):
         for m in self.members:
             network = m.endpoint.to_dict() if m.endpoint is not None else None
             extra: dict[str, Any] = {"volumes": [v.to_wire() for v in m.volumes]} if m.volumes else {}
+            if m.netns_of is not None:
+                extra["netns_of"] = m.netns_of
             await self.s.call("prepare", container=m.name, config=m.config_raw, network=network, **extra)
             await self._sync_rootfs(m, Phase.PRE_CHECKPOINT)
 

@@ -238,7 +238,7 @@ class FrozenWindow(FailureHandling):
                     self.tally.agent_usage[k] = float(v)
         # Past the commit point: the destination owns the group. Failures
         # from here on are reported, never rolled back.
-        for m in self.members:
+        for m in reversed(self.members):  # a pod's members before the namespace they join
             net, m.net = m.net, None
             m.paused = not await retire_source(self.runc, m.name, self.host, m.bundle, net, self.note)
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from ..faults.harness import refuse_restore_on
-from .conftest import Lab, demo_container, on
+from .conftest import Lab, demo_container, lazy_wait, on
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_group_moves_and_comes_back(lab: Lab, pair: tuple[str, str], back: str) 
     # One freeze: the whole group's memory crossed while it was frozen.
     assert report["frozen_bytes"] >= (16 + 24) << 20
     for n in pair:
-        lab.check_moved_intact("b", n, before[n], report["downtime_ms"])
+        lab.check_moved_intact("b", n, before[n], report["downtime_ms"], fault_wait_ms=lazy_wait(report))
         assert lab.state("a", n) is None
         assert lab.leftovers("a", n) == []
 
@@ -53,7 +53,7 @@ def test_group_moves_and_comes_back(lab: Lab, pair: tuple[str, str], back: str) 
     rc, report, err = migrate_group("b", pair, lab.url("a"), "--strategy", back)
     assert rc == 0, err
     assert report["outcome"] == "migrated" and report["containers"] == list(pair)
-    fault_wait = (report["fill_ms"] or 0.0) if back == "postcopy" else 0.0
+    fault_wait = lazy_wait(report)
     for n in pair:
         lab.check_moved_intact("a", n, mid[n], report["downtime_ms"], fault_wait_ms=fault_wait)
         assert lab.leftovers("b", n) == []
