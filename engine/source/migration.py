@@ -33,7 +33,6 @@ from typing import Any
 
 from tug.engine.criu import tool as criu
 from tug.engine.errors import (
-    ConfigError,
     MigrationError,
     PhaseTimeoutError,
     PreconditionError,
@@ -89,7 +88,6 @@ class Migration(FrozenWindow):
         #: and how the destination restores: the driver asks each member's
         #: strategy, never branches on one.
         self.members = [self._member(n) for n in names]
-        self._check_group_strategy()
         #: Set once anything was changed on either host; before that a failure
         #: has nothing to undo and its outcome is "aborted", not "rolled-back".
         self.changed = False
@@ -98,13 +96,6 @@ class Migration(FrozenWindow):
 
     def _member(self, name: str) -> Member:
         return Member(name=name, strategy=strategies.create(self.opts), work=self.host.work_dir / f"{name}.out")
-
-    def _check_group_strategy(self) -> None:
-        if len(self.members) > 1 and self.strategy.has_rounds:
-            raise ConfigError(
-                f"strategy {self.strategy.name!r} runs pre-copy rounds, which move one container for now: "
-                f"a group ({', '.join(m.name for m in self.members)}) moves with --strategy stop-copy or postcopy"
-            )
 
     async def _form_group(self) -> None:
         """Pods: the group gains the containers joining its members' network
@@ -121,7 +112,6 @@ class Migration(FrozenWindow):
             m.netns_of = holders.get(m.name)
         if len(self.members) > len(by_name):
             self.note(f"pod: moving {', '.join(m.name for m in self.members)} as one group")
-        self._check_group_strategy()
 
     # ---- plumbing -----------------------------------------------------------
 
@@ -237,8 +227,7 @@ class Migration(FrozenWindow):
                 await self.s.call("prepare_network", container=m.name, neighbors=neighbors)
 
     async def _rounds(self) -> None:
-        # Rounds move one container for now (refused for a group in __init__).
-        await self.members[0].strategy.run_rounds()
+        await type(self.strategy).run_rounds_together([m.strategy for m in self.members])
 
     def _rootfs_pass_of(self, m: Member) -> Callable[[], Coroutine[Any, Any, None]]:
         """A rootfs pass of ``m`` in the current phase (pre-copy rounds run one each)."""

@@ -63,12 +63,24 @@ def host(tmp_path: Path) -> HostConfig:
     )
 
 
-def test_group_with_rounds_is_refused_before_anything(tmp_path: Path) -> None:
-    opts = MigrationOptions(strategy="precopy", host=host(tmp_path))
-    with pytest.raises(ConfigError, match="one container for now"):
-        Migration(["a", "b"], "ssh://root@b", opts, None)
-    single = Migration("a", "ssh://root@b", opts, None)
+def test_every_member_gets_its_own_strategy(tmp_path: Path) -> None:
+    single = Migration("a", "ssh://root@b", MigrationOptions(strategy="precopy", host=host(tmp_path)), None)
     assert [m.name for m in single.members] == ["a"]
     group = Migration(["a", "b"], "ssh://root@b", MigrationOptions(strategy="postcopy", host=host(tmp_path)), None)
     assert [m.name for m in group.members] == ["a", "b"]
     assert group.members[0].strategy is not group.members[1].strategy
+
+
+def test_a_group_round_is_its_members_rounds_summed() -> None:
+    from tug.engine.source.trackers.base import combine
+    from tug.policies import RoundStats
+
+    def part(n: int, secs: float) -> RoundStats:
+        return RoundStats(index=3, duration_s=secs, pages_scanned=10 * n, dirty_pages=n, pages_sent=n, pages_skipped=9 * n,
+                          bytes_sent=4096 * n, bandwidth_bps=1000.0 * n, dirty_rate_pps=2.0 * n)
+
+    one = part(1, 0.5)
+    assert combine(3, [one]) is one
+    both = combine(3, [part(1, 0.5), part(2, 0.2)])
+    assert (both.index, both.duration_s, both.pages_scanned, both.dirty_pages, both.pages_sent, both.pages_skipped) == (3, 0.5, 30, 3, 3, 27)
+    assert (both.bytes_sent, both.bandwidth_bps, both.dirty_rate_pps) == (3 * 4096, 3000.0, 6.0)
