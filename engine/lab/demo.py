@@ -33,11 +33,14 @@ class WorkloadSpec:
     dirty_rate: int = 0
     hot_set: float = 1.0
     port: int = 7000
+    #: MiB of SysV shared memory (0: none), dirtied and verified with the rest.
+    sysv_shm_mib: int = 0
 
     def argv(self) -> list[str]:
         return [
             "/usr/bin/tug-workload", "--memory", str(self.memory_mib), "--dirty-rate", str(self.dirty_rate),
             "--hot-set", repr(self.hot_set), "--state", "/state", "--port", str(self.port),
+            *(["--sysv-shm", str(self.sysv_shm_mib)] if self.sysv_shm_mib else []),
         ]
 
 
