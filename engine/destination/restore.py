@@ -46,6 +46,7 @@ class RestoreCalls(AgentState):
         frames: list[bytes] | None = None,
         lazy: bool = False,
         lazy_source_port: int | None = None,
+        file_locks: bool = False,
     ) -> dict[str, Any]:
         """Restore; ``frames`` were held by the source's network lock, to be
         delivered once the restored sockets exist (see runtime.netlock).
@@ -60,6 +61,7 @@ class RestoreCalls(AgentState):
         inc.check_received()
         inc.restoring = asyncio.current_task()
         try:
+            inc.file_locks = file_locks is True
             return await self._restore(inc, tcp_close, rebuild_pages, frames, lazy, lazy_source_port)
         except asyncio.CancelledError:
             raise
@@ -116,7 +118,7 @@ class RestoreCalls(AgentState):
         try:
             restoring = self.runc.restore_detached(
                 container, bundle=inc.bundle, image_dir=inc.images, work_dir=inc.criu_work,
-                tcp_established=not tcp_close, lazy_pages=lazy,
+                tcp_established=not tcp_close, lazy_pages=lazy, file_locks=inc.file_locks,
             )
             # A daemon that dies once the processes run must not leave zero pages behind (lazypages.py).
             await (inc.lazy.guarded(restoring, self.runc.root, container) if inc.lazy is not None else restoring)

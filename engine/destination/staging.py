@@ -167,12 +167,15 @@ class StagingCalls(AgentState):
             return {"parts": True}
         source, inc.manifest = inc.manifest, []
         root = inc.bundle / "rootfs" if volume is None else self._volume_root(inc, volume)
-        plan = rootfs.plan(source, await asyncio.to_thread(rootfs.scan, root))
+        # Device nodes only in the rootfs, and only those its config makes anyway.
+        devices = rootfs.config_devices(json.loads((inc.bundle / "config.json").read_bytes())) if volume is None else frozenset()
+        plan = rootfs.plan(source, await asyncio.to_thread(rootfs.scan, root), devices)
         await asyncio.to_thread(rootfs.apply_structure, root, plan)
         index = {e.path: i for i, e in enumerate(source)}
         return {
             "need": [index[e.path] for e in plan.send],
             "deleted": len(plan.delete),
+            "nodes": len(plan.nodes),
             "skipped": len(plan.skipped),
             "skipped_examples": plan.skipped[:5],
         }

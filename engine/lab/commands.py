@@ -44,7 +44,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
     elif args.lab_cmd == "demo":
         lab = hosts.require(layout)
         h = lab.host(args.host)
-        spec = demo.WorkloadSpec(memory_mib=args.memory, dirty_rate=args.dirty_rate, hot_set=args.hot_set, sysv_shm_mib=args.sysv_shm)
+        spec = demo.WorkloadSpec(memory_mib=args.memory, dirty_rate=args.dirty_rate, hot_set=args.hot_set, sysv_shm_mib=args.sysv_shm,
+                                 lock=args.lock)
         bundle = demo.start(lab, h, args.name, spec, volume=args.volume)
         _say(f"demo container {args.name} running on {h.name} ({args.memory} MiB, {args.dirty_rate} pages/s), bundle {bundle}")
     elif args.lab_cmd == "pod":
@@ -158,6 +159,7 @@ def add_lab_parser(sub: Any) -> None:
     dm.add_argument("--sysv-shm", type=int, default=0, metavar="MIB",
                     help="the workload also holds a SysV shared memory segment of MIB (the first of its IPC "
                          "namespace: id 0), dirtied and verified with its memory")
+    dm.add_argument("--lock", metavar="PATH", help="the workload holds a POSIX write lock on PATH (inside the container)")
     dm.add_argument("--volume", action="store_true",
                     help="keep the workload's state (its open heartbeat log) on a host directory bind-mounted at "
                          "/state: a volume to move with tug migrate --volume /state=copy|shared")

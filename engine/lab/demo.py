@@ -24,7 +24,10 @@ from tug.engine.lab.layout import Lab, LabHost, Layout, sh
 from tug.engine.lab.workload import analyze_heartbeat, build_workload, read_status, read_verify, verify_seq
 from tug.engine.runtime import network as netif
 
-APPLETS = ("sh", "ls", "cat", "echo", "sleep", "ps", "top", "kill", "wc", "head", "tail", "grep", "mkdir", "rm", "touch", "date", "env", "true", "false", "md5sum")
+APPLETS = (
+    "sh", "ls", "cat", "echo", "sleep", "ps", "top", "kill", "wc", "head", "tail", "grep", "mkdir", "rm", "touch", "date",
+    "env", "true", "false", "md5sum", "mkfifo", "timeout",
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -35,12 +38,15 @@ class WorkloadSpec:
     port: int = 7000
     #: MiB of SysV shared memory (0: none), dirtied and verified with the rest.
     sysv_shm_mib: int = 0
+    #: A file (inside the container) the workload holds a POSIX write lock on.
+    lock: str | None = None
 
     def argv(self) -> list[str]:
         return [
             "/usr/bin/tug-workload", "--memory", str(self.memory_mib), "--dirty-rate", str(self.dirty_rate),
             "--hot-set", repr(self.hot_set), "--state", "/state", "--port", str(self.port),
             *(["--sysv-shm", str(self.sysv_shm_mib)] if self.sysv_shm_mib else []),
+            *(["--lock", self.lock] if self.lock else []),
         ]
 
 
@@ -53,7 +59,7 @@ def image_rootfs(layout: Layout) -> Path:
         raise PreconditionError("busybox not found (apt-get install busybox-static)")
     binary = build_workload(image_dir / "tug-workload")
     stamp = image_dir / "rootfs.stamp"
-    want = f"{binary.stat().st_mtime_ns}"
+    want = f"{binary.stat().st_mtime_ns} {' '.join(APPLETS)}"
     if rootfs.exists() and stamp.exists() and stamp.read_text() == want:
         return rootfs
     shutil.rmtree(rootfs, ignore_errors=True)

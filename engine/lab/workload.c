@@ -64,6 +64,8 @@ static uint64_t opt_memory_mib = 64;
 static uint64_t opt_dirty_rate = 0;
 static double opt_hot_set = 1.0;
 static const char *opt_state = "/state";
+/* A file to hold a POSIX write lock on, for as long as the workload runs. */
+static const char *opt_lock;
 /* SysV shared memory to fill, dirty and verify (0: none). */
 static uint64_t opt_sysv_shm_mib = 0;
 static long opt_port = 7000;
@@ -619,6 +621,7 @@ static void usage(FILE *f)
             "  --port N            TCP port on 0.0.0.0, 0 disables (default 7000)\n"
             "  --interval-ms N     heartbeat interval (default 10)\n"
             "  --sysv-shm MIB      also a SysV shared memory segment, dirtied and verified (default 0)\n"
+            "  --lock FILE         hold a POSIX write lock on FILE (created) while running\n"
             "signals: SIGUSR1 verify memory -> verify.json; SIGTERM/SIGINT exit 0\n");
 }
 
@@ -639,6 +642,7 @@ static void parse_args(int argc, char **argv)
         {"port", required_argument, NULL, 'p'},
         {"interval-ms", required_argument, NULL, 'i'},
         {"sysv-shm", required_argument, NULL, 'S'},
+        {"lock", required_argument, NULL, 'L'},
         {"help", no_argument, NULL, 'H'},
         {NULL, 0, NULL, 0},
     };
@@ -684,6 +688,11 @@ static void parse_args(int argc, char **argv)
             if (parse_u64(optarg, &v) < 0 || v > 4096)
                 bad_arg("sysv-shm", optarg);
             opt_sysv_shm_mib = v;
+            break;
+        case 'L':
+            if (!*optarg || strlen(optarg) > 4000)
+                bad_arg("lock", optarg);
+            opt_lock = optarg;
             break;
         case 'H':
             usage(stdout);
@@ -772,6 +781,14 @@ int main(int argc, char **argv)
     for (uint64_t i = 0; i < g_pages; i++)
         fill_page(g_block + i * PAGE_WORDS, i, 0);
 
+    if (opt_lock) {
+        int lfd = open(opt_lock, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 0};
+        if (lfd < 0 || fcntl(lfd, F_SETLK, &fl) < 0) {
+            fprintf(stderr, "tug-workload: lock %s: %s\n", opt_lock, strerror(errno));
+            return 1;
+        }
+    }
     if (opt_sysv_shm_mib) {
         g_shm_pages = opt_sysv_shm_mib * (1024 * 1024 / PAGE_BYTES);
         g_shm_id = shmget(IPC_PRIVATE, (size_t)g_shm_pages * PAGE_BYTES, IPC_CREAT | 0600);

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -149,3 +150,41 @@ async def start_final_page_server(
         if optional:
             raise ForwardingRefusedError(f"{exc} (or migrate with --no-stream-dump)") from None
         raise
+
+
+def held_file_locks(pids: list[int]) -> bool:
+    """Whether any of ``pids`` holds a file lock (POSIX, flock or OFD).
+
+    ``/proc/locks`` names the holder's pid, except for OFD locks (-1): then
+    the processes' fdinfo, which lists the locks on each open file, decides.
+    """
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return False
+    mine = set(pids)
+    unattributed = False
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 1 and fields[1] == "->":
+            continue  # a waiter, not a holder
+        if len(fields) < 5 or not fields[4].lstrip("-").isdigit():
+            continue
+        pid = int(fields[4])
+        if pid in mine:
+            return True
+        unattributed = unattributed or pid == -1
+    if not unattributed:
+        return False
+    for pid in mine:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fdinfo")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if "\nlock:" in Path(f"/proc/{pid}/fdinfo/{fd}").read_text():
+                    return True
+            except OSError:
+                continue
+    return False

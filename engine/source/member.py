@@ -56,6 +56,8 @@ class Member:
     filling: bool = False
     #: Whether the agent rebuilds pages images from its store.
     rebuild_pages: bool = False
+    #: Its processes held file locks at the freeze (dumped and restored with them).
+    file_locks: bool = False
     #: The member whose network namespace it joins (a pod: source/pod.py).
     netns_of: str | None = None
     #: Its host mounts and how each moves (tug.engine.volumes).

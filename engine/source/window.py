@@ -21,7 +21,7 @@ from tug.engine.errors import MigrationError, PhaseTimeoutError, RanThenFailed, 
 from tug.engine.phases import Phase
 from tug.engine.progress import Meter
 from tug.engine.runtime.endpoint import chunk_frames
-from tug.engine.source.container import retire_source, start_final_page_server
+from tug.engine.source.container import held_file_locks, retire_source, start_final_page_server
 from tug.engine.source.failure import FailureHandling
 from tug.engine.source.member import Member
 from tug.engine.source.rollback import Destination
@@ -51,6 +51,13 @@ class FrozenWindow(FailureHandling):
         for m in self.members:
             m.paused = True  # before the call: a half-done pause must still be undone
             await self.runc.pause(m.name)
+        for m in self.members:
+            # Frozen, nobody takes or drops a lock any more: CRIU must carry
+            # those held (it refuses to dump them otherwise), and the restore too.
+            m.file_locks = held_file_locks(await self.runc.pids(m.name))
+            if m.file_locks:
+                self.runc.file_locks.add(m.name)
+                self.note(f"{m.name!r} holds file locks: dumped and restored with them")
         for m in self.members:
             if m.net is not None:
                 # After every pause: no process can answer anything any more,
@@ -182,6 +189,7 @@ class FrozenWindow(FailureHandling):
                 rebuild_pages=m.rebuild_pages,
                 frames=last,
                 lazy=m.lazy,
+                **({"file_locks": True} if m.file_locks else {}),
                 **await m.strategy.restore_args(),
             )
         except RanThenFailed:
