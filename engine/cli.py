@@ -141,6 +141,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         lazy_restore=args.lazy_restore,
         volumes=tuple(args.volume),
         pod=args.pod,
+        criu_opts=tuple(args.criu_opt),
         timeouts={**DEFAULT_TIMEOUTS, **parse_timeouts(args.timeout)},
     )
     progress = Progress(quiet=args.quiet)
@@ -260,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop-copy: stream the frozen dump's memory to a CRIU page server on the destination while "
                         "CRIU dumps (overlaps dump and transfer; needs sshd TCP forwarding) instead of dumping to "
                         "files first (default: %(default)s)")
+    m.add_argument("--criu-opt", action="append", default=[], metavar="OPT",
+                   help="an extra CRIU option for the destination's restore, as a line of a CRIU config file "
+                        "('ext-unix-sk', 'skip-in-flight'); repeat for each. The container's own org.criu.config "
+                        "annotation still applies where its file exists on the destination")
     m.add_argument("--pod", action="store_true",
                    help="move each named container with every container that joins its network namespace (its pod), "
                         "as one group")

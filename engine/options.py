@@ -70,6 +70,10 @@ class MigrationOptions:
     #: container: ``"/data=shared"``, ``"/data=copy"`` or ``"/data=copy:DESTDIR"``
     #: (see tug.engine.volumes). A host mount not named here refuses the migration.
     volumes: tuple[str, ...] = ()
+    #: Extra CRIU options for the destination's restore, each as a line of a
+    #: CRIU config file (``"ext-unix-sk"``, ``"skip-in-flight"``). runc
+    #: offers no way to pass them to the source's dump.
+    criu_opts: tuple[str, ...] = ()
     #: Add to the group every container that joins the network namespace
     #: of a named one (its pod: tug.engine.source.pod).
     pod: bool = False

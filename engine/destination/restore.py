@@ -14,9 +14,11 @@ import json
 import logging
 import resource
 import time
+from pathlib import Path
 from typing import Any
 
 from tug.engine.criu.stats import criu_restore_steps
+from tug.engine.criu.tool import check_criu_opts
 from tug.engine.criu.uncork import peer_is_criu
 from tug.engine.destination.incoming import (
     INCOMING_MARKER,
@@ -47,6 +49,7 @@ class RestoreCalls(AgentState):
         lazy: bool = False,
         lazy_source_port: int | None = None,
         file_locks: bool = False,
+        criu_opts: list[str] | None = None,
     ) -> dict[str, Any]:
         """Restore; ``frames`` were held by the source's network lock, to be
         delivered once the restored sockets exist (see runtime.netlock).
@@ -62,6 +65,11 @@ class RestoreCalls(AgentState):
         inc.restoring = asyncio.current_task()
         try:
             inc.file_locks = file_locks is True
+            options = check_criu_opts(criu_opts or [])
+            if tcp_close:
+                options.append("tcp-close")
+            if options:
+                self._criu_config(inc, options)
             return await self._restore(inc, tcp_close, rebuild_pages, frames, lazy, lazy_source_port)
         except asyncio.CancelledError:
             raise
@@ -84,8 +92,6 @@ class RestoreCalls(AgentState):
         lazy_source_port: int | None,
     ) -> dict[str, Any]:
         container = inc.name
-        if tcp_close:
-            self._criu_config(inc, ["tcp-close"])
         if lazy_source_port is not None and (not lazy or rebuild_pages or not 0 < lazy_source_port < 65536):
             raise ProtocolError(f"a post-copy restore of {container!r} is lazy and needs no page store")
         if rebuild_pages:
@@ -134,12 +140,26 @@ class RestoreCalls(AgentState):
         return {"pid": st.pid, "status": st.status, "restore_ms": (time.monotonic() - t0) * 1000, **steps, **inc.stats}
 
     def _criu_config(self, inc: Incoming, options: list[str]) -> None:
-        """Point runc at a CRIU config file for this restore (org.criu.config)."""
-        conf = inc.work / "criu-restore.conf"
-        conf.write_text("\n".join(options) + "\n")
+        """Point runc at a CRIU config file for this restore (``org.criu.config``).
+
+        The container's own annotation, if its file exists here, is kept:
+        its lines come first, tug's options after. The file lives in the
+        bundle, since runc keeps the annotation for the container's life.
+        """
         cfg_path = inc.bundle / "config.json"
         spec = json.loads(cfg_path.read_text())
-        spec.setdefault("annotations", {})["org.criu.config"] = str(conf)
+        annotations = spec.setdefault("annotations", {})
+        conf = inc.bundle / CRIU_CONF
+        lines: list[str] = []
+        own = annotations.get("org.criu.config")
+        if isinstance(own, str) and own and own != str(conf):
+            try:
+                lines = [ln for ln in Path(own).read_text().splitlines() if ln.strip()]
+            except OSError as exc:
+                log.warning("%s: the container's CRIU config %s is not readable here (%s): only tug's options apply",
+                            inc.name, own, exc.strerror)
+        conf.write_text("\n".join(lines + options) + "\n")
+        annotations["org.criu.config"] = str(conf)
         cfg_path.write_text(json.dumps(spec, indent=2))
 
     async def call_settle(self, container: str, timeout: float = 600.0) -> dict[str, Any]:
@@ -223,6 +243,8 @@ class RestoreCalls(AgentState):
         return {"committed": True, **_usage()}
 
 
+#: The CRIU config file a restore with extra options uses, in the bundle.
+CRIU_CONF = "criu.conf"
 def _usage() -> dict[str, float]:
     """This agent's CPU time and peak memory (with its children: runc, CRIU)."""
     me = resource.getrusage(resource.RUSAGE_SELF)

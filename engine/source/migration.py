@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from tug.engine.criu import tool as criu
+from tug.engine.criu.tool import check_criu_opts
 from tug.engine.errors import (
     MigrationError,
     PhaseTimeoutError,
@@ -75,6 +76,7 @@ class Migration(FrozenWindow):
         names = check_group([containers] if isinstance(containers, str) else containers)
         #: How each host mount moves, by its path inside the container.
         self.volume_choices = parse_volume_options(opts.volumes)
+        check_criu_opts(list(opts.criu_opts))  # bad input fails before anything happens
         self.target = parse_url(destination)
         self.opts = opts
         self.on_event = on_event

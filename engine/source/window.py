@@ -179,18 +179,17 @@ class FrozenWindow(FailureHandling):
         *ahead, last = chunk_frames(frames)
         for part in ahead:
             await self.s.call("stage_frames", container=m.name, frames=part)
+        extra: dict[str, Any] = await m.strategy.restore_args()
+        if m.file_locks:
+            extra["file_locks"] = True
+        if self.opts.criu_opts:
+            extra["criu_opts"] = list(self.opts.criu_opts)
         # From here until an answer, the destination may run the container.
         m.dest = Destination.UNKNOWN
         try:
             res = await self.s.call(
-                "restore",
-                container=m.name,
-                tcp_close=self.opts.tcp_close,
-                rebuild_pages=m.rebuild_pages,
-                frames=last,
-                lazy=m.lazy,
-                **({"file_locks": True} if m.file_locks else {}),
-                **await m.strategy.restore_args(),
+                "restore", container=m.name, tcp_close=self.opts.tcp_close, rebuild_pages=m.rebuild_pages,
+                frames=last, lazy=m.lazy, **extra,
             )
         except RanThenFailed:
             m.dest = Destination.RAN

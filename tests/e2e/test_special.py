@@ -90,3 +90,29 @@ def test_a_held_file_lock_moves(lab: Lab, lock_demo: str, strategy: tuple[str, .
     assert any("holds file locks" in n for n in res.json()["notes"])
     assert lock_held(lab, "b", lock_demo)
     lab.check_moved_intact("b", lock_demo, before, res.json()["downtime_ms"], fault_wait_ms=res.json()["fill_ms"] or 0.0)
+
+
+def test_criu_options_reach_the_restore_with_the_containers_own(lab: Lab, demo: str, tmp_path: Path) -> None:
+    """--criu-opt lines and the container's own org.criu.config file (it exists
+    on both lab hosts) make one CRIU config for the restore; CRIU reads it:
+    an option it does not know fails the restore, and the source resumes."""
+    own = tmp_path / "own.conf"
+    own.write_text("verbosity 4\n")
+    cfg_path = lab.bundle("a", demo) / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.setdefault("annotations", {})["org.criu.config"] = str(own)  # as its admin would have started it
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+
+    res = migrate("a", demo, lab.url("b"), "--criu-opt", "images-dir /elsewhere")
+    assert res.returncode == 1 and "tug's to set" in res.stderr  # refused before anything happened
+    assert lab.state("b", demo) is None
+    res = migrate("a", demo, lab.url("b"), "--criu-opt", "no-such-criu-option")
+    assert res.returncode == 1 and res.json()["outcome"] == "rolled-back", res.stderr
+    assert lab.check("a", demo)["ok"] and lab.leftovers("b", demo) == []
+
+    res = migrate("a", demo, lab.url("b"), "--criu-opt", "skip-in-flight")
+    assert res.returncode == 0, res.stderr
+    conf = lab.bundle("b", demo) / "criu.conf"
+    assert conf.read_text().split("\n")[:2] == ["verbosity 4", "skip-in-flight"]
+    assert json.loads((lab.bundle("b", demo) / "config.json").read_text())["annotations"]["org.criu.config"] == str(conf)
+    assert lab.check("b", demo)["ok"]
