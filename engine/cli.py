@@ -70,7 +70,7 @@ class Progress:
 
 def summary(r: MigrationReport) -> str:
     rows = [
-        ("container", r.container),
+        ("container" if len(r.containers) <= 1 else "containers", ", ".join(r.containers) or r.container),
         ("from -> to", f"{r.source} -> {r.destination}"),
         ("strategy", r.strategy + (f" (tracker {r.tracker}, {len(r.rounds)} rounds)" if r.tracker else "")),
         ("outcome", r.outcome),
@@ -81,6 +81,8 @@ def summary(r: MigrationReport) -> str:
         ("  CRIU images", human_bytes(r.image_bytes)),
         *([("  page server", human_bytes(r.page_server_bytes))] if r.dump_streamed else []),
         ("  rootfs files", human_bytes(r.rootfs_bytes)),
+        *[(f"  volume {v['destination']}", f"{v['mode']}" + (f", {human_bytes(v['bytes'])}" if v["mode"] == "copy" else ""))
+          for v in r.volumes],
     ]
     for phase, secs in r.phases.items():
         rows.append((f"  {phase}", f"{secs * 1000:.0f} ms, {human_bytes(r.bytes_by_phase.get(phase, 0))}"))
@@ -137,6 +139,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         tracker=args.tracker,
         stream_dump=args.stream_dump,
         lazy_restore=args.lazy_restore,
+        volumes=tuple(args.volume),
+        pod=args.pod,
+        criu_opts=tuple(args.criu_opt),
         timeouts={**DEFAULT_TIMEOUTS, **parse_timeouts(args.timeout)},
     )
     progress = Progress(quiet=args.quiet)
@@ -239,8 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tug", description="Live-migrate running containers between hosts with CRIU.")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    m = sub.add_parser("migrate", help="live-migrate a running container to another host")
-    m.add_argument("container")
+    m = sub.add_parser("migrate", help="live-migrate a running container (or several, as one group) to another host")
+    m.add_argument("container", nargs="+",
+                   help="the container; several move as one group: one freeze, one commit point, one rollback "
+                        "(restored in the order given)")
     m.add_argument("--to", required=True, metavar="URL", help="destination, ssh://user@host[:port]")
     m.add_argument("--strategy", default="stop-copy", choices=STRATEGIES)
     m.add_argument("--policy", default="phaul", metavar="SPEC",
@@ -255,6 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop-copy: stream the frozen dump's memory to a CRIU page server on the destination while "
                         "CRIU dumps (overlaps dump and transfer; needs sshd TCP forwarding) instead of dumping to "
                         "files first (default: %(default)s)")
+    m.add_argument("--criu-opt", action="append", default=[], metavar="OPT",
+                   help="an extra CRIU option for the destination's restore, as a line of a CRIU config file "
+                        "('ext-unix-sk', 'skip-in-flight'); repeat for each. The container's own org.criu.config "
+                        "annotation still applies where its file exists on the destination")
+    m.add_argument("--pod", action="store_true",
+                   help="move each named container with every container that joins its network namespace (its pod), "
+                        "as one group")
+    m.add_argument("--volume", action="append", default=[], metavar="PATH=MODE",
+                   help="how a host mount of the container moves, by its path inside the container: PATH=shared "
+                        "(the destination has the same storage there; verified), PATH=copy or PATH=copy:DESTDIR "
+                        "(tug copies it like the rootfs); repeat for each; a host mount not named refuses the migration")
     m.add_argument("--identity", "-i", metavar="KEY", help="SSH private key (default: $TUG_SSH_IDENTITY or ~/.ssh)")
     m.add_argument("--known-hosts", metavar="FILE", help="known_hosts to check the destination's host key against")
     m.add_argument("--agent-command", metavar="CMD", help="command that starts the agent on the destination")

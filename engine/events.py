@@ -77,6 +77,7 @@ class ErrorInfo:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MigrationReport:
+    #: The group's first container (the only one, unless several moved as one).
     container: str
     source: str
     destination: str
@@ -133,6 +134,12 @@ class MigrationReport:
     agent_cpu_s: float | None = None
     agent_children_cpu_s: float | None = None
     agent_max_rss_kib: float | None = None
+    #: Every container the migration moved as one group, in restore order.
+    containers: list[str] = field(default_factory=list)
+    #: Each host mount that moved: container, destination (its path inside
+    #: the container), mode (shared | copy), source (its path here), bytes
+    #: (what the copy passes sent; 0 when shared).
+    volumes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:

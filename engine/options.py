@@ -66,6 +66,17 @@ class MigrationOptions:
     #: already on the destination); commit waits until it is full. Falls back
     #: to an eager restore, with a note, where userfaultfd is missing.
     lazy_restore: bool = True
+    #: How each host mount of the container moves, by its path inside the
+    #: container: ``"/data=shared"``, ``"/data=copy"`` or ``"/data=copy:DESTDIR"``
+    #: (see tug.engine.volumes). A host mount not named here refuses the migration.
+    volumes: tuple[str, ...] = ()
+    #: Extra CRIU options for the destination's restore, each as a line of a
+    #: CRIU config file (``"ext-unix-sk"``, ``"skip-in-flight"``). runc
+    #: offers no way to pass them to the source's dump.
+    criu_opts: tuple[str, ...] = ()
+    #: Add to the group every container that joins the network namespace
+    #: of a named one (its pod: tug.engine.source.pod).
+    pod: bool = False
     host: HostConfig | None = None
 
     def timeout(self, phase: str) -> float:

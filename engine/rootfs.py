@@ -24,7 +24,11 @@ from tug.engine import integrity, safefs
 from tug.engine.errors import ProtocolError, UnsafePathError
 
 DIR, FILE, LINK, OTHER = "d", "f", "l", "o"
-KINDS = frozenset((DIR, FILE, LINK, OTHER))
+#: Special files: named pipes, character and block devices, sockets.
+FIFO, CHR, BLK, SOCK = "p", "c", "b", "s"
+KINDS = frozenset((DIR, FILE, LINK, OTHER, FIFO, CHR, BLK, SOCK))
+#: Device numbers (a character or block device's ``rdev``) a config may allow: (kind, major, minor).
+Device = tuple[str, int, int]
 #: Deeper trees are refused: each level holds a directory fd while scanning.
 MAX_DEPTH = 512
 #: Larger trees are refused (the plan's answer must fit in one frame).
@@ -43,34 +47,40 @@ class Entry:
     size: int
     mtime_ns: int
     link: str = ""
+    #: A device's number (``st_rdev``); 0 for everything else.
+    rdev: int = 0
 
     def to_wire(self) -> list[Any]:
-        return [self.path, self.kind, self.mode, self.uid, self.gid, self.size, self.mtime_ns, self.link]
+        return [self.path, self.kind, self.mode, self.uid, self.gid, self.size, self.mtime_ns, self.link, self.rdev]
 
     @classmethod
     def from_wire(cls, item: Any) -> Entry:
         """An entry from the peer; every field is checked, since all of them
         come from the container's tree and end up in system calls."""
-        if not isinstance(item, (list, tuple)) or len(item) != 8:
+        if not isinstance(item, (list, tuple)) or len(item) != 9:
             raise ProtocolError("malformed rootfs manifest entry")
-        path, kind, mode, uid, gid, size, mtime_ns, link = item
+        path, kind, mode, uid, gid, size, mtime_ns, link, rdev = item
         if not isinstance(path, str) or not isinstance(kind, str) or not isinstance(link, str):
             raise ProtocolError("malformed rootfs manifest entry")
-        if not all(type(v) is int for v in (mode, uid, gid, size, mtime_ns)):
+        if not all(type(v) is int for v in (mode, uid, gid, size, mtime_ns, rdev)):
             raise ProtocolError("malformed rootfs manifest entry")
         check_relpath(path)
         if kind not in KINDS:
             raise ProtocolError(f"unknown entry kind {kind!r} for {path!r}")
         if not (0 <= mode <= 0o7777 and 0 <= uid < 2**32 - 1 and 0 <= gid < 2**32 - 1 and 0 <= size < 2**63):
             raise ProtocolError(f"out-of-range metadata for {path!r}")
-        if not -(2**63) <= mtime_ns < 2**63 or "\x00" in link or len(link) > 4095:
+        if not -(2**63) <= mtime_ns < 2**63 or "\x00" in link or len(link) > 4095 or not 0 <= rdev < 2**64:
             raise ProtocolError(f"out-of-range metadata for {path!r}")
-        return cls(path, kind, mode, uid, gid, size, mtime_ns, link)
+        return cls(path, kind, mode, uid, gid, size, mtime_ns, link, rdev)
 
     def same_content(self, other: Entry) -> bool:
-        return (self.kind, self.size, self.mtime_ns, self.mode, self.uid, self.gid, self.link) == (
-            other.kind, other.size, other.mtime_ns, other.mode, other.uid, other.gid, other.link,
+        return (self.kind, self.size, self.mtime_ns, self.mode, self.uid, self.gid, self.link, self.rdev) == (
+            other.kind, other.size, other.mtime_ns, other.mode, other.uid, other.gid, other.link, other.rdev,
         )
+
+    @property
+    def device(self) -> Device:
+        return (self.kind, os.major(self.rdev), os.minor(self.rdev))
 
 
 def manifest_parts(entries: list[Entry], budget: int = MANIFEST_PART_BYTES) -> list[list[list[Any]]]:
@@ -99,11 +109,22 @@ def _kind(mode: int) -> str:
         return FILE
     if stat.S_ISLNK(mode):
         return LINK
+    if stat.S_ISFIFO(mode):
+        return FIFO
+    if stat.S_ISCHR(mode):
+        return CHR
+    if stat.S_ISBLK(mode):
+        return BLK
+    if stat.S_ISSOCK(mode):
+        return SOCK
     return OTHER
 
 
-def scan(root: Path) -> list[Entry]:
+def scan(root: Path, only: str | None = None) -> list[Entry]:
     """Every entry below root, parents before children, never through a symlink.
+
+    ``only``: just that one name directly below root (a bound file's parent
+    is scanned for the file alone, never for its siblings).
 
     Each directory is listed through an fd opened below the root without
     following symlinks; a directory the container swapped for a symlink since
@@ -120,7 +141,7 @@ def scan(root: Path) -> list[Entry]:
                 os.close(fd)
                 raise UnsafePathError(f"rootfs nested deeper than {MAX_DEPTH} directories at {rel!r}")
             with os.scandir(fd) as it:
-                items = sorted(it, key=lambda e: e.name, reverse=True)
+                items = sorted((e for e in it if only is None or rel or e.name == only), key=lambda e: e.name, reverse=True)
             stack.append((fd, rel, items))
 
         try:
@@ -140,7 +161,8 @@ def scan(root: Path) -> list[Entry]:
                     continue  # gone since the listing
                 relpath = f"{rel}{de.name}"
                 size = st.st_size if kind == FILE else 0
-                out.append(Entry(relpath, kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size, st.st_mtime_ns, link))
+                rdev = st.st_rdev if kind in (CHR, BLK) else 0
+                out.append(Entry(relpath, kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size, st.st_mtime_ns, link, rdev))
                 if kind == DIR:
                     try:
                         sub = os.open(de.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
@@ -160,6 +182,8 @@ class Plan:
     delete: list[str] = field(default_factory=list)  # deepest first
     mkdirs: list[Entry] = field(default_factory=list)  # parents first
     links: list[Entry] = field(default_factory=list)
+    #: Named pipes and allowed device nodes, made here (they have no content).
+    nodes: list[Entry] = field(default_factory=list)
     send: list[Entry] = field(default_factory=list)  # files whose content must come over
     skipped: list[str] = field(default_factory=list)  # special files we do not copy
 
@@ -168,13 +192,19 @@ class Plan:
         return sum(e.size for e in self.send)
 
 
-def plan(source: list[Entry], dest: list[Entry]) -> Plan:
-    """What the destination must do so that its tree equals ``source``."""
+def plan(source: list[Entry], dest: list[Entry], devices: frozenset[Device] = frozenset()) -> Plan:
+    """What the destination must do so that its tree equals ``source``.
+
+    Named pipes are made (a process may hold one open: CRIU reopens it by
+    path); a device node only if ``devices`` (the container config's own
+    devices) has its number, since the tree is the container's to fill;
+    sockets are skipped (a restored process that binds one makes it).
+    """
     have = {e.path: e for e in dest}
     want = {e.path: e for e in source}
     delete = [p for p, e in have.items() if p not in want or want[p].kind != e.kind]
     delete.sort(key=lambda p: p.count("/"), reverse=True)
-    mkdirs, links, send, skipped = [], [], [], []
+    mkdirs, links, nodes, send, skipped = [], [], [], [], []
     for e in source:
         old = have.get(e.path)
         fresh = old is None or old.kind != e.kind
@@ -187,9 +217,12 @@ def plan(source: list[Entry], dest: list[Entry]) -> Plan:
         elif e.kind == FILE:
             if fresh or (old is not None and not e.same_content(old)):
                 send.append(e)
+        elif e.kind == FIFO or (e.kind in (CHR, BLK) and e.device in devices):
+            if fresh or (old is not None and not e.same_content(old)):
+                nodes.append(e)
         else:
             skipped.append(e.path)
-    return Plan(delete=delete, mkdirs=mkdirs, links=links, send=send, skipped=skipped)
+    return Plan(delete=delete, mkdirs=mkdirs, links=links, nodes=nodes, send=send, skipped=skipped)
 
 
 # ---- applying on the destination ----------------------------------------
@@ -209,6 +242,21 @@ def apply_structure(root: Path, p: Plan) -> None:
             safefs.make_dir(rootfd, e.path, uid=e.uid, gid=e.gid, mode=e.mode)
         for e in p.links:
             safefs.make_symlink(rootfd, e.path, e.link, uid=e.uid, gid=e.gid, mtime_ns=e.mtime_ns)
+        for e in p.nodes:
+            safefs.make_node(rootfd, e.path, _NODE_TYPE[e.kind], e.rdev, uid=e.uid, gid=e.gid, mode=e.mode, mtime_ns=e.mtime_ns)
+
+
+_NODE_TYPE = {FIFO: stat.S_IFIFO, CHR: stat.S_IFCHR, BLK: stat.S_IFBLK}
+
+
+def config_devices(spec: Any) -> frozenset[Device]:
+    """The device nodes a runc config creates itself (``linux.devices``): the
+    only ones a rootfs sync may make on the destination."""
+    out = set()
+    for d in (spec.get("linux") or {}).get("devices") or [] if isinstance(spec, dict) else []:
+        if isinstance(d, dict) and d.get("type") in (CHR, BLK) and type(d.get("major")) is int and type(d.get("minor")) is int:
+            out.add((str(d["type"]), int(d["major"]), int(d["minor"])))
+    return frozenset(out)
 
 
 class FileWriter:

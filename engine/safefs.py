@@ -230,6 +230,29 @@ def make_symlink(rootfd: int, rel: str, target: str, *, uid: int, gid: int, mtim
         os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
 
 
+def make_node(rootfd: int, rel: str, kind: int, rdev: int, *, uid: int, gid: int, mode: int, mtime_ns: int) -> None:
+    """A named pipe or device node, made in place of whatever is at ``rel``.
+
+    Its owner and mode are set through an ``O_PATH`` fd of the node just
+    made (opening a device or a pipe for real could block or act), its time
+    by name without following a symlink.
+    """
+    with parent(rootfd, rel) as (pfd, name):
+        remove_at(pfd, name)
+        os.mknod(name, kind | 0o600, rdev, dir_fd=pfd)
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            st = os.fstat(fd)
+            if stat.S_IFMT(st.st_mode) != kind:
+                raise UnsafePathError(f"{rel!r} changed while it was being made")
+            # fchown/fchmod refuse O_PATH fds; the fd's /proc link names exactly this inode.
+            os.chown(f"/proc/self/fd/{fd}", uid, gid)
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+        finally:
+            os.close(fd)
+        os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
+
+
 class NewFile:
     """A file written under a fresh random name, then renamed over ``rel``.
 

@@ -20,8 +20,8 @@ those, so the struct below is little-endian ``=I4xQQQ``).
 * ``cmd = flags << 16 | command`` (``encode_ps_cmd``); flags are pagemap
   ``PE_*`` bits, used by ``PS_IOV_ADD_F`` only.
 * ``dst_id = id << 8 | type`` (``encode_pm``): type 1 is a task's pagemap (id =
-  its pid in the dumped pid namespace), 2 a shared memory object's (id =
-  shmid). ``decode_pm`` also accepts the type numbers older CRIUs used; so
+  its pid in the dumped pid namespace, never 0), 2 a shared memory object's
+  (id = shmid, 0 for the first SysV segment of an IPC namespace). ``decode_pm`` also accepts the type numbers older CRIUs used; so
   does this parser.
 * ``PS_IOV_OPEN2`` opens the pagemap ``dst_id``; the server answers one byte,
   ``has_parent``. ``PS_IOV_OPEN`` (legacy) is the same without the answer.
@@ -312,7 +312,9 @@ class PageServerParser:
         if kind is None:
             raise PageServerProtocolError(f"unknown pagemap type {dst_id & 0xFF} in dst_id {dst_id:#x}")
         ident = dst_id >> PS_TYPE_BITS
-        if ident == 0:
+        # A task's id is its pid, never 0; a SysV segment's is its shmid,
+        # and the first segment of a fresh IPC namespace has shmid 0.
+        if ident == 0 and kind is Kind.PROCESS:
             raise PageServerProtocolError(f"{kind.value} pagemap id 0 in dst_id {dst_id:#x}")
         if implicit and self._open != dst_id:
             self._open = dst_id

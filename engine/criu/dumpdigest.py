@@ -52,7 +52,8 @@ class StreamDigest:
 
 def _pagemap_path(images_dir: Path, key: str) -> Path:
     kind, _, ident = key.partition(":")
-    if not ident.isdigit() or int(ident) <= 0:
+    # A task's id (its pid) is never 0; a SysV segment's (its shmid) may be.
+    if not ident.isdigit() or len(ident) > 20 or (int(ident) == 0 and kind != Kind.SHMEM.value):
         raise IntegrityError(f"bad pagemap name {key!r} in the source's digests")
     if kind == Kind.PROCESS.value:
         return images_dir / images.pagemap_file_name(int(ident))

@@ -19,9 +19,10 @@ import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tug.engine import proc
-from tug.engine.errors import CriuError, PreconditionError, RuntimeToolError
+from tug.engine.errors import ConfigError, CriuError, PreconditionError, RuntimeToolError
 
 MIN_VERSION = (4, 2)
 
@@ -213,3 +214,28 @@ def error_from_tool(exc: RuntimeToolError, action: str, log_path: Path) -> CriuE
 
 def first_error(lines: Sequence[str]) -> str:
     return lines[0] if lines else ""
+
+
+#: CRIU options a user may add to a restore (``--criu-opt``): long option
+#: names as a CRIU config file takes them, with an optional value.
+_CRIU_OPT = re.compile(r"^[a-z][a-z0-9-]{0,40}( [^\n\x00]{1,200})?$")
+#: Options tug sets or that would break what it relies on.
+_RESERVED = {"images-dir", "work-dir", "root", "pidfile", "restore-detached", "lazy-pages", "page-server", "address",
+             "port", "inherit-fd", "lsm-profile", "config", "exec-cmd", "action-script"}
+
+
+def check_criu_opts(raw: Any) -> list[str]:
+    """``--criu-opt`` values, each a config file line: ``name`` or ``name value``."""
+    if not isinstance(raw, list) or len(raw) > 32:
+        raise ConfigError("malformed CRIU options")
+    out = []
+    for item in raw:
+        if not isinstance(item, str) or not _CRIU_OPT.match(item):
+            raise ConfigError(
+                f"--criu-opt {item!r}: expected NAME or 'NAME VALUE' as in a CRIU config file "
+                "(criu(8) long options without the dashes)"
+            )
+        if item.split(" ", 1)[0] in _RESERVED:
+            raise ConfigError(f"--criu-opt {item.split(' ', 1)[0]!r} is tug's to set")
+        out.append(item)
+    return out

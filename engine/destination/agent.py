@@ -33,6 +33,7 @@ from tug.engine.destination.incoming import (
 from tug.engine.destination.leftovers import kill_cgroup_of
 from tug.engine.destination.restore import RestoreCalls
 from tug.engine.destination.staging import StagingCalls
+from tug.engine.destination.volumes import remove_created
 from tug.engine.errors import MigrationError, PreconditionError, ProtocolError
 from tug.engine.fsutil import remove_tree
 from tug.engine.hostcfg import HostConfig
@@ -220,6 +221,7 @@ class Agent(StagingCalls, RestoreCalls):
             if inc.endpoint is not None:
                 await _step(f"removing the endpoint of {inc.name}", inc.endpoint.remove())
         finally:
+            remove_created(inc.bundle)  # copied volumes made outside the bundle
             shutil.rmtree(inc.bundle, ignore_errors=True)
             remove_tree(inc.work)
         log.info("cleaned up uncommitted %s", inc.name)

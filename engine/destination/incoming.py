@@ -23,6 +23,7 @@ from tug.engine.criu.pageserver import PageServer
 from tug.engine.destination.lazypages import LazyPages
 from tug.engine.destination.pagestore import PageStore
 from tug.engine.destination.storeserver import StorePageServer
+from tug.engine.destination.volumes import ReceivedVolume
 from tug.engine.errors import ConfigError, IntegrityError, MigrationError, ProtocolError
 from tug.engine.hostcfg import HostConfig
 from tug.engine.pagestream import RunDecoder
@@ -71,6 +72,12 @@ class Incoming:
     #: The restored copy ran and then broke (its lazy fill failed): it was
     #: killed, and nothing of it may be kept.
     broken: bool = False
+    #: Its processes held file locks when dumped: the restore takes them again.
+    file_locks: bool = False
+    #: A pod's member: the container whose network namespace it joins.
+    netns_of: str | None = None
+    #: Its copied and shared volumes, by mount index (destination/volumes.py).
+    volumes: dict[int, ReceivedVolume] = field(default_factory=dict)
     #: Streams of this container still arriving (opened, not yet closed whole).
     streams_open: int = 0
     #: Why the first of its streams that failed here failed: what arrived

@@ -14,9 +14,11 @@ import json
 import logging
 import resource
 import time
+from pathlib import Path
 from typing import Any
 
 from tug.engine.criu.stats import criu_restore_steps
+from tug.engine.criu.tool import check_criu_opts
 from tug.engine.criu.uncork import peer_is_criu
 from tug.engine.destination.incoming import (
     INCOMING_MARKER,
@@ -27,6 +29,7 @@ from tug.engine.destination.incoming import (
 from tug.engine.destination.lazypages import LazyPages, fault_latencies, latency_summary
 from tug.engine.destination.leftovers import kill_cgroup_of
 from tug.engine.destination.storeserver import StorePageServer
+from tug.engine.destination.volumes import CREATED_FILE
 from tug.engine.errors import CriuError, MigrationError, ProtocolError, RanThenFailed
 from tug.engine.fsutil import remove_tree
 from tug.transports.forward import LOOPBACK
@@ -45,6 +48,8 @@ class RestoreCalls(AgentState):
         frames: list[bytes] | None = None,
         lazy: bool = False,
         lazy_source_port: int | None = None,
+        file_locks: bool = False,
+        criu_opts: list[str] | None = None,
     ) -> dict[str, Any]:
         """Restore; ``frames`` were held by the source's network lock, to be
         delivered once the restored sockets exist (see runtime.netlock).
@@ -59,6 +64,12 @@ class RestoreCalls(AgentState):
         inc.check_received()
         inc.restoring = asyncio.current_task()
         try:
+            inc.file_locks = file_locks is True
+            options = check_criu_opts(criu_opts or [])
+            if tcp_close:
+                options.append("tcp-close")
+            if options:
+                self._criu_config(inc, options)
             return await self._restore(inc, tcp_close, rebuild_pages, frames, lazy, lazy_source_port)
         except asyncio.CancelledError:
             raise
@@ -81,8 +92,6 @@ class RestoreCalls(AgentState):
         lazy_source_port: int | None,
     ) -> dict[str, Any]:
         container = inc.name
-        if tcp_close:
-            self._criu_config(inc, ["tcp-close"])
         if lazy_source_port is not None and (not lazy or rebuild_pages or not 0 < lazy_source_port < 65536):
             raise ProtocolError(f"a post-copy restore of {container!r} is lazy and needs no page store")
         if rebuild_pages:
@@ -115,7 +124,7 @@ class RestoreCalls(AgentState):
         try:
             restoring = self.runc.restore_detached(
                 container, bundle=inc.bundle, image_dir=inc.images, work_dir=inc.criu_work,
-                tcp_established=not tcp_close, lazy_pages=lazy,
+                tcp_established=not tcp_close, lazy_pages=lazy, file_locks=inc.file_locks,
             )
             # A daemon that dies once the processes run must not leave zero pages behind (lazypages.py).
             await (inc.lazy.guarded(restoring, self.runc.root, container) if inc.lazy is not None else restoring)
@@ -131,12 +140,26 @@ class RestoreCalls(AgentState):
         return {"pid": st.pid, "status": st.status, "restore_ms": (time.monotonic() - t0) * 1000, **steps, **inc.stats}
 
     def _criu_config(self, inc: Incoming, options: list[str]) -> None:
-        """Point runc at a CRIU config file for this restore (org.criu.config)."""
-        conf = inc.work / "criu-restore.conf"
-        conf.write_text("\n".join(options) + "\n")
+        """Point runc at a CRIU config file for this restore (``org.criu.config``).
+
+        The container's own annotation, if its file exists here, is kept:
+        its lines come first, tug's options after. The file lives in the
+        bundle, since runc keeps the annotation for the container's life.
+        """
         cfg_path = inc.bundle / "config.json"
         spec = json.loads(cfg_path.read_text())
-        spec.setdefault("annotations", {})["org.criu.config"] = str(conf)
+        annotations = spec.setdefault("annotations", {})
+        conf = inc.bundle / CRIU_CONF
+        lines: list[str] = []
+        own = annotations.get("org.criu.config")
+        if isinstance(own, str) and own and own != str(conf):
+            try:
+                lines = [ln for ln in Path(own).read_text().splitlines() if ln.strip()]
+            except OSError as exc:
+                log.warning("%s: the container's CRIU config %s is not readable here (%s): only tug's options apply",
+                            inc.name, own, exc.strerror)
+        conf.write_text("\n".join(lines + options) + "\n")
+        annotations["org.criu.config"] = str(conf)
         cfg_path.write_text(json.dumps(spec, indent=2))
 
     async def call_settle(self, container: str, timeout: float = 600.0) -> dict[str, Any]:
@@ -214,11 +237,14 @@ class RestoreCalls(AgentState):
         if inc.endpoint is not None:
             await inc.endpoint.close()
         (inc.bundle / INCOMING_MARKER).unlink(missing_ok=True)
+        (inc.bundle / CREATED_FILE).unlink(missing_ok=True)  # the copies are the container's now
         remove_tree(inc.work)
         del self.incoming[container]
         return {"committed": True, **_usage()}
 
 
+#: The CRIU config file a restore with extra options uses, in the bundle.
+CRIU_CONF = "criu.conf"
 def _usage() -> dict[str, float]:
     """This agent's CPU time and peak memory (with its children: runc, CRIU)."""
     me = resource.getrusage(resource.RUSAGE_SELF)

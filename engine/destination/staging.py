@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 from tug.engine import rootfs
@@ -26,11 +27,13 @@ from tug.engine.destination.incoming import (
     work_subdir,
 )
 from tug.engine.destination.pagestore import PageStore
+from tug.engine.destination.volumes import stage_volumes
 from tug.engine.errors import ConfigError, CriuError, PreconditionError, ProtocolError
 from tug.engine.fsutil import private_dir, remove_tree
 from tug.engine.runtime import network as netif
 from tug.engine.runtime.endpoint import DestinationEndpoint
 from tug.engine.runtime.network import EndpointSpec
+from tug.engine.volumes import file_digest, read_nonce
 from tug.transports.session import StreamSink
 
 log = logging.getLogger("tug.agent")
@@ -53,10 +56,20 @@ class StagingCalls(AgentState):
         if kind == "images":
             inc.images.mkdir(parents=True, exist_ok=True)
             return RecordSink(inc, kind, inc.images, lambda w: inc.stats.__setitem__("image_bytes", w.bytes))
+        if kind == "volume":
+            return RecordSink(inc, kind, self._volume_root(inc, meta.get("volume")))
         raise ProtocolError(f"agent accepts no stream of kind {kind!r}")
 
-    async def call_prepare(self, container: str, config: bytes, network: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Create the staging bundle and the work space."""
+    async def call_prepare(
+        self,
+        container: str,
+        config: bytes,
+        network: dict[str, Any] | None = None,
+        volumes: Any = None,
+        netns_of: str | None = None,
+    ) -> dict[str, Any]:
+        """Create the staging bundle and the work space (and the directories
+        of copied volumes: destination/volumes.py)."""
         check_name(container)
         bundle = self.host.bundle_dir(container)
         if bundle.exists():
@@ -67,6 +80,13 @@ class StagingCalls(AgentState):
         remove_tree(work)
         inc = Incoming(name=container, bundle=bundle, work=work)
         inc.network = EndpointSpec.from_dict(network) if network is not None else None
+        if netns_of is not None:
+            # A pod's member: it joins the namespace of a container received
+            # in this session (prepared first), never anything else here.
+            holder = self.incoming.get(netns_of) if isinstance(netns_of, str) else None
+            if holder is None or holder.network is None or inc.network is not None:
+                raise ProtocolError(f"{container!r} cannot join the network namespace of {netns_of!r}")
+            inc.netns_of = netns_of
         self.incoming[container] = inc
         private_dir(self.host.bundles_dir)
         private_dir(self.host.work_dir)
@@ -74,7 +94,7 @@ class StagingCalls(AgentState):
         (bundle / INCOMING_MARKER).write_text(f"{os.getpid()}\n")
         (bundle / "rootfs").mkdir()
         work.mkdir(parents=True)
-        (bundle / "config.json").write_bytes(self._rewrite_config(container, config, inc.network is not None))
+        (bundle / "config.json").write_bytes(self._rewrite_config(inc, config, volumes))
         if inc.network is not None:
             netif.save_spec(bundle, inc.network)
         return {"bundle": str(bundle), "work": str(work)}
@@ -93,20 +113,45 @@ class StagingCalls(AgentState):
         ms = await inc.endpoint.prepare(neighbors)
         return {"endpoint": str(net.netns_path(container)), "ms": ms}
 
-    def _rewrite_config(self, container: str, raw: bytes, has_endpoint: bool) -> bytes:
+    def _rewrite_config(self, inc: Incoming, raw: bytes, volumes: Any) -> bytes:
         try:
             spec = json.loads(raw)
         except ValueError as exc:
             raise ConfigError(f"container config is not valid JSON: {exc}") from None
+        if not isinstance(spec, dict):
+            raise ConfigError("container config is not a JSON object")
         spec.setdefault("root", {})["path"] = "rootfs"
         if self.host.cgroup_parent:
-            spec.setdefault("linux", {})["cgroupsPath"] = f"{self.host.cgroup_parent.rstrip('/')}/{container}"
-        if has_endpoint:
+            spec.setdefault("linux", {})["cgroupsPath"] = f"{self.host.cgroup_parent.rstrip('/')}/{inc.name}"
+        if inc.network is not None or inc.netns_of is not None:
             assert self.host.network is not None
-            netif.set_netns_path_in_spec(spec, self.host.network.netns_path(container))
+            netif.set_netns_path_in_spec(spec, self.host.network.netns_path(inc.netns_of or inc.name))
+        inc.volumes = {v.index: v for v in stage_volumes(inc.bundle, spec, volumes)}
         return json.dumps(spec, indent=2).encode()
 
-    async def call_rootfs_plan(self, container: str, manifest: list[Any], last: bool = True) -> dict[str, Any]:
+    @staticmethod
+    def _volume_root(inc: Incoming, index: Any) -> Path:
+        vol = inc.volumes.get(index) if type(index) is int else None
+        if vol is None or vol.root is None:
+            raise ProtocolError(f"{inc.name!r} has no copied volume {index!r}")
+        return vol.root
+
+    async def call_volume_check(self, path: str, name: str) -> dict[str, Any]:
+        """Read back the nonce the source wrote into a shared volume's directory
+        (None: this host has other storage at that path)."""
+        if not path.startswith("/"):
+            raise ProtocolError("a volume path is absolute")
+        return {"nonce": await asyncio.to_thread(read_nonce, Path(path), name)}
+
+    async def call_volume_digest(self, path: str) -> dict[str, Any]:
+        """The content digest of a shared bound file, as this host reads it."""
+        if not path.startswith("/"):
+            raise ProtocolError("a volume path is absolute")
+        return {"digest": await asyncio.to_thread(file_digest, Path(path))}
+
+    async def call_rootfs_plan(
+        self, container: str, manifest: list[Any], last: bool = True, volume: int | None = None
+    ) -> dict[str, Any]:
         """One part of the source's manifest; the last part applies the tree.
 
         A manifest comes in parts (each well under the frame limit) so that a
@@ -121,13 +166,16 @@ class StagingCalls(AgentState):
         if not last:
             return {"parts": True}
         source, inc.manifest = inc.manifest, []
-        root = inc.bundle / "rootfs"
-        plan = rootfs.plan(source, await asyncio.to_thread(rootfs.scan, root))
+        root = inc.bundle / "rootfs" if volume is None else self._volume_root(inc, volume)
+        # Device nodes only in the rootfs, and only those its config makes anyway.
+        devices = rootfs.config_devices(json.loads((inc.bundle / "config.json").read_bytes())) if volume is None else frozenset()
+        plan = rootfs.plan(source, await asyncio.to_thread(rootfs.scan, root), devices)
         await asyncio.to_thread(rootfs.apply_structure, root, plan)
         index = {e.path: i for i, e in enumerate(source)}
         return {
             "need": [index[e.path] for e in plan.send],
             "deleted": len(plan.delete),
+            "nodes": len(plan.nodes),
             "skipped": len(plan.skipped),
             "skipped_examples": plan.skipped[:5],
         }

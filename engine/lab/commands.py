@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -43,9 +44,20 @@ def cmd_lab(args: argparse.Namespace) -> int:
     elif args.lab_cmd == "demo":
         lab = hosts.require(layout)
         h = lab.host(args.host)
-        spec = demo.WorkloadSpec(memory_mib=args.memory, dirty_rate=args.dirty_rate, hot_set=args.hot_set, churn_mib=args.churn)
-        bundle = demo.start(lab, h, args.name, spec)
+        spec = demo.WorkloadSpec(memory_mib=args.memory, dirty_rate=args.dirty_rate, hot_set=args.hot_set, sysv_shm_mib=args.sysv_shm,
+                                 lock=args.lock, churn_mib=args.churn)
+        bundle = demo.start(lab, h, args.name, spec, volume=args.volume)
         _say(f"demo container {args.name} running on {h.name} ({args.memory} MiB, {args.dirty_rate} pages/s), bundle {bundle}")
+    elif args.lab_cmd == "pod":
+        lab = hosts.require(layout)
+        h = lab.host(args.host)
+        spec = demo.WorkloadSpec(memory_mib=args.memory, dirty_rate=args.dirty_rate)
+        demo.start(lab, h, args.name, spec)
+        members = [f"{args.name}-m{i}" for i in range(1, args.members + 1)]
+        for i, member in enumerate(members, 1):
+            demo.start(lab, h, member, dataclasses.replace(spec, port=spec.port + i), netns_of=args.name)
+        _say(f"pod {args.name} running on {h.name}: {args.name} holds the network namespace, "
+             f"{', '.join(members) or 'no members'} join it ({args.memory} MiB each)")
     elif args.lab_cmd == "rm":
         lab = hosts.require(layout)
         h = lab.host(args.host)
@@ -145,6 +157,19 @@ def add_lab_parser(sub: Any) -> None:
     dm.add_argument("--dirty-rate", type=int, default=0, metavar="PAGES_PER_S")
     dm.add_argument("--hot-set", type=float, default=1.0, metavar="FRACTION")
     dm.add_argument("--churn", type=int, default=0, metavar="MIB", help="map this much new memory every 200 ms")
+    dm.add_argument("--sysv-shm", type=int, default=0, metavar="MIB",
+                    help="the workload also holds a SysV shared memory segment of MIB (the first of its IPC "
+                         "namespace: id 0), dirtied and verified with its memory")
+    dm.add_argument("--lock", metavar="PATH", help="the workload holds a POSIX write lock on PATH (inside the container)")
+    dm.add_argument("--volume", action="store_true",
+                    help="keep the workload's state (its open heartbeat log) on a host directory bind-mounted at "
+                         "/state: a volume to move with tug migrate --volume /state=copy|shared")
+    pd = ls.add_parser("pod", help="start a pod: a demo container holding the network namespace, and members joining it")
+    pd.add_argument("host")
+    pd.add_argument("name")
+    pd.add_argument("--members", type=int, default=2, metavar="N")
+    pd.add_argument("--memory", type=int, default=16, metavar="MIB")
+    pd.add_argument("--dirty-rate", type=int, default=200, metavar="PAGES_PER_S")
     rm = ls.add_parser("rm", help="delete a container and its bundle from a host")
     rm.add_argument("host")
     rm.add_argument("name")

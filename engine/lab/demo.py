@@ -24,7 +24,10 @@ from tug.engine.lab.layout import Lab, LabHost, Layout, sh
 from tug.engine.lab.workload import analyze_heartbeat, build_workload, read_status, read_verify, verify_seq
 from tug.engine.runtime import network as netif
 
-APPLETS = ("sh", "ls", "cat", "echo", "sleep", "ps", "top", "kill", "wc", "head", "tail", "grep", "mkdir", "rm", "touch", "date", "env", "true", "false", "md5sum")
+APPLETS = (
+    "sh", "ls", "cat", "echo", "sleep", "ps", "top", "kill", "wc", "head", "tail", "grep", "mkdir", "rm", "touch", "date",
+    "env", "true", "false", "md5sum", "mkfifo", "timeout",
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -33,6 +36,10 @@ class WorkloadSpec:
     dirty_rate: int = 0
     hot_set: float = 1.0
     port: int = 7000
+    #: MiB of SysV shared memory (0: none), dirtied and verified with the rest.
+    sysv_shm_mib: int = 0
+    #: A file (inside the container) the workload holds a POSIX write lock on.
+    lock: str | None = None
     #: MiB mapped anew every 200 ms (the workload's --churn-mib): memory that
     #: appears while pre-copy runs.
     churn_mib: int = 0
@@ -41,7 +48,10 @@ class WorkloadSpec:
         return [
             "/usr/bin/tug-workload", "--memory", str(self.memory_mib), "--dirty-rate", str(self.dirty_rate),
             "--hot-set", repr(self.hot_set), "--state", "/state", "--port", str(self.port),
-        ] + (["--churn-mib", str(self.churn_mib)] if self.churn_mib else [])
+            *(["--sysv-shm", str(self.sysv_shm_mib)] if self.sysv_shm_mib else []),
+            *(["--lock", self.lock] if self.lock else []),
+            *(["--churn-mib", str(self.churn_mib)] if self.churn_mib else []),
+        ]
 
 
 def image_rootfs(layout: Layout) -> Path:
@@ -53,7 +63,7 @@ def image_rootfs(layout: Layout) -> Path:
         raise PreconditionError("busybox not found (apt-get install busybox-static)")
     binary = build_workload(image_dir / "tug-workload")
     stamp = image_dir / "rootfs.stamp"
-    want = f"{binary.stat().st_mtime_ns}"
+    want = f"{binary.stat().st_mtime_ns} {' '.join(APPLETS)}"
     if rootfs.exists() and stamp.exists() and stamp.read_text() == want:
         return rootfs
     shutil.rmtree(rootfs, ignore_errors=True)
@@ -78,7 +88,29 @@ def endpoint_spec(lab: Lab, name: str) -> netif.EndpointSpec:
     return netif.EndpointSpec(address=f"{ip}/24", mac=f"02:74:75:67:{(last >> 8) & 0xff:02x}:{last & 0xff:02x}")
 
 
-def _spec(name: str, host: LabHost, workload: WorkloadSpec) -> dict[str, Any]:
+#: Where the workload keeps its state inside the container.
+STATE = "/state"
+
+
+def volume_dir(host: LabHost, name: str) -> Path:
+    """The host directory a demo started with ``--volume`` keeps its state in."""
+    return Path(host.data_dir) / "volumes" / name
+
+
+def state_dir(bundle: Path) -> Path:
+    """Where the workload's state is on the host: the source of the bind
+    mount at /state (a volume, wherever a migration put it), else in the rootfs."""
+    try:
+        spec = json.loads((bundle / "config.json").read_text())
+        for m in spec.get("mounts") or []:
+            if isinstance(m, dict) and m.get("destination") == STATE and m.get("source"):
+                return Path(m["source"])
+    except (OSError, ValueError):
+        pass
+    return bundle / "rootfs" / STATE.lstrip("/")
+
+
+def _spec(name: str, host: LabHost, workload: WorkloadSpec, volume: Path | None = None, netns: Path | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         subprocess.run(["runc", "spec"], cwd=d, check=True, capture_output=True)
         spec: dict[str, Any] = json.loads(Path(d, "config.json").read_text())
@@ -87,12 +119,23 @@ def _spec(name: str, host: LabHost, workload: WorkloadSpec) -> dict[str, Any]:
     spec["root"] = {"path": "rootfs", "readonly": False}
     spec["hostname"] = name
     spec["linux"]["cgroupsPath"] = f"{host.cgroup_parent}/{name}"
-    netif.set_netns_path_in_spec(spec, host.network().netns_path(name))
+    netif.set_netns_path_in_spec(spec, netns or host.network().netns_path(name))
+    if volume is not None:
+        spec["mounts"].append({"destination": STATE, "type": "bind", "source": str(volume), "options": ["rbind", "rw"]})
     return spec
 
 
-def start(lab: Lab, host: LabHost, name: str, workload: WorkloadSpec) -> Path:
-    """Create and run demo container ``name`` on ``host`` of ``lab``; returns its bundle."""
+def start(
+    lab: Lab, host: LabHost, name: str, workload: WorkloadSpec, *, volume: bool = False, netns_of: str | None = None
+) -> Path:
+    """Create and run demo container ``name`` on ``host`` of ``lab``; returns its bundle.
+
+    ``volume``: its state (the heartbeat log it keeps open and appends to,
+    its status and verify files) lives on a host directory bind-mounted at
+    /state, a volume a migration must move (``--volume /state=...``).
+    ``netns_of``: a pod's member, it joins that container's network
+    namespace (its address, its loopback) instead of getting its own.
+    """
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"invalid container name {name!r}")
     if sh("runc", "--root", host.runc_root, "state", name, check=False).returncode == 0:
@@ -102,10 +145,19 @@ def start(lab: Lab, host: LabHost, name: str, workload: WorkloadSpec) -> Path:
         shutil.rmtree(bundle)
     bundle.mkdir(parents=True)
     sh("cp", "-a", str(image_rootfs(lab.layout)), str(bundle / "rootfs"))
-    endpoint = endpoint_spec(lab, name)
-    netif.create(host.network(), name, endpoint, up=True)
-    netif.save_spec(bundle, endpoint)
-    (bundle / "config.json").write_text(json.dumps(_spec(name, host, workload), indent=2))
+    joined = host.network().netns_path(netns_of) if netns_of is not None else None
+    if joined is None:
+        endpoint = endpoint_spec(lab, name)
+        netif.create(host.network(), name, endpoint, up=True)
+        netif.save_spec(bundle, endpoint)
+    elif not joined.exists():
+        shutil.rmtree(bundle)
+        raise ConfigError(f"{netns_of!r} has no network namespace on {host.name} to join")
+    vdir = volume_dir(host, name) if volume else None
+    if vdir is not None:
+        shutil.rmtree(vdir, ignore_errors=True)
+        vdir.mkdir(parents=True)
+    (bundle / "config.json").write_text(json.dumps(_spec(name, host, workload, vdir, joined), indent=2))
     log = Path(host.data_dir) / "logs"
     log.mkdir(parents=True, exist_ok=True)
     with open("/dev/null", "rb") as null_in, open("/dev/null", "wb") as null_out:
@@ -116,10 +168,11 @@ def start(lab: Lab, host: LabHost, name: str, workload: WorkloadSpec) -> Path:
         )
     if res.returncode != 0:
         shutil.rmtree(bundle, ignore_errors=True)
-        netif.delete(host.network(), name)
+        if joined is None:
+            netif.delete(host.network(), name)
         tail = [ln for ln in (log / f"runc-{name}.log").read_text(errors="replace").splitlines() if ln.strip()]
         raise PreconditionError(f"runc run {name} failed: {tail[-1] if tail else f'exit {res.returncode}'}")
-    state = bundle / "rootfs" / "state"
+    state = state_dir(bundle)
     deadline = time.monotonic() + 30  # the first touch of fresh memory is slow here
     while time.monotonic() < deadline:
         if (state / "status.json").exists():
@@ -137,6 +190,9 @@ def remove(host: LabHost, name: str) -> bool:
     if bundle.exists():
         shutil.rmtree(bundle)
         existed = True
+    if volume_dir(host, name).exists():
+        shutil.rmtree(volume_dir(host, name))
+        existed = True
     if host.network().netns_path(name).exists():
         netif.delete(host.network(), name)
         existed = True
@@ -149,24 +205,23 @@ def check(host: LabHost, name: str, timeout: float = 20.0) -> dict[str, Any]:
     if res.returncode != 0:
         return {"host": host.name, "container": name, "running": False, "ok": False, "reason": "no such container"}
     st = json.loads(res.stdout)
-    bundle = Path(st["bundle"])
-    state_dir = bundle / "rootfs" / "state"
+    state = state_dir(Path(st["bundle"]))
     out: dict[str, Any] = {"host": host.name, "container": name, "status": st["status"], "running": st["status"] == "running"}
     if st["status"] != "running":
         return {**out, "ok": False, "reason": f"container is {st['status']}"}
-    before = verify_seq(state_dir)
+    before = verify_seq(state)
     sh("runc", "--root", host.runc_root, "kill", name, str(int(signal.SIGUSR1)))
     deadline = time.monotonic() + timeout
     verify = None
     while time.monotonic() < deadline:
-        verify = read_verify(state_dir)
+        verify = read_verify(state)
         if verify is not None and int(verify.get("seq", 0)) > before:
             break
         time.sleep(0.05)
     else:
         return {**out, "ok": False, "reason": f"workload did not answer the verify request within {timeout:g} s"}
-    hb = analyze_heartbeat(state_dir / "heartbeat.log")
-    status = read_status(state_dir)
+    hb = analyze_heartbeat(state / "heartbeat.log")
+    status = read_status(state)
     problems = []
     if not verify or not verify.get("ok"):
         problems.append(f"memory checksum failed ({verify.get('bad_pages') if verify else '?'} bad pages)")

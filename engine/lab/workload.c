@@ -37,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/shm.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -67,6 +68,10 @@ static uint64_t opt_memory_mib = 64;
 static uint64_t opt_dirty_rate = 0;
 static double opt_hot_set = 1.0;
 static const char *opt_state = "/state";
+/* A file to hold a POSIX write lock on, for as long as the workload runs. */
+static const char *opt_lock;
+/* SysV shared memory to fill, dirty and verify (0: none). */
+static uint64_t opt_sysv_shm_mib = 0;
 static long opt_port = 7000;
 static int64_t opt_interval_ms = 10;
 static uint64_t opt_churn_mib = 0;
@@ -220,6 +225,27 @@ static void write_status(void)
         write_atomic(g_status_path, g_status_tmp, buf, (size_t)n);
 }
 
+/* The SysV segment: its id (the first in a fresh IPC namespace is 0), pages
+ * filled like the anonymous block but from their own seeds, and versions. */
+#define SHM_SEED_BASE (1ULL << 31)
+static int g_shm_id = -1;
+static uint64_t *g_shm;
+static uint64_t g_shm_pages;
+static uint32_t *g_shm_version;
+
+/* Is the segment still there under its id, and does it hold what was written? */
+static int shm_check(uint64_t *bad)
+{
+    struct shmid_ds ds;
+    if (!g_shm_pages)
+        return 1;
+    int same = shmctl(g_shm_id, IPC_STAT, &ds) == 0 && ds.shm_segsz == g_shm_pages * PAGE_BYTES;
+    for (uint64_t j = 0; j < g_shm_pages; j++)
+        if (!page_ok(g_shm + j * PAGE_WORDS, SHM_SEED_BASE + j, g_shm_version[j]))
+            (*bad)++;
+    return same;
+}
+
 static void do_verify(void)
 {
     int64_t t0 = mono_ns();
@@ -239,16 +265,21 @@ static void do_verify(void)
             bad++;
         }
     }
+    uint64_t shm_bad = 0;
+    int shm_same = shm_check(&shm_bad);
+    bad += shm_bad;
     g_verify_seq++;
     char buf[512];
     int n = snprintf(buf, sizeof buf,
                      "{\"seq\":%llu,\"ok\":%s,\"bad_pages\":%llu,\"first_bad_page\":%lld,"
                      "\"pages\":%llu,\"counter\":%llu,\"realtime_ns\":%lld,"
-                     "\"duration_ns\":%lld}\n",
-                     (unsigned long long)g_verify_seq, bad == 0 ? "true" : "false",
+                     "\"duration_ns\":%lld,\"shm_id\":%d,\"shm_pages\":%llu,\"shm_bad_pages\":%llu,"
+                     "\"shm_same\":%s}\n",
+                     (unsigned long long)g_verify_seq, bad == 0 && shm_same ? "true" : "false",
                      (unsigned long long)bad, (long long)first_bad,
                      (unsigned long long)g_pages, (unsigned long long)g_counter,
-                     (long long)real_ns(), (long long)(mono_ns() - t0));
+                     (long long)real_ns(), (long long)(mono_ns() - t0), g_shm_id,
+                     (unsigned long long)g_shm_pages, (unsigned long long)shm_bad, shm_same ? "true" : "false");
     if (n > 0 && (size_t)n < sizeof buf)
         write_atomic(g_verify_path, g_verify_tmp, buf, (size_t)n);
 }
@@ -291,6 +322,11 @@ static void dirty_one(void)
     g_version[i]++;
     fill_page(g_block + i * PAGE_WORDS, i, g_version[i]);
     g_dirtied_total++;
+    if (g_shm_pages && (g_dirtied_total & 3) == 0) { /* every 4th page dirtied is a shared one */
+        uint64_t j = xorshift64s(&g_rng) % g_shm_pages;
+        g_shm_version[j]++;
+        fill_page(g_shm + j * PAGE_WORDS, SHM_SEED_BASE + j, g_shm_version[j]);
+    }
 }
 
 /* Dirtying is paced against a base (time, count) pair: by time t the workload
@@ -618,6 +654,8 @@ static void usage(FILE *f)
             "  --port N            TCP port on 0.0.0.0, 0 disables (default 7000)\n"
             "  --interval-ms N     heartbeat interval (default 10)\n"
             "  --churn-mib MIB     every 200 ms map a new region this big, unmap the last (default 0)\n"
+            "  --sysv-shm MIB      also a SysV shared memory segment, dirtied and verified (default 0)\n"
+            "  --lock FILE         hold a POSIX write lock on FILE (created) while running\n"
             "signals: SIGUSR1 verify memory -> verify.json; SIGTERM/SIGINT exit 0\n");
 }
 
@@ -638,6 +676,8 @@ static void parse_args(int argc, char **argv)
         {"port", required_argument, NULL, 'p'},
         {"interval-ms", required_argument, NULL, 'i'},
         {"churn-mib", required_argument, NULL, 'c'},
+        {"sysv-shm", required_argument, NULL, 'S'},
+        {"lock", required_argument, NULL, 'L'},
         {"help", no_argument, NULL, 'H'},
         {NULL, 0, NULL, 0},
     };
@@ -683,6 +723,16 @@ static void parse_args(int argc, char **argv)
             if (parse_u64(optarg, &v) < 0 || v > 1024)
                 bad_arg("churn-mib", optarg);
             opt_churn_mib = v;
+            break;
+        case 'S':
+            if (parse_u64(optarg, &v) < 0 || v > 4096)
+                bad_arg("sysv-shm", optarg);
+            opt_sysv_shm_mib = v;
+            break;
+        case 'L':
+            if (!*optarg || strlen(optarg) > 4000)
+                bad_arg("lock", optarg);
+            opt_lock = optarg;
             break;
         case 'H':
             usage(stdout);
@@ -774,6 +824,28 @@ int main(int argc, char **argv)
     g_churn_pages = opt_churn_mib * (1024 * 1024 / PAGE_BYTES);
     if (g_churn_pages)
         churn();
+    if (opt_lock) {
+        int lfd = open(opt_lock, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 0};
+        if (lfd < 0 || fcntl(lfd, F_SETLK, &fl) < 0) {
+            fprintf(stderr, "tug-workload: lock %s: %s\n", opt_lock, strerror(errno));
+            return 1;
+        }
+    }
+    if (opt_sysv_shm_mib) {
+        g_shm_pages = opt_sysv_shm_mib * (1024 * 1024 / PAGE_BYTES);
+        g_shm_id = shmget(IPC_PRIVATE, (size_t)g_shm_pages * PAGE_BYTES, IPC_CREAT | 0600);
+        void *p = g_shm_id < 0 ? (void *)-1 : shmat(g_shm_id, NULL, 0);
+        if (p == (void *)-1) {
+            fprintf(stderr, "tug-workload: SysV segment of %llu MiB: %s\n", (unsigned long long)opt_sysv_shm_mib,
+                    strerror(errno));
+            return 1;
+        }
+        g_shm = p;
+        g_shm_version = map_anon((size_t)g_shm_pages * sizeof *g_shm_version);
+        for (uint64_t j = 0; j < g_shm_pages; j++)
+            fill_page(g_shm + j * PAGE_WORDS, SHM_SEED_BASE + j, 0);
+    }
 
     g_started_realtime_ns = real_ns();
     g_rng ^= (uint64_t)g_started_realtime_ns; /* page choice need not be reproducible */

@@ -53,6 +53,9 @@ class Runc:
         self.root = root
         self.binary = binary
         self.log_dir = log_dir
+        #: Containers whose processes hold file locks: their dumps carry them
+        #: (``--file-locks``; CRIU refuses to dump held locks otherwise).
+        self.file_locks: set[str] = set()
 
     def _argv(self, *args: str) -> list[str]:
         return [self.binary, "--root", str(self.root), *args]
@@ -167,6 +170,8 @@ class Runc:
             argv += ["--parent-path", parent_path]
         if lazy_status_fd is not None:
             argv += ["--lazy-pages", "--status-fd", str(lazy_status_fd)]
+        if name in self.file_locks and not pre_dump:
+            argv.append("--file-locks")
         argv.append(name)
         return argv
 
@@ -234,6 +239,7 @@ class Runc:
         work_dir: Path,
         tcp_established: bool = False,
         lazy_pages: bool = False,
+        file_locks: bool = False,
         timeout: float = 300,
     ) -> None:
         """Restore detached. CRIU options runc lacks (e.g. tcp-close) go in a
@@ -248,6 +254,8 @@ class Runc:
             argv.append("--tcp-established")
         if lazy_pages:
             argv.append("--lazy-pages")
+        if file_locks:
+            argv.append("--file-locks")
         argv.append(name)
         try:
             await proc.run(argv, timeout=timeout, stdout_devnull=True)

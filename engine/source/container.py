@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from tug.engine.runtime import network as netif
 from tug.engine.runtime.endpoint import SourceEndpoint
 from tug.engine.runtime.network import EndpointSpec
 from tug.engine.runtime.runc import Runc
+from tug.engine.source.pod import shared_namespaces
+from tug.engine.volumes import Volume, VolumeChoice, classify
 from tug.transports import protocol as p
 from tug.transports.session import Session
 from tug.transports.ssh import AgentProcess, SshTarget, connect_agent
@@ -37,10 +40,16 @@ class SourceContainer:
     config_raw: bytes
     #: The network endpoint tug manages for it (None: no network of tug's).
     endpoint: EndpointSpec | None
+    #: Its host mounts and how each moves.
+    volumes: list[Volume]
 
 
-async def inspect_container(runc: Runc, name: str, host: HostConfig) -> SourceContainer:
-    """A running container tug can move, or a clear error saying why not."""
+async def inspect_container(
+    runc: Runc, name: str, host: HostConfig, choices: Mapping[str, VolumeChoice], *, netns_of: str | None = None
+) -> SourceContainer:
+    """A running container tug can move, or a clear error saying why not
+    (a host mount without a mode in ``choices`` is one: tug.engine.volumes).
+    ``netns_of``: the member of the group whose network namespace it joins (source/pod.py)."""
     st = await runc.require(name)
     if st.status != "running":
         raise ConfigError(f"container {name!r} is {st.status}; only a running container can be migrated")
@@ -49,50 +58,24 @@ async def inspect_container(runc: Runc, name: str, host: HostConfig) -> SourceCo
     root = Path(spec.get("root", {}).get("path", "rootfs"))
     endpoint = netif.load_spec(st.bundle)
     joined = netif.netns_path_in_spec(spec)
-    if endpoint is None and joined:
+    shared = shared_namespaces(name, spec)
+    if shared:
+        raise PreconditionError(
+            f"container {name!r} shares namespaces with another container ({', '.join(shared)}): CRIU treats only "
+            "network namespaces as external, so these would be dumped with each member and restored as copies; "
+            "nothing was changed"
+        )
+    if endpoint is None and joined and netns_of is None:
         raise PreconditionError(
             f"container {name!r} joins network namespace {joined}, which tug does not manage "
             f"(no {netif.SPEC_FILE} in its bundle): its network cannot be recreated on the destination"
         )
     if endpoint is not None and host.network is None:
         raise PreconditionError(f"container {name!r} has a network endpoint but TUG_BRIDGE is not set here")
-    volumes = host_volumes(spec)
-    if volumes:
-        raise PreconditionError(
-            f"container {name!r} mounts host storage ({', '.join(volumes)}): tug moves a container's rootfs "
-            "but not its volumes yet, and the same path on the destination need not hold the same data; "
-            "nothing was changed"
-        )
     return SourceContainer(
         name=name, bundle=st.bundle, rootfs=root if root.is_absolute() else st.bundle / root,
-        config_raw=config_raw, endpoint=endpoint,
+        config_raw=config_raw, endpoint=endpoint, volumes=classify(name, spec, choices),
     )
-
-
-#: Mount types a container gets from the kernel, not from the host's storage.
-KERNEL_FILESYSTEMS = frozenset({
-    "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2", "devtmpfs", "securityfs", "debugfs",
-    "tracefs", "hugetlbfs", "bpf", "pstore",
-})  # fmt: skip
-
-
-def host_volumes(spec: dict[str, Any]) -> list[str]:
-    """The mounts of a runc config that bring host storage in (``source -> destination``).
-
-    Bind mounts (by type or option) and block or network file systems: their
-    data lives outside the rootfs tug moves. Kernel file systems (proc, sysfs,
-    tmpfs, ...) are recreated by the restore and are fine.
-    """
-    out = []
-    for m in spec.get("mounts") or []:
-        if not isinstance(m, dict):
-            continue
-        options = m.get("options") or []
-        kind = m.get("type") or ""
-        if kind in KERNEL_FILESYSTEMS and "bind" not in options and "rbind" not in options:
-            continue
-        out.append(f"{m.get('source', '?')} -> {m.get('destination', '?')}")
-    return out
 
 
 async def open_session(
@@ -167,3 +150,41 @@ async def start_final_page_server(
         if optional:
             raise ForwardingRefusedError(f"{exc} (or migrate with --no-stream-dump)") from None
         raise
+
+
+def held_file_locks(pids: list[int]) -> bool:
+    """Whether any of ``pids`` holds a file lock (POSIX, flock or OFD).
+
+    ``/proc/locks`` names the holder's pid, except for OFD locks (-1): then
+    the processes' fdinfo, which lists the locks on each open file, decides.
+    """
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return False
+    mine = set(pids)
+    unattributed = False
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 1 and fields[1] == "->":
+            continue  # a waiter, not a holder
+        if len(fields) < 5 or not fields[4].lstrip("-").isdigit():
+            continue
+        pid = int(fields[4])
+        if pid in mine:
+            return True
+        unattributed = unattributed or pid == -1
+    if not unattributed:
+        return False
+    for pid in mine:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fdinfo")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if "\nlock:" in Path(f"/proc/{pid}/fdinfo/{fd}").read_text():
+                    return True
+            except OSError:
+                continue
+    return False

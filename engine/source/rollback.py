@@ -98,9 +98,19 @@ def recover_hint(name: str, url: str) -> str:
     return f"tug recover {name} --to {url}"
 
 
-def frozen_message(dest: Destination, name: str, host: str, url: str, detail: Any = None) -> str:
-    """What the user reads when the source stays frozen, and how to finish."""
+def frozen_message(dest: Destination, name: str, host: str, url: str, detail: Any = None, *, held_by_group: bool = False) -> str:
+    """What the user reads when the source stays frozen, and how to finish.
+
+    ``held_by_group``: this member never ran on ``host`` (``dest`` is the
+    group's), but another container of its group may have: it stays frozen
+    with the group rather than split it.
+    """
     cmd = recover_hint(name, url)
+    if held_by_group:
+        return (
+            f"{name!r} did not run on {host}, but another container of its group {'did' if dest is Destination.RAN else 'may have'}; "
+            f"it stays frozen with the group. Run '{cmd}' for each container of the group"
+        )
     if dest is Destination.RAN:
         why = f"{name!r} ran on {host}" + (f" ({detail})" if detail else "")
         return (

@@ -44,6 +44,8 @@ class Tally:
         self,
         *,
         container: str,
+        containers: list[str],
+        volumes: list[dict[str, Any]],
         source: str,
         destination: str,
         strategy: str,
@@ -64,6 +66,8 @@ class Tally:
             downtime = ((self.running_at or now) - self.frozen_at) * 1000
         return MigrationReport(
             container=container,
+            containers=containers,
+            volumes=volumes,
             source=source,
             destination=destination,
             strategy=strategy,

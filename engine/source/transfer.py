@@ -6,6 +6,7 @@ import asyncio
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiofiles
 
@@ -26,6 +27,7 @@ async def send_entries(
     entries: Sequence[rootfs.Entry],
     meter: Meter,
     frozen: bool,
+    volume: int | None = None,
 ) -> int:
     """Stream the files ``entries`` (relative to root); returns payload bytes.
 
@@ -45,7 +47,7 @@ async def send_entries(
       the restore.
     """
     what = "image file" if kind == "images" else f"{kind} file"
-    out = await session.open_stream(kind, {"container": container})
+    out = await session.open_stream(kind, {"container": container} if volume is None else {"container": container, "volume": volume})
     total = 0
     rootfd = await asyncio.to_thread(safefs.open_root, root)
     try:
@@ -105,27 +107,44 @@ def _changed(subject: str, e: rootfs.Entry, now: tuple[int, int] | None) -> Inte
 
 
 async def sync_rootfs(
-    session: Session, *, container: str, root: Path, phase: str, emit: ProgressFn | None, note: NoteFn, frozen: bool
+    session: Session,
+    *,
+    container: str,
+    root: Path,
+    phase: str,
+    emit: ProgressFn | None,
+    note: NoteFn,
+    frozen: bool,
+    volume: int | None = None,
+    only: str | None = None,
 ) -> int:
     """One rootfs pass: the manifest goes over, the agent applies the tree and
     names the files it needs, and those are sent. Returns payload bytes.
     ``frozen``: the container is frozen, so a file that changes is an error
-    (see :func:`send_entries`)."""
-    entries = await asyncio.to_thread(rootfs.scan, root)
+    (see :func:`send_entries`). ``volume``: a copied volume's pass instead
+    (its tree, or with ``only`` a bound file of it; see tug.engine.volumes)."""
+    what = "the rootfs" if volume is None else f"volume {root}"
+    entries = await asyncio.to_thread(rootfs.scan, root, only)
     if len(entries) > rootfs.MAX_ENTRIES:
-        raise ConfigError(f"the rootfs has {len(entries)} entries; tug moves at most {rootfs.MAX_ENTRIES}")
+        raise ConfigError(f"{what} has {len(entries)} entries; tug moves at most {rootfs.MAX_ENTRIES}")
+    if only is not None and [e.path for e in entries] != [only]:
+        raise ConfigError(f"volume {root / only} is no longer a file tug can copy")
+    where: dict[str, Any] = {} if volume is None else {"volume": volume}
     parts = rootfs.manifest_parts(entries)
     for i, part in enumerate(parts):
-        res = await session.call("rootfs_plan", container=container, manifest=part, last=i == len(parts) - 1)
+        res = await session.call("rootfs_plan", container=container, manifest=part, last=i == len(parts) - 1, **where)
     need = res.get("need", [])
     if not isinstance(need, list) or not all(type(i) is int and 0 <= i < len(entries) for i in need):
         raise ProtocolError("the agent's rootfs plan names files that are not in the manifest")
     send = [entries[i] for i in sorted(set(need))]
     if res.get("skipped"):
         examples = ", ".join(str(x) for x in res.get("skipped_examples") or [])
-        note(f"rootfs: {res['skipped']} special files not copied (e.g. {examples})", "warning")
-    meter = Meter(phase, "rootfs", sum(e.size for e in send), emit)
-    return await send_entries(session, kind="rootfs", container=container, root=root, entries=send, meter=meter, frozen=frozen)
+        note(f"{what}: {res['skipped']} special files not copied (e.g. {examples})", "warning")
+    meter = Meter(phase, "rootfs" if volume is None else "volume", sum(e.size for e in send), emit)
+    return await send_entries(
+        session, kind="rootfs" if volume is None else "volume", container=container, root=root, entries=send,
+        meter=meter, frozen=frozen, volume=volume,
+    )
 
 
 async def send_images_except(session: Session, container: str, images: Path, skip: set[str], meter: Meter) -> int:

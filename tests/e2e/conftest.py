@@ -202,6 +202,12 @@ def migrate(src: str, name: str, dest_url: str, *extra: str) -> Result:
     return on(src, "tug", "migrate", name, "--to", dest_url, "--json", *extra)
 
 
+def lazy_wait(report: dict[str, Any]) -> float:
+    """Restored lazily, a container runs before its memory is there: its
+    heartbeat thread may wait on its pages within the fill, which the client sees on top of the downtime."""
+    return float(report["fill_ms"] or 0.0) if report["commit_point"] == "running" else 0.0
+
+
 def wait_for(pred: Any, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

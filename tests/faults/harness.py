@@ -102,6 +102,15 @@ def _on_host(pid: int, host: str) -> bool:
     return _env(pid).get("TUG_HOST") == current().agent_host(host)
 
 
+def _in_this_lab(pid: int) -> bool:
+    """Whether ``pid`` works for any host of this test run's lab instance."""
+    host = _env(pid).get("TUG_HOST")
+    if host is None:
+        return False
+    lay = current()
+    return "." not in host if lay.is_default else host.startswith(f"{lay.instance}.")
+
+
 def _pids() -> list[int]:
     return sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
 
@@ -113,6 +122,21 @@ def find(pred: Callable[[int, list[str]], bool]) -> list[int]:
 def agent_pids(host: str) -> list[int]:
     """The tug agents serving migrations to lab host ``host``."""
     return find(lambda pid, cmd: any("tug.engine.agent" in c for c in cmd) and _on_host(pid, host))
+
+
+def stopped_on(host: str) -> list[int]:
+    """Processes working for lab host ``host`` that a SIGSTOP holds (state T).
+
+    An agent stopped while its SSH session still starts it may have children
+    (the login shell's) that matched as agents when stopped and no longer do.
+    """
+    def stopped(pid: int, cmd: list[str]) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state == "T" and _on_host(pid, host)
+    return find(stopped)
 
 
 def criu_pids(host: str) -> list[int]:
@@ -282,5 +306,6 @@ def cut_link_once_running(lab: Lab, host: str, name: str) -> Watcher:
 
 
 def runc_checkpoints() -> list[int]:
-    """Any ``runc checkpoint`` still running (a lazy dump outlives its phase; none may outlive a migration)."""
-    return find(lambda pid, cmd: bool(cmd) and Path(cmd[0]).name == "runc" and "checkpoint" in cmd)
+    """Any ``runc checkpoint`` of this lab instance still running (a lazy dump
+    outlives its phase; none may outlive a migration)."""
+    return find(lambda pid, cmd: bool(cmd) and Path(cmd[0]).name == "runc" and "checkpoint" in cmd and _in_this_lab(pid))

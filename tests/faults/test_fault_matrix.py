@@ -34,7 +34,16 @@ from pathlib import Path
 import pytest
 
 from ..e2e.conftest import Lab, on, tug
-from .harness import agent_pids, criu_pids, runc_checkpoints, running_copies, signal_all, sshd_sessions_of, start_migrate
+from .harness import (
+    agent_pids,
+    criu_pids,
+    runc_checkpoints,
+    running_copies,
+    signal_all,
+    sshd_sessions_of,
+    start_migrate,
+    stopped_on,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -123,7 +132,7 @@ def test_fault(lab: Lab, victim: str, strategy: str, phase: str, fault: str) -> 
     did, injected = _inject(fault, phase, run.proc.pid) if reached else ("phase never reached", False)
     res = run.finish()
     if fault == "agent-stop":
-        stopped = agent_pids("b")
+        stopped = sorted(set(agent_pids("b")) | set(stopped_on("b")))
         signal_all(stopped, signal.SIGCONT)  # it finds its session gone, keeps what ran, removes the rest
         assert _settled(lambda: not agent_pids("b"), 60), "a resumed agent must end once its session is gone"
     where = f"{fault} in {phase} ({strategy}): {did}\n{res.stderr}"

@@ -356,3 +356,16 @@ def test_throughput() -> None:
     fed = time.perf_counter() - t0
     assert n == 64 << 20
     assert fed < 2.0, f"64 MiB through feed() took {fed:.2f} s"
+
+
+def test_sysv_segment_with_shmid_0_is_a_shmem_pagemap() -> None:
+    """The first SysV segment of a fresh IPC namespace has shmid 0, and CRIU
+    sends its pagemap as shmem id 0: accepted, whole and byte by byte (a
+    task's pagemap id, its pid, is never 0: refused above)."""
+    s = Session()
+    s.open(P, 1).add(P, 1, 0x400000, page(1, 0))
+    s.open(S, 0).add(S, 0, 0, page(3, 0) + page(3, 1))
+    s.close()
+    wire = bytes(s.wire)
+    assert feed_all(PageServerParser(), wire, []) == s.expected
+    assert feed_all(PageServerParser(), wire, list(range(len(wire)))) == s.expected

@@ -100,3 +100,14 @@ def _flip(path: Path, at: int) -> None:
     data = bytearray(path.read_bytes())
     data[at] ^= 0x01
     path.write_bytes(bytes(data))
+
+
+def test_a_sysv_segment_with_shmid_0_is_verified_like_any_other(tmp_path: Path) -> None:
+    """The first SysV segment of an IPC namespace has shmid 0; a task's pid never is 0."""
+    from tug.engine.criu.dumpdigest import _pagemap_path
+    from tug.engine.errors import IntegrityError
+
+    assert _pagemap_path(tmp_path, "shmem:0").name == "pagemap-shmem-0.img"
+    for bad in ("process:0", "shmem:-1", "shmem:x", "shmem:" + "9" * 21, "other:1"):
+        with pytest.raises(IntegrityError):
+            _pagemap_path(tmp_path, bad)

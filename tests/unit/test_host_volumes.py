@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tug.engine.source.container import host_volumes
+from tug.engine.volumes import host_mounts as host_volumes
 
 KERNEL = [
     {"destination": "/proc", "type": "proc", "source": "proc"},

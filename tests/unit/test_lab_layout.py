@@ -189,8 +189,8 @@ def test_every_lab_command_takes_lab() -> None:
     ap = build_parser()
     lab_parser = next(a for a in ap._subparsers._group_actions if isinstance(a, argparse._SubParsersAction)).choices["lab"]  # type: ignore[union-attr]
     commands = next(a for a in lab_parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert {"up", "down", "status", "url", "run", "demo", "rm", "client", "check"} <= set(commands)
-    positional = {"url": ["a"], "run": ["a"], "demo": ["a", "x"], "rm": ["a", "x"], "client": ["x"], "check": ["a", "x"]}
+    assert {"up", "down", "status", "url", "run", "demo", "rm", "client", "check", "pod"} <= set(commands)
+    positional = {"url": ["a"], "run": ["a"], "demo": ["a", "x"], "rm": ["a", "x"], "client": ["x"], "check": ["a", "x"], "pod": ["a", "x"]}
     for cmd in commands:
         args = ap.parse_args(["lab", cmd, "--lab", "ta", *positional.get(cmd, [])])
         assert args.lab == "ta", cmd

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -283,19 +284,48 @@ def test_scan_never_enters_a_symlinked_directory(tmp_path: Path, host: Path) -> 
     assert [(e.path, e.kind) for e in entries] == [("h", LINK), ("root", LINK)]
 
 
-def test_device_nodes_and_fifos_are_skipped_and_never_opened(tmp_path: Path) -> None:
+def test_fifos_are_made_devices_only_where_the_config_allows_none_is_opened(tmp_path: Path) -> None:
+    """A named pipe is made on the destination (a process may hold it open);
+    a device node only if the container's config makes that device anyway;
+    a socket never. None of them is ever opened for real on either side."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     os.mknod(src / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
-    os.mkfifo(src / "fifo")
+    os.mkfifo(src / "fifo", 0o640)
+    os.chown(src / "fifo", 1234, 5678)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(src / "sock"))
+    sock.close()
     p = _sync(src, dst)
-    assert sorted(p.skipped) == ["fifo", "null"] and p.send == []
-    assert list(dst.iterdir()) == []
+    assert sorted(p.skipped) == ["null", "sock"] and p.send == []
+    assert [e.path for e in p.nodes] == ["fifo"]
+    st = os.lstat(dst / "fifo")
+    assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640 and (st.st_uid, st.st_gid) == (1234, 5678)
+    assert sorted(x.name for x in dst.iterdir()) == ["fifo"]
+    allowed = rootfs.config_devices({"linux": {"devices": [{"type": "c", "major": 1, "minor": 3}, {"type": "b", "major": 8}]}})
+    assert allowed == frozenset({("c", 1, 3)})
+    p = rootfs.plan(rootfs.scan(src), rootfs.scan(dst), allowed)
+    rootfs.apply_structure(dst, p)
+    assert [e.path for e in p.nodes] == ["null"] and p.skipped == ["sock"]
+    assert os.lstat(dst / "null").st_rdev == os.makedev(1, 3)
     # A regular file the container turned into a FIFO after the scan: opening it
     # for real would block the source forever; it is refused without opening.
     with safefs.root_fd(src) as rootfd:
         assert safefs.open_regular_for_read(rootfd, "fifo") is None
         assert safefs.open_regular_for_read(rootfd, "null") is None
+
+
+def test_a_node_is_made_in_place_of_a_planted_symlink(tmp_path: Path, host: Path) -> None:
+    """Whatever the destination's tree holds at a node's path (here a symlink
+    to a host file) is removed, never followed."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    os.mkfifo(src / "fifo")
+    os.symlink(host / "secret", dst / "fifo")
+    _sync(src, dst)
+    assert stat.S_ISFIFO(os.lstat(dst / "fifo").st_mode)
+    assert (host / "secret").read_bytes() == SECRET and stat.S_ISREG(os.lstat(host / "secret").st_mode)
 
 
 def test_deep_tree_is_refused_clearly_not_a_crash(tmp_path: Path) -> None:

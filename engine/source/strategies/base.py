@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -101,6 +102,14 @@ class Strategy(abc.ABC):
 
     async def run_rounds(self) -> None:
         """Rounds while the container runs, until the strategy is ready to freeze."""
+
+    @classmethod
+    async def run_rounds_together(cls, group: Sequence[Strategy]) -> None:
+        """The rounds of a group, each member's strategy of this class: by
+        default one after the other (a strategy whose rounds converge on
+        the group's sum overrides this)."""
+        for s in group:
+            await s.run_rounds()
 
     async def prepare_final(self, images_dir: Path) -> None:
         """Before the freeze: whatever the frozen dump needs ready."""

@@ -10,6 +10,7 @@ memory goes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,7 @@ from tug.engine.criu import tool as criu
 from tug.engine.errors import ConfigError, PreconditionError
 from tug.engine.source.context import DumpFn, SourceContext
 from tug.engine.source.strategies.base import Strategy
-from tug.engine.source.trackers.base import Rounds
+from tug.engine.source.trackers.base import Rounds, run_together
 from tug.engine.source.trackers.content import ContentRounds
 from tug.engine.source.trackers.softdirty import PreDump
 from tug.engine.source.trackers.uffd import probe as uffd_probe
@@ -98,6 +99,13 @@ class Precopy(Strategy):
 
     async def run_rounds(self) -> None:
         await self.rounds.run()
+
+    @classmethod
+    async def run_rounds_together(cls, group: Sequence[Strategy]) -> None:
+        """One convergence policy over the group's sum (trackers/base.py)."""
+        members = [s for s in group if isinstance(s, Precopy)]
+        assert len(members) == len(group) and members, "one strategy class per group"
+        await run_together([s.rounds for s in members], members[0].policy)
 
     async def prepare_final(self, images_dir: Path) -> None:
         await self.rounds.prepare_final(images_dir)

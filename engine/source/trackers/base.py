@@ -15,6 +15,8 @@ without soft-dirty) and :mod:`.softdirty` (CRIU's own pre-dumps). The
 from __future__ import annotations
 
 import abc
+import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 
 from tug.engine.errors import AbortedByPolicy
@@ -86,29 +88,63 @@ class Rounds(abc.ABC):
 
     async def run(self) -> None:
         """Rounds until the policy says final (or abort)."""
-        index = 0
-        while True:
-            stats = await self.round(index)
-            self.history.append(stats)
-            decision = self.policy.decide(self.history)
-            if decision.action is Action.CONTINUE and index + 1 >= SAFETY_MAX_ROUNDS:
-                self.ctx.note(f"policy still says continue after {index + 1} rounds; going final (safety cap)", "warning")
-                decision = Decision(action=Action.FINAL, reason=f"safety cap of {SAFETY_MAX_ROUNDS} rounds")
-            ev = RoundCompleted(
-                index=stats.index,
-                duration_ms=stats.duration_s * 1000,
-                pages_scanned=stats.pages_scanned,
-                dirty_pages=stats.dirty_pages,
-                pages_sent=stats.pages_sent,
-                bytes=stats.bytes_sent,
-                bandwidth_bps=stats.bandwidth_bps,
-                dirty_rate_pps=stats.dirty_rate_pps,
-                decision=f"{decision.action.name.lower()}: {decision.reason}",
-            )
-            self.events.append(ev)
-            self.ctx.emit(ev)
-            if decision.action is Action.FINAL:
-                return
-            if decision.action is Action.ABORT:
-                raise AbortedByPolicy(f"pre-copy will not converge: {decision.reason}")
-            index += 1
+        await run_together([self], self.policy)
+
+
+def combine(index: int, parts: Sequence[RoundStats]) -> RoundStats:
+    """One round of a group, its members' rounds run side by side: counts add
+    up, the round lasts as long as its slowest member, and the link and the
+    workload's dirtying are shared, so their rates add up too."""
+    if len(parts) == 1:
+        return parts[0]
+    return RoundStats(
+        index=index,
+        duration_s=max(p.duration_s for p in parts),
+        pages_scanned=sum(p.pages_scanned for p in parts),
+        dirty_pages=sum(p.dirty_pages for p in parts),
+        pages_sent=sum(p.pages_sent for p in parts),
+        pages_skipped=sum(p.pages_skipped for p in parts),
+        bytes_sent=sum(p.bytes_sent for p in parts),
+        bandwidth_bps=sum(p.bandwidth_bps for p in parts),
+        dirty_rate_pps=sum(p.dirty_rate_pps for p in parts),
+    )
+
+
+async def run_together(members: Sequence[Rounds], policy: ConvergencePolicy) -> None:
+    """The pre-copy loop over a group: every member's round runs side by side,
+    and one convergence policy decides on their sum (a group is frozen as one,
+    so it converges as one). Each member keeps its own history; the group's
+    rounds are reported once, through the first member."""
+    lead = members[0]
+    history: list[RoundStats] = []
+    index = 0
+    while True:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(m.round(index)) for m in members]
+        parts = [t.result() for t in tasks]
+        for m, part in zip(members, parts, strict=True):
+            m.history.append(part)
+        stats = combine(index, parts)
+        history.append(stats)
+        decision = policy.decide(history)
+        if decision.action is Action.CONTINUE and index + 1 >= SAFETY_MAX_ROUNDS:
+            lead.ctx.note(f"policy still says continue after {index + 1} rounds; going final (safety cap)", "warning")
+            decision = Decision(action=Action.FINAL, reason=f"safety cap of {SAFETY_MAX_ROUNDS} rounds")
+        ev = RoundCompleted(
+            index=stats.index,
+            duration_ms=stats.duration_s * 1000,
+            pages_scanned=stats.pages_scanned,
+            dirty_pages=stats.dirty_pages,
+            pages_sent=stats.pages_sent,
+            bytes=stats.bytes_sent,
+            bandwidth_bps=stats.bandwidth_bps,
+            dirty_rate_pps=stats.dirty_rate_pps,
+            decision=f"{decision.action.name.lower()}: {decision.reason}",
+        )
+        lead.events.append(ev)
+        lead.ctx.emit(ev)
+        if decision.action is Action.FINAL:
+            return
+        if decision.action is Action.ABORT:
+            raise AbortedByPolicy(f"pre-copy will not converge: {decision.reason}")
+        index += 1

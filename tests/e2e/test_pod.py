@@ -1,0 +1,102 @@
+"""Pods: containers sharing a network namespace move together, once, or not at all.
+
+``tug lab pod a P --members 2`` starts P (a demo container holding the pod's
+network namespace: its address, its endpoint) and P-m1, P-m2 (demo
+containers joining that namespace by path, each on its own port).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from .conftest import Lab, lazy_wait, on, tug
+
+_pods = itertools.count(1)
+
+
+@pytest.fixture
+def pod(lab: Lab) -> Iterator[list[str]]:
+    name = f"p{os.getpid()}-{next(_pods)}"
+    members = [name, f"{name}-m1", f"{name}-m2"]
+    try:
+        tug("lab", "pod", "a", name, "--members", "2", check=True)
+        yield members
+    finally:
+        for n in reversed(members):
+            lab.remove(n)
+
+
+def run(src: str, *argv: str) -> tuple[int, dict[str, Any], str]:
+    res = on(src, "tug", "migrate", *argv, "--json")
+    return res.returncode, json.loads(res.stdout) if res.stdout.strip() else {}, res.stderr
+
+
+def test_splitting_a_pod_is_refused_before_anything_changes(lab: Lab, pod: list[str]) -> None:
+    holder, m1, _ = pod
+    rc, report, err = run("a", holder, "--to", lab.url("b"))
+    assert rc == 1 and report["outcome"] == "aborted", err
+    assert f"'{m1}'" in err and "--pod" in err and "nothing was changed" in err
+    rc, report, err = run("a", m1, "--to", lab.url("b"))
+    assert rc == 1 and report["outcome"] == "aborted", err
+    assert f"network namespace of {holder!r}" in err
+    for n in pod:
+        assert lab.check("a", n)["ok"]
+        assert lab.state("b", n) is None and lab.leftovers("b", n) == []
+
+
+@pytest.mark.parametrize("back", ["stop-copy", "postcopy", "precopy"])
+def test_pod_moves_whole_and_back(lab: Lab, pod: list[str], back: str) -> None:
+    holder = pod[0]
+    before = {n: lab.check("a", n) for n in pod}
+    assert all(c["ok"] for c in before.values()), before
+    address = lab.address(holder)
+
+    rc, report, err = run("a", holder, "--pod", "--to", lab.url("b"))
+    assert rc == 0, err
+    assert report["outcome"] == "migrated"
+    # The holder first: its namespace exists before the members join it.
+    assert report["containers"] == pod
+    for n in pod:
+        lab.check_moved_intact("b", n, before[n], report["downtime_ms"], fault_wait_ms=lazy_wait(report))
+        assert lab.state("a", n) is None and lab.leftovers("a", n) == []
+    # One namespace on b, with the pod's address; every member is in it.
+    assert lab.address(holder) == address
+    holder_ns = os.stat(f"/proc/{lab.state('b', holder)['pid']}/ns/net").st_ino  # type: ignore[index]
+    for n in pod[1:]:
+        assert os.stat(f"/proc/{lab.state('b', n)['pid']}/ns/net").st_ino == holder_ns  # type: ignore[index]
+        assert not lab.netns("b", n).exists()
+
+    mid = {n: lab.check("b", n) for n in pod}
+    extra = ["--policy", "max-iter=3"] if back == "precopy" else []
+    rc, report, err = run("b", holder, "--pod", "--to", lab.url("a"), "--strategy", back, *extra)
+    assert rc == 0, err
+    if back == "precopy":
+        # The pod's rounds ran side by side and converged as one: one round
+        # report per round, counting every member's pages.
+        assert 1 <= len(report["rounds"]) <= 3
+        assert report["rounds"][0]["pages_scanned"] >= 3 * (16 << 20) // 4096
+    fault_wait = lazy_wait(report)
+    for n in pod:
+        lab.check_moved_intact("a", n, mid[n], report["downtime_ms"], fault_wait_ms=fault_wait)
+        assert lab.leftovers("b", n) == []
+
+
+def test_a_shared_ipc_namespace_is_refused(lab: Lab, demo: str) -> None:
+    """CRIU can treat only network (and PID) namespaces as external: a
+    container joining another's IPC namespace is refused, nothing changes."""
+    cfg_path = lab.bundle("a", demo) / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["linux"]["namespaces"] = [ns for ns in cfg["linux"]["namespaces"] if ns["type"] != "ipc"]
+    cfg["linux"]["namespaces"].append({"type": "ipc", "path": "/proc/1/ns/ipc"})  # as its admin would have started it
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    rc, report, err = run("a", demo, "--to", lab.url("b"))
+    assert rc == 1 and report["outcome"] == "aborted", err
+    assert "shares namespaces" in err and "ipc (/proc/1/ns/ipc)" in err
+    assert lab.check("a", demo)["ok"]
+    assert lab.state("b", demo) is None and lab.leftovers("b", demo) == []
