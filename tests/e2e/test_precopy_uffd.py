@@ -41,7 +41,7 @@ def uffd_rounds(notes: list[str]) -> list[tuple[int, int]]:
     """(pages from the uffd scans, pages compared by content) of each round's note."""
     out = []
     for n in notes:
-        m = re.match(r"round \d+ \(uffd\): (\d+) pages written \(uffd scan\); (\d+) compared by content", n)
+        m = re.match(r"round \d+ \(uffd\) of [^:]+: (\d+) pages written \(uffd scan\); (\d+) compared by content", n)
         if m:
             out.append((int(m.group(1)), int(m.group(2))))
     return out
@@ -67,7 +67,7 @@ def test_uffd_precopy_there_and_back(lab: Lab, dirty_demo: str) -> None:
             # Only file-backed private mappings (the binary's .data) are compared by content.
             assert all(content < uffd // 100 for uffd, content in rounds[:1]), rounds
             assert report["frozen_bytes"] < 0.10 * report["bytes_total"]
-            assert any(n.startswith("final uffd scan in ") for n in report["notes"])
+            assert any(n.startswith(f"final uffd scan of {name} in ") for n in report["notes"])
             assert not [n for n in report["notes"] if "compared by content instead" in n]
             worst_downtime = max(worst_downtime, report["downtime_ms"])
             lab.check_moved_intact(dst, name, before, worst_downtime)

@@ -459,7 +459,7 @@ def test_rounds_fall_back_to_content_with_a_note(target: Target) -> None:
         src = rounds.history_sources[1]
         assert src.uffd_written >= 3 and src.fallback["process not attached"] == 0
         assert stats.dirty_pages == src.uffd_written + src.content_changed
-        assert "round 1 (uffd): " in rounds.ctx.notes[-1]
+        assert "round 1 (uffd) of c: " in rounds.ctx.notes[-1]
     finally:
         rounds.close()
     assert not any(" uw" in f for f in smaps_flags(target.pid)), "close() unregistered everything"

@@ -61,7 +61,7 @@ class UffdRounds(ContentRounds):
         self.sources = Sources()
         stats = await super().round(index)
         self.history_sources.append(self.sources)
-        self.ctx.note(f"round {index} (uffd): {self.sources.line()}")
+        self.ctx.note(f"round {index} (uffd) of {self.ctx.name}: {self.sources.line()}")
         return stats
 
     async def _attach(self, pid: int) -> Process | None:
@@ -209,7 +209,7 @@ class UffdRounds(ContentRounds):
 
         await asyncio.to_thread(freeze)
         self.ctx.timings["uffd_final_scan_ms"] = (time.monotonic() - t0) * 1000
-        self.ctx.note(f"final uffd scan in {(time.monotonic() - t0) * 1000:.1f} ms: {sources.line()}")
+        self.ctx.note(f"final uffd scan of {self.ctx.name} in {(time.monotonic() - t0) * 1000:.1f} ms: {sources.line()}")
         await super().final_dump(dump, page_server)
 
     def close(self) -> None:
