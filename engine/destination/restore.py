@@ -18,6 +18,7 @@ from typing import Any
 
 from tug.engine.criu.stats import criu_restore_steps
 from tug.engine.criu.uncork import peer_is_criu
+from tug.engine.destination.hybridserver import HybridPageServer
 from tug.engine.destination.incoming import (
     INCOMING_MARKER,
     AgentState,
@@ -45,6 +46,7 @@ class RestoreCalls(AgentState):
         frames: list[bytes] | None = None,
         lazy: bool = False,
         lazy_source_port: int | None = None,
+        hybrid_ports: list[int] | None = None,
     ) -> dict[str, Any]:
         """Restore; ``frames`` were held by the source's network lock, to be
         delivered once the restored sockets exist (see runtime.netlock).
@@ -59,7 +61,7 @@ class RestoreCalls(AgentState):
         inc.check_received()
         inc.restoring = asyncio.current_task()
         try:
-            return await self._restore(inc, tcp_close, rebuild_pages, frames, lazy, lazy_source_port)
+            return await self._restore(inc, tcp_close, rebuild_pages, frames, lazy, lazy_source_port, hybrid_ports)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -78,13 +80,15 @@ class RestoreCalls(AgentState):
 
     async def _restore(
         self, inc: Incoming, tcp_close: bool, rebuild_pages: bool, frames: list[bytes] | None, lazy: bool,
-        lazy_source_port: int | None,
+        lazy_source_port: int | None, hybrid_ports: list[int] | None,
     ) -> dict[str, Any]:
         container = inc.name
         if tcp_close:
             self._criu_config(inc, ["tcp-close"])
         if lazy_source_port is not None and (not lazy or rebuild_pages or not 0 < lazy_source_port < 65536):
             raise ProtocolError(f"a post-copy restore of {container!r} is lazy and needs no page store")
+        if hybrid_ports is not None:
+            lazy_source_port = await self._hybrid_server(inc, lazy, rebuild_pages, lazy_source_port, hybrid_ports)
         if rebuild_pages:
             if inc.store is None:
                 raise ProtocolError("asked to rebuild pages images, but no pages were received")
@@ -130,6 +134,18 @@ class RestoreCalls(AgentState):
         st = await self.runc.require(container)
         return {"pid": st.pid, "status": st.status, "restore_ms": (time.monotonic() - t0) * 1000, **steps, **inc.stats}
 
+    async def _hybrid_server(
+        self, inc: Incoming, lazy: bool, rebuild_pages: bool, lazy_source_port: int | None, ports: list[int]
+    ) -> int:
+        """Hybrid: the daemon asks the agent's page server, which asks the frozen source (hybridserver.py)."""
+        if (
+            not lazy or rebuild_pages or lazy_source_port is not None or inc.store is None
+            or len(ports) != 2 or not all(isinstance(p, int) and 0 < p < 65536 for p in ports)
+        ):
+            raise ProtocolError(f"a hybrid restore of {inc.name!r} is lazy, from its page store, through two source ports")
+        inc.store_server = server = HybridPageServer(inc.store, inc.name, ports[0], ports[1])
+        return await server.start()
+
     def _criu_config(self, inc: Incoming, options: list[str]) -> None:
         """Point runc at a CRIU config file for this restore (org.criu.config)."""
         conf = inc.work / "criu-restore.conf"
@@ -171,6 +187,10 @@ class RestoreCalls(AgentState):
         root's CRIU (our lazy-pages daemon) is admitted.
         """
         inc = self._get(container)
+        if isinstance(inc.store_server, HybridPageServer):
+            # Hybrid: only the agent's own two connections to the frozen source.
+            own = await inc.store_server.is_own(peer_port)
+            return {"refused": None if own else "not the agent's own connection to the frozen source"}
         if inc.lazy is None or not inc.lazy.remote:
             return {"refused": f"no post-copy restore of {container!r} is waiting for its memory"}
         why = await asyncio.to_thread(peer_is_criu, (LOOPBACK, port), (LOOPBACK, peer_port))

@@ -88,8 +88,12 @@ class StorePageServer:
                     writer.write(goodbye_answer())
                     await writer.drain()
                     return
-                writer.write(self._answer(ev))
+                writer.write(await self._reply(ev))
             await writer.drain()
+
+    async def _reply(self, get: Get) -> bytes:
+        """The answer to one request (the hybrid server may first ask the source)."""
+        return self._answer(get)
 
     def _answer(self, get: Get) -> bytes:
         run = self.store.run_at(get.pid, get.vaddr // PAGE, get.nr_pages)

@@ -36,6 +36,7 @@ from tug.engine.criu.tool import DUMP_STOP, error_lines_from_text, log_error_lin
 from tug.engine.errors import CriuError
 from tug.engine.runtime.network import connect_in_netns
 from tug.engine.runtime.runc import Runc
+from tug.transports.criu_pageserver import HEADER, PS_IOV_CLOSE
 
 #: Where CRIU listens inside the dump's private network namespace (nothing else lives there).
 LAZY_PORT = 27182
@@ -99,6 +100,28 @@ class LazyDump:
     async def connect(self) -> socket.socket:
         """A socket connected to CRIU's lazy server (for the reverse forward)."""
         return await asyncio.to_thread(connect_in_netns, self.netns, LAZY_PORT)
+
+    async def goodbye(self, timeout: float = 10.0) -> None:
+        """Tell CRIU's lazy server that every page is in place, as the lazy-pages daemon would.
+
+        For a fill CRIU did not serve (hybrid: tug read the frozen memory
+        itself): ``PS_IOV_CLOSE`` on a connection of our own, its status
+        read, then our close; CRIU then ends its dump (see :meth:`finish`).
+        """
+        sock = await self.connect()
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.sock_sendall(sock, HEADER.pack(PS_IOV_CLOSE, 0, 0, 0))
+                status = b""
+                while len(status) < 4 and (got := await loop.sock_recv(sock, 4 - len(status))):
+                    status += got
+        except TimeoutError:
+            raise self._failure(f"did not answer the end of the fill within {timeout:g} s") from None
+        finally:
+            sock.close()
+        if status != b"\0\0\0\0":
+            raise self._failure(f"answered the end of the fill with {status.hex() or 'nothing'}")
 
     async def finish(self, timeout: float) -> None:
         """The destination has every page: CRIU ends on its own (raises CriuError if it fails)."""

@@ -350,6 +350,11 @@ class Migration(FailureHandling):
         # landed; a dump that keeps serving (post-copy) answered every one of them.
         if isinstance(settled.get("faults"), int) and self.strategy.dump_keeps_serving:
             fill["remote_faults"] = settled["faults"]
+        # A page server that serves from a store and asks the source only for
+        # some pages (hybrid) counts which faults went to the source itself.
+        for key in ("remote_faults", "store_pages", "source_pages"):
+            if isinstance(settled.get(key), int) and self.strategy.dump_keeps_serving:
+                fill[key] = settled[key]
         lat = settled.get("fault_latency_ms")
         if isinstance(lat, dict) and all(isinstance(v, (int, float)) for v in lat.values()):
             fill["fault_latency_ms"] = {str(k): float(v) for k, v in lat.items()}
