@@ -1,0 +1,165 @@
+"""The hybrid fill end to end without CRIU: the agent's page server, the source's frozen-memory service.
+
+Real sockets, a real PageStore on tmpfs, the real content tracker; only the
+frozen processes are played by a dict of pages. The client speaks the
+lazy-pages daemon's side of CRIU's protocol. Whatever the order in which the
+sweep and the requests meet, every page served must be the frozen one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import pytest
+
+from tug.engine.destination.hybridserver import HybridPageServer
+from tug.engine.destination.pagestore import PAGE, PageStore
+from tug.engine.source.frozenserver import FrozenMemory, FrozenServer
+from tug.engine.source.trackers.shadow import ContentTracker
+from tug.transports.criu_lazy import LazyWatch
+from tug.transports.criu_pageserver import HEADER, PS_IOV_CLOSE, PS_IOV_GET
+
+PID = 9
+
+
+def page(vaddr: int, gen: int = 0) -> bytes:
+    return (vaddr + gen).to_bytes(8, "little") * (PAGE // 8)
+
+
+class FakeFrozen(FrozenMemory):
+    """Frozen processes as pid -> vaddr -> page (what /proc/PID/mem would read)."""
+
+    def __init__(self, pages: dict[int, dict[int, bytes]]) -> None:
+        self.pages = pages
+        self.procs = dict.fromkeys(pages)  # type: ignore[arg-type]
+        self.regions = {}
+
+    def read(self, pid: int, vaddr: int, npages: int) -> bytes | None:
+        got = [self.pages.get(pid, {}).get(vaddr + k * PAGE) for k in range(npages)]
+        return None if any(p is None for p in got) else b"".join(p for p in got if p is not None)
+
+    def sweep_runs(self, pid: int) -> list[tuple[int, int]]:
+        addrs = sorted(self.pages[pid])
+        runs: list[tuple[int, int]] = []
+        for a in addrs:
+            if runs and runs[-1][0] + runs[-1][1] * PAGE == a and runs[-1][1] < 4:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((a, 1))
+        return sorted(runs, reverse=True)
+
+    def close(self) -> None:
+        pass
+
+
+SENT = {0x10000 + k * PAGE: page(0x10000 + k * PAGE) for k in range(16)}
+# Frozen: one page rewritten after the last round, one page new since.
+FROZEN = {**SENT, 0x13000: page(0x13000, 1), 0x20000: page(0x20000, 2)}
+
+
+async def _serve(handler, port_box: list[int]) -> asyncio.Server:  # type: ignore[no-untyped-def]
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port_box.append(server.sockets[0].getsockname()[1])
+    return server
+
+
+async def _daemon(port: int, asks: list[tuple[int, int, int]]) -> dict[tuple[int, int], bytes]:
+    """Plays the lazy-pages daemon: asks each range until it has every page; returns what it got."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    watch = LazyWatch()
+    got: dict[tuple[int, int], bytes] = {}
+    try:
+        for pid, vaddr, n in asks:
+            while n:
+                req = HEADER.pack(PS_IOV_GET, n, vaddr, pid)
+                watch.requests(req, 0.0)
+                writer.write(req)
+                hdr = await reader.readexactly(HEADER.size)
+                body = await reader.readexactly(HEADER.unpack(hdr)[1] * PAGE)
+                (served,) = watch.answers(hdr + body, 0.0)
+                for k in range(served.pages):
+                    got[(pid, vaddr + k * PAGE)] = body[k * PAGE : (k + 1) * PAGE]
+                n -= served.pages
+                vaddr += served.pages * PAGE
+        writer.write(HEADER.pack(PS_IOV_CLOSE, 0, 0, 0))
+        assert await reader.readexactly(4) == b"\0\0\0\0"
+    finally:
+        writer.close()
+    return got
+
+
+async def _hybrid(tmp_path: Path, asks: list[tuple[int, int, int]], *, sweep_first: bool = False):  # type: ignore[no-untyped-def]
+    store = PageStore(tmp_path / "store")
+    tracker = ContentTracker()
+    for vaddr, data in SENT.items():
+        store.write(PID, vaddr, data)
+        tracker.diff(PID, vaddr, data)
+    source = FrozenServer(FakeFrozen({PID: dict(FROZEN)}), tracker)
+    if sweep_first:
+        source.running.set()
+    ports: list[int] = []
+    servers = [await _serve(source.serve_faults, ports), await _serve(source.sweep, ports)]
+    hyb = HybridPageServer(store, "c", ports[0], ports[1])
+    hyb.admit = lambda ours, peer: None
+    try:
+        port = await hyb.start()
+        if sweep_first:
+            async with asyncio.timeout(10):
+                while not hyb.sweep_done:
+                    await asyncio.sleep(0.01)
+        got = await _daemon(port, asks)
+        return got, hyb, source
+    finally:
+        await hyb.close()
+        for s in servers:
+            s.close()
+        store.close()
+
+
+@pytest.mark.parametrize("sweep_first", [False, True])
+def test_every_page_served_is_the_frozen_one(tmp_path: Path, sweep_first: bool) -> None:
+    asks = [(PID, 0x13000, 1), (PID, 0x10000, 16), (PID, 0x20000, 1)]
+    got, hyb, source = asyncio.run(_hybrid(tmp_path, asks, sweep_first=sweep_first))
+    for (pid, vaddr), data in got.items():
+        assert data == FROZEN[vaddr], hex(vaddr)
+    assert len(got) == 17
+    st = hyb.stats()
+    assert st["store_pages"] + st["source_pages"] == 17 + 1  # page 0x13000 was asked twice
+    assert st["source_pages"] >= 3  # 0x13000 (twice: a fault, then in the range) and 0x20000
+    assert hyb.error is None
+    # Only the changed pages' bytes crossed: the source sent no page twice on one channel.
+    assert source.stats.pages_sent <= 2 + 2
+
+
+def test_a_page_the_source_lacks_ends_serving_never_a_wrong_page(tmp_path: Path) -> None:
+    with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
+        asyncio.run(_hybrid(tmp_path, [(PID, 0x30000, 1)]))
+
+
+def test_an_unknown_pid_ends_serving(tmp_path: Path) -> None:
+    with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
+        asyncio.run(_hybrid(tmp_path, [(PID + 1, 0x10000, 1)]))
+
+
+def test_the_agents_own_connections_are_recognised(tmp_path: Path) -> None:
+    async def run() -> tuple[bool, bool]:
+        store = PageStore(tmp_path / "store")
+        tracker = ContentTracker()
+        source = FrozenServer(FakeFrozen({PID: dict(FROZEN)}), tracker)
+        ports: list[int] = []
+        servers = [await _serve(source.serve_faults, ports), await _serve(source.sweep, ports)]
+        hyb = HybridPageServer(store, "c", ports[0], ports[1])
+        try:
+            await hyb.start()
+            other = socket.create_connection(("127.0.0.1", ports[0]))
+            mine = next(iter(hyb.own_ports))
+            return await hyb.is_own(mine), await hyb.is_own(other.getsockname()[1])
+        finally:
+            await hyb.close()
+            for s in servers:
+                s.close()
+            store.close()
+
+    assert asyncio.run(run()) == (True, False)
