@@ -14,6 +14,11 @@ service (``engine/source/frozenserver.py``) talk over two connections:
   content) records that covers exactly the asked range from its start, in
   ascending order, or ``FAIL`` for the rest of it (no such page: the
   migration fails, never a wrong page).
+  Last comes ``END`` (the destination's daemon has every page): the source
+  ends its lazy dump as CRIU supports (which re-freezes the processes) and
+  answers ``ENDED``; only then does the daemon hear that its goodbye was
+  taken, so a source lost before that fails the fill (module
+  ``engine/destination/hybridserver.py``).
 * the **sweep channel**: the source pushes, unasked, ``PAGES`` for every page
   that changed and ``SAME`` for unchanged ranges, then ``DONE``; the
   destination returns ``ACK`` (bytes consumed) so that at most a window of
@@ -44,6 +49,8 @@ SAME: Final = 3
 DONE: Final = 4
 ACK: Final = 5
 FAIL: Final = 6
+END: Final = 7
+ENDED: Final = 8
 
 #: Largest range in one record (4 MiB: CRIU's largest background request).
 MAX_PAGES: Final = 1024
@@ -100,7 +107,21 @@ class Ack:
     bytes: int
 
 
-Record: TypeAlias = Get | Pages | Same | Fail | Done | Ack
+@dataclass(frozen=True, slots=True)
+class End:
+    """The destination holds every page: end the lazy dump (after every earlier GET)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """The source's answer to END: ``ok`` when its dump ended as CRIU supports."""
+
+    ok: bool
+
+
+Record: TypeAlias = Get | Pages | Same | Fail | Done | Ack | End | Ended
+#: Records without a page range: (kind, what its nr_pages field may hold).
+_BARE: Final = {DONE: "nothing", ACK: "a byte count", END: "nothing", ENDED: "a status"}
 #: A record that says something about a range of pages.
 Ranged: TypeAlias = Pages | Same | Fail
 
@@ -117,8 +138,14 @@ def _check_range(pid: int, vaddr: int, nr_pages: int) -> str | None:
 
 def encode(rec: Record) -> bytes:
     """The bytes of one record (ranges are checked: a bug here must not reach the wire)."""
-    if isinstance(rec, (Done, Ack)):
-        return HEADER.pack(DONE, 0, 0, 0) if isinstance(rec, Done) else HEADER.pack(ACK, 0, 0, rec.bytes)
+    if isinstance(rec, Done):
+        return HEADER.pack(DONE, 0, 0, 0)
+    if isinstance(rec, Ack):
+        return HEADER.pack(ACK, 0, 0, rec.bytes)
+    if isinstance(rec, End):
+        return HEADER.pack(END, 0, 0, 0)
+    if isinstance(rec, Ended):
+        return HEADER.pack(ENDED, 0, 0, 0 if rec.ok else 1)
     why = _check_range(rec.pid, rec.vaddr, rec.nr_pages)
     if why is not None:
         raise ValueError(why)
@@ -140,11 +167,11 @@ class Parser:
 
     @classmethod
     def at_source(cls) -> Parser:
-        return cls(frozenset({GET, ACK}))
+        return cls(frozenset({GET, ACK, END}))
 
     @classmethod
     def at_destination(cls) -> Parser:
-        return cls(frozenset({PAGES, SAME, FAIL, DONE}))
+        return cls(frozenset({PAGES, SAME, FAIL, DONE, ENDED}))
 
     def _die(self, why: str) -> HybridWireError:
         self._dead = why
@@ -163,10 +190,10 @@ class Parser:
                 raise self._die("non-zero padding in a record header")
             if kind not in self.accept:
                 raise self._die(f"unexpected record kind {kind}")
-            if kind in (DONE, ACK):
-                if pid or vaddr or (kind == DONE and n):
-                    raise self._die(f"record kind {kind} with a range")
-                out.append(Done() if kind == DONE else Ack(n))
+            if kind in _BARE:
+                if pid or vaddr or (kind in (DONE, END) and n) or (kind == ENDED and n > 1):
+                    raise self._die(f"record kind {kind} carries a range or a bad value")
+                out.append(Done() if kind == DONE else Ack(n) if kind == ACK else End() if kind == END else Ended(n == 0))
                 pos += HEADER.size
                 continue
             why = _check_range(pid, vaddr, n)
@@ -203,7 +230,7 @@ class Answers:
     """
 
     def __init__(self) -> None:
-        self._open: collections.deque[Get] = collections.deque()
+        self._open: collections.deque[Get | End] = collections.deque()
         self._next = 0  # vaddr the head request's next record must start at
         self._parts: list[Ranged] = []
 
@@ -211,19 +238,28 @@ class Answers:
     def outstanding(self) -> int:
         return len(self._open)
 
-    def ask(self, get: Get) -> bytes:
+    def ask(self, get: Get | End) -> bytes:
+        """Record a request (a GET, or the END that follows the last one); its bytes."""
         data = encode(get)
-        if not self._open:
+        if not self._open and isinstance(get, Get):
             self._next = get.vaddr
         self._open.append(get)
         return data
 
-    def take(self, rec: Record) -> Answer | None:
+    def take(self, rec: Record) -> Answer | Ended | None:
+        """An arriving record: the Answer it completes, the Ended that answers END, or None."""
+        if not self._open:
+            raise HybridWireError(f"an answer nobody asked for: {rec}")
+        head = self._open[0]
+        if isinstance(head, End) or isinstance(rec, Ended):
+            if not (isinstance(head, End) and isinstance(rec, Ended)):
+                raise HybridWireError(f"{type(rec).__name__} does not answer the oldest request, {type(head).__name__}")
+            self._open.popleft()
+            self._set_next()
+            return rec
         if not isinstance(rec, (Pages, Same, Fail)):
             raise HybridWireError(f"{type(rec).__name__} on the fault channel")
-        if not self._open:
-            raise HybridWireError(f"an answer nobody asked for: {rec.nr_pages} pages at {rec.vaddr:#x}")
-        head = self._open[0]
+        assert isinstance(head, Get)
         end = head.vaddr + head.nr_pages * PAGE
         if rec.pid != head.pid or rec.vaddr != self._next or rec.vaddr + rec.nr_pages * PAGE > end:
             raise HybridWireError(
@@ -236,9 +272,12 @@ class Answers:
             return None
         self._open.popleft()
         parts, self._parts = tuple(self._parts), []
-        if self._open:
-            self._next = self._open[0].vaddr
+        self._set_next()
         return Answer(head, parts)
+
+    def _set_next(self) -> None:
+        if self._open and isinstance(self._open[0], Get):
+            self._next = self._open[0].vaddr
 
 
 def cover(pid: int, vaddr: int, nr_pages: int, changed: list[tuple[int, bytes]]) -> list[Pages | Same]:

@@ -56,6 +56,8 @@ class HybridPageServer(StorePageServer):
         #: pid -> pages whose bytes came from the source after the freeze.
         self.fetched: dict[int, set[int]] = {}
         self.sweep_done = False
+        #: The source ended its lazy dump (END answered): the fill is complete on both sides.
+        self.source_ended = False
         self.store_pages = 0
         self.source_pages = 0
         self.remote_faults = 0
@@ -63,7 +65,7 @@ class HybridPageServer(StorePageServer):
         self.source_bytes = 0
         self._fault_latency: list[float] = []
         self._answers = w.Answers()
-        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waiting: collections.deque[asyncio.Future[w.Answer | w.Ended]] = collections.deque()
         self._fault_writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._writers: list[asyncio.StreamWriter] = []
@@ -134,29 +136,49 @@ class HybridPageServer(StorePageServer):
                     if answer is not None:
                         fut = self._waiting.popleft()
                         if not fut.done():
-                            fut.set_result(None)
+                            fut.set_result(answer)
         except (MigrationError, OSError) as exc:
             self._source_failed(f"fault channel: {exc}")
             return
         self._source_failed("the source closed the fault channel")
 
     def _source_failed(self, why: str) -> None:
+        """The source is gone before the daemon said goodbye: the fill fails, whatever the store holds.
+
+        Its lazy dump may still hold the source's processes, and only the
+        source can end it: a destination that went on running would be a
+        second copy next to one that ``tug recover`` must still settle. So the
+        daemon's connection is cut (it fails, and the guard freezes this copy).
+        """
         if self._source_error is None:
             self._source_error = why
+            self.error = self.error or f"the frozen source was lost mid-fill: {why}"
+            if self._session is not None and not self._session.done():
+                self._session.cancel()
         while self._waiting:
             fut = self._waiting.popleft()
             if not fut.done():
                 fut.set_exception(MigrationError(f"the frozen source stopped answering: {why}"))
 
-    async def _fetch(self, get: w.Get) -> None:
+    async def _ask(self, req: w.Get | w.End) -> w.Answer | w.Ended:
         if self._source_error is not None:
             raise MigrationError(f"the frozen source stopped answering: {self._source_error}")
         assert self._fault_writer is not None
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[w.Answer | w.Ended] = asyncio.get_running_loop().create_future()
         self._waiting.append(fut)
-        self._fault_writer.write(self._answers.ask(get))
+        self._fault_writer.write(self._answers.ask(req))
+        return await fut
+
+    async def _fetch(self, get: w.Get) -> None:
         self.fetches += 1
-        await fut
+        await self._ask(get)
+
+    async def _before_goodbye(self) -> None:
+        """Every page is here: the source ends its dump first (module doc of hybrid_wire)."""
+        ended = await self._ask(w.End())
+        if not isinstance(ended, w.Ended) or not ended.ok:
+            raise MigrationError("the source's lazy dump did not end cleanly after the fill")
+        self.source_ended = True
 
     # ---- what the daemon asks ------------------------------------------------------
 
@@ -169,6 +191,8 @@ class HybridPageServer(StorePageServer):
         return k
 
     async def _reply(self, get: Get) -> bytes:
+        if self._source_error is not None:
+            raise MigrationError(f"the frozen source was lost mid-fill: {self._source_error}")
         first = get.vaddr // PAGE
         n = min(get.nr_pages, w.MAX_PAGES)
         ready = self._prefix(get.pid, first, n, True)
@@ -197,6 +221,7 @@ class HybridPageServer(StorePageServer):
         out.update({
             "store_pages": self.store_pages, "source_pages": self.source_pages, "remote_faults": self.remote_faults,
             "source_fetches": self.fetches, "source_bytes": self.source_bytes, "sweep_done": self.sweep_done,
+            "source_ended": self.source_ended,
         })  # fmt: skip
         if self._fault_latency:
             out["source_fault_latency_ms"] = latency_summary(self._fault_latency)

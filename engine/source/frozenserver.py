@@ -28,8 +28,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from tug.engine.errors import MigrationError
 from tug.engine.source.trackers.shadow import PAGE, ContentTracker, ProcessMemory, Region
 from tug.transports import hybrid_wire as w
 
@@ -37,20 +39,31 @@ from tug.transports import hybrid_wire as w
 SWEEP_WINDOW = 1 << 20
 
 
-class FrozenMemory:
-    """Read access to the frozen container's processes, keyed by namespace pid."""
+class NotFrozen(MigrationError):
+    """The source's processes are no longer held stopped: their memory is no longer the truth."""
 
-    def __init__(self, procs: list[ProcessMemory]) -> None:
+
+class FrozenMemory:
+    """Read access to the frozen container's processes, keyed by namespace pid.
+
+    ``still_frozen`` is asked after every read: true then means the
+    processes were stopped during the read too (nothing lets them go and
+    stops them again), so the bytes read are the frozen ones. If CRIU died
+    and let them run, :class:`NotFrozen` is raised instead of serving them.
+    """
+
+    def __init__(self, procs: list[ProcessMemory], still_frozen: Callable[[], bool] = lambda: True) -> None:
         self.procs = {m.ns_pid: m for m in procs}
         self.regions: dict[int, list[Region]] = {pid: m.regions() for pid, m in self.procs.items()}
+        self.still_frozen = still_frozen
 
     @classmethod
-    def open(cls, host_pids: list[int]) -> FrozenMemory:
+    def open(cls, host_pids: list[int], still_frozen: Callable[[], bool]) -> FrozenMemory:
         procs = []
         for pid in host_pids:
             with contextlib.suppress(FileNotFoundError, ProcessLookupError):
                 procs.append(ProcessMemory(pid))
-        return cls(procs)
+        return cls(procs, still_frozen)
 
     def close(self) -> None:
         for m in self.procs.values():
@@ -72,6 +85,8 @@ class FrozenMemory:
         if not self.covered(pid, vaddr, npages):
             return None
         data = self.procs[pid].read(vaddr, npages)
+        if not self.still_frozen():
+            raise NotFrozen("the source's processes are no longer held stopped (its CRIU ended): nothing more is served")
         return data if len(data) == npages * PAGE else None
 
     def sweep_runs(self, pid: int) -> list[tuple[int, int]]:
@@ -101,9 +116,15 @@ class ServeStats:
 
 
 class FrozenServer:
-    def __init__(self, memory: FrozenMemory, tracker: ContentTracker) -> None:
+    def __init__(
+        self, memory: FrozenMemory, tracker: ContentTracker, on_end: Callable[[], Awaitable[bool]] | None = None
+    ) -> None:
         self.memory = memory
         self.tracker = tracker
+        #: Ends the lazy dump when the destination says END (True: as CRIU supports).
+        self.on_end = on_end
+        #: Whether END was answered (the dump ended, well or not).
+        self.ended: bool | None = None
         self.stats = ServeStats()
         #: pid -> page numbers already answered on either channel.
         self._done: dict[int, set[int]] = {}
@@ -154,6 +175,11 @@ class FrozenServer:
         parser = w.Parser.at_source()
         while data := await reader.read(1 << 16):
             for rec in parser.feed(data):
+                if isinstance(rec, w.End):
+                    await writer.drain()
+                    self.ended = await self.on_end() if self.on_end is not None else True
+                    writer.write(w.encode(w.Ended(self.ended)))
+                    continue
                 if not isinstance(rec, w.Get):
                     raise w.HybridWireError("an ACK on the fault channel")
                 t = time.monotonic()

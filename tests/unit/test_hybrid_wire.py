@@ -21,8 +21,10 @@ SOURCE_SAYS = [
     w.Pages(PID, 0x13000, 2, data(2)),
     w.Fail(PID, 0x20000, 1),
     w.Done(),
+    w.Ended(True),
+    w.Ended(False),
 ]
-DEST_SAYS = [w.Get(PID, 0x10000, 5), w.Ack(123456), w.Get(PID + 1, 0x7000, 1)]
+DEST_SAYS = [w.Get(PID, 0x10000, 5), w.Ack(123456), w.Get(PID + 1, 0x7000, 1), w.End()]
 
 
 def test_whole_stream_each_way() -> None:
@@ -56,6 +58,7 @@ def test_header_layout_is_exact() -> None:
         w.HEADER.pack(w.SAME, PID, 0x1000, w.MAX_PAGES + 1),  # too long
         w.HEADER.pack(w.SAME, PID, (1 << 64) - PAGE, 2),  # wraps
         w.HEADER.pack(w.DONE, PID, 0, 0),  # DONE with a range
+        w.HEADER.pack(w.ENDED, 0, 0, 2),  # a status that is neither ok nor failed
         bytes([w.SAME, 1, 0, 0]) + w.HEADER.pack(w.SAME, PID, 0x1000, 1)[4:],  # padding not zero
     ],
 )
@@ -101,6 +104,22 @@ def test_an_answer_that_does_not_continue_the_oldest_request_is_refused(rec: w.R
     a.ask(w.Get(PID, 0x10000, 4))
     with pytest.raises(w.HybridWireError):
         a.take(rec)
+
+
+def test_end_is_answered_after_every_earlier_get() -> None:
+    a = w.Answers()
+    a.ask(w.Get(PID, 0x10000, 1))
+    a.ask(w.End())
+    with pytest.raises(w.HybridWireError):
+        w.Answers().take(w.Ended(True))  # nobody asked
+    b = w.Answers()
+    b.ask(w.Get(PID, 0x10000, 1))
+    b.ask(w.End())
+    with pytest.raises(w.HybridWireError):
+        b.take(w.Ended(True))  # before the GET's answer
+    assert isinstance(a.take(w.Same(PID, 0x10000, 1)), w.Answer)
+    assert a.take(w.Ended(False)) == w.Ended(False)
+    assert a.outstanding == 0
 
 
 def test_an_answer_nobody_asked_for_is_refused() -> None:

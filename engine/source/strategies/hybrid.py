@@ -27,15 +27,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from tug.engine.errors import PreconditionError, TransportError
+from tug.engine.errors import MigrationError, PreconditionError, TransportError
 from tug.engine.source.context import DumpFn
-from tug.engine.source.frozenserver import FrozenMemory, FrozenServer
-from tug.engine.source.lazydump import LazyDump
+from tug.engine.source.frozenserver import FrozenMemory, FrozenServer, NotFrozen
+from tug.engine.source.lazydump import LazyDump, tracer_of
 from tug.engine.source.strategies.base import RestoreMode
 from tug.engine.source.strategies.postcopy import FINISH_TIMEOUT_S, ask_admission
 from tug.engine.source.strategies.precopy import Precopy
 from tug.engine.source.trackers.content import ContentRounds
-from tug.transports import hybrid_wire as w
 from tug.transports.forward import PortForward
 
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -53,6 +52,7 @@ class Hybrid(Precopy):
         self._memory: asyncio.Task[FrozenMemory] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.serve_error: str | None = None
+        self._dump_ended = False
 
     async def preflight(self) -> None:
         if self.opts.tracker not in ("auto", "content"):
@@ -87,10 +87,17 @@ class Hybrid(Precopy):
         self._memory = asyncio.create_task(self._open_memory(), name="tug-hybrid-memory")
 
     async def _open_memory(self) -> FrozenMemory:
+        assert self.dump is not None
+        await self.dump.hold()
         pids = await self.ctx.runc.pids(self.ctx.name)
-        memory = await asyncio.to_thread(FrozenMemory.open, pids)
+        if not pids:
+            raise MigrationError(f"no process of {self.ctx.name} found after its lazy dump")
+        tracer = tracer_of(pids[0])
+        if tracer is None:
+            raise NotFrozen(f"{self.ctx.name}'s processes are not held by CRIU after its lazy dump")
+        memory = await asyncio.to_thread(FrozenMemory.open, pids, lambda: tracer_of(pids[0]) == tracer)
         assert isinstance(self._rounds, ContentRounds)
-        self.server = FrozenServer(memory, self._rounds.tracker)
+        self.server = FrozenServer(memory, self._rounds.tracker, on_end=self._end_dump)
         return memory
 
     def rebuilt_pages(self) -> set[str]:
@@ -120,7 +127,7 @@ class Hybrid(Precopy):
             assert self._memory is not None, "the destination connected before the dump"
             await self._memory
             await serve(reader, writer)
-        except (w.HybridWireError, OSError) as exc:
+        except (MigrationError, OSError) as exc:
             self.serve_error = self.serve_error or str(exc)
             self.ctx.note(f"serving the frozen memory failed: {exc}", "warning")
         finally:
@@ -148,9 +155,27 @@ class Hybrid(Precopy):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 (await self._memory).close()
 
+    async def _end_dump(self) -> bool:
+        """The destination's daemon has every page: end the lazy dump before it hears so.
+
+        Its goodbye waits for this (hybrid_wire's END): if tug died before,
+        the destination's fill fails and its copy is frozen, as post-copy's
+        does when the daemon's goodbye cannot reach CRIU.
+        """
+        if self.dump is None:
+            return False
+        try:
+            await self.dump.goodbye()
+            await self.dump.finish(FINISH_TIMEOUT_S)
+        except MigrationError as exc:
+            self.ctx.note(f"the lazy dump did not end cleanly after the fill: {exc}", "warning")
+            return False
+        self._dump_ended = True
+        return True
+
     async def after_fill(self) -> None:
         await self._stop_serving()
-        if self.dump is not None:
+        if self.dump is not None and not self._dump_ended:
             await self.dump.goodbye()
             await self.dump.finish(FINISH_TIMEOUT_S)
 
