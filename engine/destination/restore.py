@@ -143,8 +143,19 @@ class RestoreCalls(AgentState):
             or len(ports) != 2 or not all(isinstance(p, int) and 0 < p < 65536 for p in ports)
         ):
             raise ProtocolError(f"a hybrid restore of {inc.name!r} is lazy, from its page store, through two source ports")
+        server = inc.store_server
+        if isinstance(server, HybridPageServer) and server.source_ports == (ports[0], ports[1]) and server.port:
+            return server.port  # connected before the freeze (call_hybrid_connect)
         inc.store_server = server = HybridPageServer(inc.store, inc.name, ports[0], ports[1])
         return await server.start()
+
+    async def call_hybrid_connect(self, container: str, ports: list[int]) -> dict[str, Any]:
+        """Hybrid, before the freeze: connect to the source's two forwards now, not inside the downtime."""
+        inc = self._get(container)
+        if inc.restoring is not None or inc.restored or inc.store_server is not None:
+            raise ProtocolError(f"hybrid channels of {container!r} asked for out of turn")
+        port = await self._hybrid_server(inc, True, False, None, ports)
+        return {"port": port}
 
     def _criu_config(self, inc: Incoming, options: list[str]) -> None:
         """Point runc at a CRIU config file for this restore (org.criu.config)."""

@@ -53,6 +53,7 @@ class Hybrid(Precopy):
         self._tasks: list[asyncio.Task[None]] = []
         self.serve_error: str | None = None
         self._dump_ended = False
+        self._dumped = asyncio.Event()
 
     async def preflight(self) -> None:
         if self.opts.tracker not in ("auto", "content"):
@@ -79,12 +80,16 @@ class Hybrid(Precopy):
                 what=f"the frozen source's {what} channel", admit_remote=self._admit, connect_local=self._connector(serve)
             )
             self.forwards.append(fwd)
+        # The agent connects both channels now: their set-up (two SSH channels,
+        # two admissions) stays out of the frozen window.
+        await self.ctx.session.call("hybrid_connect", container=self.ctx.name, ports=[f.remote_port for f in self.forwards])
 
     async def final_dump(self, dump: DumpFn, page_server: str | None) -> None:
         assert self.dump is not None
         await self.dump.start(timeout=self.ctx.opts.timeout("checkpoint"))
         # The processes are stopped for good: open their memory while the images travel.
         self._memory = asyncio.create_task(self._open_memory(), name="tug-hybrid-memory")
+        self._dumped.set()
 
     async def _open_memory(self) -> FrozenMemory:
         assert self.dump is not None
@@ -98,6 +103,7 @@ class Hybrid(Precopy):
         memory = await asyncio.to_thread(FrozenMemory.open, pids, lambda: tracer_of(pids[0]) == tracer)
         assert isinstance(self._rounds, ContentRounds)
         self.server = FrozenServer(memory, self._rounds.tracker, on_end=self._end_dump)
+        self.server.hot = self._rounds.rewritten
         return memory
 
     def rebuilt_pages(self) -> set[str]:
@@ -124,7 +130,8 @@ class Hybrid(Precopy):
 
     async def _run(self, serve: Serve, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            assert self._memory is not None, "the destination connected before the dump"
+            await self._dumped.wait()  # the channels connect before the freeze
+            assert self._memory is not None
             await self._memory
             await serve(reader, writer)
         except (MigrationError, OSError) as exc:
