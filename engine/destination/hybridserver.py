@@ -35,7 +35,7 @@ from tug.engine.destination.pagestore import PAGE, PageStore
 from tug.engine.destination.storeserver import StorePageServer
 from tug.engine.errors import MigrationError, TransportError
 from tug.transports import hybrid_wire as w
-from tug.transports.criu_lazy import Get
+from tug.transports.criu_lazy import Get, Goodbye, LazyRequests, goodbye_answer
 from tug.transports.forward import LOOPBACK
 
 #: Pages one background request may fetch from the source (256 KiB: ~2 ms at 1 gbit).
@@ -189,6 +189,53 @@ class HybridPageServer(StorePageServer):
         while k < n and ((first + k) in have) == confirmed:
             k += 1
         return k
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Requests are answered strictly in order, but fetched from the source concurrently.
+
+        A thread's fault must not wait for the source round trips of the
+        faults queued before it: every request starts as it arrives, and the
+        answers are written in request order as they complete.
+        """
+        parser = LazyRequests()
+        answers: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue()
+
+        async def write_in_order() -> None:
+            try:
+                while (task := await answers.get()) is not None:
+                    writer.write(await task)
+                    if answers.empty():
+                        await writer.drain()
+            except BaseException:
+                writer.transport.abort()  # the daemon must not wait for an answer that never comes
+                raise
+
+        out = asyncio.create_task(write_in_order(), name="tug-hybrid-answers")
+        pending: set[asyncio.Task[bytes]] = set()
+        try:
+            while data := await reader.read(1 << 16):
+                for ev in parser.feed(data):
+                    if isinstance(ev, Goodbye):
+                        await answers.put(None)
+                        await out
+                        await writer.drain()
+                        await self._before_goodbye()
+                        writer.write(goodbye_answer())
+                        await writer.drain()
+                        return
+                    task = asyncio.create_task(self._reply(ev), name="tug-hybrid-reply")
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                    await answers.put(task)
+                if out.done():
+                    await out  # raises what failed
+            await answers.put(None)
+            await out
+        finally:
+            out.cancel()
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(out, *pending, return_exceptions=True)
 
     async def _reply(self, get: Get) -> bytes:
         if self._source_error is not None:
