@@ -10,9 +10,12 @@ longer changes (``record=False``):
 
 * on the **fault channel** it answers each GET of the destination, in order,
   with the changed pages' bytes and SAME for the rest of the range;
-* on the **sweep channel** it walks every process's dumpable pages from the
-  top down (the destination's lazy-pages daemon fills from the bottom up, so
-  the two meet instead of racing), skipping pages already answered, and
+* on the **sweep channel**, once the destination runs (its first GET), it
+  starts with the pages pre-copy saw written again after its first round
+  (the hot set: most likely changed, and touched first), then every
+  process's dumpable pages from the top down (the destination's lazy-pages
+  daemon fills from the bottom up, so the two meet instead of racing),
+  skipping pages already answered, and
   pushes the same records unasked, with at most :data:`SWEEP_WINDOW` bytes
   unacknowledged so a fault's answer never queues behind much sweep data.
 
@@ -99,6 +102,17 @@ class FrozenMemory:
         return sorted(runs, reverse=True)
 
 
+def hot_runs(pages: set[int]) -> list[tuple[int, int]]:
+    """``pages`` (page numbers) as ascending runs (vaddr, npages) of at most MAX_PAGES."""
+    runs: list[tuple[int, int]] = []
+    for p in sorted(pages):
+        if runs and runs[-1][0] + runs[-1][1] * PAGE == p * PAGE and runs[-1][1] < w.MAX_PAGES:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((p * PAGE, 1))
+    return runs
+
+
 @dataclass(slots=True)
 class ServeStats:
     gets: int = 0
@@ -109,7 +123,7 @@ class ServeStats:
     bytes_sent: int = 0
     sweep_pages_sent: int = 0
     sweep_pages_same: int = 0
-    #: Seconds from the first GET (the destination running) to the sweep's end.
+    #: Seconds from the sweep's start (the first GET) to its end.
     sweep_done_s: float | None = None
     #: Seconds from a GET's arrival to its answer handed to the transport.
     serve_s: list[float] = field(default_factory=list)
@@ -129,9 +143,10 @@ class FrozenServer:
         #: pid -> page numbers already answered on either channel.
         self._done: dict[int, set[int]] = {}
         self._t0 = time.monotonic()
+        #: pid -> pages the sweep visits first (the tracker's hot set).
+        self.hot: dict[int, set[int]] = {}
         #: Set by the first GET: the destination's processes run (its daemon
-        #: asks only after the restore), so the sweep never competes with the
-        #: restore inside the downtime.
+        #: asks only after the restore); the sweep's cold part waits for it.
         self.running = asyncio.Event()
 
     def answer(self, get: w.Get) -> list[w.Pages | w.Same | w.Fail]:
@@ -207,27 +222,35 @@ class FrozenServer:
                     unacked -= rec.bytes
                     acked.set()
 
+        async def push(pid: int, runs: list[tuple[int, int]]) -> None:
+            nonlocal unacked
+            for vaddr, npages in runs:
+                recs = await asyncio.to_thread(self._sweep_chunk, pid, vaddr, npages)
+                if not recs:
+                    continue
+                self._count(recs, sweep=True)
+                out = b"".join(w.encode(r) for r in recs)
+                while unacked > 0 and unacked + len(out) > SWEEP_WINDOW:
+                    if ack_task.done():
+                        ack_task.result()
+                        raise w.HybridWireError("the destination closed the sweep channel early")
+                    acked.clear()
+                    await acked.wait()
+                unacked += len(out)
+                writer.write(out)
+                await writer.drain()
+
         ack_task = asyncio.create_task(acks(), name="tug-hybrid-sweep-acks")
         try:
+            # Only once the destination runs: measured on the lab's shared
+            # CPU, sweeping during the transfer and the restore made the
+            # downtime longer than the faults it saved.
             await self.running.wait()
             self._t0 = time.monotonic()
             for pid in sorted(self.memory.procs):
-                runs = await asyncio.to_thread(self.memory.sweep_runs, pid)
-                for vaddr, npages in runs:
-                    recs = await asyncio.to_thread(self._sweep_chunk, pid, vaddr, npages)
-                    if not recs:
-                        continue
-                    self._count(recs, sweep=True)
-                    out = b"".join(w.encode(r) for r in recs)
-                    while unacked > 0 and unacked + len(out) > SWEEP_WINDOW:
-                        if ack_task.done():
-                            ack_task.result()
-                            raise w.HybridWireError("the destination closed the sweep channel early")
-                        acked.clear()
-                        await acked.wait()
-                    unacked += len(out)
-                    writer.write(out)
-                    await writer.drain()
+                await push(pid, hot_runs(self.hot.get(pid, set())))
+            for pid in sorted(self.memory.procs):
+                await push(pid, await asyncio.to_thread(self.memory.sweep_runs, pid))
             done = w.encode(w.Done())
             unacked += len(done)  # the destination acknowledges every byte it consumed
             writer.write(done)

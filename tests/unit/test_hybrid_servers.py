@@ -98,7 +98,8 @@ async def _hybrid(tmp_path: Path, asks: list[tuple[int, int, int]], *, sweep_fir
         tracker.diff(PID, vaddr, data)
     source = FrozenServer(FakeFrozen({PID: dict(FROZEN)}), tracker)
     if sweep_first:
-        source.running.set()
+        source.hot = {PID: {0x13000 // PAGE}}
+        source.running.set()  # as if a GET had come: the sweep runs before the daemon asks
     ports: list[int] = []
     servers = [await _serve(source.serve_faults, ports), await _serve(source.sweep, ports)]
     hyb = HybridPageServer(store, "c", ports[0], ports[1])

@@ -29,7 +29,7 @@ from tug.engine.progress import Meter
 from tug.engine.source.context import DumpFn, SourceContext
 from tug.engine.source.psfilter import FilterServer
 from tug.engine.source.trackers.base import Rounds
-from tug.engine.source.trackers.shadow import ContentTracker, ProcessMemory
+from tug.engine.source.trackers.shadow import PAGE, ContentTracker, ProcessMemory
 from tug.policies import ConvergencePolicy, RoundStats
 
 QUEUE_DEPTH = 8  # chunks of up to 4 MiB in flight between scanner and sender
@@ -62,6 +62,15 @@ class ContentRounds(Rounds):
         #: The source-side page server that filters the frozen dump.
         self._filter: FilterServer | None = None
         self.final_delta_bytes = 0
+        #: pid -> pages written again after round 0: the hot set, most
+        #: likely to differ at the freeze and to be touched first after it
+        #: (hybrid's sweep visits them first).
+        self.rewritten: dict[int, set[int]] = {}
+
+    def _rewritten(self, pid: int, runs: list[tuple[int, bytes]]) -> None:
+        pages = self.rewritten.setdefault(pid, set())
+        for vaddr, data in runs:
+            pages.update(range(vaddr // PAGE, (vaddr + len(data)) // PAGE))
 
     async def round(self, index: int) -> RoundStats:
         t0 = time.monotonic()
@@ -88,6 +97,8 @@ class ContentRounds(Rounds):
                             c.scanned += res.scanned
                             if res.changed:
                                 c.dirty += res.changed_pages
+                                if index > 0:
+                                    self._rewritten(mem.ns_pid, res.changed)
                                 await queue.put((mem.ns_pid, res.changed))
                 finally:
                     mem.close()
