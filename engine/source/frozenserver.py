@@ -33,9 +33,10 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tug.engine.errors import MigrationError
-from tug.engine.source.trackers.shadow import PAGE, ContentTracker, ProcessMemory, Region
+from tug.engine.source.trackers.shadow import PAGE, SPECIAL, ContentTracker, ProcessMemory, Region, parse_maps
 from tug.transports import hybrid_wire as w
 
 #: Sweep bytes sent and not yet acknowledged, at most (8 ms at 1 gbit).
@@ -44,6 +45,12 @@ SWEEP_WINDOW = 1 << 20
 
 class NotFrozen(MigrationError):
     """The source's processes are no longer held stopped: their memory is no longer the truth."""
+
+
+def _private_regions(mem: ProcessMemory) -> list[Region]:
+    """Private mappings whose pages CRIU may leave lazy: readable or not (CRIU dumps a
+    PROT_NONE mapping's pages too, and /proc/PID/mem reads them as root)."""
+    return [r for r in parse_maps(Path(f"/proc/{mem.pid}/maps").read_text()) if r.private and r.path not in SPECIAL]
 
 
 class FrozenMemory:
@@ -57,7 +64,7 @@ class FrozenMemory:
 
     def __init__(self, procs: list[ProcessMemory], still_frozen: Callable[[], bool] = lambda: True) -> None:
         self.procs = {m.ns_pid: m for m in procs}
-        self.regions: dict[int, list[Region]] = {pid: m.regions() for pid, m in self.procs.items()}
+        self.regions: dict[int, list[Region]] = {pid: _private_regions(m) for pid, m in self.procs.items()}
         self.still_frozen = still_frozen
 
     @classmethod

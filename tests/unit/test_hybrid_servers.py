@@ -164,3 +164,37 @@ def test_the_agents_own_connections_are_recognised(tmp_path: Path) -> None:
             store.close()
 
     assert asyncio.run(run()) == (True, False)
+
+
+def test_frozen_memory_reads_real_pages_even_without_prot_read_and_nothing_outside() -> None:
+    """A real process (this one): /proc/PID/mem as the source reads a stopped container's memory."""
+    import ctypes
+    import mmap
+    import os
+
+    from tug.engine.source.frozenserver import NotFrozen
+    from tug.engine.source.trackers.shadow import ProcessMemory
+
+    n = 4
+    buf = mmap.mmap(-1, n * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    pattern = b"".join(page(k * PAGE, 3) for k in range(n))
+    buf[:] = pattern
+    anchor = ctypes.c_char.from_buffer(buf)
+    addr = ctypes.addressof(anchor)
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mprotect(ctypes.c_void_p(addr), n * PAGE, 0) == 0  # PROT_NONE: CRIU still dumps its pages
+    frozen = True
+    proc = ProcessMemory(os.getpid())
+    mem = FrozenMemory([proc], still_frozen=lambda: frozen)
+    try:
+        assert mem.read(proc.ns_pid, addr, n) == pattern
+        assert mem.read(proc.ns_pid + 1, addr, 1) is None  # no such process
+        assert mem.read(proc.ns_pid, 0x1000, 1) is None  # not mapped
+        frozen = False
+        with pytest.raises(NotFrozen):
+            mem.read(proc.ns_pid, addr, 1)
+    finally:
+        mem.close()
+        libc.mprotect(ctypes.c_void_p(addr), n * PAGE, mmap.PROT_READ | mmap.PROT_WRITE)
+        del anchor
+        buf.close()
