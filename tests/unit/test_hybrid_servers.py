@@ -13,6 +13,8 @@ import socket
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tug.engine.destination.hybridserver import HybridPageServer
 from tug.engine.destination.pagestore import PAGE, PageStore
@@ -198,3 +200,47 @@ def test_frozen_memory_reads_real_pages_even_without_prot_read_and_nothing_outsi
         libc.mprotect(ctypes.c_void_p(addr), n * PAGE, mmap.PROT_READ | mmap.PROT_WRITE)
         del anchor
         buf.close()
+
+
+async def _random_fill(tmp: Path, sent: dict[int, bytes], frozen: dict[int, bytes], hot: set[int],
+                       asks: list[tuple[int, int]], sweep_first: bool) -> dict[tuple[int, int], bytes]:
+    store = PageStore(tmp)
+    tracker = ContentTracker()
+    for vaddr, data in sorted(sent.items()):
+        store.write(PID, vaddr, data)
+        tracker.diff(PID, vaddr, data)
+    source = FrozenServer(FakeFrozen({PID: dict(frozen)}), tracker)
+    source.hot = {PID: {v // PAGE for v in hot}}
+    if sweep_first:
+        source.running.set()
+    ports: list[int] = []
+    servers = [await _serve(source.serve_faults, ports), await _serve(source.sweep, ports)]
+    hyb = HybridPageServer(store, "c", ports[0], ports[1])
+    hyb.admit = lambda ours, peer: None
+    try:
+        port = await hyb.start()
+        return await _daemon(port, [(PID, v, n) for v, n in asks])
+    finally:
+        await hyb.close()
+        for s in servers:
+            s.close()
+        store.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_any_store_and_frozen_memory_serve_only_frozen_pages(tmp_path_factory: pytest.TempPathFactory,
+                                                              data: st.DataObject) -> None:
+    """Random pre-copied pages, random changes, new and dropped pages, random requests and sweep order."""
+    base = 0x400000
+    slots = data.draw(st.sets(st.integers(min_value=0, max_value=47), min_size=1, max_size=48))
+    frozen = {base + k * PAGE: page(base + k * PAGE, data.draw(st.integers(0, 2))) for k in slots}
+    sent_slots = data.draw(st.sets(st.sampled_from(sorted(slots)))) | data.draw(st.sets(st.integers(48, 55), max_size=3))
+    sent = {base + k * PAGE: page(base + k * PAGE) for k in sent_slots}  # generation 0: what pre-copy sent
+    hot = {v for v in frozen if data.draw(st.booleans())}
+    # The daemon asks for runs of pages the frozen process has (as CRIU's pagemap would say).
+    order = data.draw(st.permutations(sorted(frozen)))
+    asks = [(v, data.draw(st.integers(1, 4))) for v in order[: data.draw(st.integers(1, len(order)))]]
+    asks = [(v, next(k for k in range(n, 0, -1) if all(v + j * PAGE in frozen for j in range(k)))) for v, n in asks]
+    got = asyncio.run(_random_fill(tmp_path_factory.mktemp("store"), sent, frozen, hot, asks, data.draw(st.booleans())))
+    assert got and all(got[(PID, v)] == frozen[v] for _, v in got), "a page served that is not the frozen one"
