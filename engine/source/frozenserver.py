@@ -155,6 +155,8 @@ class FrozenServer:
         #: Set by the first GET: the destination's processes run (its daemon
         #: asks only after the restore); the sweep's cold part waits for it.
         self.running = asyncio.Event()
+        #: Told how many pages each batch of answers settled (the fill's progress).
+        self.on_progress: Callable[[int], None] | None = None
 
     def answer(self, get: w.Get) -> list[w.Pages | w.Same | w.Fail]:
         """The records that answer ``get`` (blocking: reads and compares memory)."""
@@ -270,6 +272,8 @@ class FrozenServer:
                 await ack_task
 
     def _count(self, recs: list[w.Pages | w.Same] | list[w.Pages | w.Same | w.Fail], *, sweep: bool) -> None:
+        if self.on_progress is not None:
+            self.on_progress(sum(r.nr_pages for r in recs if not isinstance(r, w.Fail)))
         for r in recs:
             if isinstance(r, w.Pages):
                 self.stats.pages_sent += r.nr_pages

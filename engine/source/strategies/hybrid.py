@@ -28,13 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from tug.engine.errors import MigrationError, PreconditionError, TransportError
+from tug.engine.progress import Meter
 from tug.engine.source.context import DumpFn
 from tug.engine.source.frozenserver import FrozenMemory, FrozenServer, NotFrozen
 from tug.engine.source.lazydump import LazyDump, tracer_of
 from tug.engine.source.strategies.base import RestoreMode
-from tug.engine.source.strategies.postcopy import FINISH_TIMEOUT_S, ask_admission
+from tug.engine.source.strategies.postcopy import FINISH_TIMEOUT_S, ask_admission, lazy_bytes
 from tug.engine.source.strategies.precopy import Precopy
 from tug.engine.source.trackers.content import ContentRounds
+from tug.transports.criu_pageserver import PAGE_SIZE
 from tug.transports.forward import PortForward
 
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -54,6 +56,8 @@ class Hybrid(Precopy):
         self.serve_error: str | None = None
         self._dump_ended = False
         self._dumped = asyncio.Event()
+        self.meter: Meter | None = None
+        self._lazy_bytes = 0
 
     async def preflight(self) -> None:
         if self.opts.tracker not in ("auto", "content"):
@@ -87,6 +91,8 @@ class Hybrid(Precopy):
     async def final_dump(self, dump: DumpFn, page_server: str | None) -> None:
         assert self.dump is not None
         await self.dump.start(timeout=self.ctx.opts.timeout("checkpoint"))
+        self._lazy_bytes = await asyncio.to_thread(lazy_bytes, self.dump.image_dir)
+        self.meter = Meter("fill", "memory", self._lazy_bytes, self.ctx.emit)
         # The processes are stopped for good: open their memory while the images travel.
         self._memory = asyncio.create_task(self._open_memory(), name="tug-hybrid-memory")
         self._dumped.set()
@@ -104,7 +110,14 @@ class Hybrid(Precopy):
         assert isinstance(self._rounds, ContentRounds)
         self.server = FrozenServer(memory, self._rounds.tracker, on_end=self._end_dump)
         self.server.hot = self._rounds.rewritten
+        self.server.on_progress = self._progress
         return memory
+
+    def _progress(self, pages: int) -> None:
+        """Pages whose frozen content the destination now has (confirmed or sent)."""
+        if self.meter is not None:
+            left = self._lazy_bytes - self.meter.done
+            self.meter.add(max(0, min(pages * PAGE_SIZE, left)))
 
     def rebuilt_pages(self) -> set[str]:
         return set()  # the lazy dump's images are small: they go whole
@@ -181,6 +194,8 @@ class Hybrid(Precopy):
         return True
 
     async def after_fill(self) -> None:
+        if self.meter is not None:
+            self.meter.add(0, final=True)
         await self._stop_serving()
         if self.dump is not None and not self._dump_ended:
             await self.dump.goodbye()
