@@ -58,6 +58,7 @@ class HybridPageServer(StorePageServer):
         self.sweep_done = False
         #: The source ended its lazy dump (END answered): the fill is complete on both sides.
         self.source_ended = False
+        self._ending = False
         self.store_pages = 0
         self.source_pages = 0
         self.remote_faults = 0
@@ -121,9 +122,10 @@ class HybridPageServer(StorePageServer):
                     self._apply(rec)
                 writer.write(w.encode(w.Ack(len(data))))
         except (MigrationError, OSError) as exc:
-            self._source_failed(f"sweep channel: {exc}")
+            if not self._ending:
+                self._source_failed(f"sweep channel: {exc}")
             return
-        if not self.sweep_done:
+        if not self.sweep_done and not self._ending:
             self._source_failed("the source closed the sweep channel before it was done")
 
     async def _read_faults(self, reader: asyncio.StreamReader) -> None:
@@ -175,6 +177,7 @@ class HybridPageServer(StorePageServer):
 
     async def _before_goodbye(self) -> None:
         """Every page is here: the source ends its dump first (module doc of hybrid_wire)."""
+        self._ending = True  # the daemon has every page: the source may stop its sweep now
         ended = await self._ask(w.End())
         if not isinstance(ended, w.Ended) or not ended.ok:
             raise MigrationError("the source's lazy dump did not end cleanly after the fill")

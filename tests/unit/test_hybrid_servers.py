@@ -244,3 +244,56 @@ def test_any_store_and_frozen_memory_serve_only_frozen_pages(tmp_path_factory: p
     asks = [(v, next(k for k in range(n, 0, -1) if all(v + j * PAGE in frozen for j in range(k)))) for v, n in asks]
     got = asyncio.run(_random_fill(tmp_path_factory.mktemp("store"), sent, frozen, hot, asks, data.draw(st.booleans())))
     assert got and all(got[(PID, v)] == frozen[v] for _, v in got), "a page served that is not the frozen one"
+
+
+class SlowSweep(FakeFrozen):
+    def sweep_runs(self, pid: int) -> list[tuple[int, int]]:
+        import time
+
+        time.sleep(0.3)  # the daemon gets every page through GETs before the sweep gets going
+        return super().sweep_runs(pid)
+
+
+def test_the_source_may_stop_its_sweep_once_the_daemon_has_every_page(tmp_path: Path) -> None:
+    """END arrives while the sweep still runs: the source ends it (as the strategy does), the fill succeeds."""
+
+    async def run() -> tuple[dict[tuple[int, int], bytes], dict[str, object]]:
+        store = PageStore(tmp_path / "store")
+        tracker = ContentTracker()
+        for vaddr, data in SENT.items():
+            store.write(PID, vaddr, data)
+            tracker.diff(PID, vaddr, data)
+        sweeps: list[asyncio.Task[None]] = []
+
+        async def sweep(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sweeps.append(asyncio.current_task())  # type: ignore[arg-type]
+            try:
+                await source.sweep(reader, writer)
+            finally:
+                writer.close()
+
+        async def on_end() -> bool:
+            for t in sweeps:
+                t.cancel()
+            await asyncio.gather(*sweeps, return_exceptions=True)
+            await asyncio.sleep(0.1)  # ending CRIU's dump takes a while: the sweep's close arrives first
+            return True
+
+        source = FrozenServer(SlowSweep({PID: dict(FROZEN)}), tracker, on_end=on_end)
+        ports: list[int] = []
+        servers = [await _serve(source.serve_faults, ports), await _serve(sweep, ports)]
+        hyb = HybridPageServer(store, "c", ports[0], ports[1])
+        hyb.admit = lambda ours, peer: None
+        try:
+            port = await hyb.start()
+            got = await _daemon(port, [(PID, 0x10000, 16), (PID, 0x20000, 1)])
+            return got, hyb.stats()
+        finally:
+            await hyb.close()
+            for s in servers:
+                s.close()
+            store.close()
+
+    got, stats = asyncio.run(run())
+    assert all(data == FROZEN[vaddr] for (_, vaddr), data in got.items()) and len(got) == 17
+    assert stats["source_ended"] is True and stats["sweep_done"] is False

@@ -53,6 +53,7 @@ class Hybrid(Precopy):
         self.server: FrozenServer | None = None
         self._memory: asyncio.Task[FrozenMemory] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._sweep_task: asyncio.Task[None] | None = None
         self.serve_error: str | None = None
         self._dump_ended = False
         self._dumped = asyncio.Event()
@@ -136,7 +137,10 @@ class Hybrid(Precopy):
             ours.setblocking(False)
             theirs.setblocking(False)
             reader, writer = await asyncio.open_connection(sock=ours)
-            self._tasks.append(asyncio.create_task(self._run(serve, reader, writer), name="tug-hybrid-serve"))
+            task = asyncio.create_task(self._run(serve, reader, writer), name="tug-hybrid-serve")
+            self._tasks.append(task)
+            if serve == self._sweep:
+                self._sweep_task = task
             return theirs
 
         return connect
@@ -184,6 +188,12 @@ class Hybrid(Precopy):
         """
         if self.dump is None:
             return False
+        if self._sweep_task is not None:
+            # Every page is there: the sweep (if still going) must not read
+            # the memory once CRIU has let go of the processes.
+            self._sweep_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._sweep_task
         try:
             await self.dump.goodbye()
             await self.dump.finish(FINISH_TIMEOUT_S)
