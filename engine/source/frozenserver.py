@@ -29,6 +29,7 @@ own mappings: a page outside them gets FAIL, never bytes of anything else.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
@@ -41,6 +42,8 @@ from tug.transports import hybrid_wire as w
 
 #: Sweep bytes sent and not yet acknowledged, at most (8 ms at 1 gbit).
 SWEEP_WINDOW = 1 << 20
+#: Pages around a fault (its aligned block) the sweep visits next.
+FAULT_AHEAD = 16
 
 
 class NotFrozen(MigrationError):
@@ -99,6 +102,16 @@ class FrozenMemory:
             raise NotFrozen("the source's processes are no longer held stopped (its CRIU ended): nothing more is served")
         return data if len(data) == npages * PAGE else None
 
+    def present(self, pid: int, vaddr: int, npages: int) -> list[tuple[int, int, int]]:
+        """(pid, vaddr, npages) runs of dumpable pages in the range (none if unknown or unmapped)."""
+        mem = self.procs.get(pid)
+        if mem is None or not self.covered(pid, vaddr, npages):
+            return []
+        try:
+            return [(pid, v, n) for v, n in mem.present(vaddr, npages)]
+        except OSError:
+            return []
+
     def sweep_runs(self, pid: int) -> list[tuple[int, int]]:
         """The dumpable page runs of ``pid`` (chunks of at most MAX_PAGES), top down."""
         mem = self.procs[pid]
@@ -150,6 +163,8 @@ class FrozenServer:
         #: pid -> page numbers already answered on either channel.
         self._done: dict[int, set[int]] = {}
         self._t0 = time.monotonic()
+        #: Blocks around recent faults: the sweep visits them before its next chunk.
+        self._urgent: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=256)
         #: pid -> pages the sweep visits first (the tracker's hot set).
         self.hot: dict[int, set[int]] = {}
         #: Set by the first GET: the destination's processes run (its daemon
@@ -211,7 +226,13 @@ class FrozenServer:
                 recs = await asyncio.to_thread(self.answer, rec)
                 self._count(recs, sweep=False)
                 self.stats.gets += 1
-                self.stats.fault_gets += rec.nr_pages == 1
+                if rec.nr_pages == 1:
+                    self.stats.fault_gets += 1
+                    # A fault is where the process works now: its neighbours
+                    # go next on the sweep (QEMU's postcopy moves its
+                    # background stream to the faulted page the same way).
+                    block = rec.vaddr // PAGE // FAULT_AHEAD * FAULT_AHEAD
+                    self._urgent.append((rec.pid, block * PAGE, FAULT_AHEAD))
                 writer.write(b"".join(w.encode(r) for r in recs))
                 self.stats.serve_s.append(time.monotonic() - t)
             await writer.drain()
@@ -232,22 +253,29 @@ class FrozenServer:
                     acked.set()
 
         async def push(pid: int, runs: list[tuple[int, int]]) -> None:
-            nonlocal unacked
             for vaddr, npages in runs:
-                recs = await asyncio.to_thread(self._sweep_chunk, pid, vaddr, npages)
-                if not recs:
-                    continue
-                self._count(recs, sweep=True)
-                out = b"".join(w.encode(r) for r in recs)
-                while unacked > 0 and unacked + len(out) > SWEEP_WINDOW:
-                    if ack_task.done():
-                        ack_task.result()
-                        raise w.HybridWireError("the destination closed the sweep channel early")
-                    acked.clear()
-                    await acked.wait()
-                unacked += len(out)
-                writer.write(out)
-                await writer.drain()
+                while self._urgent:  # around the latest faults first
+                    near = await asyncio.to_thread(self.memory.present, *self._urgent.popleft())
+                    for run in near:
+                        await push_one(*run)
+                await push_one(pid, vaddr, npages)
+
+        async def push_one(pid: int, vaddr: int, npages: int) -> None:
+            nonlocal unacked
+            recs = await asyncio.to_thread(self._sweep_chunk, pid, vaddr, npages)
+            if not recs:
+                return
+            self._count(recs, sweep=True)
+            out = b"".join(w.encode(r) for r in recs)
+            while unacked > 0 and unacked + len(out) > SWEEP_WINDOW:
+                if ack_task.done():
+                    ack_task.result()
+                    raise w.HybridWireError("the destination closed the sweep channel early")
+                acked.clear()
+                await acked.wait()
+            unacked += len(out)
+            writer.write(out)
+            await writer.drain()
 
         ack_task = asyncio.create_task(acks(), name="tug-hybrid-sweep-acks")
         try:

@@ -42,6 +42,18 @@ class FakeFrozen(FrozenMemory):
         got = [self.pages.get(pid, {}).get(vaddr + k * PAGE) for k in range(npages)]
         return None if any(p is None for p in got) else b"".join(p for p in got if p is not None)
 
+    def present(self, pid: int, vaddr: int, npages: int) -> list[tuple[int, int, int]]:
+        have = self.pages.get(pid, {})
+        runs: list[tuple[int, int, int]] = []
+        for a in (vaddr + k * PAGE for k in range(npages)):
+            if a not in have:
+                continue
+            if runs and runs[-1][1] + runs[-1][2] * PAGE == a:
+                runs[-1] = (pid, runs[-1][1], runs[-1][2] + 1)
+            else:
+                runs.append((pid, a, 1))
+        return runs
+
     def sweep_runs(self, pid: int) -> list[tuple[int, int]]:
         addrs = sorted(self.pages[pid])
         runs: list[tuple[int, int]] = []
