@@ -36,6 +36,16 @@ class Strategy:
     doc: str = ""
 
 
+def _hybrid(policy: str) -> Strategy:
+    return Strategy(
+        name=f"hybrid-{policy}" if "=" not in policy else f"hybrid:{policy}",
+        kind="engine",
+        migrate_args=("--strategy", "hybrid", "--policy", policy, "--tracker", "content"),
+        doc=f"tug hybrid: pre-copy rounds (content tracker, policy {policy!r}), then a lazy final step "
+        "served from the destination's page store where the frozen source confirms a page unchanged",
+    )
+
+
 def _precopy(policy: str, tracker: str = "content", name: str = "") -> Strategy:
     return Strategy(
         name=name or (f"precopy-{policy}" if "=" not in policy else f"precopy:{policy}"),
@@ -62,6 +72,9 @@ STRATEGIES: dict[str, Strategy] = {
         _precopy("incus"),
         _precopy("qemu"),
         _precopy("phaul", "uffd", "precopy-uffd"),
+        _hybrid("phaul"),
+        _hybrid("incus"),
+        _hybrid("qemu"),
     )
 }
 
@@ -76,7 +89,9 @@ def strategy(spec: str) -> Strategy:
         return STRATEGIES[spec]
     if spec.startswith("precopy:") and len(spec) > len("precopy:"):
         return _precopy(spec.split(":", 1)[1])
-    raise ValueError(f"unknown strategy {spec!r} (known: {', '.join(STRATEGIES)}, or precopy:<policy spec>)")
+    if spec.startswith("hybrid:") and len(spec) > len("hybrid:"):
+        return _hybrid(spec.split(":", 1)[1])
+    raise ValueError(f"unknown strategy {spec!r} (known: {', '.join(STRATEGIES)}, or precopy:<policy spec>, hybrid:<policy spec>)")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

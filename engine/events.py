@@ -127,6 +127,10 @@ class MigrationReport:
     #: lazy-pages daemon logged them (the wait the faulting thread had).
     remote_faults: int | None = None
     fault_latency_ms: dict[str, float] | None = None
+    #: Hybrid: pages the fill served from the destination's page store (the
+    #: source confirmed them unchanged) and pages whose bytes came from the source.
+    store_pages: int | None = None
+    source_pages: int | None = None
     #: Wire bytes after the destination ran (the fill, the commit).
     bytes_after_commit: int | None = None
     #: The destination agent's own CPU seconds, its children's (runc, CRIU),

@@ -14,7 +14,7 @@ from tug.engine.hostcfg import HostConfig
 from tug.policies import ConvergencePolicy
 
 #: The strategies ``--strategy`` accepts (tug.engine.source.strategies.REGISTRY implements each).
-STRATEGIES = ("stop-copy", "precopy", "postcopy")
+STRATEGIES = ("stop-copy", "precopy", "postcopy", "hybrid")
 
 #: Seconds each phase may take before the migration is rolled back.
 DEFAULT_TIMEOUTS: Mapping[str, float] = {

@@ -20,6 +20,7 @@ from typing import Any
 from tug.engine.criu.stats import criu_restore_steps
 from tug.engine.criu.tool import check_criu_opts
 from tug.engine.criu.uncork import peer_is_criu
+from tug.engine.destination.hybridserver import HybridPageServer
 from tug.engine.destination.incoming import (
     INCOMING_MARKER,
     AgentState,
@@ -50,6 +51,7 @@ class RestoreCalls(AgentState):
         lazy_source_port: int | None = None,
         file_locks: bool = False,
         criu_opts: list[str] | None = None,
+        hybrid_ports: list[int] | None = None,
     ) -> dict[str, Any]:
         """Restore; ``frames`` were held by the source's network lock, to be
         delivered once the restored sockets exist (see runtime.netlock).
@@ -70,7 +72,7 @@ class RestoreCalls(AgentState):
                 options.append("tcp-close")
             if options:
                 self._criu_config(inc, options)
-            return await self._restore(inc, tcp_close, rebuild_pages, frames, lazy, lazy_source_port)
+            return await self._restore(inc, tcp_close, rebuild_pages, frames, lazy, lazy_source_port, hybrid_ports)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -89,11 +91,13 @@ class RestoreCalls(AgentState):
 
     async def _restore(
         self, inc: Incoming, tcp_close: bool, rebuild_pages: bool, frames: list[bytes] | None, lazy: bool,
-        lazy_source_port: int | None,
+        lazy_source_port: int | None, hybrid_ports: list[int] | None,
     ) -> dict[str, Any]:
         container = inc.name
         if lazy_source_port is not None and (not lazy or rebuild_pages or not 0 < lazy_source_port < 65536):
             raise ProtocolError(f"a post-copy restore of {container!r} is lazy and needs no page store")
+        if hybrid_ports is not None:
+            lazy_source_port = await self._hybrid_server(inc, lazy, rebuild_pages, lazy_source_port, hybrid_ports)
         if rebuild_pages:
             if inc.store is None:
                 raise ProtocolError("asked to rebuild pages images, but no pages were received")
@@ -138,6 +142,29 @@ class RestoreCalls(AgentState):
             inc.stats.update(await inc.endpoint.after_restore(staged + list(frames or ())))
         st = await self.runc.require(container)
         return {"pid": st.pid, "status": st.status, "restore_ms": (time.monotonic() - t0) * 1000, **steps, **inc.stats}
+
+    async def _hybrid_server(
+        self, inc: Incoming, lazy: bool, rebuild_pages: bool, lazy_source_port: int | None, ports: list[int]
+    ) -> int:
+        """Hybrid: the daemon asks the agent's page server, which asks the frozen source (hybridserver.py)."""
+        if (
+            not lazy or rebuild_pages or lazy_source_port is not None or inc.store is None
+            or len(ports) != 2 or not all(isinstance(p, int) and 0 < p < 65536 for p in ports)
+        ):
+            raise ProtocolError(f"a hybrid restore of {inc.name!r} is lazy, from its page store, through two source ports")
+        server = inc.store_server
+        if isinstance(server, HybridPageServer) and server.source_ports == (ports[0], ports[1]) and server.port:
+            return server.port  # connected before the freeze (call_hybrid_connect)
+        inc.store_server = server = HybridPageServer(inc.store, inc.name, ports[0], ports[1])
+        return await server.start()
+
+    async def call_hybrid_connect(self, container: str, ports: list[int]) -> dict[str, Any]:
+        """Hybrid, before the freeze: connect to the source's two forwards now, not inside the downtime."""
+        inc = self._get(container)
+        if inc.restoring is not None or inc.restored or inc.store_server is not None:
+            raise ProtocolError(f"hybrid channels of {container!r} asked for out of turn")
+        port = await self._hybrid_server(inc, True, False, None, ports)
+        return {"port": port}
 
     def _criu_config(self, inc: Incoming, options: list[str]) -> None:
         """Point runc at a CRIU config file for this restore (``org.criu.config``).
@@ -194,6 +221,10 @@ class RestoreCalls(AgentState):
         root's CRIU (our lazy-pages daemon) is admitted.
         """
         inc = self._get(container)
+        if isinstance(inc.store_server, HybridPageServer):
+            # Hybrid: only the agent's own two connections to the frozen source.
+            own = await inc.store_server.is_own(peer_port)
+            return {"refused": None if own else "not the agent's own connection to the frozen source"}
         if inc.lazy is None or not inc.lazy.remote:
             return {"refused": f"no post-copy restore of {container!r} is waiting for its memory"}
         why = await asyncio.to_thread(peer_is_criu, (LOOPBACK, port), (LOOPBACK, peer_port))

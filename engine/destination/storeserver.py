@@ -85,11 +85,20 @@ class StorePageServer:
         while data := await reader.read(1 << 16):
             for ev in parser.feed(data):
                 if isinstance(ev, Goodbye):
+                    await writer.drain()
+                    await self._before_goodbye()
                     writer.write(goodbye_answer())
                     await writer.drain()
                     return
-                writer.write(self._answer(ev))
+                writer.write(await self._reply(ev))
             await writer.drain()
+
+    async def _before_goodbye(self) -> None:
+        """The daemon has every page; its goodbye is answered once this returns."""
+
+    async def _reply(self, get: Get) -> bytes:
+        """The answer to one request (the hybrid server may first ask the source)."""
+        return self._answer(get)
 
     def _answer(self, get: Get) -> bytes:
         run = self.store.run_at(get.pid, get.vaddr // PAGE, get.nr_pages)

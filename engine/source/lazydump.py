@@ -36,6 +36,7 @@ from tug.engine.criu.tool import DUMP_STOP, error_lines_from_text, log_error_lin
 from tug.engine.errors import CriuError
 from tug.engine.runtime.network import connect_in_netns
 from tug.engine.runtime.runc import Runc
+from tug.transports.criu_pageserver import HEADER, PS_IOV_CLOSE
 
 #: Where CRIU listens inside the dump's private network namespace (nothing else lives there).
 LAZY_PORT = 27182
@@ -58,6 +59,8 @@ class LazyDump:
         self.argv: list[str] = []
         self._proc: asyncio.subprocess.Process | None = None
         self._reaper: asyncio.Task[tuple[bytes, bytes]] | None = None
+        #: Our idle connection to CRIU's lazy server (hold()).
+        self._held: socket.socket | None = None
 
     @property
     def running(self) -> bool:
@@ -100,6 +103,49 @@ class LazyDump:
         """A socket connected to CRIU's lazy server (for the reverse forward)."""
         return await asyncio.to_thread(connect_in_netns, self.netns, LAZY_PORT)
 
+    async def hold(self) -> None:
+        """Be CRIU's one client without asking it anything (hybrid: tug reads the frozen memory itself).
+
+        A lazy server nobody connected to ignores a graceful stop's aftermath
+        badly (seen: CRIU gone after SIGALRM, ``runc checkpoint`` waiting
+        forever); a connected one ends its dump the supported way, and so it
+        does when tug dies and the connection closes (as when post-copy's
+        daemon loses its link): the processes are re-frozen, never let run.
+        """
+        if self._held is None:
+            try:
+                self._held = await self.connect()
+            except OSError as exc:
+                raise self._failure(f"could not be reached: {exc}") from None
+
+    async def goodbye(self, timeout: float = 10.0) -> None:
+        """Tell CRIU's lazy server that every page is in place, as the lazy-pages daemon would.
+
+        For a fill CRIU did not serve (hybrid): ``PS_IOV_CLOSE`` on the held
+        connection (:meth:`hold`), its status read, then our close; CRIU then
+        ends its dump (see :meth:`finish`).
+        """
+        if not self.running:
+            raise self._failure("had ended before the fill did")
+        await self.hold()
+        sock, self._held = self._held, None
+        assert sock is not None
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.sock_sendall(sock, HEADER.pack(PS_IOV_CLOSE, 0, 0, 0))
+                status = b""
+                while len(status) < 4 and (got := await loop.sock_recv(sock, 4 - len(status))):
+                    status += got
+        except TimeoutError:
+            raise self._failure(f"did not answer the end of the fill within {timeout:g} s") from None
+        except OSError as exc:
+            raise self._failure(f"broke the connection that ends the fill: {exc}") from None
+        finally:
+            sock.close()
+        if status != b"\0\0\0\0":
+            raise self._failure(f"answered the end of the fill with {status.hex() or 'nothing'}")
+
     async def finish(self, timeout: float) -> None:
         """The destination has every page: CRIU ends on its own (raises CriuError if it fails)."""
         if self._reaper is None:
@@ -122,6 +168,9 @@ class LazyDump:
             await proc.stop_group(self._proc, DUMP_STOP)
         if self._reaper is not None:
             await asyncio.shield(asyncio.wait({self._reaper}))
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
     def _failure(self, what: str) -> CriuError:
         err = b""
@@ -147,21 +196,22 @@ async def release_from_dump(init_pid: int, grace: float = DUMP_STOP.grace) -> bo
     says "running"). SIGALRM is how CRIU stops cleanly: it re-freezes them.
     Returns whether there was one. Only a CRIU binary tracer is signalled.
     """
-    tracer = _tracer_of(init_pid)
+    tracer = tracer_of(init_pid)
     if tracer is None or not runs_criu(tracer):
         return False
     with contextlib.suppress(ProcessLookupError):
         os.kill(tracer, signal.SIGALRM)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
-    while loop.time() < deadline and _tracer_of(init_pid) == tracer:
+    while loop.time() < deadline and tracer_of(init_pid) == tracer:
         await asyncio.sleep(0.05)
-    if _tracer_of(init_pid) == tracer:
+    if tracer_of(init_pid) == tracer:
         raise CriuError(f"CRIU (pid {tracer}) still holds the container's processes {grace:g} s after SIGALRM")
     return True
 
 
-def _tracer_of(pid: int) -> int | None:
+def tracer_of(pid: int) -> int | None:
+    """The pid of the process tracing ``pid`` (CRIU while it holds the container), or None."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("TracerPid:"):

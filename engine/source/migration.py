@@ -34,6 +34,7 @@ from typing import Any
 from tug.engine.criu import tool as criu
 from tug.engine.criu.tool import check_criu_opts
 from tug.engine.errors import (
+    ConfigError,
     MigrationError,
     PhaseTimeoutError,
     PreconditionError,
@@ -90,6 +91,7 @@ class Migration(FrozenWindow):
         #: and how the destination restores: the driver asks each member's
         #: strategy, never branches on one.
         self.members = [self._member(n) for n in names]
+        self._check_group_strategy()
         #: Set once anything was changed on either host; before that a failure
         #: has nothing to undo and its outcome is "aborted", not "rolled-back".
         self.changed = False
@@ -114,6 +116,14 @@ class Migration(FrozenWindow):
             m.netns_of = holders.get(m.name)
         if len(self.members) > len(by_name):
             self.note(f"pod: moving {', '.join(m.name for m in self.members)} as one group")
+        self._check_group_strategy()
+
+    def _check_group_strategy(self) -> None:
+        if len(self.members) > 1 and not self.strategy.moves_groups:
+            raise ConfigError(
+                f"strategy {self.strategy.name!r} moves one container for now, not a group "
+                f"({', '.join(m.name for m in self.members)}): use stop-copy, precopy or postcopy; nothing was changed"
+            )
 
     # ---- plumbing -----------------------------------------------------------
 

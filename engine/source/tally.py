@@ -94,6 +94,8 @@ class Tally:
             fill_ms=self.lazy_fill_ms,
             remote_faults=self.fill.get("remote_faults"),
             fault_latency_ms=self.fill.get("fault_latency_ms"),
+            store_pages=self.fill.get("store_pages"),
+            source_pages=self.fill.get("source_pages"),
             bytes_after_commit=self.bytes_after_commit,
             agent_cpu_s=self.agent_usage.get("cpu_s"),
             agent_children_cpu_s=self.agent_usage.get("children_cpu_s"),

@@ -218,8 +218,16 @@ class FrozenWindow(FailureHandling):
         fill = m.strategy.fill_stats()
         # The destination's lazy-pages daemon logged each fault and when its page
         # landed; a dump that keeps serving (post-copy) answered every one of them.
+        counts: dict[str, int] = {}
         if isinstance(settled.get("faults"), int) and m.strategy.dump_keeps_serving:
-            fill["remote_faults"] = settled["faults"] + int(self.tally.fill.get("remote_faults") or 0)
+            counts["remote_faults"] = settled["faults"]
+        # A page server that serves from a store and asks the source only for
+        # some pages (hybrid) counts which faults went to the source itself.
+        for key in ("remote_faults", "store_pages", "source_pages"):
+            if isinstance(settled.get(key), int) and m.strategy.dump_keeps_serving:
+                counts[key] = settled[key]
+        for key, n in counts.items():  # the group's members add up
+            fill[key] = n + int(self.tally.fill.get(key) or 0)
         lat = settled.get("fault_latency_ms")
         if isinstance(lat, dict) and all(isinstance(v, (int, float)) for v in lat.values()):
             fill["fault_latency_ms"] = {str(k): float(v) for k, v in lat.items()}

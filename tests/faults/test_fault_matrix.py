@@ -51,19 +51,22 @@ _names = itertools.count(1)
 #: strategy/phase/fault -> outcome, written to build/fault-matrix.json for the README.
 OUTCOMES: dict[str, str] = {}
 
-STRATEGIES = ["stop-copy", "precopy", "postcopy"]
+STRATEGIES = ["stop-copy", "precopy", "postcopy", "hybrid"]
+#: Strategies with rounds before the freeze, and with a fill served by the frozen source.
+ROUNDS = ("precopy", "hybrid")
+LAZY_DUMP = ("postcopy", "hybrid")
 PHASES = ["pre-checkpoint", "precopy", "checkpoint", "transfer", "restore", "fill"]
 FAULTS = ["agent-kill", "link-drop", "agent-stop", "criu-kill", "sigterm", "migrate-kill"]
 
 
 def _cases() -> Iterator[tuple[str, str, str]]:
     for strategy, phase, fault in itertools.product(STRATEGIES, PHASES, FAULTS):
-        if phase == "precopy" and strategy != "precopy":
+        if phase == "precopy" and strategy not in ROUNDS:
             continue
-        if phase == "fill" and strategy != "postcopy":
+        if phase == "fill" and strategy not in LAZY_DUMP:
             continue  # the local fills of the others last ~0.3 s: their faults land in restore's cases
-        if fault == "criu-kill" and (phase == "pre-checkpoint" or (phase == "transfer" and strategy != "postcopy")):
-            continue  # no CRIU runs then (but post-copy's lazy dump serves from checkpoint to the end of the fill)
+        if fault == "criu-kill" and (phase == "pre-checkpoint" or (phase == "transfer" and strategy not in LAZY_DUMP)):
+            continue  # no CRIU runs then (but a lazy dump holds the source from checkpoint to the end of the fill)
         yield strategy, phase, fault
 
 
@@ -125,7 +128,7 @@ def test_fault(lab: Lab, victim: str, strategy: str, phase: str, fault: str) -> 
         # still answers keepalives): short ones for every phase after this.
         for ph in PHASES[PHASES.index(phase):] + ["commit"]:
             extra += ["--timeout", f"{ph}=8"]
-    if strategy == "precopy":
+    if strategy in ROUNDS:
         extra += ["--policy", "max-iter=3"]
     run = start_migrate("a", victim, lab.url("b"), *extra)
     reached = run.wait_phase(phase)

@@ -84,3 +84,10 @@ def test_a_group_round_is_its_members_rounds_summed() -> None:
     both = combine(3, [part(1, 0.5), part(2, 0.2)])
     assert (both.index, both.duration_s, both.pages_scanned, both.dirty_pages, both.pages_sent, both.pages_skipped) == (3, 0.5, 30, 3, 3, 27)
     assert (both.bytes_sent, both.bandwidth_bps, both.dirty_rate_pps) == (3 * 4096, 3000.0, 6.0)
+
+
+def test_a_strategy_not_tried_on_groups_refuses_one(tmp_path: Path) -> None:
+    opts = MigrationOptions(strategy="hybrid", host=host(tmp_path))
+    with pytest.raises(ConfigError, match="moves one container for now"):
+        Migration(["a", "b"], "ssh://root@b", opts, None)
+    assert [m.name for m in Migration("a", "ssh://root@b", opts, None).members] == ["a"]

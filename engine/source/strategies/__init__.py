@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from tug.engine.errors import ConfigError
 from tug.engine.source.strategies.base import RestoreMode, Strategy
+from tug.engine.source.strategies.hybrid import Hybrid
 from tug.engine.source.strategies.postcopy import Postcopy
 from tug.engine.source.strategies.precopy import Precopy
 from tug.engine.source.strategies.stopcopy import StopCopy
@@ -17,7 +18,7 @@ from tug.engine.source.strategies.stopcopy import StopCopy
 if TYPE_CHECKING:
     from tug.engine.options import MigrationOptions
 
-REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (StopCopy, Precopy, Postcopy)}
+REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (StopCopy, Precopy, Postcopy, Hybrid)}
 
 
 def create(opts: MigrationOptions) -> Strategy:

@@ -59,6 +59,8 @@ class Strategy(abc.ABC):
     #: Whether the frozen dump goes on serving the container's memory after it
     #: returns (CRIU then holds the processes stopped, not the freezer).
     dump_keeps_serving: ClassVar[bool] = False
+    #: Whether it moves a group of containers (tested so; see source/member.py).
+    moves_groups: ClassVar[bool] = True
 
     def __init__(self, opts: MigrationOptions) -> None:
         self.opts = opts

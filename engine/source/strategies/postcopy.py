@@ -24,7 +24,7 @@ from typing import Any
 from tug.engine.criu.images import PE_LAZY, read_pagemap
 from tug.engine.errors import PreconditionError, ProtocolError, TransportError
 from tug.engine.progress import Meter
-from tug.engine.source.context import DumpFn
+from tug.engine.source.context import DumpFn, SourceContext
 from tug.engine.source.lazydump import LazyDump
 from tug.engine.source.strategies.base import RestoreMode, Strategy
 from tug.transports.criu_lazy import LazyProtocolError, LazyWatch
@@ -43,6 +43,17 @@ def lazy_bytes(images: Path) -> int:
             if e.flags & PE_LAZY:
                 total += e.nr_pages * PAGE_SIZE
     return total
+
+
+async def ask_admission(ctx: SourceContext, port: int, peer_port: int) -> str | None:
+    """May the destination's process at ``peer_port`` use the forward on ``port``? Its agent decides."""
+    res = await ctx.session.call("admit_lazy_peer", container=ctx.name, port=port, peer_port=peer_port)
+    refused = res.get("refused")
+    if refused is not None and not isinstance(refused, str):
+        raise ProtocolError("admit_lazy_peer answered a non-string reason")
+    if refused:
+        ctx.note(f"the destination's connection to the frozen memory was refused: {refused}", "warning")
+    return refused
 
 
 class Postcopy(Strategy):
@@ -95,15 +106,7 @@ class Postcopy(Strategy):
     async def _admit(self, peer_port: int) -> str | None:
         """Only root's CRIU on the destination may fetch the frozen memory (its agent checks)."""
         assert self.forward is not None
-        res = await self.ctx.session.call(
-            "admit_lazy_peer", container=self.ctx.name, port=self.forward.remote_port, peer_port=peer_port
-        )
-        refused = res.get("refused")
-        if refused is not None and not isinstance(refused, str):
-            raise ProtocolError("admit_lazy_peer answered a non-string reason")
-        if refused:
-            self.ctx.note(f"the destination's connection to the lazy dump was refused: {refused}", "warning")
-        return refused
+        return await ask_admission(self.ctx, self.forward.remote_port, peer_port)
 
     async def _connect(self) -> socket.socket:
         if self.dump is None or not self.dump.running:

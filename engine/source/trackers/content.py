@@ -29,7 +29,7 @@ from tug.engine.progress import Meter
 from tug.engine.source.context import DumpFn, SourceContext
 from tug.engine.source.psfilter import FilterServer, PageFilter
 from tug.engine.source.trackers.base import Rounds
-from tug.engine.source.trackers.shadow import ContentTracker, ProcessMemory, Region
+from tug.engine.source.trackers.shadow import PAGE, ContentTracker, ProcessMemory, Region
 from tug.policies import ConvergencePolicy, RoundStats
 
 QUEUE_DEPTH = 8  # chunks of up to 4 MiB in flight between scanner and sender
@@ -64,8 +64,19 @@ class ContentRounds(Rounds):
         #: The source-side page server that filters the frozen dump.
         self._filter: FilterServer | None = None
         self.final_delta_bytes = 0
+        #: pid -> pages written again after round 0: the hot set, most
+        #: likely to differ at the freeze and to be touched first after it
+        #: (hybrid's sweep visits them first).
+        self.rewritten: dict[int, set[int]] = {}
+        self._index = 0
+
+    def _rewritten(self, pid: int, runs: list[tuple[int, bytes]]) -> None:
+        pages = self.rewritten.setdefault(pid, set())
+        for vaddr, data in runs:
+            pages.update(range(vaddr // PAGE, (vaddr + len(data)) // PAGE))
 
     async def round(self, index: int) -> RoundStats:
+        self._index = index
         t0 = time.monotonic()
         since = self._since_last_round(t0)
         c = RoundCounters()
@@ -140,6 +151,8 @@ class ContentRounds(Rounds):
                 c.scanned += res.scanned
                 if res.changed:
                     c.dirty += res.changed_pages
+                    if self._index > 0:
+                        self._rewritten(mem.ns_pid, res.changed)
                     await queue.put((mem.ns_pid, res.changed))
 
     def page_filter(self) -> PageFilter:

@@ -135,6 +135,11 @@ class ProcessMemory:
                 out.append((vaddr + off * PAGE, min(CHUNK_PAGES, count - off)))
         return out
 
+    def present(self, vaddr: int, npages: int) -> list[tuple[int, int]]:
+        """Dumpable page runs among ``npages`` pages from ``vaddr`` (one pagemap read)."""
+        raw = os.pread(self._pagemap, npages * 8, vaddr // PAGE * 8)
+        return list(anon_runs(vaddr, struct.unpack(f"<{len(raw) // 8}Q", raw)))
+
     def read(self, vaddr: int, npages: int) -> bytes:
         """The pages' current bytes; b"" if the mapping vanished meanwhile."""
         try:
