@@ -14,8 +14,9 @@ setup:
 demo: setup
 	@bash scripts/demo.sh
 
+# Three lanes at once, each in its own lab instance: see scripts/test.sh.
 test: setup typecheck
-	$(PYTEST) -q -ra tests
+	@bash scripts/test.sh
 
 unit: setup
 	$(PYTEST) -q tests/unit

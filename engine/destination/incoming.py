@@ -72,6 +72,8 @@ class Incoming:
     #: The restored copy ran and then broke (its lazy fill failed): it was
     #: killed, and nothing of it may be kept.
     broken: bool = False
+    #: When its restore let the processes run (monotonic), for the fill's duration.
+    ran_at: float | None = None
     #: Its processes held file locks when dumped: the restore takes them again.
     file_locks: bool = False
     #: A pod's member: the container whose network namespace it joins.

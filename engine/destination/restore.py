@@ -136,6 +136,7 @@ class RestoreCalls(AgentState):
             exc.log_path = self._keep_log(inc, "restore.log") or exc.log_path
             raise
         inc.restored = True
+        inc.ran_at = time.monotonic()
         steps = criu_restore_steps(inc.criu_work)
         if inc.endpoint is not None:
             staged, inc.staged_frames = inc.staged_frames, []
@@ -194,7 +195,9 @@ class RestoreCalls(AgentState):
         inc = self._get(container)
         if inc.lazy is None:
             return {"lazy_ms": 0}
-        t0 = time.monotonic()
+        # From its processes running (not from this call: a group's later
+        # members run, and fill, before their settle is asked for).
+        t0 = inc.ran_at if inc.ran_at is not None else time.monotonic()
         try:
             await inc.lazy.settle(timeout)
         except CriuError as exc:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from ..faults.harness import refuse_restore_on
-from .conftest import Lab, demo_container, migrate, on
+from .conftest import Lab, demo_container, lazy_wait, migrate, on
 
 BIND = {"destination": "/data", "type": "bind", "source": "/srv/tug-data", "options": ["rbind", "rw"]}
 
@@ -77,7 +77,7 @@ def test_copied_volume_moves_with_its_open_files(lab: Lab, vdemo: str, tmp_path:
     # The copy is b's own, under its bundle; the config's mount points at it.
     there = state_mount(lab, "b", vdemo)
     assert there.startswith(str(lab.bundle("b", vdemo))), there
-    mid = lab.check_moved_intact("b", vdemo, before, report["downtime_ms"])
+    mid = lab.check_moved_intact("b", vdemo, before, report["downtime_ms"], fault_wait_ms=lazy_wait(report))
     # The source's directory is its admin's data: left where it was.
     assert Path(src_dir).is_dir()
 
@@ -89,7 +89,7 @@ def test_copied_volume_moves_with_its_open_files(lab: Lab, vdemo: str, tmp_path:
     report = res.json()
     assert volumes_of(report)["/state"]["mode"] == "copy"
     assert state_mount(lab, "a", vdemo) == str(dest)
-    lab.check_moved_intact("a", vdemo, mid, report["downtime_ms"])
+    lab.check_moved_intact("a", vdemo, mid, report["downtime_ms"], fault_wait_ms=lazy_wait(report))
     shutil.rmtree(dest, ignore_errors=True)
 
 
@@ -117,7 +117,7 @@ def test_shared_volume_is_verified_then_kept(lab: Lab, vdemo: str) -> None:
     assert volumes_of(report)["/state"]["mode"] == "shared"
     assert volumes_of(report)["/state"]["bytes"] == 0
     assert state_mount(lab, "b", vdemo) == src_dir
-    lab.check_moved_intact("b", vdemo, before, report["downtime_ms"])
+    lab.check_moved_intact("b", vdemo, before, report["downtime_ms"], fault_wait_ms=lazy_wait(report))
     assert not any(p.name.startswith(".tug-volume-check-") for p in Path(src_dir).iterdir())
 
 

@@ -23,6 +23,7 @@ millisecond); the invariants do not depend on where it landed.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import json
 import os
@@ -198,6 +199,14 @@ def test_harness_sees_every_phase(lab: Lab, victim: str) -> None:
 def matrix_report() -> Iterator[None]:
     yield
     if OUTCOMES:
+        # Merged with what another lane of the same run wrote (scripts/test.sh
+        # runs the matrix in parts), under a lock: one file for the README.
         out = Path(__file__).resolve().parents[2] / "build" / "fault-matrix.json"
         out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps(OUTCOMES, indent=1, sort_keys=True))
+        with open(out.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                known = json.loads(out.read_text()) if out.exists() else {}
+            except ValueError:
+                known = {}
+            out.write_text(json.dumps({**known, **OUTCOMES}, indent=1, sort_keys=True))
