@@ -25,12 +25,14 @@ from .conftest import TUG, Lab, migrate, on, wait_for
 class Client:
     """``tug lab client NAME`` in the background; :meth:`stop` ends it with SIGINT."""
 
-    def __init__(self, lab: Lab, name: str, *extra: str, connections: int = 1) -> None:
+    def __init__(self, lab: Lab, name: str, *extra: str, connections: int = 1, port: int = 7000) -> None:
         self.address = lab.address(name)
         self.client_ns = lab.layout.client_ns
         self.connections = connections
+        self.port = port
         self.proc = subprocess.Popen(
-            [TUG, "lab", "client", name, "--duration", "600", "--json", "--connections", str(connections), *extra],
+            [TUG, "lab", "client", name, "--duration", "600", "--json", "--connections", str(connections),
+             "--port", str(port), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
         )
         want = connections + (1 if "--bulk" in extra else 0) + (1 if "--upload" in extra else 0)
@@ -43,7 +45,7 @@ class Client:
         res = subprocess.run(
             ["ip", "netns", "exec", self.client_ns, "ss", "-Htn", "state", "established"], capture_output=True, text=True
         )
-        return {ln.split()[2] for ln in res.stdout.splitlines() if f"{self.address}:7000" in ln}
+        return {ln.split()[2] for ln in res.stdout.splitlines() if f"{self.address}:{self.port}" in ln}
 
     def established(self) -> int:
         return len(self.sockets())

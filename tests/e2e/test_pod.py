@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from .conftest import Lab, lazy_wait, on, tug
+from .test_network import Client, assert_clean_run
 
 _pods = itertools.count(1)
 
@@ -100,3 +101,21 @@ def test_a_shared_ipc_namespace_is_refused(lab: Lab, demo: str) -> None:
     assert "shares namespaces" in err and "ipc (/proc/1/ns/ipc)" in err
     assert lab.check("a", demo)["ok"]
     assert lab.state("b", demo) is None and lab.leftovers("b", demo) == []
+
+
+def test_clients_of_the_pod_keep_their_connections(lab: Lab, pod: list[str]) -> None:
+    """Clients of two members, both at the pod's address (the holder's
+    workload on port 7000, the first member's on 7001): after the pod moved
+    there and back, neither connection was reset, lost a reply or reconnected."""
+    holder = pod[0]
+    clients = [Client(lab, holder), Client(lab, holder, port=7001)]
+    try:
+        rc, report, err = run("a", holder, "--pod", "--to", lab.url("b"))
+        assert rc == 0, err
+        rc, report, err = run("b", holder, "--pod", "--to", lab.url("a"))
+        assert rc == 0, err
+        assert all(c.established() == 1 for c in clients)
+    finally:
+        results = [c.stop() for c in clients]
+    for r in results:
+        assert_clean_run(r)
