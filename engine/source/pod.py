@@ -14,7 +14,9 @@ The rules, checked before anything changes:
 - a holder must move with every container that joins its namespace (else
   they would be left in a namespace the commit deletes): ``--pod`` adds
   them, naming a holder alone is refused;
-- holders are restored before the members that join them.
+- holders are prepared on the destination before the members that join
+  them (their namespace must exist there), and restored after them
+  (source/window.py: the holder's restore brings the pod's link up).
 
 Sharing other namespaces (IPC, UTS, PID) between containers is refused: CRIU
 treats only network and PID namespaces as external, so a shared IPC
@@ -136,6 +138,7 @@ def check_pods(group: list[str], sharing: Sharing) -> dict[str, str]:
 
 
 def restore_order(group: list[str], holders: Mapping[str, str]) -> list[str]:
-    """Holders before the members that join their namespace; otherwise as given."""
+    """Holders before the members that join their namespace (the order the
+    destination prepares them in); otherwise as given."""
     first = [n for n in group if n not in holders]
     return first + [n for n in group if n in holders]

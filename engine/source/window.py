@@ -3,10 +3,11 @@
 The base of :class:`tug.engine.source.migration.Migration` that runs the
 phases from the freeze on, over every member of the group: one freeze of all
 of them (every member paused before any network lock engages and before any
-dump starts), their dumps side by side, then the restores in group order
-(the first member first: with pods, the namespace holder). The downtime ends
-when the last member runs; the commit point is the first member that runs
-(from then on no member's source resumes, see :mod:`.member`).
+dump starts), their dumps side by side, then the restores in group order,
+except that a pod's namespace holder comes after the members joining it
+(its restore brings the pod's link up). The downtime ends when the last member runs; the commit
+point is the first member that runs (from then on no member's source
+resumes, see :mod:`.member`).
 """
 
 from __future__ import annotations
@@ -139,11 +140,16 @@ class FrozenWindow(FailureHandling):
     # ---- restore: in group order; the first that runs is the commit point --------
 
     async def _restore(self) -> None:
-        answers = [await self._restore_member(m) for m in self.members]
+        # A pod's members first, into the namespace the destination made for
+        # it in pre-restore; its holder last, whose restore brings the pod's
+        # link up: no packet reaches the pod before every member's sockets
+        # exist (a member restored after that would have its peers reset).
+        order = [m for m in self.members if m.netns_of is not None] + [m for m in self.members if m.netns_of is None]
+        answers = [await self._restore_member(m) for m in order]
         self.tally.running_at = time.monotonic()
         self.tally.wire_at_running = self.wire_bytes()
         self.tally.frozen_bytes = self.wire_bytes() - self.tally.frozen_sent_at_freeze
-        for m, (res, held) in zip(self.members, answers, strict=True):
+        for m, (res, held) in zip(order, answers, strict=True):
             if m.net is not None:
 
                 async def deliver(late: list[bytes], name: str = m.name) -> int:
