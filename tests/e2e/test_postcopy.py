@@ -60,11 +60,13 @@ def test_postcopy_there_and_back_keeps_memory_and_connections(lab: Lab, busy_dem
     assert not runc_checkpoints() and not criu_pids("a") and not criu_pids("b")
 
 
-def test_failure_before_the_processes_run_rolls_back(lab: Lab, busy_demo: str, tmp_path: Path) -> None:
-    """CRIU's restore fails on b: the lazy dump is stopped and the source runs on."""
+@pytest.mark.parametrize("strategy", ["postcopy", "hybrid"])
+def test_failure_before_the_processes_run_rolls_back(lab: Lab, busy_demo: str, tmp_path: Path, strategy: str) -> None:
+    """CRIU's restore fails on b: the lazy dump is stopped and the source runs
+    on (post-copy's, and hybrid's after its rounds)."""
     demo = busy_demo
     refuse_restore_on(lab, "a", demo, "b", tmp_path)
-    res = migrate("a", demo, lab.url("b"), "--strategy", "postcopy")
+    res = migrate("a", demo, lab.url("b"), "--strategy", strategy)
     assert res.returncode == 1
     report = res.json()
     assert report["outcome"] == "rolled-back", report
