@@ -102,22 +102,16 @@ def check_relpath(path: str) -> None:
     safefs.check_relpath(path)
 
 
+#: A file's type (``S_IFMT``) and its kind in a manifest, both ways.
+_TYPES = {
+    stat.S_IFDIR: DIR, stat.S_IFREG: FILE, stat.S_IFLNK: LINK, stat.S_IFIFO: FIFO, stat.S_IFCHR: CHR,
+    stat.S_IFBLK: BLK, stat.S_IFSOCK: SOCK,
+}  # fmt: skip
+_TYPE_OF = {kind: ifmt for ifmt, kind in _TYPES.items()}
+
+
 def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return DIR
-    if stat.S_ISREG(mode):
-        return FILE
-    if stat.S_ISLNK(mode):
-        return LINK
-    if stat.S_ISFIFO(mode):
-        return FIFO
-    if stat.S_ISCHR(mode):
-        return CHR
-    if stat.S_ISBLK(mode):
-        return BLK
-    if stat.S_ISSOCK(mode):
-        return SOCK
-    return OTHER
+    return _TYPES.get(stat.S_IFMT(mode), OTHER)
 
 
 def scan(root: Path, only: str | None = None) -> list[Entry]:
@@ -243,10 +237,7 @@ def apply_structure(root: Path, p: Plan) -> None:
         for e in p.links:
             safefs.make_symlink(rootfd, e.path, e.link, uid=e.uid, gid=e.gid, mtime_ns=e.mtime_ns)
         for e in p.nodes:
-            safefs.make_node(rootfd, e.path, _NODE_TYPE[e.kind], e.rdev, uid=e.uid, gid=e.gid, mode=e.mode, mtime_ns=e.mtime_ns)
-
-
-_NODE_TYPE = {FIFO: stat.S_IFIFO, CHR: stat.S_IFCHR, BLK: stat.S_IFBLK}
+            safefs.make_node(rootfd, e.path, _TYPE_OF[e.kind], e.rdev, uid=e.uid, gid=e.gid, mode=e.mode, mtime_ns=e.mtime_ns)
 
 
 def config_devices(spec: Any) -> frozenset[Device]:

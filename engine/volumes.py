@@ -29,16 +29,18 @@ import os
 import posixpath
 import secrets
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tug.engine import safefs
 from tug.engine.errors import ConfigError, PreconditionError
 
 if TYPE_CHECKING:
     from tug.transports.session import Session
+
+T = TypeVar("T")
 
 SHARED = "shared"
 COPY = "copy"
@@ -192,39 +194,40 @@ def remove_nonce(volume: Volume, name: str) -> None:
         safefs.remove_at(rootfd, name)
 
 
-def read_nonce(directory: Path, name: str) -> bytes | None:
-    """The nonce as the destination reads it at the same path (None: not there)."""
-    if not name.startswith(NONCE_PREFIX) or "/" in name:
-        return None
+def _read_regular(directory: Path, name: str, read: Callable[[int], T]) -> T | None:
+    """``read`` applied to ``name`` in ``directory``, opened through no
+    symlink and only if it is a regular file (None: missing, not a regular
+    file, or unreadable)."""
     try:
         with safefs.root_fd(directory) as rootfd:
             fd = safefs.open_regular_for_read(rootfd, name)
             if fd is None:
                 return None
             try:
-                return os.read(fd, 64)
+                return read(fd)
             finally:
                 os.close(fd)
     except OSError:
         return None
+
+
+def read_nonce(directory: Path, name: str) -> bytes | None:
+    """The nonce as the destination reads it at the same path (None: not there)."""
+    if not name.startswith(NONCE_PREFIX) or "/" in name:
+        return None
+    return _read_regular(directory, name, lambda fd: os.read(fd, 64))
 
 
 def file_digest(path: Path) -> str | None:
     """A bound file's content digest, to prove both hosts see the same file."""
-    try:
-        with safefs.root_fd(path.parent) as rootfd:
-            fd = safefs.open_regular_for_read(rootfd, path.name)
-            if fd is None:
-                return None
-            h = hashlib.blake2b(digest_size=16)
-            try:
-                while chunk := os.read(fd, 1 << 20):
-                    h.update(chunk)
-            finally:
-                os.close(fd)
-            return h.hexdigest()
-    except OSError:
-        return None
+
+    def digest(fd: int) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        while chunk := os.read(fd, 1 << 20):
+            h.update(chunk)
+        return h.hexdigest()
+
+    return _read_regular(path.parent, path.name, digest)
 
 
 async def verify_shared(session: Session, container: str, vol: Volume, host: str) -> None:

@@ -126,10 +126,18 @@ async def retire_source(
     return gone
 
 
-async def preflight_destination(session: Session, name: str, criu_version: str, network: dict[str, Any] | None) -> dict[str, Any]:
-    """Can the destination take the container (versions, name, CPU)? Changes nothing there."""
+async def local_cpuinfo() -> bytes:
+    """This host's CPU as CRIU describes it (cpuinfo.img), for the destination to check."""
     with tempfile.TemporaryDirectory(prefix="tug-cpuinfo-") as d:
-        cpuinfo = (await criu.cpuinfo_dump(Path(d))).read_bytes()
+        return (await criu.cpuinfo_dump(Path(d))).read_bytes()
+
+
+async def preflight_destination(
+    session: Session, name: str, criu_version: str, network: dict[str, Any] | None, cpuinfo: bytes
+) -> dict[str, Any]:
+    """Can the destination take the container (versions, name, CPU)? Changes
+    nothing there. An empty ``cpuinfo`` skips the CPU check (a group's CPU
+    is checked once, with its first member)."""
     return await session.call("preflight", container=name, criu_version=criu_version, cpuinfo=cpuinfo, network=network)
 
 
@@ -152,31 +160,48 @@ async def start_final_page_server(
         raise
 
 
-def held_file_locks(pids: list[int]) -> bool:
-    """Whether any of ``pids`` holds a file lock (POSIX, flock or OFD).
+@dataclass(frozen=True, slots=True)
+class LockHolders:
+    """Who holds file locks on this host, as ``/proc/locks`` says."""
 
-    ``/proc/locks`` names the holder's pid, except for OFD locks (-1): then
-    the processes' fdinfo, which lists the locks on each open file, decides.
-    """
+    pids: frozenset[int]
+    #: Some lock names no pid (OFD locks, -1): the holders' fdinfo decides.
+    unattributed: bool
+
+    def __bool__(self) -> bool:
+        return bool(self.pids) or self.unattributed
+
+
+def file_lock_holders() -> LockHolders:
+    """One read of ``/proc/locks``: the holders of every lock (waiters are not)."""
     try:
         lines = Path("/proc/locks").read_text().splitlines()
     except OSError:
-        return False
-    mine = set(pids)
-    unattributed = False
+        return LockHolders(frozenset(), False)
+    pids: set[int] = set()
     for line in lines:
         fields = line.split()
         if len(fields) > 1 and fields[1] == "->":
             continue  # a waiter, not a holder
-        if len(fields) < 5 or not fields[4].lstrip("-").isdigit():
-            continue
-        pid = int(fields[4])
-        if pid in mine:
-            return True
-        unattributed = unattributed or pid == -1
-    if not unattributed:
+        if len(fields) >= 5 and fields[4].lstrip("-").isdigit():
+            pids.add(int(fields[4]))
+    return LockHolders(frozenset(pids - {-1}), -1 in pids)
+
+
+def held_file_locks(pids: list[int], holders: LockHolders | None = None) -> bool:
+    """Whether any of ``pids`` holds a file lock (POSIX, flock or OFD).
+
+    ``/proc/locks`` (``holders``: read once for several containers) names
+    the holder's pid, except for OFD locks: then the processes' fdinfo,
+    which lists the locks on each open file, decides.
+    """
+    if holders is None:
+        holders = file_lock_holders()
+    if holders.pids.intersection(pids):
+        return True
+    if not holders.unattributed:
         return False
-    for pid in mine:
+    for pid in pids:
         try:
             fds = os.listdir(f"/proc/{pid}/fdinfo")
         except OSError:

@@ -50,6 +50,7 @@ from tug.engine.runtime.runc import Runc
 from tug.engine.source import strategies
 from tug.engine.source.container import (
     inspect_container,
+    local_cpuinfo,
     open_session,
     preflight_destination,
 )
@@ -204,9 +205,11 @@ class Migration(FrozenWindow):
                     sync_rootfs=self._rootfs_pass_of(m), notes=self.tally.notes,
                 )
             )
-        for m in self.members:
+        cpuinfo = await local_cpuinfo()
+        for i, m in enumerate(self.members):
             network = m.endpoint.to_dict() if m.endpoint is not None else None
-            pre = await preflight_destination(self.s, m.name, str(version), network)
+            # One CPU check for the group: every member's dump is made here.
+            pre = await preflight_destination(self.s, m.name, str(version), network, cpuinfo if i == 0 else b"")
             lazy_possible = self.opts.lazy_restore and bool(pre.get("lazy_restore"))
             m.lazy = m.strategy.restore_mode(lazy_possible) in (RestoreMode.LAZY_LOCAL, RestoreMode.LAZY_REMOTE)
         if self.opts.lazy_restore and not all(m.lazy for m in self.members):

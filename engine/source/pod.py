@@ -27,7 +27,7 @@ SysV objects would no longer be shared.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,7 @@ class Sharing:
         return sorted(c for c, p in self.joins.items() if path is not None and p == path and c != name)
 
 
-async def read_sharing(runc: Runc, netns_path: Any) -> Sharing:
+async def read_sharing(runc: Runc, netns_path: Callable[[str], Path | None]) -> Sharing:
     """Every running or paused container's network namespace on this host.
 
     ``netns_path(name)`` is where tug keeps ``name``'s endpoint namespace

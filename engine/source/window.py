@@ -22,7 +22,7 @@ from tug.engine.errors import MigrationError, PhaseTimeoutError, RanThenFailed, 
 from tug.engine.phases import Phase
 from tug.engine.progress import Meter
 from tug.engine.runtime.endpoint import chunk_frames
-from tug.engine.source.container import held_file_locks, retire_source, start_final_page_server
+from tug.engine.source.container import file_lock_holders, held_file_locks, retire_source, start_final_page_server
 from tug.engine.source.failure import FailureHandling
 from tug.engine.source.member import Member
 from tug.engine.source.rollback import Destination
@@ -52,10 +52,13 @@ class FrozenWindow(FailureHandling):
         for m in self.members:
             m.paused = True  # before the call: a half-done pause must still be undone
             await self.runc.pause(m.name)
+        # Frozen, nobody takes or drops a lock any more: CRIU must carry those
+        # held (it refuses to dump them otherwise), and the restore too. One
+        # read of /proc/locks for the group; a member's pids (a runc call in
+        # the downtime) only if some process on this host holds a lock.
+        holders = file_lock_holders()
         for m in self.members:
-            # Frozen, nobody takes or drops a lock any more: CRIU must carry
-            # those held (it refuses to dump them otherwise), and the restore too.
-            m.file_locks = held_file_locks(await self.runc.pids(m.name))
+            m.file_locks = bool(holders) and held_file_locks(await self.runc.pids(m.name), holders)
             if m.file_locks:
                 self.runc.file_locks.add(m.name)
                 self.note(f"{m.name!r} holds file locks: dumped and restored with them")

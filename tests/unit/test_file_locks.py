@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from tug.engine.source.container import held_file_locks
+from tug.engine.source.container import file_lock_holders, held_file_locks
 
 HOLD = """
 import fcntl, os, sys, time
@@ -44,6 +44,9 @@ def test_posix_flock_and_ofd_locks_are_found_for_their_holder_only(tmp_path: Pat
         try:
             assert held_file_locks([p.pid]), kind
             assert not held_file_locks([os.getpid()]), kind
+            holders = file_lock_holders()  # read once, asked for several containers
+            assert held_file_locks([p.pid], holders) and not held_file_locks([os.getpid()], holders), kind
+            assert (p.pid in holders.pids) if kind != "ofd" else holders.unattributed, kind
         finally:
             p.kill()
             p.wait()
