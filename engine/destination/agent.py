@@ -28,9 +28,11 @@ from tug.engine.destination.incoming import (
     KEPT,
     Incoming,
     check_name,
+    held_until,
     stop_criu_daemons,
 )
 from tug.engine.destination.leftovers import kill_cgroup_of
+from tug.engine.destination.recovercalls import RecoverCalls, marker_of
 from tug.engine.destination.restore import RestoreCalls
 from tug.engine.destination.staging import StagingCalls
 from tug.engine.destination.volumes import remove_created
@@ -52,7 +54,7 @@ KEEP_SETTLE_TIMEOUT = 300.0
 CANCEL_TIMEOUT = 30.0
 
 
-class Agent(StagingCalls, RestoreCalls):
+class Agent(StagingCalls, RestoreCalls, RecoverCalls):
     """Dispatch, preflight, abort and cleanup; the call groups do the rest."""
 
     # ---- dispatch ----------------------------------------------------------
@@ -120,43 +122,19 @@ class Agent(StagingCalls, RestoreCalls):
         # They go back in the answer, which has to fit in one frame: the
         # newest beyond that are dropped (their senders retransmit).
         frames = chunk_frames(inc.endpoint.take_held() if inc.endpoint is not None else [])[0]
-        if inc.restored and not inc.broken:
+        if inc.ran and not inc.broken:
             await self._guarded(inc.name, self._keep(inc))
             return {"aborted": False, "ran": True, "frames": frames, "page_servers": []}
         failed = await self._cleanup(inc)
-        return {"aborted": True, "ran": inc.restored, "frames": frames, "page_servers": failed}
-
-    async def call_inspect(self, container: str) -> dict[str, Any]:
-        """What this host holds of ``container``, for ``tug recover``. Changes nothing."""
-        check_name(container)
-        st = await self.runc.state(container)
-        marker = self.host.bundle_dir(container) / INCOMING_MARKER
-        try:
-            text: str | None = marker.read_text().strip()
-        except OSError:
-            text = None
-        return {
-            "status": st.status if st is not None else None,
-            "bundle": self.host.bundle_dir(container).exists(),
-            "marker": text,
-            "migrating": container in self.incoming,
-        }
-
-    async def call_adopt(self, container: str) -> dict[str, Any]:
-        """``tug recover`` finishes a migration: a kept copy becomes this host's for good."""
-        check_name(container)
-        st = await self.runc.state(container)
-        if st is None or st.status != "running":
-            raise PreconditionError(f"{self.host.name} does not run {container!r}: nothing to adopt")
-        (self.host.bundle_dir(container) / INCOMING_MARKER).unlink(missing_ok=True)
-        return {"adopted": True}
+        return {"aborted": True, "ran": inc.ran, "frames": frames, "page_servers": failed}
 
     async def call_discard(self, container: str) -> dict[str, Any]:
         """``tug recover`` undoes a migration: whatever of it is here and does not run goes."""
         check_name(container)
         st = await self.runc.state(container)
         bundle = self.host.bundle_dir(container)
-        if st is not None and st.status == "running":
+        held = held_until(marker_of(bundle)) is not None
+        if st is not None and st.status == "running" and not held:
             raise PreconditionError(f"{self.host.name} runs {container!r}: refusing to discard it")
         if bundle.exists() and not (bundle / INCOMING_MARKER).exists():
             raise PreconditionError(f"{bundle} is not a migration's leftover (no {INCOMING_MARKER}): left alone")
@@ -237,7 +215,7 @@ class Agent(StagingCalls, RestoreCalls):
         """The session ended: what did not run goes, what ran is kept (call_abort)."""
         for inc in list(self.incoming.values()):
             await _cancel_restore(inc)
-            if inc.restored and not inc.broken and not inc.committed:
+            if inc.ran and not inc.broken and not inc.committed:
                 log.warning("session lost after %s ran here: keeping it (the source stays frozen; see tug recover)", inc.name)
                 await self._guarded(inc.name, self._keep(inc))
             else:

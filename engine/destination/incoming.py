@@ -37,6 +37,10 @@ INCOMING_MARKER = ".tug-incoming"
 #: The marker's text once a restored copy was kept without a commit (its
 #: session ended after it ran): ``tug recover`` adopts it or finds it gone.
 KEPT = "uncommitted"
+#: The marker of a group's member restored and held stopped (restore.py
+#: ``held_until``), followed by the name of the group's last member: it never
+#: ran; tug recover lets it go if that one runs here, else removes it.
+HELD = "held"
 #: Image dirs the source may name, relative to the work dir, and their parents.
 _WORK_SUBDIR = re.compile(r"images|rounds/[0-9]{1,6}")
 _PARENT = re.compile(r"\.\./(rounds/)?[0-9]{1,6}")
@@ -50,6 +54,10 @@ class Incoming:
     bundle: Path
     work: Path
     restored: bool = False
+    #: Restored with its processes stopped, until the source releases it.
+    held: bool = False
+    #: The group's last member, whose restore comes before the release.
+    held_until: str | None = None
     store: PageStore | None = None
     network: EndpointSpec | None = None
     endpoint: DestinationEndpoint | None = None
@@ -85,6 +93,11 @@ class Incoming:
     #: Why the first of its streams that failed here failed: what arrived
     #: cannot be trusted, and no restore may use it (check_received).
     stream_failure: MigrationError | None = None
+
+    @property
+    def ran(self) -> bool:
+        """Whether its restored processes may have run (a held copy has not)."""
+        return self.restored and not self.held
 
     @property
     def images(self) -> Path:
@@ -243,6 +256,12 @@ class AgentState:
         shutil.copy2(src, dst)
         return dst
 
+
+
+def held_until(marker: str | None) -> str | None:
+    """The group's last member a held copy waits for (its marker, see HELD), or None."""
+    parts = (marker or "").split()
+    return parts[1] if len(parts) == 2 and parts[0] == HELD else None
 
 
 def check_name(name: str) -> None:

@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import resource
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,11 @@ from tug.engine.criu.tool import check_criu_opts
 from tug.engine.criu.uncork import peer_is_criu
 from tug.engine.destination.hybridserver import HybridPageServer
 from tug.engine.destination.incoming import (
+    HELD,
     INCOMING_MARKER,
     AgentState,
     Incoming,
+    check_name,
     stop_criu_daemons,
 )
 from tug.engine.destination.lazypages import LazyPages, fault_latencies, latency_summary
@@ -52,11 +56,20 @@ class RestoreCalls(AgentState):
         file_locks: bool = False,
         criu_opts: list[str] | None = None,
         hybrid_ports: list[int] | None = None,
+        held_until: str | None = None,
     ) -> dict[str, Any]:
         """Restore; ``frames`` were held by the source's network lock, to be
         delivered once the restored sockets exist (see runtime.netlock).
         ``lazy``: the processes run before their memory is in place (see
-        lazypages.py); :meth:`call_settle` waits for it."""
+        lazypages.py); :meth:`call_settle` waits for it.
+
+        ``held_until``: a group's member restored before the group's last
+        one (so named). Its processes are left stopped (CRIU's
+        ``leave-stopped``) and its network gate stays shut until
+        :meth:`call_release`, so that until every member is in, nothing of the
+        group has run and a failure still rolls the whole group back (the
+        source resumes). Its marker names the last member: ``tug recover``
+        lets it go if that one runs here, and removes it if not."""
         inc = self._get(container)
         if inc.restoring is not None or inc.restored:
             raise ProtocolError(f"{container!r} is being or was restored already")
@@ -70,9 +83,19 @@ class RestoreCalls(AgentState):
             options = check_criu_opts(criu_opts or [])
             if tcp_close:
                 options.append("tcp-close")
-            if options:
-                self._criu_config(inc, options)
-            return await self._restore(inc, tcp_close, rebuild_pages, frames, lazy, lazy_source_port, hybrid_ports)
+            if held_until is not None:
+                check_name(held_until)
+                options.append("leave-stopped")
+                inc.held = True
+                inc.held_until = held_until
+            own: list[str] | None = self._criu_config(inc, options) if options else None
+            try:
+                return await self._restore(inc, tcp_close, rebuild_pages, frames, lazy, lazy_source_port, hybrid_ports)
+            finally:
+                if own is not None:
+                    # The options were this restore's: the container's later
+                    # dumps (runc reads the same file) get its own lines only.
+                    (inc.bundle / CRIU_CONF).write_text("".join(f"{ln}\n" for ln in own))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -136,8 +159,14 @@ class RestoreCalls(AgentState):
             exc.log_path = self._keep_log(inc, "restore.log") or exc.log_path
             raise
         inc.restored = True
-        inc.ran_at = time.monotonic()
         steps = criu_restore_steps(inc.criu_work)
+        if inc.held:
+            (inc.bundle / INCOMING_MARKER).write_text(f"{HELD} {inc.held_until}\n")
+            inc.staged_frames.extend(frames or ())
+            st = await self.runc.require(container)
+            return {"pid": st.pid, "status": st.status, "held": True,
+                    "restore_ms": (time.monotonic() - t0) * 1000, **steps, **inc.stats}
+        inc.ran_at = time.monotonic()
         if inc.endpoint is not None:
             staged, inc.staged_frames = inc.staged_frames, []
             inc.stats.update(await inc.endpoint.after_restore(staged + list(frames or ())))
@@ -167,8 +196,38 @@ class RestoreCalls(AgentState):
         port = await self._hybrid_server(inc, True, False, None, ports)
         return {"port": port}
 
-    def _criu_config(self, inc: Incoming, options: list[str]) -> None:
-        """Point runc at a CRIU config file for this restore (``org.criu.config``).
+    async def call_release(self, container: str) -> dict[str, Any]:
+        """Let a held member run: every member of its group is restored.
+
+        Its processes get SIGCONT (CRIU left each one stopped; a process that
+        was itself stopped when dumped is continued too: CRIU's restore
+        cannot tell the two apart once ``leave-stopped`` applies), then its
+        network gate opens with the frames held meanwhile.
+        """
+        inc = self._get(container)
+        if not inc.held or not inc.restored:
+            raise ProtocolError(f"{container!r} is not held here")
+        inc.held = False  # from here on, whatever happens, it may have run
+        inc.ran_at = time.monotonic()
+        (inc.bundle / INCOMING_MARKER).write_text("restoring\n")
+        try:
+            for pid in await self.runc.pids(container):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+            out: dict[str, Any] = {}
+            if inc.endpoint is not None:
+                staged, inc.staged_frames = inc.staged_frames, []
+                out.update(await inc.endpoint.after_restore(staged))
+        except Exception as exc:
+            inc.broken = True
+            await self._kill_restored(inc)
+            raise RanThenFailed(f"the restored container could not be let go (it was removed): {exc}") from exc
+        st = await self.runc.require(container)
+        return {"pid": st.pid, "status": st.status, **out}
+
+    def _criu_config(self, inc: Incoming, options: list[str]) -> list[str]:
+        """Point runc at a CRIU config file for this restore (``org.criu.config``);
+        returns the container's own lines, which stay once the restore is over.
 
         The container's own annotation, if its file exists here, is kept:
         its lines come first, tug's options after. The file lives in the
@@ -189,6 +248,7 @@ class RestoreCalls(AgentState):
         conf.write_text("\n".join(lines + options) + "\n")
         annotations["org.criu.config"] = str(conf)
         cfg_path.write_text(json.dumps(spec, indent=2))
+        return lines
 
     async def call_settle(self, container: str, timeout: float = 600.0) -> dict[str, Any]:
         """After a lazy restore: wait until the container's whole memory is in place."""
@@ -292,5 +352,5 @@ def _usage() -> dict[str, float]:
 
 
 def _has_run(inc: Incoming) -> bool:
-    """Whether the restored processes ran (CRIU let them go)."""
-    return inc.restored
+    """Whether the restored processes ran (CRIU let them go, and none is held)."""
+    return inc.ran

@@ -163,6 +163,18 @@ class DestinationEndpoint:
         return {"frames_delivered": delivered, "frames_held_here": len(own),
                 "network_up_ms": int((time.monotonic() - t0) * 1000)}
 
+    async def open_after_crash(self) -> None:
+        """A held copy let go after its agent died: the frame hold that agent
+        left engaged goes (opening one clears a crashed run's), and the MAC
+        is announced from here."""
+        hold = await FrameHold.open(self.net, self.container)
+        await hold.close()
+        announcer = await asyncio.to_thread(netif.Announcer, self.net.netns_path(self.container), self.spec)
+        try:
+            announcer.send()
+        finally:
+            announcer.close()
+
     def deliver(self, frames: list[bytes]) -> int:
         if self.hold is None:
             raise MigrationError(f"no network endpoint for {self.container!r} to deliver frames to")

@@ -20,6 +20,12 @@ runs it                   runs                  refuse: two copies (stop one)
 does not run it           gone                  refuse: it runs nowhere
 ========================  ====================  =============================
 
+A group's member restored before the group's last one is held there with its
+processes stopped (never run) until that last one is in; recover finishes it
+if the last one runs on the destination, and undoes it otherwise (removing
+what the destination holds of the last one first, so that a restore still in
+flight cannot change the answer).
+
 Nothing is decided from a guess: a destination that cannot be reached is an
 error, and both stay as they are.
 """
@@ -83,6 +89,20 @@ async def recover(container: str, destination: str, *, options: MigrationOptions
     try:
         seen = await session.call("inspect", container=container, timeout=60)
         dest = seen.get("status") if isinstance(seen.get("status"), str) else None
+        last = seen.get("held_until") if dest == "held" and isinstance(seen.get("held_until"), str) else None
+        if last is not None:
+            # Restored for a group and held stopped until the group's last
+            # member was in: it goes the way that member went.
+            other = await session.call("inspect", container=last, timeout=60)
+            if other.get("status") == "running":
+                notes.append(f"{container!r} was held on {target.host} for its group; {last!r} runs there: letting it go")
+                dest = "running"
+            elif other.get("bundle") or other.get("status") is not None:
+                # Not running (never restored, failed, or frozen): the group is
+                # undone. What is left of it there goes first, so that no restore
+                # still in flight can let it run after this decision.
+                await session.call("discard", container=last, timeout=120)
+                notes.append(f"removed what {target.host} held of {last!r}, the last of {container!r}'s group")
         if dest == "running":
             if source == "running":
                 raise ConfigError(

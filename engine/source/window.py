@@ -148,7 +148,15 @@ class FrozenWindow(FailureHandling):
         # link up: no packet reaches the pod before every member's sockets
         # exist (a member restored after that would have its peers reset).
         order = [m for m in self.members if m.netns_of is not None] + [m for m in self.members if m.netns_of is None]
-        answers = [await self._restore_member(m) for m in order]
+        # Every member but the last is held stopped once restored: until the
+        # last is in, nothing of the group has run, and a failure rolls the
+        # whole group back. The last one's restore is the commit point; the
+        # held ones are let go right after it.
+        last = order[-1].name
+        answers = [await self._restore_member(m, held_until=None if m.name == last else last) for m in order]
+        for m, (res, _held_frames) in zip(order, answers, strict=True):
+            if res.get("held"):
+                await self._release(m, res)
         self.tally.running_at = time.monotonic()
         self.tally.wire_at_running = self.wire_bytes()
         self.tally.frozen_bytes = self.wire_bytes() - self.tally.frozen_sent_at_freeze
@@ -178,9 +186,16 @@ class FrozenWindow(FailureHandling):
         if not any(m.filling for m in self.members):
             self.tally.bytes_after_commit = self.wire_bytes() - self.tally.wire_at_running
 
-    async def _restore_member(self, m: Member) -> tuple[dict[str, Any], int]:
+    async def _release(self, m: Member, res: dict[str, Any]) -> None:
+        """Let a held member run (the group's last restore ran already)."""
+        m.dest = Destination.RAN  # whatever the answer: it may run from now on
+        res.update(await self.s.call("release", container=m.name))
+        res["held"] = False
+
+    async def _restore_member(self, m: Member, *, held_until: str | None = None) -> tuple[dict[str, Any], int]:
         """Restore ``m`` on the destination; returns the answer and how many
-        held frames went along."""
+        held frames went along. ``held_until``: the group's last member; ``m``,
+        restored before it, stays stopped until :meth:`_release`."""
         # What clients sent during the freeze goes along, to be answered by the
         # destination the moment its sockets exist (runtime.netlock).
         frames = m.net.take() if m.net is not None else []
@@ -193,6 +208,8 @@ class FrozenWindow(FailureHandling):
             extra["file_locks"] = True
         if self.opts.criu_opts:
             extra["criu_opts"] = list(self.opts.criu_opts)
+        if held_until is not None:
+            extra["held_until"] = held_until
         # From here until an answer, the destination may run the container.
         m.dest = Destination.UNKNOWN
         try:
@@ -209,7 +226,11 @@ class FrozenWindow(FailureHandling):
             # The agent answers a failed restore only once nothing of it runs.
             m.dest = Destination.UNTOUCHED
             raise
-        m.dest = Destination.RAN
+        # Held: restored, stopped, its network gate shut; nothing of it ran,
+        # and an abort removes it like a copy that was never restored.
+        m.dest = Destination.UNTOUCHED if res.get("held") else Destination.RAN
+        if res.get("held"):
+            self.note(f"{m.name!r} restored on {self.target.host}, held stopped until the group is in")
         return res, len(frames)
 
     # ---- fill and commit -----------------------------------------------------------

@@ -118,8 +118,20 @@ class Lab:
         hb = after["heartbeat"]
         assert hb["resets"] == 0 and hb["backwards"] == 0 and hb["skipped"] == 0
         assert hb["last_counter"] > before["heartbeat"]["last_counter"]
-        assert hb["max_gap_ms"] <= downtime_ms + HEARTBEAT_SLACK_MS + fault_wait_ms
+        bound = downtime_ms + HEARTBEAT_SLACK_MS + fault_wait_ms
+        assert hb["max_gap_ms"] <= bound, (
+            f"{name}: heartbeat gap {hb['max_gap_ms']:.0f} ms > downtime {downtime_ms:.0f} + slack "
+            f"{HEARTBEAT_SLACK_MS} + fault wait {fault_wait_ms:.0f} ms; widest gaps (ms, realtime, monotonic "
+            f"before/after): {self._widest_gaps(host, name)}"
+        )
         return after
+
+    def _widest_gaps(self, host: str, name: str, n: int = 2) -> list[tuple[float, str, str, str, str]]:
+        """The heartbeat log's ``n`` widest gaps, to tell a stall from a shifted clock."""
+        log = self.bundle(host, name) / "rootfs" / "state" / "heartbeat.log"
+        lines = [ln.split() for ln in log.read_text().splitlines() if len(ln.split()) == 3]
+        gaps = [((int(b[1]) - int(a[1])) / 1e6, a[1], b[1], a[2], b[2]) for a, b in zip(lines, lines[1:])]
+        return sorted(gaps)[-n:]
 
     def exec(self, host: str, name: str, *argv: str) -> str:
         res = subprocess.run(["runc", "--root", self.runc_root(host), "exec", name, *argv], capture_output=True, text=True, timeout=30)
@@ -185,6 +197,18 @@ def demo_container(lab: Lab, prefix: str = "t", *options: str) -> Iterator[str]:
     tug("lab", "demo", "a", name, *(options or ("--memory", "32", "--dirty-rate", "200")), check=True)
     yield name
     lab.remove(name)
+
+
+def pod_containers(lab: Lab, prefix: str, members: int = 2) -> Iterator[list[str]]:
+    """A fresh pod on host a (``tug lab pod``): its holder, then its members; removed afterwards."""
+    name = f"{prefix}{os.getpid()}-{next(_names)}"
+    names = [name, *(f"{name}-m{i}" for i in range(1, members + 1))]
+    try:
+        tug("lab", "pod", "a", name, "--members", str(members), check=True)
+        yield names
+    finally:
+        for n in reversed(names):
+            lab.remove(n)
 
 
 @pytest.fixture

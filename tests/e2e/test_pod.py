@@ -7,30 +7,22 @@ containers joining that namespace by path, each on its own port).
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .conftest import Lab, lazy_wait, on, tug
+from ..faults.harness import refuse_restore_on
+from .conftest import Lab, lazy_wait, on, pod_containers
 from .test_network import Client, assert_clean_run
-
-_pods = itertools.count(1)
 
 
 @pytest.fixture
 def pod(lab: Lab) -> Iterator[list[str]]:
-    name = f"p{os.getpid()}-{next(_pods)}"
-    members = [name, f"{name}-m1", f"{name}-m2"]
-    try:
-        tug("lab", "pod", "a", name, "--members", "2", check=True)
-        yield members
-    finally:
-        for n in reversed(members):
-            lab.remove(n)
+    yield from pod_containers(lab, "p")
 
 
 def run(src: str, *argv: str) -> tuple[int, dict[str, Any], str]:
@@ -86,6 +78,35 @@ def test_pod_moves_whole_and_back(lab: Lab, pod: list[str], back: str) -> None:
     for n in pod:
         lab.check_moved_intact("a", n, mid[n], report["downtime_ms"], fault_wait_ms=fault_wait)
         assert lab.leftovers("b", n) == []
+
+
+def test_a_failed_restore_rolls_the_whole_pod_back(lab: Lab, pod: list[str], tmp_path: Path) -> None:
+    """The holder's restore (the pod's last: it brings the link up) fails
+    inside CRIU after both members were restored on b. They were held
+    stopped behind a shut network gate, so nothing of the pod ran there: every
+    member resumes on a, b keeps nothing, and a client of a member (port
+    7001) never notices beyond the pause: no reset, no lost reply."""
+    holder = pod[0]
+    before = {n: lab.check("a", n) for n in pod}
+    refuse_restore_on(lab, "a", holder, "b", tmp_path)
+    client = Client(lab, holder, port=7001)
+    try:
+        rc, report, err = run("a", holder, "--pod", "--to", lab.url("b"))
+        assert rc == 1
+        assert report["outcome"] == "rolled-back", err
+        assert report["error"]["phase"] == "restore" and report["commit_point"] is None
+        for n in pod[1:]:  # restored on b before the holder failed
+            assert any(f"{n!r} restored on " in note and "held stopped" in note for note in report["notes"]), report["notes"]
+        assert client.established() == 1
+    finally:
+        result = client.stop()
+    assert_clean_run(result)
+    for n in pod:
+        st = lab.state("a", n)
+        assert st is not None and st["status"] == "running", (n, st)
+        after = lab.check("a", n)
+        assert after["ok"] and after["counter"] > before[n]["counter"], (n, after)
+        assert lab.state("b", n) is None and lab.leftovers("b", n) == []
 
 
 def test_a_shared_ipc_namespace_is_refused(lab: Lab, demo: str) -> None:

@@ -112,7 +112,9 @@ def test_criu_options_reach_the_restore_with_the_containers_own(lab: Lab, demo: 
 
     res = migrate("a", demo, lab.url("b"), "--criu-opt", "skip-in-flight")
     assert res.returncode == 0, res.stderr
+    # The restore's options were the restore's: the container's later dumps
+    # (runc reads the same file) get its own lines only.
     conf = lab.bundle("b", demo) / "criu.conf"
-    assert conf.read_text().split("\n")[:2] == ["verbosity 4", "skip-in-flight"]
+    assert conf.read_text().splitlines() == ["verbosity 4"]
     assert json.loads((lab.bundle("b", demo) / "config.json").read_text())["annotations"]["org.criu.config"] == str(conf)
     assert lab.check("b", demo)["ok"]

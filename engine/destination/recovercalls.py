@@ -1,0 +1,71 @@
+"""The agent's calls for ``tug recover``: what this host holds of a container, and adopting it.
+
+Kept apart from the migration's own calls: recover runs in a fresh agent,
+usually after the migration's agent died, and reads only what that one left
+on disk (the bundle's marker, runc's state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from tug.engine.destination.incoming import HELD, INCOMING_MARKER, AgentState, check_name, held_until
+from tug.engine.errors import PreconditionError
+from tug.engine.runtime import network as netif
+from tug.engine.runtime.endpoint import DestinationEndpoint
+
+
+class RecoverCalls(AgentState):
+    async def call_inspect(self, container: str) -> dict[str, Any]:
+        """What this host holds of ``container``, for ``tug recover``. Changes nothing."""
+        check_name(container)
+        st = await self.runc.state(container)
+        text = marker_of(self.host.bundle_dir(container))
+        status = st.status if st is not None else None
+        until = held_until(text)
+        if status == "running" and until is not None:
+            status = HELD  # restored with its processes stopped: it never ran
+        return {
+            "status": status,
+            "bundle": self.host.bundle_dir(container).exists(),
+            "marker": text,
+            "held_until": until,
+            "migrating": container in self.incoming,
+        }
+
+    async def call_adopt(self, container: str) -> dict[str, Any]:
+        """``tug recover`` finishes a migration: a kept copy becomes this host's for good.
+
+        A copy held stopped for its group (its agent died before releasing
+        it) is let go here: recover asks only once the group's last member
+        runs on this host. A frame hold its dead agent left engaged (frames
+        for the container redirected into a sink nobody reads) is removed.
+        """
+        check_name(container)
+        st = await self.runc.state(container)
+        if st is None or st.status != "running":
+            raise PreconditionError(f"{self.host.name} does not run {container!r}: nothing to adopt")
+        bundle = self.host.bundle_dir(container)
+        if container not in self.incoming:
+            # Its agent died (recover runs in a fresh one): a held copy was
+            # never let go, and any copy's frame hold may still be engaged.
+            if held_until(marker_of(bundle)) is not None:
+                for pid in await self.runc.pids(container):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGCONT)
+            spec = netif.load_spec(bundle)
+            if spec is not None and self.host.network is not None:
+                await DestinationEndpoint(self.host.network, container, spec).open_after_crash()
+        (bundle / INCOMING_MARKER).unlink(missing_ok=True)
+        return {"adopted": True}
+
+
+def marker_of(bundle: Path) -> str | None:
+    try:
+        return (bundle / INCOMING_MARKER).read_text().strip()
+    except OSError:
+        return None

@@ -1,0 +1,128 @@
+"""Faults while a pod's members are held on the destination, before its last restore.
+
+A group's members restored before its last one are held there with their
+processes stopped (never run) until that last one is in. A fault in that
+window must still end with the whole pod on one host: rolled back (every
+member runs on a again), or frozen for ``tug recover``, which lets the held
+members go only if the last one runs on b and undoes them otherwise. Never a
+pod split across the hosts, never two running copies of a member.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from ..e2e.conftest import Lab, on, pod_containers
+from ..e2e.test_network import Client, assert_clean_run
+from .harness import agent_pids, criu_pids, running_copies, signal_all, sshd_sessions_of, start_migrate
+
+pytestmark = pytest.mark.e2e
+
+@pytest.fixture
+def pod(lab: Lab) -> Iterator[list[str]]:
+    yield from pod_containers(lab, "g")
+
+
+def _held_on_b(lab: Lab, name: str, timeout: float = 60.0) -> bool:
+    """Wait until ``name`` is restored and held on b (its bundle's marker says so)."""
+    marker = lab.bundle("b", name) / ".tug-incoming"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if marker.read_text().startswith("held "):
+                return True
+        except OSError:
+            pass
+        time.sleep(0.002)
+    return False
+
+
+def _settled(pred: object, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():  # type: ignore[operator]
+            return True
+        time.sleep(0.1)
+    return bool(pred())  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    ("fault", "held"),
+    # held: how many members are held on b when the fault comes (2: the
+    # holder's restore, the pod's last, is next or under way).
+    # "agent-dies-after-last": the agent hangs (SIGSTOP) while the holder's
+    # CRIU restores it, and is killed once the holder runs: the held members
+    # were never let go, and recover must let them go with it.
+    [("agent-kill", 1), ("agent-kill", 2), ("link-drop", 1), ("migrate-kill", 2), ("agent-dies-after-last", 2)],
+)
+def test_fault_while_members_are_held(lab: Lab, pod: list[str], fault: str, held: int) -> None:
+    holder, m1, _m2 = pod
+    before = {n: lab.check("a", n) for n in pod}
+    extra = ["--pod", "--timeout", "rollback=5"]
+    if fault == "agent-dies-after-last":
+        # Eager: a lazily restored holder whose agent dies is frozen by its
+        # fill's guard (uffdguard.py), and recover undoes a frozen copy.
+        extra.append("--no-lazy-restore")
+    run = start_migrate("a", holder, lab.url("b"), *extra)
+    # The members are restored before the holder, each held once restored.
+    for n in pod[1:1 + held]:
+        assert _held_on_b(lab, n), f"{n} was never held on b"
+    if fault == "agent-kill":
+        did = signal_all(agent_pids("b"), signal.SIGKILL)
+    elif fault == "agent-dies-after-last":
+        marker = lab.bundle("b", holder) / ".tug-incoming"
+        assert _settled(lambda: marker.exists() and marker.read_text().strip() == "restoring", 30), "no restore of the holder"
+        agents = agent_pids("b")
+        signal_all(agents, signal.SIGSTOP)
+        assert _settled(lambda: (lab.state("b", holder) or {}).get("status") == "running", 60), "the holder never ran on b"
+        did = signal_all(agents, signal.SIGKILL)
+    elif fault == "link-drop":
+        did = signal_all(sshd_sessions_of(agent_pids("b")), signal.SIGKILL)
+    else:
+        os.kill(run.proc.pid, signal.SIGKILL)
+        did = 1
+    assert did > 0, fault
+    res = run.finish()
+    outcome = res.json()["outcome"] if res.stdout.strip() else "none"
+    where = f"{fault} with {held} member(s) held: outcome {outcome}\n{res.stderr}"
+    assert _settled(lambda: not agent_pids("b"), 60), f"agents left: {agent_pids('b')}\n{where}"
+
+    for n in pod:
+        copies = running_copies(lab, n)
+        assert list(copies.values()).count("running") <= 1, f"two running copies of {n}: {copies}\n{where}"
+    if outcome != "rolled-back":
+        # Frozen for recover: the held member first, which must follow the holder.
+        for n in (m1, *[x for x in pod if x != m1]):
+            rec = on("a", "tug", "recover", n, "--to", lab.url("b"), "--json")
+            assert rec.returncode == 0, f"recover {n} failed: {rec.stderr}\n{where}"
+    hosts = set()
+    for n in pod:
+        copies = running_copies(lab, n)
+        running = [h for h, st in copies.items() if st == "running"]
+        assert len(running) == 1, f"{n}: not exactly one running copy: {copies}\n{where}"
+        hosts.add(running[0])
+    assert len(hosts) == 1, f"the pod was split across {sorted(hosts)}\n{where}"
+    (host,) = hosts
+    if fault == "agent-dies-after-last":
+        assert host == "b", f"the holder ran on b: the pod must finish there\n{where}"
+    if outcome == "rolled-back":
+        assert host == "a", where
+    other = "b" if host == "a" else "a"
+    holder_ns = os.stat(f"/proc/{lab.state(host, holder)['pid']}/ns/net").st_ino  # type: ignore[index]
+    for n in pod:
+        after = lab.check(host, n)
+        assert after["ok"] and after["verify"]["bad_pages"] == 0, f"{n}: {after}\n{where}"
+        if host == "a":
+            assert after["counter"] > before[n]["counter"], (n, after)
+        assert os.stat(f"/proc/{lab.state(host, n)['pid']}/ns/net").st_ino == holder_ns, f"{n} left the pod\n{where}"
+        assert _settled(lambda n=n: lab.leftovers(other, n) == []), f"leftovers of {n} on {other}: {lab.leftovers(other, n)}"
+    assert _settled(lambda: not criu_pids("a") and not criu_pids("b")), where
+    # Reachable where it runs: no frame hold of a dead agent is left engaged.
+    client = Client(lab, holder, port=7001)
+    time.sleep(0.3)
+    assert_clean_run(client.stop())
