@@ -12,7 +12,8 @@ outcome, the one-copy rule holds:
 - ``failed``: the source is frozen (never running while the destination may
   run), and ``tug recover`` leaves exactly one running copy.
 
-In every case the running copy's memory verifies, and neither host keeps a
+In every case the running copy's memory verifies, a new client connects to
+it and is answered, and neither host keeps a
 leftover of the migration (container, bundle, work dir, netns, veth, mounts,
 CRIU or agent process).
 
@@ -35,6 +36,7 @@ from pathlib import Path
 import pytest
 
 from ..e2e.conftest import Lab, on, tug
+from ..e2e.test_network import Client
 from .harness import (
     agent_pids,
     criu_pids,
@@ -171,6 +173,11 @@ def test_fault(lab: Lab, victim: str, strategy: str, phase: str, fault: str) -> 
         assert host == "a", where
     after = lab.check(host, victim)
     assert after["ok"] and after["verify"]["bad_pages"] == 0, f"{after}\n{where}"
+    # Reachable where it runs: no network lock or frame hold left engaged on either side.
+    client = Client(lab, victim)
+    time.sleep(0.2)
+    result = client.stop()
+    assert result["replies"] > 0 and result["errors"] == 0 and result["reconnects"] == 0, f"{result}\n{where}"
     other = "b" if host == "a" else "a"
     assert _settled(lambda: lab.leftovers(other, victim) == []), f"leftovers on {other}: {lab.leftovers(other, victim)}\n{where}"
     assert _settled(lambda: not agent_pids("b")), f"agents left: {agent_pids('b')}\n{where}"
