@@ -39,6 +39,7 @@ from tug.engine.destination.volumes import remove_created
 from tug.engine.errors import MigrationError, PreconditionError, ProtocolError
 from tug.engine.fsutil import remove_tree
 from tug.engine.hostcfg import HostConfig
+from tug.engine.runtime import ipcns
 from tug.engine.runtime import network as netif
 from tug.engine.runtime.endpoint import DestinationEndpoint, chunk_frames
 from tug.engine.runtime.network import EndpointSpec
@@ -198,6 +199,10 @@ class Agent(StagingCalls, RestoreCalls, RecoverCalls):
             await _step(f"emptying the cgroup of {inc.name}", kill_cgroup_of(self.host, inc.name))
             if inc.endpoint is not None:
                 await _step(f"removing the endpoint of {inc.name}", inc.endpoint.remove())
+            # A pod's IPC namespace made here goes with the last of its members.
+            if await ipcns.drop_if_unused(inc.bundle, self.host.data_dir, self.runc) and inc.ipc_of is not None:
+                self.ipc_made.pop(inc.ipc_of, None)
+                self.ipc_filled.discard(inc.ipc_of)
         finally:
             remove_created(inc.bundle)  # copied volumes made outside the bundle
             shutil.rmtree(inc.bundle, ignore_errors=True)

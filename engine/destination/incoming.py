@@ -86,6 +86,8 @@ class Incoming:
     file_locks: bool = False
     #: A pod's member: the container whose network namespace it joins.
     netns_of: str | None = None
+    #: A pod's member: the name of the IPC namespace it shares (runtime/ipcns.py).
+    ipc_of: str | None = None
     #: Its copied and shared volumes, by mount index (destination/volumes.py).
     volumes: dict[int, ReceivedVolume] = field(default_factory=dict)
     #: Streams of this container still arriving (opened, not yet closed whole).
@@ -239,6 +241,10 @@ class AgentState:
         #: Cleanups and keeps under way, by container: they run to their end
         #: even when the call that started them is cancelled.
         self._finishing: dict[str, asyncio.Future[Any]] = {}
+        #: IPC namespaces made for pods in this session, by name, and those a
+        #: member's restore has filled with the pod's SysV objects already.
+        self.ipc_made: dict[str, Path] = {}
+        self.ipc_filled: set[str] = set()
 
     def _get(self, name: object) -> Incoming:
         if not isinstance(name, str) or name not in self.incoming:

@@ -16,6 +16,7 @@ from typing import Any
 from tug.engine.destination.incoming import HELD, INCOMING_MARKER, AgentState, check_name, held_until
 from tug.engine.errors import PreconditionError
 from tug.engine.runtime import network as netif
+from tug.engine.runtime import podloop
 from tug.engine.runtime.endpoint import DestinationEndpoint
 
 
@@ -43,7 +44,8 @@ class RecoverCalls(AgentState):
         A copy held stopped for its group (its agent died before releasing
         it) is let go here: recover asks only once the group's last member
         runs on this host. A frame hold its dead agent left engaged (frames
-        for the container redirected into a sink nobody reads) is removed.
+        for the container redirected into a sink nobody reads) is removed, and
+        so is a pod's loopback hold (runtime/podloop.py).
         """
         check_name(container)
         st = await self.runc.state(container)
@@ -60,6 +62,8 @@ class RecoverCalls(AgentState):
             spec = netif.load_spec(bundle)
             if spec is not None and self.host.network is not None:
                 await DestinationEndpoint(self.host.network, container, spec).open_after_crash()
+                # A pod's holder: its loopback may still be held for members' restores (podloop.py).
+                await podloop.release(self.host.network.netns_path(container))
         (bundle / INCOMING_MARKER).unlink(missing_ok=True)
         return {"adopted": True}
 

@@ -37,6 +37,7 @@ from tug.engine.destination.storeserver import StorePageServer
 from tug.engine.destination.volumes import CREATED_FILE
 from tug.engine.errors import CriuError, MigrationError, ProtocolError, RanThenFailed
 from tug.engine.fsutil import remove_tree
+from tug.engine.runtime import ipcns, podloop
 from tug.transports.forward import LOOPBACK
 
 log = logging.getLogger("tug.agent")
@@ -138,6 +139,14 @@ class RestoreCalls(AgentState):
         (inc.bundle / INCOMING_MARKER).unlink(missing_ok=True)
         (inc.bundle / INCOMING_MARKER).write_text("restoring\n")
         t0 = time.monotonic()
+        if inc.ipc_of is not None and inc.ipc_of in self.ipc_filled:
+            # An earlier member's restore made the pod's SysV objects there.
+            inc.stats["ipc_images_emptied"] = await asyncio.to_thread(ipcns.empty_object_images, inc.images)
+        if inc.netns_of is not None:
+            # A pod's member: its peers' loopback connections must not be
+            # reset by the probes of sockets restored before theirs.
+            assert self.host.network is not None
+            await podloop.hold(self.host.network.netns_path(inc.netns_of))
         if inc.endpoint is not None:
             await inc.endpoint.before_restore()
         # CRIU's lazy-pages daemon cannot read pages from parent images (a
@@ -159,6 +168,8 @@ class RestoreCalls(AgentState):
             exc.log_path = self._keep_log(inc, "restore.log") or exc.log_path
             raise
         inc.restored = True
+        if inc.ipc_of is not None:
+            self.ipc_filled.add(inc.ipc_of)
         steps = criu_restore_steps(inc.criu_work)
         if inc.held:
             (inc.bundle / INCOMING_MARKER).write_text(f"{HELD} {inc.held_until}\n")
@@ -167,6 +178,7 @@ class RestoreCalls(AgentState):
             return {"pid": st.pid, "status": st.status, "held": True,
                     "restore_ms": (time.monotonic() - t0) * 1000, **steps, **inc.stats}
         inc.ran_at = time.monotonic()
+        await self._release_pod_loopback(inc)
         if inc.endpoint is not None:
             staged, inc.staged_frames = inc.staged_frames, []
             inc.stats.update(await inc.endpoint.after_restore(staged + list(frames or ())))
@@ -215,6 +227,7 @@ class RestoreCalls(AgentState):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
             out: dict[str, Any] = {}
+            await self._release_pod_loopback(inc)
             if inc.endpoint is not None:
                 staged, inc.staged_frames = inc.staged_frames, []
                 out.update(await inc.endpoint.after_restore(staged))
@@ -224,6 +237,12 @@ class RestoreCalls(AgentState):
             raise RanThenFailed(f"the restored container could not be let go (it was removed): {exc}") from exc
         st = await self.runc.require(container)
         return {"pid": st.pid, "status": st.status, **out}
+
+    async def _release_pod_loopback(self, inc: Incoming) -> None:
+        """A pod's holder runs: every member was restored before it (podloop.py)."""
+        if inc.endpoint is not None and any(i.netns_of == inc.name for i in self.incoming.values()):
+            assert self.host.network is not None
+            await podloop.release(self.host.network.netns_path(inc.name))
 
     def _criu_config(self, inc: Incoming, options: list[str]) -> list[str]:
         """Point runc at a CRIU config file for this restore (``org.criu.config``);

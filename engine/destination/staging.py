@@ -30,6 +30,7 @@ from tug.engine.destination.pagestore import PageStore
 from tug.engine.destination.volumes import stage_volumes
 from tug.engine.errors import ConfigError, CriuError, PreconditionError, ProtocolError
 from tug.engine.fsutil import private_dir, remove_tree
+from tug.engine.runtime import ipcns
 from tug.engine.runtime import network as netif
 from tug.engine.runtime.endpoint import DestinationEndpoint
 from tug.engine.runtime.network import EndpointSpec
@@ -67,6 +68,7 @@ class StagingCalls(AgentState):
         network: dict[str, Any] | None = None,
         volumes: Any = None,
         netns_of: str | None = None,
+        ipc_of: str | None = None,
     ) -> dict[str, Any]:
         """Create the staging bundle and the work space (and the directories
         of copied volumes: destination/volumes.py)."""
@@ -87,6 +89,16 @@ class StagingCalls(AgentState):
             if holder is None or holder.network is None or inc.network is not None:
                 raise ProtocolError(f"{container!r} cannot join the network namespace of {netns_of!r}")
             inc.netns_of = netns_of
+        if ipc_of is not None:
+            # A pod's IPC namespace: made with its first member, joined by the others.
+            check_name(ipc_of)
+            if ipc_of != container and ipc_of not in self.ipc_made:
+                raise ProtocolError(f"{container!r} cannot join the IPC namespace of {ipc_of!r}")
+            if ipc_of not in self.ipc_made:
+                path = ipcns.ns_dir(self.host.data_dir) / ipc_of
+                await asyncio.to_thread(ipcns.create, path)
+                self.ipc_made[ipc_of] = path
+            inc.ipc_of = ipc_of
         self.incoming[container] = inc
         private_dir(self.host.bundles_dir)
         private_dir(self.host.work_dir)
@@ -126,6 +138,8 @@ class StagingCalls(AgentState):
         if inc.network is not None or inc.netns_of is not None:
             assert self.host.network is not None
             netif.set_netns_path_in_spec(spec, self.host.network.netns_path(inc.netns_of or inc.name))
+        if inc.ipc_of is not None:
+            ipcns.set_path_in_spec(spec, self.ipc_made[inc.ipc_of])
         inc.volumes = {v.index: v for v in stage_volumes(inc.bundle, spec, volumes)}
         return json.dumps(spec, indent=2).encode()
 

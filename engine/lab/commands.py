@@ -51,13 +51,17 @@ def cmd_lab(args: argparse.Namespace) -> int:
     elif args.lab_cmd == "pod":
         lab = hosts.require(layout)
         h = lab.host(args.host)
-        spec = demo.WorkloadSpec(memory_mib=args.memory, dirty_rate=args.dirty_rate)
+        # Every member sets its semaphore of one SysV set in the pod's IPC
+        # namespace and keeps a loopback connection to the holder's port: tug lab check
+        # proves both namespaces are still shared after a move.
+        spec = demo.WorkloadSpec(memory_mib=args.memory, dirty_rate=args.dirty_rate, pod_ipc_key=demo.POD_IPC_KEY)
         demo.start(lab, h, args.name, spec)
         members = [f"{args.name}-m{i}" for i in range(1, args.members + 1)]
         for i, member in enumerate(members, 1):
-            demo.start(lab, h, member, dataclasses.replace(spec, port=spec.port + i), netns_of=args.name)
-        _say(f"pod {args.name} running on {h.name}: {args.name} holds the network namespace, "
-             f"{', '.join(members) or 'no members'} join it ({args.memory} MiB each)")
+            demo.start(lab, h, member, dataclasses.replace(spec, port=spec.port + i, pod_slot=i, pod_peer=spec.port),
+                       netns_of=args.name)
+        _say(f"pod {args.name} running on {h.name}: {args.name} holds the network and IPC namespaces, "
+             f"{', '.join(members) or 'no members'} join them ({args.memory} MiB each)")
     elif args.lab_cmd == "rm":
         lab = hosts.require(layout)
         h = lab.host(args.host)

@@ -22,6 +22,7 @@ from tug.engine.errors import ConfigError, PreconditionError
 from tug.engine.lab.addresses import address_of
 from tug.engine.lab.layout import Lab, LabHost, Layout, sh
 from tug.engine.lab.workload import analyze_heartbeat, build_workload, read_status, read_verify, verify_seq
+from tug.engine.runtime import ipcns
 from tug.engine.runtime import network as netif
 
 APPLETS = (
@@ -43,6 +44,11 @@ class WorkloadSpec:
     #: MiB mapped anew every 200 ms (the workload's --churn-mib): memory that
     #: appears while pre-copy runs.
     churn_mib: int = 0
+    #: A pod's shared SysV semaphores: their key (0: none) and this member's slot in them.
+    pod_ipc_key: int = 0
+    pod_slot: int = 0
+    #: A pod member's loopback peer: the port it keeps a connection to (0: none).
+    pod_peer: int = 0
 
     def argv(self) -> list[str]:
         return [
@@ -51,6 +57,8 @@ class WorkloadSpec:
             *(["--sysv-shm", str(self.sysv_shm_mib)] if self.sysv_shm_mib else []),
             *(["--lock", self.lock] if self.lock else []),
             *(["--churn-mib", str(self.churn_mib)] if self.churn_mib else []),
+            *(["--pod-ipc", str(self.pod_ipc_key), "--pod-slot", str(self.pod_slot)] if self.pod_ipc_key else []),
+            *(["--pod-peer", str(self.pod_peer)] if self.pod_peer else []),
         ]
 
 
@@ -90,6 +98,8 @@ def endpoint_spec(lab: Lab, name: str) -> netif.EndpointSpec:
 
 #: Where the workload keeps its state inside the container.
 STATE = "/state"
+#: The SysV key of a lab pod's semaphores (any key: each pod has its own IPC namespace).
+POD_IPC_KEY = 0x54554730
 
 
 def volume_dir(host: LabHost, name: str) -> Path:
@@ -110,7 +120,10 @@ def state_dir(bundle: Path) -> Path:
     return bundle / "rootfs" / STATE.lstrip("/")
 
 
-def _spec(name: str, host: LabHost, workload: WorkloadSpec, volume: Path | None = None, netns: Path | None = None) -> dict[str, Any]:
+def _spec(
+    name: str, host: LabHost, workload: WorkloadSpec, volume: Path | None = None, netns: Path | None = None,
+    ipc: str | None = None,
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         subprocess.run(["runc", "spec"], cwd=d, check=True, capture_output=True)
         spec: dict[str, Any] = json.loads(Path(d, "config.json").read_text())
@@ -120,6 +133,8 @@ def _spec(name: str, host: LabHost, workload: WorkloadSpec, volume: Path | None 
     spec["hostname"] = name
     spec["linux"]["cgroupsPath"] = f"{host.cgroup_parent}/{name}"
     netif.set_netns_path_in_spec(spec, netns or host.network().netns_path(name))
+    if ipc is not None:
+        ipcns.set_path_in_spec(spec, Path(ipc))
     if volume is not None:
         spec["mounts"].append({"destination": STATE, "type": "bind", "source": str(volume), "options": ["rbind", "rw"]})
     return spec
@@ -134,7 +149,8 @@ def start(
     its status and verify files) lives on a host directory bind-mounted at
     /state, a volume a migration must move (``--volume /state=...``).
     ``netns_of``: a pod's member, it joins that container's network
-    namespace (its address, its loopback) instead of getting its own.
+    namespace (its address, its loopback) and its IPC namespace (its SysV
+    objects) instead of getting its own.
     """
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"invalid container name {name!r}")
@@ -153,11 +169,18 @@ def start(
     elif not joined.exists():
         shutil.rmtree(bundle)
         raise ConfigError(f"{netns_of!r} has no network namespace on {host.name} to join")
+    ipc = None
+    if netns_of is not None:
+        held = sh("runc", "--root", host.runc_root, "state", netns_of, check=False)
+        if held.returncode != 0:
+            shutil.rmtree(bundle)
+            raise ConfigError(f"{netns_of!r} does not run on {host.name}: no IPC namespace to join")
+        ipc = "/proc/%d/ns/ipc" % json.loads(held.stdout)["pid"]
     vdir = volume_dir(host, name) if volume else None
     if vdir is not None:
         shutil.rmtree(vdir, ignore_errors=True)
         vdir.mkdir(parents=True)
-    (bundle / "config.json").write_text(json.dumps(_spec(name, host, workload, vdir, joined), indent=2))
+    (bundle / "config.json").write_text(json.dumps(_spec(name, host, workload, vdir, joined, ipc), indent=2))
     log = Path(host.data_dir) / "logs"
     log.mkdir(parents=True, exist_ok=True)
     with open("/dev/null", "rb") as null_in, open("/dev/null", "wb") as null_out:
@@ -181,6 +204,46 @@ def start(
     raise PreconditionError(f"demo container {name} started but its workload wrote no status within 30 s")
 
 
+#: Seconds a check gives a pod's peers to show up fresh (a move just ended).
+POD_SETTLE_S = 5.0
+#: The longest a pod peer may have been silent, in ms, for the pod to count as shared.
+POD_STALE_MS = 1000
+
+
+def _verify(host: LabHost, name: str, state: Path, deadline: float) -> dict[str, Any] | None:
+    """Ask the workload to verify itself (SIGUSR1); its answer, or None by the deadline."""
+    before = verify_seq(state)
+    sh("runc", "--root", host.runc_root, "kill", name, str(int(signal.SIGUSR1)))
+    while time.monotonic() < deadline:
+        verify = read_verify(state)
+        if verify is not None and int(verify.get("seq", 0)) > before:
+            return verify
+        time.sleep(0.05)
+    return None
+
+
+def _pod_problems(pod: Any) -> list[str]:
+    """What the workload's pod report says is broken: the shared semaphores
+    (IPC namespace) or the loopback connection to its peer (network namespace)."""
+    if not isinstance(pod, dict):
+        return []
+    out = []
+    if pod.get("ipc_id", -1) >= 0:
+        if not pod.get("ipc_same"):
+            out.append("the pod's SysV semaphores are gone")
+        elif not pod.get("ipc_peers"):
+            out.append("no other member sets the pod's SysV semaphores (not one IPC namespace)")
+        elif int(pod.get("ipc_stale_ms", 0)) > POD_STALE_MS:
+            out.append(f"a member's semaphore stopped {pod['ipc_stale_ms']} ms ago (not one IPC namespace)")
+    if pod.get("peer_port"):
+        if pod.get("peer_errors") or pod.get("peer_reconnects"):
+            out.append(f"the loopback connection to port {pod['peer_port']} broke "
+                       f"({pod.get('peer_errors')} errors, {pod.get('peer_reconnects')} reconnects)")
+        elif not 0 <= int(pod.get("peer_reply_age_ms", -1)) <= POD_STALE_MS:
+            out.append(f"no reply on the loopback connection to port {pod['peer_port']} for {pod.get('peer_reply_age_ms')} ms")
+    return out
+
+
 def remove(host: LabHost, name: str) -> bool:
     """Delete container ``name`` and its bundle from ``host``; True if anything was there."""
     existed = sh("runc", "--root", host.runc_root, "state", name, check=False).returncode == 0
@@ -196,6 +259,10 @@ def remove(host: LabHost, name: str) -> bool:
     if host.network().netns_path(name).exists():
         netif.delete(host.network(), name)
         existed = True
+    ipc = ipcns.ns_dir(Path(host.data_dir)) / name  # a pod's, made there by a migration
+    if ipc.exists():
+        ipcns.remove(ipc)
+        existed = True
     return existed
 
 
@@ -209,22 +276,22 @@ def check(host: LabHost, name: str, timeout: float = 20.0) -> dict[str, Any]:
     out: dict[str, Any] = {"host": host.name, "container": name, "status": st["status"], "running": st["status"] == "running"}
     if st["status"] != "running":
         return {**out, "ok": False, "reason": f"container is {st['status']}"}
-    before = verify_seq(state)
-    sh("runc", "--root", host.runc_root, "kill", name, str(int(signal.SIGUSR1)))
     deadline = time.monotonic() + timeout
-    verify = None
-    while time.monotonic() < deadline:
-        verify = read_verify(state)
-        if verify is not None and int(verify.get("seq", 0)) > before:
+    pod_deadline = time.monotonic() + POD_SETTLE_S
+    while True:
+        verify = _verify(host, name, state, deadline)
+        if verify is None:
+            return {**out, "ok": False, "reason": f"workload did not answer the verify request within {timeout:g} s"}
+        pod_problems = _pod_problems(verify.get("pod"))
+        # Just after a move a peer may not have written or answered yet: ask again, briefly.
+        if not pod_problems or time.monotonic() >= pod_deadline:
             break
-        time.sleep(0.05)
-    else:
-        return {**out, "ok": False, "reason": f"workload did not answer the verify request within {timeout:g} s"}
+        time.sleep(0.1)
     hb = analyze_heartbeat(state / "heartbeat.log")
     status = read_status(state)
-    problems = []
-    if not verify or not verify.get("ok"):
-        problems.append(f"memory checksum failed ({verify.get('bad_pages') if verify else '?'} bad pages)")
+    problems = list(pod_problems)
+    if not verify.get("ok"):
+        problems.append(f"memory checksum failed ({verify.get('bad_pages')} bad pages)")
     if hb.resets or hb.backwards:
         problems.append(f"counter went backwards {hb.backwards} times / reset {hb.resets} times")
     if hb.skipped:

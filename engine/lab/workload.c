@@ -21,6 +21,12 @@
  *   status     status.json about every 100 ms (atomic rename).
  *   TCP        GET/BULK/SUM line protocol to prove established connections
  *              survive (see handle_line()).
+ *   pod        --pod-ipc KEY --pod-slot N: a SysV semaphore set by key, shared
+ *              by a pod's members through their IPC namespace; each sets its
+ *              semaphore to its counter (mod 32768) and watches the others'.
+ *              --pod-peer PORT: a connection over the pod's loopback to
+ *              127.0.0.1:PORT, a GET every 50 ms (a member to its holder).
+ *              verify.json says whether both still work.
  *
  * Build: gcc -O2 -Wall -Wextra -static -o tug-workload workload.c
  */
@@ -37,6 +43,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/sem.h>
 #include <sys/shm.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -73,6 +80,11 @@ static const char *opt_lock;
 /* SysV shared memory to fill, dirty and verify (0: none). */
 static uint64_t opt_sysv_shm_mib = 0;
 static long opt_port = 7000;
+/* A pod: the SysV key of the members' shared semaphores (0: none), this member's
+ * slot in them, and the port of a pod peer to keep a loopback connection to (0: none). */
+static long opt_pod_ipc_key = 0;
+static long opt_pod_slot = 0;
+static long opt_pod_peer = 0;
 static int64_t opt_interval_ms = 10;
 static uint64_t opt_churn_mib = 0;
 #define CHURN_PERIOD_NS (200 * NS_PER_MS)
@@ -246,6 +258,163 @@ static int shm_check(uint64_t *bad)
     return same;
 }
 
+/* ---- pod: the shared page and the loopback peer ------------------------ */
+
+#define POD_SLOTS 64
+#define PEER_PERIOD_NS (50 * NS_PER_MS)
+static int g_pod_sem_id = -1;
+static int g_pod_seen[POD_SLOTS];           /* the others' last value seen */
+static int64_t g_pod_changed_ns[POD_SLOTS]; /* realtime of its last change */
+
+static int g_peer_fd = -1;
+static int g_peer_waiting;      /* a GET sent, its reply not yet read */
+static int g_peer_ever;         /* connected once: failures from then on count */
+static uint64_t g_peer_seq, g_peer_replies, g_peer_errors, g_peer_reconnects;
+static int64_t g_peer_last_reply_ns;
+static char g_peer_in[256];
+static size_t g_peer_in_len;
+
+/* Semaphores, not a shared mapping: CRIU restores each container of a pod on
+ * its own, and only the first restore into a shared IPC namespace can make its
+ * objects, while a SysV segment attached in a later one needs them made by
+ * that same restore (criu/ipc_ns.c, criu/shmem.c); tug refuses that case. */
+union pod_semun {
+    int val;
+    unsigned short *array;
+};
+
+static void pod_start(void)
+{
+    if (!opt_pod_ipc_key)
+        return;
+    g_pod_sem_id = semget((key_t)opt_pod_ipc_key, POD_SLOTS, IPC_CREAT | 0600);
+    if (g_pod_sem_id < 0) {
+        fprintf(stderr, "tug-workload: pod semaphores 0x%lx: %s\n", opt_pod_ipc_key, strerror(errno));
+        exit(1);
+    }
+}
+
+/* Each heartbeat: our counter into our semaphore; note which others moved. */
+static void pod_tick(void)
+{
+    if (g_pod_sem_id < 0)
+        return;
+    union pod_semun arg = {.val = (int)(g_counter % 32767) + 1};
+    semctl(g_pod_sem_id, (int)opt_pod_slot, SETVAL, arg);
+    unsigned short vals[POD_SLOTS];
+    arg.array = vals;
+    if (semctl(g_pod_sem_id, 0, GETALL, arg) < 0)
+        return;
+    int64_t now = real_ns();
+    for (int k = 0; k < POD_SLOTS; k++) {
+        int v = vals[k];
+        if (k != opt_pod_slot && v != g_pod_seen[k]) {
+            g_pod_seen[k] = v;
+            g_pod_changed_ns[k] = now;
+        }
+    }
+}
+
+static void peer_fail(void)
+{
+    if (g_peer_fd >= 0)
+        close(g_peer_fd);
+    g_peer_fd = -1;
+    g_peer_waiting = 0;
+    g_peer_in_len = 0;
+    if (g_peer_ever)
+        g_peer_errors++;
+}
+
+/* Every PEER_PERIOD_NS: (re)connect if needed, then one GET if none is pending. */
+static void peer_tick(void)
+{
+    if (!opt_pod_peer || g_peer_waiting)
+        return;
+    if (g_peer_fd < 0) {
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)opt_pod_peer)};
+        sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+            if (fd >= 0)
+                close(fd);
+            if (g_peer_ever)
+                g_peer_errors++;
+            return; /* the peer may not listen yet: next tick */
+        }
+        fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+        if (g_peer_ever)
+            g_peer_reconnects++;
+        g_peer_ever = 1;
+        g_peer_fd = fd;
+    }
+    char req[64];
+    int n = snprintf(req, sizeof req, "GET p%ld-%llu\n", opt_pod_slot, (unsigned long long)++g_peer_seq);
+    if (send(g_peer_fd, req, (size_t)n, MSG_NOSIGNAL) != n) {
+        peer_fail();
+        return;
+    }
+    g_peer_waiting = 1;
+}
+
+/* The peer's reply: "<our id> <its counter>\n". */
+static void peer_read(void)
+{
+    ssize_t r = recv(g_peer_fd, g_peer_in + g_peer_in_len, sizeof g_peer_in - 1 - g_peer_in_len, 0);
+    if (r < 0 && (errno == EAGAIN || errno == EINTR))
+        return;
+    if (r <= 0) {
+        peer_fail();
+        return;
+    }
+    g_peer_in_len += (size_t)r;
+    g_peer_in[g_peer_in_len] = '\0';
+    char *nl = strchr(g_peer_in, '\n');
+    if (!nl) {
+        if (g_peer_in_len >= sizeof g_peer_in - 1)
+            peer_fail();
+        return;
+    }
+    char want[64];
+    int n = snprintf(want, sizeof want, "p%ld-%llu ", opt_pod_slot, (unsigned long long)g_peer_seq);
+    if (strncmp(g_peer_in, want, (size_t)n) != 0 || nl + 1 != g_peer_in + g_peer_in_len) {
+        peer_fail(); /* a wrong or extra reply: the stream is not what we sent it */
+        return;
+    }
+    g_peer_in_len = 0;
+    g_peer_waiting = 0;
+    g_peer_replies++;
+    g_peer_last_reply_ns = real_ns();
+}
+
+/* The pod's part of verify.json (empty outside a pod). */
+static int pod_report(char *buf, size_t cap)
+{
+    if (!opt_pod_ipc_key && !opt_pod_peer)
+        return snprintf(buf, cap, "%s", "");
+    int64_t now = real_ns();
+    int peers = 0;
+    int64_t stale = 0;
+    for (int k = 0; k < POD_SLOTS; k++) {
+        if (k == opt_pod_slot || !g_pod_seen[k])
+            continue;
+        peers++;
+        if (now - g_pod_changed_ns[k] > stale)
+            stale = now - g_pod_changed_ns[k];
+    }
+    struct semid_ds ds;
+    int same = g_pod_sem_id < 0 ||
+               (semctl(g_pod_sem_id, 0, IPC_STAT, &ds) == 0 && ds.sem_perm.__key == (key_t)opt_pod_ipc_key);
+    return snprintf(buf, cap,
+                    ",\"pod\":{\"ipc_id\":%d,\"ipc_same\":%s,\"ipc_peers\":%d,\"ipc_stale_ms\":%lld,"
+                    "\"peer_port\":%ld,\"peer_replies\":%llu,\"peer_errors\":%llu,\"peer_reconnects\":%llu,"
+                    "\"peer_reply_age_ms\":%lld}",
+                    g_pod_sem_id, same ? "true" : "false", peers, (long long)(stale / NS_PER_MS), opt_pod_peer,
+                    (unsigned long long)g_peer_replies, (unsigned long long)g_peer_errors,
+                    (unsigned long long)g_peer_reconnects,
+                    (long long)(g_peer_last_reply_ns ? (now - g_peer_last_reply_ns) / NS_PER_MS : -1));
+}
+
 static void do_verify(void)
 {
     int64_t t0 = mono_ns();
@@ -269,17 +438,20 @@ static void do_verify(void)
     int shm_same = shm_check(&shm_bad);
     bad += shm_bad;
     g_verify_seq++;
-    char buf[512];
+    char pod[400];
+    pod_report(pod, sizeof pod);
+    char buf[1024];
     int n = snprintf(buf, sizeof buf,
                      "{\"seq\":%llu,\"ok\":%s,\"bad_pages\":%llu,\"first_bad_page\":%lld,"
                      "\"pages\":%llu,\"counter\":%llu,\"realtime_ns\":%lld,"
                      "\"duration_ns\":%lld,\"shm_id\":%d,\"shm_pages\":%llu,\"shm_bad_pages\":%llu,"
-                     "\"shm_same\":%s}\n",
+                     "\"shm_same\":%s%s}\n",
                      (unsigned long long)g_verify_seq, bad == 0 && shm_same ? "true" : "false",
                      (unsigned long long)bad, (long long)first_bad,
                      (unsigned long long)g_pages, (unsigned long long)g_counter,
                      (long long)real_ns(), (long long)(mono_ns() - t0), g_shm_id,
-                     (unsigned long long)g_shm_pages, (unsigned long long)shm_bad, shm_same ? "true" : "false");
+                     (unsigned long long)g_shm_pages, (unsigned long long)shm_bad, shm_same ? "true" : "false",
+                     pod);
     if (n > 0 && (size_t)n < sizeof buf)
         write_atomic(g_verify_path, g_verify_tmp, buf, (size_t)n);
 }
@@ -656,6 +828,9 @@ static void usage(FILE *f)
             "  --churn-mib MIB     every 200 ms map a new region this big, unmap the last (default 0)\n"
             "  --sysv-shm MIB      also a SysV shared memory segment, dirtied and verified (default 0)\n"
             "  --lock FILE         hold a POSIX write lock on FILE (created) while running\n"
+            "  --pod-ipc KEY       a pod: SysV semaphores by KEY, one per member, shared\n"
+            "  --pod-slot N        this member's slot in it, 0..63 (default 0)\n"
+            "  --pod-peer PORT     keep a connection to 127.0.0.1:PORT, a GET every 50 ms\n"
             "signals: SIGUSR1 verify memory -> verify.json; SIGTERM/SIGINT exit 0\n");
 }
 
@@ -678,6 +853,9 @@ static void parse_args(int argc, char **argv)
         {"churn-mib", required_argument, NULL, 'c'},
         {"sysv-shm", required_argument, NULL, 'S'},
         {"lock", required_argument, NULL, 'L'},
+        {"pod-ipc", required_argument, NULL, 'K'},
+        {"pod-slot", required_argument, NULL, 'N'},
+        {"pod-peer", required_argument, NULL, 'P'},
         {"help", no_argument, NULL, 'H'},
         {NULL, 0, NULL, 0},
     };
@@ -733,6 +911,21 @@ static void parse_args(int argc, char **argv)
             if (!*optarg || strlen(optarg) > 4000)
                 bad_arg("lock", optarg);
             opt_lock = optarg;
+            break;
+        case 'K':
+            if (parse_u64(optarg, &v) < 0 || v < 1 || v > 0x7fffffffULL)
+                bad_arg("pod-ipc", optarg);
+            opt_pod_ipc_key = (long)v;
+            break;
+        case 'N':
+            if (parse_u64(optarg, &v) < 0 || v >= POD_SLOTS)
+                bad_arg("pod-slot", optarg);
+            opt_pod_slot = (long)v;
+            break;
+        case 'P':
+            if (parse_u64(optarg, &v) < 0 || v < 1 || v > 65535)
+                bad_arg("pod-peer", optarg);
+            opt_pod_peer = (long)v;
             break;
         case 'H':
             usage(stdout);
@@ -853,6 +1046,7 @@ int main(int argc, char **argv)
         g_rng = GOLDEN;
 
     server_start();
+    pod_start();
     fprintf(stderr,
             "tug-workload: pid %d, %llu MiB (%llu pages, %llu hot), dirty %llu pages/s, "
             "state %s, port %ld%s\n",
@@ -865,11 +1059,13 @@ int main(int argc, char **argv)
         opt_dirty_rate > 0 ? NS_PER_S / (int64_t)opt_dirty_rate + DIRTY_MIN_STEP_NS : 0;
     int64_t now = mono_ns();
     int64_t next_hb = now, next_status = now, next_dirty = now, next_churn = now + CHURN_PERIOD_NS;
+    int64_t next_peer = now;
     g_dirty_base_ns = now;
     g_dirty_base_count = 0;
 
-    struct pollfd pfds[1 + MAX_CLIENTS];
-    struct client *owners[1 + MAX_CLIENTS];
+    struct pollfd pfds[2 + MAX_CLIENTS];
+    struct client *owners[2 + MAX_CLIENTS];
+    static struct client peer_marker; /* owners[] entry of the pod peer's fd */
 
     while (!g_stop) {
         now = mono_ns();
@@ -878,6 +1074,7 @@ int main(int argc, char **argv)
         if (opt_dirty_rate > 0)
             next_dirty = sane_deadline(next_dirty, now, dirty_period);
         next_churn = sane_deadline(next_churn, now, CHURN_PERIOD_NS);
+        next_peer = sane_deadline(next_peer, now, PEER_PERIOD_NS);
 
         if (g_verify) {
             g_verify = 0;
@@ -886,6 +1083,7 @@ int main(int argc, char **argv)
         }
         if (now >= next_hb) {
             heartbeat();
+            pod_tick();
             next_hb = next_slot(next_hb, now, hb_period);
         }
         if (opt_dirty_rate > 0 && now >= next_dirty)
@@ -898,11 +1096,19 @@ int main(int argc, char **argv)
             write_status();
             next_status = next_slot(next_status, now, STATUS_PERIOD_NS);
         }
+        if (opt_pod_peer && now >= next_peer) {
+            peer_tick();
+            next_peer = next_slot(next_peer, now, PEER_PERIOD_NS);
+        }
 
         nfds_t nfds = 0;
         if (g_listen_fd >= 0) {
             pfds[nfds] = (struct pollfd){.fd = g_listen_fd, .events = POLLIN};
             owners[nfds++] = NULL;
+        }
+        if (g_peer_fd >= 0 && g_peer_waiting) {
+            pfds[nfds] = (struct pollfd){.fd = g_peer_fd, .events = POLLIN};
+            owners[nfds++] = &peer_marker;
         }
         for (int k = 0; k < MAX_CLIENTS; k++) {
             struct client *c = &g_clients[k];
@@ -922,6 +1128,8 @@ int main(int argc, char **argv)
             due = next_dirty;
         if (g_churn_pages && next_churn < due)
             due = next_churn;
+        if (opt_pod_peer && next_peer < due)
+            due = next_peer;
         int64_t wait_ns = due - mono_ns();
         int timeout = wait_ns <= 0 ? 0 : (int)((wait_ns + NS_PER_MS - 1) / NS_PER_MS);
         if (timeout > 1000)
@@ -943,6 +1151,11 @@ int main(int argc, char **argv)
             struct client *c = owners[k];
             if (!c) {
                 server_accept();
+                continue;
+            }
+            if (c == &peer_marker) {
+                if (g_peer_fd >= 0)
+                    peer_read();
                 continue;
             }
             if (c->fd < 0)

@@ -18,6 +18,7 @@ from tug.engine.criu.pageserver import RemotePageServer
 from tug.engine.errors import ConfigError, ForwardingRefusedError, MigrationError, PreconditionError, TransportError
 from tug.engine.hostcfg import HostConfig
 from tug.engine.options import MigrationOptions
+from tug.engine.runtime import ipcns
 from tug.engine.runtime import network as netif
 from tug.engine.runtime.endpoint import SourceEndpoint
 from tug.engine.runtime.network import EndpointSpec
@@ -45,11 +46,13 @@ class SourceContainer:
 
 
 async def inspect_container(
-    runc: Runc, name: str, host: HostConfig, choices: Mapping[str, VolumeChoice], *, netns_of: str | None = None
+    runc: Runc, name: str, host: HostConfig, choices: Mapping[str, VolumeChoice], *, netns_of: str | None = None,
+    ipc_of: str | None = None,
 ) -> SourceContainer:
     """A running container tug can move, or a clear error saying why not
     (a host mount without a mode in ``choices`` is one: tug.engine.volumes).
-    ``netns_of``: the member of the group whose network namespace it joins (source/pod.py)."""
+    ``netns_of``: the member of the group whose network namespace it joins;
+    ``ipc_of``: the group's IPC namespace it shares (source/pod.py)."""
     st = await runc.require(name)
     if st.status != "running":
         raise ConfigError(f"container {name!r} is {st.status}; only a running container can be migrated")
@@ -64,6 +67,18 @@ async def inspect_container(
             f"container {name!r} shares namespaces with another container ({', '.join(shared)}): CRIU treats only "
             "network namespaces as external, so these would be dumped with each member and restored as copies; "
             "nothing was changed"
+        )
+    ipc_path = next((ns.get("path") for ns in (spec.get("linux") or {}).get("namespaces") or []
+                     if isinstance(ns, dict) and ns.get("type") == "ipc"), None)
+    if ipc_path and ipcns.host_inode() in (ipcns.inode_of(st.pid), ipcns.inode_at(ipc_path)):
+        raise PreconditionError(
+            f"container {name!r} joins this host's own IPC namespace ({ipc_path}): its SysV objects are the "
+            "host's and cannot move with it; nothing was changed"
+        )
+    if ipc_path and ipc_of is None:
+        raise PreconditionError(
+            f"container {name!r} joins IPC namespace {ipc_path}, which no other container of this migration is in: "
+            "its SysV objects cannot move with it; nothing was changed"
         )
     if endpoint is None and joined and netns_of is None:
         raise PreconditionError(
@@ -121,6 +136,8 @@ async def retire_source(
         note(f"could not delete the frozen source container: {exc}", "warning")
     if net is not None:
         await net.remove()
+    if bundle is not None and gone:
+        await ipcns.drop_if_unused(bundle, host.data_dir, runc)  # a pod's, once its last member left
     if bundle is not None and bundle.parent == host.bundles_dir:
         shutil.rmtree(bundle, ignore_errors=True)
     return gone

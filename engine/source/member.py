@@ -60,6 +60,8 @@ class Member:
     file_locks: bool = False
     #: The member whose network namespace it joins (a pod: source/pod.py).
     netns_of: str | None = None
+    #: The group's first member in its shared IPC namespace (a pod: source/pod.py).
+    ipc_of: str | None = None
     #: Its host mounts and how each moves (tug.engine.volumes).
     volumes: list[Volume] = field(default_factory=list)
     #: Bytes each copied volume sent, by its path inside the container.

@@ -56,7 +56,7 @@ from tug.engine.source.container import (
 )
 from tug.engine.source.context import SourceContext
 from tug.engine.source.member import Member, check_group
-from tug.engine.source.pod import check_pods, expand_pods, read_sharing, restore_order
+from tug.engine.source.pod import check_ipc_attachments, check_pods, expand_pods, ipc_sets, read_sharing, restore_order
 from tug.engine.source.rollback import finish_uncancelled
 from tug.engine.source.strategies import RestoreMode
 from tug.engine.source.tally import Tally
@@ -112,9 +112,14 @@ class Migration(FrozenWindow):
             names = check_group(expand_pods(names, sharing))
         holders = check_pods(names, sharing)
         by_name = {m.name: m for m in self.members}
-        self.members = [by_name.get(n) or self._member(n) for n in restore_order(names, holders)]
+        order = restore_order(names, holders)
+        self.members = [by_name.get(n) or self._member(n) for n in order]
+        ipc = ipc_sets(order, sharing)
         for m in self.members:
             m.netns_of = holders.get(m.name)
+            m.ipc_of = ipc.get(m.name)
+            if m.ipc_of is not None and m.ipc_of != m.name:
+                check_ipc_attachments(m.name, m.ipc_of, await self.runc.pids(m.name))
         if len(self.members) > len(by_name):
             self.note(f"pod: moving {', '.join(m.name for m in self.members)} as one group")
         self._check_group_strategy()
@@ -184,7 +189,9 @@ class Migration(FrozenWindow):
     async def _pre_checkpoint(self) -> None:
         await self._form_group()
         for m in self.members:
-            src = await inspect_container(self.runc, m.name, self.host, self.volume_choices, netns_of=m.netns_of)
+            src = await inspect_container(
+                self.runc, m.name, self.host, self.volume_choices, netns_of=m.netns_of, ipc_of=m.ipc_of
+            )
             m.bundle, m.rootfs, m.endpoint, m.config_raw = src.bundle, src.rootfs, src.endpoint, src.config_raw
             m.volumes = src.volumes
         version = await criu.version()
@@ -225,6 +232,8 @@ class Migration(FrozenWindow):
             extra: dict[str, Any] = {"volumes": [v.to_wire() for v in m.volumes]} if m.volumes else {}
             if m.netns_of is not None:
                 extra["netns_of"] = m.netns_of
+            if m.ipc_of is not None:
+                extra["ipc_of"] = m.ipc_of
             await self.s.call("prepare", container=m.name, config=m.config_raw, network=network, **extra)
             await self._sync_rootfs(m, Phase.PRE_CHECKPOINT)
 

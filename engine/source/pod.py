@@ -18,26 +18,30 @@ The rules, checked before anything changes:
   them (their namespace must exist there), and restored after them
   (source/window.py: the holder's restore brings the pod's link up).
 
-Sharing other namespaces (IPC, UTS, PID) between containers is refused: CRIU
-treats only network and PID namespaces as external, so a shared IPC
-namespace would be dumped with every member and restored as copies, and its
-SysV objects would no longer be shared.
+A pod's members may share an IPC namespace too (the holder's, joined by
+path): found by the namespace's identity (runtime/ipcns.py), it must move
+whole like a network namespace, and the destination recreates it once
+(each member gets ``ipc_of``: the group's first member in that namespace).
+
+Sharing other namespaces (UTS, PID, ...) between containers is refused:
+CRIU would dump them with every member and restore them as copies.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tug.engine.errors import PreconditionError
+from tug.engine.runtime import ipcns
 from tug.engine.runtime import network as netif
 from tug.engine.runtime.runc import Runc
 
 #: Namespaces a container may not share with another by path (see the module doc).
-UNSHAREABLE = ("ipc", "uts", "pid", "mount", "cgroup", "user")
+UNSHAREABLE = ("uts", "pid", "mount", "cgroup", "user")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,6 +52,13 @@ class Sharing:
     joins: Mapping[str, str]
     #: container -> its own endpoint's namespace path (only those tug manages one for).
     holds: Mapping[str, str]
+    #: container -> the inode of its IPC namespace (only those not in the host's).
+    ipc: Mapping[str, int] = field(default_factory=dict)
+
+    def ipc_peers_of(self, name: str) -> list[str]:
+        """The other containers in ``name``'s IPC namespace."""
+        ino = self.ipc.get(name)
+        return sorted(c for c, i in self.ipc.items() if ino is not None and i == ino and c != name)
 
     def holder_of(self, name: str) -> str | None:
         path = self.joins.get(name)
@@ -68,9 +79,14 @@ async def read_sharing(runc: Runc, netns_path: Callable[[str], Path | None]) -> 
     """
     joins: dict[str, str] = {}
     holds: dict[str, str] = {}
+    ipc: dict[str, int] = {}
+    host_ipc = ipcns.host_inode()
     for st in await runc.containers():
         if st.status not in ("running", "paused"):
             continue
+        ino = ipcns.inode_of(st.pid) if st.pid else None
+        if ino is not None and ino != host_ipc:
+            ipc[st.id] = ino
         spec = _read_config(st.bundle)
         if spec is None:
             continue
@@ -82,7 +98,7 @@ async def read_sharing(runc: Runc, netns_path: Callable[[str], Path | None]) -> 
             holds[st.id] = path
         else:
             joins[st.id] = path
-    return Sharing(joins=joins, holds=holds)
+    return Sharing(joins=joins, holds=holds, ipc=ipc)
 
 
 def _read_config(bundle: Path) -> dict[str, Any] | None:
@@ -103,12 +119,13 @@ def shared_namespaces(name: str, spec: Mapping[str, Any]) -> list[str]:
 
 
 def expand_pods(names: Iterable[str], sharing: Sharing) -> list[str]:
-    """``names`` and every container joining the network namespace of one of them."""
+    """``names`` and every container joining the network namespace of one of
+    them, or sharing its IPC namespace (and theirs, and so on)."""
     out = list(names)
-    for name in list(out):
-        for joiner in sharing.joiners_of(name):
-            if joiner not in out:
-                out.append(joiner)
+    for name in out:  # grows while it runs: a peer's peers are added too
+        for other in [*sharing.joiners_of(name), *sharing.ipc_peers_of(name)]:
+            if other not in out:
+                out.append(other)
     return out
 
 
@@ -134,7 +151,50 @@ def check_pods(group: list[str], sharing: Sharing) -> dict[str, str]:
                 f"{name!r} without them would leave them without a network. Migrate the pod whole "
                 f"('tug migrate {name} --pod' or name them all); nothing was changed"
             )
+    for name in group:
+        outside = [c for c in sharing.ipc_peers_of(name) if c not in group]
+        if outside:
+            raise PreconditionError(
+                f"container {name!r} shares its IPC namespace with {', '.join(repr(c) for c in outside)}, which this "
+                f"migration does not move: their SysV objects are one, so they move together ('tug migrate {name} "
+                "--pod' or name them all); nothing was changed"
+            )
     return holders
+
+
+def ipc_sets(group: list[str], sharing: Sharing) -> dict[str, str]:
+    """Member -> the group's first member in its IPC namespace, for every member
+    sharing one with another member (the name its namespace gets on the destination)."""
+    out: dict[str, str] = {}
+    for name in group:
+        peers = [c for c in sharing.ipc_peers_of(name) if c in group]
+        if peers:
+            out[name] = min([name, *peers], key=group.index)
+    return out
+
+
+def check_ipc_attachments(name: str, ipc_of: str, pids: Iterable[int]) -> None:
+    """Refuse a member restored after the first one into its shared IPC namespace
+    (``ipc_of``) while one of its processes has a SysV segment attached.
+
+    CRIU restores each container on its own. Only the first restore into the
+    shared namespace may make its SysV objects (the others' images are emptied
+    of them: destination/restore.py), but CRIU maps an attached segment only
+    through the record its own restore made when it created that segment
+    (criu/ipc_ns.c, criu/shmem.c): a later restore would fail. Semaphores and
+    message queues are not mapped and move fine.
+    """
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            continue
+        if any(" /SYSV" in line for line in maps.splitlines()):  # "/SYSV<key> (deleted)": a shm attachment
+            raise PreconditionError(
+                f"container {name!r} has a SysV shared memory segment attached in the IPC namespace it shares with "
+                f"{ipc_of!r}: CRIU restores each container on its own and only the first one restored there "
+                f"({ipc_of!r}) can map the namespace's segments; nothing was changed"
+            )
 
 
 def restore_order(group: list[str], holders: Mapping[str, str]) -> list[str]:
