@@ -6,10 +6,11 @@ Needs Debian's podman (scripts/setup.sh installs it) with runc as its OCI runtim
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.conftest import tug
+from tests.e2e.conftest import Lab, demo_container, on, tug
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,3 +28,29 @@ def test_doctor_reports_podman_and_docker() -> None:
     # The probe checkpointed and restored a container in a podman of its own.
     assert rows["podman checkpoint/restore"]["status"] == "ok", rows["podman checkpoint/restore"]
     assert "refuses docker containers" in rows["docker"]["detail"]
+
+
+@pytest.fixture
+def podman_demo(lab: Lab) -> Iterator[str]:
+    yield from demo_container(lab, "pm", "--runtime", "podman", "--memory", "32", "--dirty-rate", "200")
+
+
+def podman_names(host: str, *flags: str) -> list[str]:
+    res = on(host, "podman", "ps", *flags, "--format", "{{.Names}}", check=True)
+    return res.stdout.split()
+
+
+def test_lab_hosts_have_their_own_podman(lab: Lab, podman_demo: str) -> None:
+    """The demo runs under host a's podman; host b's podman (own storage, run root) knows nothing of it."""
+    assert podman_demo in podman_names("a")
+    assert podman_demo not in podman_names("b", "--all")
+    roots = {h: on(h, "podman", "info", "--format", "{{.Store.GraphRoot}} {{.Store.RunRoot}}", check=True).stdout for h in "ab"}
+    assert roots["a"] != roots["b"] and str(lab.layout.podman_dir("a")) in roots["a"]
+    # Every host holds the demo image, by the same id: a migration pulls nothing.
+    ids = {h: on(h, "podman", "image", "inspect", "--format", "{{.Id}}", "localhost/tug-demo:latest", check=True).stdout
+           for h in "ab"}
+    assert ids["a"] == ids["b"]
+    check = tug("lab", "check", "a", podman_demo, check=True).json()
+    assert check["ok"] and check["runtime"] == "podman", check
+    tug("lab", "rm", "a", podman_demo, check=True)
+    assert podman_demo not in podman_names("a", "--all")
