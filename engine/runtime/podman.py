@@ -207,6 +207,20 @@ class Podman:
         await self.remove(name)
 
 
+async def not_runc_hint(name: str) -> str:
+    """Why a name runc does not know may still be a container here: podman's (whose
+    migration is not built yet: refused, nothing touched) or docker's (refused)."""
+    if installed() is not None:
+        try:
+            found = await Podman().inspect(name)
+        except RuntimeToolError:
+            found = None
+        if found is not None:
+            return (f"; it is a podman container ({found.id[:12]}, {found.status}): tug cannot migrate podman "
+                    "containers yet (issue 13: see README, Podman), nothing was touched")
+    return " (a docker container? tug does not migrate those: tug doctor says why)"
+
+
 def installed() -> str | None:
     from shutil import which
 

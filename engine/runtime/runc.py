@@ -79,7 +79,9 @@ class Runc:
     async def require(self, name: str) -> ContainerState:
         st = await self.state(name)
         if st is None:
-            raise ConfigError(f"container {name!r} not found on this host (runc root {self.root})")
+            from tug.engine.runtime.podman import not_runc_hint
+
+            raise ConfigError(f"container {name!r} not found on this host (runc root {self.root}){await not_runc_hint(name)}")
         return st
 
     async def containers(self) -> list[ContainerState]:

@@ -54,3 +54,13 @@ def test_lab_hosts_have_their_own_podman(lab: Lab, podman_demo: str) -> None:
     assert check["ok"] and check["runtime"] == "podman", check
     tug("lab", "rm", "a", podman_demo, check=True)
     assert podman_demo not in podman_names("a", "--all")
+
+
+def test_migrating_a_podman_container_is_refused_before_anything_changes(lab: Lab, podman_demo: str) -> None:
+    """Until the podman runtime layer lands, tug names the podman container and touches nothing."""
+    res = on("a", "tug", "migrate", podman_demo, "--to", lab.url("b"))
+    assert res.returncode == 1
+    assert "it is a podman container" in res.stderr and "nothing was touched" in res.stderr, res.stderr
+    assert podman_demo in podman_names("a")
+    assert podman_demo not in podman_names("b", "--all")
+    assert tug("lab", "check", "a", podman_demo, check=True).json()["ok"]
