@@ -33,7 +33,7 @@ ln -s $IMG $UD/checkpoint
 t4=$(date +%s%N)
 $B podman container restore --tcp-established $N >/dev/null
 t5=$(date +%s%N)
-runc delete --force $ID; $A podman rm -f -t 0 $N >/dev/null
+runc delete --force $ID; $A podman rm -f -t 0 $N >/dev/null; tug lab rm a $N >/dev/null || true
 echo "frozen dump (runc checkpoint on podman's state): $(( (t3-t2)/1000000 )) ms; rootfs rsync+link: $(( (t4-t3)/1000000 )) ms; podman restore on b: $(( (t5-t4)/1000000 )) ms; downtime $(( (t5-t2)/1000000 )) ms"
 tug lab check b $N | python3 -c 'import json,sys; d=json.load(sys.stdin); print("check on b:", d["ok"], d["runtime"], d["counter"], d["heartbeat"]["max_gap_ms"])'
 $B podman ps --format '{{.Names}} {{.Status}}'; echo "a lists: $($A podman ps -a --format '{{.Names}}')"

@@ -23,6 +23,7 @@ from typing import Any
 
 from tug.engine.criu import tool as criu
 from tug.engine.criu.pageserver import NOT_FLUSHED
+from tug.engine.destination import podmanstage
 from tug.engine.destination.incoming import (
     INCOMING_MARKER,
     KEPT,
@@ -68,10 +69,13 @@ class Agent(StagingCalls, RestoreCalls):
     # ---- calls -------------------------------------------------------------
 
     async def call_preflight(
-        self, container: str, criu_version: str, cpuinfo: bytes = b"", network: dict[str, Any] | None = None
+        self, container: str, criu_version: str, cpuinfo: bytes = b"", network: dict[str, Any] | None = None,
+        podman: Any = None,
     ) -> dict[str, Any]:
         """Can this host take ``container``? Nothing is changed here."""
         check_name(container)
+        if podman is not None:  # its image is here, its name free in podman (destination/podmanstage.py)
+            await podmanstage.preflight(container, podman)
         if network is not None:
             EndpointSpec.from_dict(network)
             if self.host.network is None:
@@ -100,7 +104,7 @@ class Agent(StagingCalls, RestoreCalls):
         return {
             "host": self.host.name, "criu": str(version), "runc": runc_version, "bundle": str(bundle),
             # Can restores here run before their memory is in place (lazypages.py)?
-            "lazy_restore": await criu.has_feature("uffd-noncoop"),
+            "lazy_restore": podman is None and await criu.has_feature("uffd-noncoop"),
         }
 
     async def call_abort(self, container: str) -> dict[str, Any]:
@@ -163,6 +167,7 @@ class Agent(StagingCalls, RestoreCalls):
         inc = self.incoming.get(container)
         if inc is None:  # a migration of an earlier session (this agent is new)
             inc = Incoming(name=container, bundle=bundle, work=self.host.work_dir / container)
+            await podmanstage.leftover(inc)  # its podman container goes too
             spec = netif.load_spec(bundle) if bundle.exists() else None
             if spec is not None and self.host.network is not None:
                 inc.endpoint = DestinationEndpoint(self.host.network, container, spec)
@@ -215,6 +220,8 @@ class Agent(StagingCalls, RestoreCalls):
                 # to peers the resumed source still talks to.
                 await _step(f"cutting off {inc.name}", inc.endpoint.cut_off())
             await _step(f"deleting {inc.name}", self._delete_container(inc.name))
+            if inc.podman_made:
+                await _step(f"removing podman's {inc.name}", podmanstage.remove(self.host, inc))
             # runc knows only what it started: a killed restore can leave CRIU's
             # own processes in the container's cgroup.
             await _step(f"emptying the cgroup of {inc.name}", kill_cgroup_of(self.host, inc.name))
@@ -222,7 +229,8 @@ class Agent(StagingCalls, RestoreCalls):
                 await _step(f"removing the endpoint of {inc.name}", inc.endpoint.remove())
         finally:
             remove_created(inc.bundle)  # copied volumes made outside the bundle
-            shutil.rmtree(inc.bundle, ignore_errors=True)
+            if podmanstage.bundle_removable(inc):
+                shutil.rmtree(inc.bundle, ignore_errors=True)
             remove_tree(inc.work)
         log.info("cleaned up uncommitted %s", inc.name)
         return failed

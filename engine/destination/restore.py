@@ -20,6 +20,7 @@ from typing import Any
 from tug.engine.criu.stats import criu_restore_steps
 from tug.engine.criu.tool import check_criu_opts
 from tug.engine.criu.uncork import peer_is_criu
+from tug.engine.destination import podmanstage
 from tug.engine.destination.hybridserver import HybridPageServer
 from tug.engine.destination.incoming import (
     INCOMING_MARKER,
@@ -120,11 +121,13 @@ class RestoreCalls(AgentState):
         # CRIU's lazy-pages daemon cannot read pages from parent images (a
         # page it finds in a parent is read but never handed to the faulting
         # process: the restore hangs), so a chained page store restores eagerly.
-        lazy = lazy and not (inc.images / "parent").is_symlink()
+        lazy = lazy and not (inc.images / "parent").is_symlink() and inc.podman is None
         inc.stats["lazy"] = int(lazy)
         if lazy:
             inc.lazy = LazyPages(inc.images, inc.criu_work, remote_port=lazy_source_port)
             await inc.lazy.start()
+        if inc.podman is not None:  # podman restores it, under its own conmon (podmanstage.py)
+            return await self._podman_restore(inc, t0, frames, not tcp_close)
         try:
             restoring = self.runc.restore_detached(
                 container, bundle=inc.bundle, image_dir=inc.images, work_dir=inc.criu_work,
@@ -143,6 +146,15 @@ class RestoreCalls(AgentState):
             inc.stats.update(await inc.endpoint.after_restore(staged + list(frames or ())))
         st = await self.runc.require(container)
         return {"pid": st.pid, "status": st.status, "restore_ms": (time.monotonic() - t0) * 1000, **steps, **inc.stats}
+
+    async def _podman_restore(self, inc: Incoming, t0: float, frames: list[bytes] | None, tcp: bool) -> dict[str, Any]:
+        pid = await podmanstage.restore(inc, tcp_established=tcp, file_locks=inc.file_locks)
+        inc.restored = True
+        inc.ran_at = time.monotonic()
+        if inc.endpoint is not None:
+            staged, inc.staged_frames = inc.staged_frames, []
+            inc.stats.update(await inc.endpoint.after_restore(staged + list(frames or ())))
+        return {"pid": pid, "status": "running", "restore_ms": (time.monotonic() - t0) * 1000, **inc.stats}
 
     async def _hybrid_server(
         self, inc: Incoming, lazy: bool, rebuild_pages: bool, lazy_source_port: int | None, ports: list[int]
@@ -255,7 +267,9 @@ class RestoreCalls(AgentState):
             # to peers the source still talks to.
             await inc.endpoint.cut_off()
         with contextlib.suppress(MigrationError):
-            if await self.runc.state(inc.name) is not None:
+            if inc.podman_made:
+                await podmanstage.remove(self.host, inc)
+            elif await self.runc.state(inc.name) is not None:
                 await self.runc.delete(inc.name, force=True)
         await kill_cgroup_of(self.host, inc.name)
 
@@ -272,6 +286,8 @@ class RestoreCalls(AgentState):
             await inc.endpoint.close()
         (inc.bundle / INCOMING_MARKER).unlink(missing_ok=True)
         (inc.bundle / CREATED_FILE).unlink(missing_ok=True)  # the copies are the container's now
+        if inc.podman is not None and podmanstage.bundle_removable(inc):
+            remove_tree(inc.bundle)  # only staging: podman's userdata is the container's bundle now
         remove_tree(inc.work)
         del self.incoming[container]
         return {"committed": True, **_usage()}

@@ -194,7 +194,10 @@ def _start_podman(lab: Lab, host: LabHost, name: str, workload: WorkloadSpec) ->
     endpoint = endpoint_spec(lab, name)
     netif.create(host.network(), name, endpoint, up=True)
     try:
-        return podmandemo.start(host, name, workload.argv(), host.network().netns_path(name))
+        state = podmandemo.start(host, name, workload.argv(), host.network().netns_path(name))
+        # tug manages this endpoint: the spec file in the OCI bundle (podman's userdata) says so.
+        netif.save_spec(podmandemo.bundle(host, name), endpoint)
+        return state
     except BaseException:
         podmandemo.remove(host, name)
         netif.delete(host.network(), name)

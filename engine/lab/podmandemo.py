@@ -95,6 +95,14 @@ def start(host: LabHost, name: str, argv: list[str], netns: Path) -> Path:
     raise PreconditionError(f"podman demo container {name} started but its workload wrote no status within 30 s")
 
 
+def bundle(host: LabHost, name: str) -> Path:
+    """The OCI bundle podman gives runc: the container's userdata directory."""
+    data = inspect(host, name)
+    if data is None:
+        raise PreconditionError(f"podman on {host.name} has no container {name!r}")
+    return Path(str(data["StaticDir"]))
+
+
 def signal(host: LabHost, name: str, sig: str) -> None:
     podman(host, "kill", "--signal", sig, name)
 

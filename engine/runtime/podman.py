@@ -154,14 +154,10 @@ class Podman:
         res = await self._run("image", "exists", image_id, timeout=20, check=False)
         return res.returncode == 0
 
-    async def create_stopped(self, c: PodmanContainer, *, name: str, netns_path: str, cgroup_parent: str) -> PodmanContainer:
-        """Create ``name`` like ``c``, initialised and stopped, never having run.
-
-        ``podman init`` makes podman write the OCI spec its restore reads
-        (``userdata/config.json``) and runc create the container; stopping it
-        kills runc's init before the workload was ever exec'd. The container
-        is then "exited": the state podman's non-exported restore accepts.
-        """
+    async def create_mounted(self, c: PodmanContainer, *, name: str, netns_path: str, cgroup_parent: str) -> Path:
+        """Create ``name`` like ``c`` (same image id, command, ulimits) and mount
+        its overlay: the writable layer is synced into the returned directory.
+        ``netns_path`` must exist (podman checks; it need not be the final one)."""
         argv = ["create", "--name", name, "--network", f"ns:{netns_path}" if netns_path else "none"]
         if cgroup_parent:
             argv += ["--cgroup-parent", cgroup_parent]
@@ -171,21 +167,27 @@ class Podman:
         argv += [c.image_id, *c.argv[1:]]
         await self._run(*argv, timeout=60)
         try:
-            await self._run("init", name, timeout=60)
-            await self._run("stop", "--time", "0", name, timeout=60)
-            made = await self.require(name)
-            if made.status not in ("exited", "stopped", "configured"):
-                raise PreconditionError(f"podman container {name} is {made.status} after init and stop, not exited")
             mounted = await self._run("mount", name, timeout=30)
-            return await self._with_rootfs(made, mounted.out.strip())
+            return Path(mounted.out.strip())
         except BaseException:
             await self.remove(name)
             raise
 
-    async def _with_rootfs(self, c: PodmanContainer, merged: str) -> PodmanContainer:
-        from dataclasses import replace
+    async def init_stopped(self, name: str) -> PodmanContainer:
+        """Initialise and stop ``name``: "exited", never having run.
 
-        return replace(c, rootfs=Path(merged))
+        ``podman init`` makes podman write the OCI spec its restore reads
+        (``userdata/config.json``, joining the network namespace at its path
+        now) and runc create the container; stopping it kills runc's init
+        before the workload was ever exec'd. "exited" is the state podman's
+        non-exported restore accepts.
+        """
+        await self._run("init", name, timeout=60)
+        await self._run("stop", "--time", "0", name, timeout=60)
+        made = await self.require(name)
+        if made.status not in ("exited", "stopped", "configured"):
+            raise PreconditionError(f"podman container {name} is {made.status} after init and stop, not exited")
+        return made
 
     async def restore(self, name: str, *, tcp_established: bool, file_locks: bool = False, timeout: float = 300) -> None:
         """podman's non-exported restore: CRIU's images must be in userdata/checkpoint."""
@@ -199,6 +201,9 @@ class Podman:
     async def remove(self, name: str) -> None:
         """Remove ``name`` (stopped or not) and its storage; fine if it is gone."""
         await self._run("rm", "--force", "--time", "0", name, timeout=60, check=False)
+
+    async def unmount(self, name: str) -> None:
+        await self._run("umount", "--force", name, timeout=30, check=False)
 
     async def forget_after_runc_delete(self, name: str) -> None:
         """After tug deleted the runc container behind podman's back: podman
@@ -216,8 +221,8 @@ async def not_runc_hint(name: str) -> str:
         except RuntimeToolError:
             found = None
         if found is not None:
-            return (f"; it is a podman container ({found.id[:12]}, {found.status}): tug cannot migrate podman "
-                    "containers yet (issue 13: see README, Podman), nothing was touched")
+            return (f"; it is a podman container ({found.id[:12]}, {found.status}): migrate it with --runtime podman "
+                    "(or auto); nothing was touched")
     return " (a docker container? tug does not migrate those: tug doctor says why)"
 
 

@@ -84,6 +84,10 @@ class Runc:
             raise ConfigError(f"container {name!r} not found on this host (runc root {self.root}){await not_runc_hint(name)}")
         return st
 
+    def visible_spec(self, raw: bytes) -> bytes:
+        """The container's spec as a migration sees it (podman's drops its own mounts)."""
+        return raw
+
     async def containers(self) -> list[ContainerState]:
         res = await proc.run(self._argv("list", "--format", "json"), timeout=15)
         items = json.loads(res.out or "null") or []

@@ -5,12 +5,18 @@ Needs Debian's podman (scripts/setup.sh installs it) with runc as its OCI runtim
 
 from __future__ import annotations
 
+import json
 import shutil
+import signal
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Lab, demo_container, on, tug
+from tests.e2e.conftest import TUG, Lab, demo_container, migrate, on, tug, wait_for
+from tests.faults.harness import agent_pids, endpoint_name_taken, signal_all, start_migrate
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,11 +62,133 @@ def test_lab_hosts_have_their_own_podman(lab: Lab, podman_demo: str) -> None:
     assert podman_demo not in podman_names("a", "--all")
 
 
-def test_migrating_a_podman_container_is_refused_before_anything_changes(lab: Lab, podman_demo: str) -> None:
-    """Until the podman runtime layer lands, tug names the podman container and touches nothing."""
-    res = on("a", "tug", "migrate", podman_demo, "--to", lab.url("b"))
-    assert res.returncode == 1
-    assert "it is a podman container" in res.stderr and "nothing was touched" in res.stderr, res.stderr
-    assert podman_demo in podman_names("a")
+def podman_id(host: str, name: str) -> str | None:
+    res = on(host, "podman", "inspect", "--format", "{{.Id}} {{.State.Status}}", name)
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def address_of(name: str, host: str) -> str:
+    bundle = on(host, "podman", "inspect", "--format", "{{.StaticDir}}", name, check=True).stdout.strip()
+    return str(json.loads(Path(bundle, "tug-network.json").read_text())["address"]).split("/")[0]
+
+
+class Client:
+    """``tug lab client NAME`` in the background, holding one connection; :meth:`stop` ends it."""
+
+    def __init__(self, lab: Lab, name: str, host: str) -> None:
+        self.address, self.ns = address_of(name, host), lab.layout.client_ns
+        self.proc = subprocess.Popen([TUG, "lab", "client", name, "--duration", "600", "--json"], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        if not wait_for(lambda: self.established() >= 1, timeout=20):
+            raise AssertionError(f"client did not connect to {self.address}: {self.stop()}")
+
+    def established(self) -> int:
+        res = subprocess.run(["ip", "netns", "exec", self.ns, "ss", "-Htn", "state", "established"],
+                             capture_output=True, text=True)
+        return sum(f"{self.address}:7000" in ln for ln in res.stdout.splitlines())
+
+    def stop(self) -> dict[str, Any]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        out, err = self.proc.communicate(timeout=120)
+        assert out.strip(), err
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+
+def move(lab: Lab, name: str, src: str, dst: str, *extra: str, earlier_ms: float = 0.0) -> dict[str, Any]:
+    """Move ``name`` src -> dst; the destination's podman owns it, the source's forgot it.
+    ``earlier_ms``: the longest downtime of earlier moves (its heartbeat log spans them too)."""
+    before = lab.check(src, name)
+    res = migrate(src, name, lab.url(dst), *extra)
+    assert res.returncode == 0, res.stderr
+    report = res.json()
+    assert report["outcome"] == "migrated", report
+    lab.check_moved_intact(dst, name, before, max(report["downtime_ms"], earlier_ms))
+    assert name in podman_names(dst)
+    assert name not in podman_names(src, "--all")
+    return report
+
+
+@pytest.mark.parametrize("strategy", [
+    ("--strategy", "stop-copy"),
+    ("--strategy", "precopy", "--tracker", "content"),
+    ("--strategy", "precopy", "--tracker", "uffd"),
+], ids=["stop-copy", "precopy-content", "precopy-uffd"])
+def test_there_and_back_podman_owns_it(lab: Lab, podman_demo: str, strategy: tuple[str, ...]) -> None:
+    """a -> b -> a: memory verified, counter continuous, the client keeps its one connection,
+    and each time the destination's podman runs it and the source's lists nothing."""
+    client = Client(lab, podman_demo, "a")
+    there = move(lab, podman_demo, "a", "b", *strategy)
+    move(lab, podman_demo, "b", "a", *strategy, "--runtime", "podman", earlier_ms=there["downtime_ms"])
+    result = client.stop()
+    assert result["errors"] == 0 and result["reconnects"] == 0 and result["out_of_order"] == 0, result
+    assert result["replies"] > 0
+    # Podman's own tools work on what tug restored.
+    assert on("a", "podman", "logs", podman_demo).returncode == 0
+    assert "tug-workload" in on("a", "podman", "exec", podman_demo, "ps", check=True).stdout
+    on("a", "podman", "stop", "--time", "1", podman_demo, check=True)
+    on("a", "podman", "rm", podman_demo, check=True)
+    assert podman_demo not in podman_names("a", "--all")
+
+
+def test_missing_image_is_refused_before_anything_changes(lab: Lab, podman_demo: str) -> None:
+    before = podman_id("a", podman_demo)
+    on("b", "podman", "rmi", "localhost/tug-demo:latest", check=True)
+    try:
+        res = migrate("a", podman_demo, lab.url("b"))
+        assert res.returncode == 1
+        assert "has no image" in res.stderr and "pulls nothing" in res.stderr, res.stderr
+        assert res.json()["outcome"] == "aborted"
+    finally:
+        on("b", "podman", "load", "-i", str(lab.layout.image_dir / "podman-image.tar"), check=True)
+    assert podman_id("a", podman_demo) == before and before is not None and before.endswith("running")
     assert podman_demo not in podman_names("b", "--all")
-    assert tug("lab", "check", "a", podman_demo, check=True).json()["ok"]
+    assert lab.check("a", podman_demo)["ok"]
+
+
+def test_name_taken_in_the_destinations_podman(lab: Lab, podman_demo: str) -> None:
+    before = podman_id("a", podman_demo)
+    on("b", "podman", "create", "--name", podman_demo, "localhost/tug-demo:latest", "/bin/sleep", "1", check=True)
+    try:
+        res = migrate("a", podman_demo, lab.url("b"))
+        assert res.returncode == 1 and "already has a container named" in res.stderr, res.stderr
+    finally:
+        on("b", "podman", "rm", "--force", podman_demo, check=True)
+    assert podman_id("a", podman_demo) == before
+    assert lab.check("a", podman_demo)["ok"]
+
+
+def test_rollback_when_the_endpoint_fails_leaves_podman_as_before(lab: Lab, podman_demo: str) -> None:
+    """The destination's podman had made the container when its endpoint failed for real:
+    the source's podman state is as before, the destination's holds nothing."""
+    before = podman_id("a", podman_demo)
+    with endpoint_name_taken(lab, "b", podman_demo):
+        res = migrate("a", podman_demo, lab.url("b"))
+    assert res.returncode == 1, res.stdout
+    assert podman_id("a", podman_demo) == before
+    assert podman_demo not in podman_names("b", "--all")
+    assert not lab.netns("b", podman_demo).exists()
+    assert lab.check("a", podman_demo)["ok"]
+    move(lab, podman_demo, "a", "b")  # and nothing was left in the way
+
+
+def test_rollback_when_the_agent_is_killed(lab: Lab) -> None:
+    """A killed agent (SIGKILL, mid pre-copy): the source runs on as before, and the fresh
+    agent's sweep removes the podman container the dead one had made on b."""
+    gen = demo_container(lab, "pk", "--runtime", "podman", "--memory", "256", "--dirty-rate", "20000")
+    name = next(gen)
+    try:
+        before = podman_id("a", name)
+        run = start_migrate("a", name, lab.url("b"), "--strategy", "precopy", "--tracker", "content")
+        assert run.wait_phase("precopy"), run.lines
+        assert signal_all(agent_pids("b"), signal.SIGKILL) > 0
+        res = run.finish()
+        assert res.returncode == 1, res.stdout
+        assert res.json()["outcome"] == "rolled-back", res.json()
+        assert podman_id("a", name) == before
+        assert lab.check("a", name)["ok"]
+        assert wait_for(lambda: name not in podman_names("b", "--all"), timeout=30)
+    finally:
+        for _ in gen:
+            pass
