@@ -104,7 +104,7 @@ class Agent(StagingCalls, RestoreCalls):
         return {
             "host": self.host.name, "criu": str(version), "runc": runc_version, "bundle": str(bundle),
             # Can restores here run before their memory is in place (lazypages.py)?
-            "lazy_restore": podman is None and await criu.has_feature("uffd-noncoop"),
+            "lazy_restore": await criu.has_feature("uffd-noncoop"),
         }
 
     async def call_abort(self, container: str) -> dict[str, Any]:
@@ -133,14 +133,14 @@ class Agent(StagingCalls, RestoreCalls):
     async def call_inspect(self, container: str) -> dict[str, Any]:
         """What this host holds of ``container``, for ``tug recover``. Changes nothing."""
         check_name(container)
-        st = await self.runc.state(container)
+        status = await podmanstage.status_here(self.runc, self.host, container)
         marker = self.host.bundle_dir(container) / INCOMING_MARKER
         try:
             text: str | None = marker.read_text().strip()
         except OSError:
             text = None
         return {
-            "status": st.status if st is not None else None,
+            "status": status,
             "bundle": self.host.bundle_dir(container).exists(),
             "marker": text,
             "migrating": container in self.incoming,
@@ -149,10 +149,10 @@ class Agent(StagingCalls, RestoreCalls):
     async def call_adopt(self, container: str) -> dict[str, Any]:
         """``tug recover`` finishes a migration: a kept copy becomes this host's for good."""
         check_name(container)
-        st = await self.runc.state(container)
-        if st is None or st.status != "running":
+        if await podmanstage.status_here(self.runc, self.host, container) != "running":
             raise PreconditionError(f"{self.host.name} does not run {container!r}: nothing to adopt")
         (self.host.bundle_dir(container) / INCOMING_MARKER).unlink(missing_ok=True)
+        podmanstage.adopted(self.host, container)
         return {"adopted": True}
 
     async def call_discard(self, container: str) -> dict[str, Any]:

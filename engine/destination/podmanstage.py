@@ -8,7 +8,8 @@ tug's rootfs sync writes the source's writable layer into the new container's
 own. Once the endpoint namespace exists, ``podman init`` + ``podman stop``
 make podman write its spec without ever running the workload. The restore
 links CRIU's images in as ``userdata/checkpoint`` and lets ``podman container
-restore`` run them under podman's conmon (see runtime/podman.py).
+restore`` run them under podman's conmon (see runtime/podman.py); lazily
+through a CRIU config file (:func:`criu_conf`) where userfaultfd allows.
 
 The bind mount is the dangerous part: the staging bundle is removed with
 ``rmtree`` on cleanup, which must never reach through it into the container's
@@ -18,10 +19,13 @@ overlay, so it is unmounted first and the bundle is left alone if it cannot be.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ from tug.engine.errors import PreconditionError, ProtocolError
 from tug.engine.hostcfg import HostConfig
 from tug.engine.runtime import network as netif
 from tug.engine.runtime.podman import Podman, PodmanContainer
+from tug.engine.runtime.runc import Runc
 
 log = logging.getLogger("tug.agent")
 
@@ -85,8 +90,11 @@ async def prepare(host: HostConfig, inc: Incoming, info: Any) -> None:
     inc.podman_made = True
     # Written before podman is asked: a fresh agent sweeping after this one died knows to remove it.
     (inc.bundle / MARKER).write_text(json.dumps(desc))
+    conf = criu_conf(host, inc.name)
+    conf.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    conf.write_text("")
     merged = await Podman().create_mounted(_spec_of(desc, inc.name), name=inc.name, netns_path=str(netns),
-                                           cgroup_parent=host.cgroup_parent or "")
+                                           cgroup_parent=host.cgroup_parent or "", criu_conf=conf)
     await _run(["mount", "--bind", str(merged), str(inc.bundle / "rootfs")])
 
 
@@ -110,13 +118,32 @@ async def drop_placeholder(host: HostConfig, inc: Incoming) -> None:
         await asyncio.to_thread(netif.remove_netns, host.network.netns(inc.name))
 
 
+async def status_here(runc: Runc, host: HostConfig, container: str) -> str | None:
+    """This host's copy of ``container`` (``tug recover``): runc's, else podman's where
+    a staging bundle says tug made it there."""
+    st = await runc.state(container)
+    if st is not None:
+        return st.status
+    if not (host.bundle_dir(container) / MARKER).exists():
+        return None
+    found = await Podman().inspect(container)
+    return found.status if found is not None else None
+
+
+def adopted(host: HostConfig, container: str) -> None:
+    """A kept podman copy is podman's for good: tug's staging bundle goes."""
+    bundle = host.bundle_dir(container)
+    if (bundle / MARKER).exists() and not os.path.ismount(bundle / "rootfs"):
+        shutil.rmtree(bundle, ignore_errors=True)
+
+
 async def init_stopped(inc: Incoming) -> None:
     """After the endpoint exists: podman writes its spec (joining that namespace)."""
     await Podman().init_stopped(inc.name)
 
 
-async def restore(inc: Incoming, *, tcp_established: bool, file_locks: bool) -> int:
-    """podman restores what tug received; returns the restored init's pid."""
+async def before_restore(inc: Incoming) -> PodmanContainer:
+    """The overlay back to podman, CRIU's images where its restore reads them."""
     await unbind(inc)
     pm = Podman()
     await pm.unmount(inc.name)
@@ -125,10 +152,39 @@ async def restore(inc: Incoming, *, tcp_established: bool, file_locks: bool) -> 
     if link.is_symlink() or link.exists():
         raise PreconditionError(f"{link} exists: not a container tug prepared")
     os.symlink(inc.images, link)
-    await pm.restore(inc.name, tcp_established=tcp_established, file_locks=file_locks)
+    return made
+
+
+async def run_restore(inc: Incoming, made: PodmanContainer, *, tcp_established: bool, file_locks: bool) -> None:
+    """podman restores what tug received, under its conmon."""
+    await Podman().restore(inc.name, tcp_established=tcp_established, file_locks=file_locks)
     if inc.network is not None:
         netif.save_spec(made.bundle, inc.network)  # the next move finds its endpoint
-    return (await pm.require(inc.name)).pid
+
+
+async def pid_of(inc: Incoming) -> int:
+    return (await Podman().require(inc.name)).pid
+
+
+def criu_conf(host: HostConfig, name: str) -> Path:
+    """The CRIU config file the container's spec names (``org.criu.config``, set at
+    create): podman passes runc no ``--lazy-pages``, but CRIU lets this file override
+    every option runc sends (cr-service.c), work dir included. It exists, empty,
+    for the container's life here (every later checkpoint of it reads it too)."""
+    return host.data_dir / "podman-criu" / f"{name}.conf"
+
+
+@contextlib.contextmanager
+def lazy_config(host: HostConfig, inc: Incoming, lazy: bool) -> Iterator[None]:
+    """During a lazy restore: CRIU restores lazily, from tug's lazy-pages daemon's
+    work dir (its socket and logs are there); emptied once podman's restore returned."""
+    conf = criu_conf(host, inc.name)
+    if lazy:
+        conf.write_text(f"lazy-pages\nwork-dir {inc.criu_work}\n")
+    try:
+        yield
+    finally:
+        conf.write_text("")
 
 
 async def unbind(inc: Incoming) -> None:

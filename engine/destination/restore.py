@@ -34,6 +34,7 @@ from tug.engine.destination.storeserver import StorePageServer
 from tug.engine.destination.volumes import CREATED_FILE
 from tug.engine.errors import CriuError, MigrationError, ProtocolError, RanThenFailed
 from tug.engine.fsutil import remove_tree
+from tug.engine.runtime.podman import PodmanContainer
 from tug.transports.forward import LOOPBACK
 
 log = logging.getLogger("tug.agent")
@@ -121,13 +122,14 @@ class RestoreCalls(AgentState):
         # CRIU's lazy-pages daemon cannot read pages from parent images (a
         # page it finds in a parent is read but never handed to the faulting
         # process: the restore hangs), so a chained page store restores eagerly.
-        lazy = lazy and not (inc.images / "parent").is_symlink() and inc.podman is None
+        lazy = lazy and not (inc.images / "parent").is_symlink()
         inc.stats["lazy"] = int(lazy)
+        made = await podmanstage.before_restore(inc) if inc.podman is not None else None
         if lazy:
             inc.lazy = LazyPages(inc.images, inc.criu_work, remote_port=lazy_source_port)
             await inc.lazy.start()
-        if inc.podman is not None:  # podman restores it, under its own conmon (podmanstage.py)
-            return await self._podman_restore(inc, t0, frames, not tcp_close)
+        if made is not None:  # podman restores it, under its own conmon (podmanstage.py)
+            return await self._podman_restore(inc, made, t0, frames, not tcp_close)
         try:
             restoring = self.runc.restore_detached(
                 container, bundle=inc.bundle, image_dir=inc.images, work_dir=inc.criu_work,
@@ -147,14 +149,24 @@ class RestoreCalls(AgentState):
         st = await self.runc.require(container)
         return {"pid": st.pid, "status": st.status, "restore_ms": (time.monotonic() - t0) * 1000, **steps, **inc.stats}
 
-    async def _podman_restore(self, inc: Incoming, t0: float, frames: list[bytes] | None, tcp: bool) -> dict[str, Any]:
-        pid = await podmanstage.restore(inc, tcp_established=tcp, file_locks=inc.file_locks)
+    async def _podman_restore(
+        self, inc: Incoming, made: PodmanContainer, t0: float, frames: list[bytes] | None, tcp: bool
+    ) -> dict[str, Any]:
+        with podmanstage.lazy_config(self.host, inc, inc.lazy is not None):
+            restoring = podmanstage.run_restore(inc, made, tcp_established=tcp, file_locks=inc.file_locks)
+            try:
+                await (inc.lazy.guarded(restoring, made.runc_root, made.id) if inc.lazy is not None else restoring)
+            except CriuError as exc:
+                exc.log_path = self._keep_log(inc, "restore.log") or exc.log_path
+                raise
+        pid = await podmanstage.pid_of(inc)
         inc.restored = True
         inc.ran_at = time.monotonic()
         if inc.endpoint is not None:
             staged, inc.staged_frames = inc.staged_frames, []
             inc.stats.update(await inc.endpoint.after_restore(staged + list(frames or ())))
-        return {"pid": pid, "status": "running", "restore_ms": (time.monotonic() - t0) * 1000, **inc.stats}
+        steps = criu_restore_steps(inc.criu_work)
+        return {"pid": pid, "status": "running", "restore_ms": (time.monotonic() - t0) * 1000, **steps, **inc.stats}
 
     async def _hybrid_server(
         self, inc: Incoming, lazy: bool, rebuild_pages: bool, lazy_source_port: int | None, ports: list[int]

@@ -154,7 +154,9 @@ class Podman:
         res = await self._run("image", "exists", image_id, timeout=20, check=False)
         return res.returncode == 0
 
-    async def create_mounted(self, c: PodmanContainer, *, name: str, netns_path: str, cgroup_parent: str) -> Path:
+    async def create_mounted(
+        self, c: PodmanContainer, *, name: str, netns_path: str, cgroup_parent: str, criu_conf: Path | None = None
+    ) -> Path:
         """Create ``name`` like ``c`` (same image id, command, ulimits) and mount
         its overlay: the writable layer is synced into the returned directory.
         ``netns_path`` must exist (podman checks; it need not be the final one)."""
@@ -163,6 +165,8 @@ class Podman:
             argv += ["--cgroup-parent", cgroup_parent]
         for u in c.ulimits:
             argv += ["--ulimit", u]
+        if criu_conf is not None:  # runc hands CRIU this config file on every checkpoint and restore
+            argv += ["--annotation", f"org.criu.config={criu_conf}"]
         argv += ["--entrypoint", json.dumps(list(c.argv[:1]))] if c.argv else []
         argv += [c.image_id, *c.argv[1:]]
         await self._run(*argv, timeout=60)
@@ -191,7 +195,7 @@ class Podman:
 
     async def restore(self, name: str, *, tcp_established: bool, file_locks: bool = False, timeout: float = 300) -> None:
         """podman's non-exported restore: CRIU's images must be in userdata/checkpoint."""
-        argv = ["container", "restore", "--print-stats"]
+        argv = ["container", "restore"]
         if tcp_established:
             argv.append("--tcp-established")
         if file_locks:

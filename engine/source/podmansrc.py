@@ -22,8 +22,12 @@ from tug.engine.runtime.runc import Runc
 RUNTIMES = ("auto", "runc", "podman")
 
 
-async def resolve(runc: Runc, names: Sequence[str], opts: MigrationOptions) -> tuple[Runc, PodmanContainer | None]:
-    """The runc adapter the migration uses, and the podman container if it is one."""
+async def resolve(
+    runc: Runc, names: Sequence[str], opts: MigrationOptions, *, check: bool = True
+) -> tuple[Runc, PodmanContainer | None]:
+    """The runc adapter the migration uses, and the podman container if it is one.
+    ``check``: refuse what the podman route cannot do (not for ``tug recover``,
+    which finds a frozen container and must act on it)."""
     if opts.runtime not in RUNTIMES:
         raise ConfigError(f"unknown runtime {opts.runtime!r} (one of {', '.join(RUNTIMES)})")
     if opts.runtime == "runc":
@@ -40,7 +44,8 @@ async def resolve(runc: Runc, names: Sequence[str], opts: MigrationOptions) -> t
         if opts.runtime == "podman":
             raise ConfigError(f"container {names[0]!r} not found in this host's podman")
         return runc, None
-    check_options(opts, found)
+    if check:
+        check_options(opts, found)
     return PodmanRunc(found, podman, log_dir=runc.log_dir), found
 
 
@@ -49,9 +54,6 @@ def check_options(opts: MigrationOptions, c: PodmanContainer) -> None:
     why = None
     if c.status != "running":
         why = f"it is {c.status}; only a running container can be migrated"
-    elif opts.strategy in ("postcopy", "hybrid"):
-        why = (f"--strategy {opts.strategy} needs a lazy restore, and podman's restore loads all memory "
-               "before the processes run; use stop-copy or precopy")
     elif opts.tcp_close or opts.criu_opts:
         why = "--tcp-close and --criu-opt reach runc through the spec tug writes, and podman writes its own"
     elif opts.volumes or opts.pod:

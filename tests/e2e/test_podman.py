@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import TUG, Lab, demo_container, migrate, on, tug, wait_for
-from tests.faults.harness import agent_pids, endpoint_name_taken, signal_all, start_migrate
+from tests.e2e.conftest import TUG, Lab, demo_container, lazy_wait, migrate, on, tug, wait_for
+from tests.faults.harness import Watcher, agent_pids, criu_daemons, endpoint_name_taken, signal_all, start_migrate
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,6 +67,16 @@ def podman_id(host: str, name: str) -> str | None:
     return res.stdout.strip() if res.returncode == 0 else None
 
 
+def runc_status(host: str, name: str) -> str | None:
+    """What runc (podman's, at its default root) says of the container: podman's own
+    status of a container frozen behind its back can lag."""
+    found = podman_id(host, name)
+    if found is None:
+        return None
+    res = subprocess.run(["runc", "state", found.split()[0]], capture_output=True, text=True)
+    return str(json.loads(res.stdout)["status"]) if res.returncode == 0 else None
+
+
 def address_of(name: str, host: str) -> str:
     bundle = on(host, "podman", "inspect", "--format", "{{.StaticDir}}", name, check=True).stdout.strip()
     return str(json.loads(Path(bundle, "tug-network.json").read_text())["address"]).split("/")[0]
@@ -104,7 +114,9 @@ def move(lab: Lab, name: str, src: str, dst: str, *extra: str, earlier_ms: float
     assert res.returncode == 0, res.stderr
     report = res.json()
     assert report["outcome"] == "migrated", report
-    lab.check_moved_intact(dst, name, before, max(report["downtime_ms"], earlier_ms))
+    # Restored lazily (podman's restore, made lazy through the spec's CRIU config file).
+    assert report["commit_point"] == "running", report
+    lab.check_moved_intact(dst, name, before, max(report["downtime_ms"], earlier_ms), lazy_wait(report))
     assert name in podman_names(dst)
     assert name not in podman_names(src, "--all")
     return report
@@ -114,7 +126,9 @@ def move(lab: Lab, name: str, src: str, dst: str, *extra: str, earlier_ms: float
     ("--strategy", "stop-copy"),
     ("--strategy", "precopy", "--tracker", "content"),
     ("--strategy", "precopy", "--tracker", "uffd"),
-], ids=["stop-copy", "precopy-content", "precopy-uffd"])
+    ("--strategy", "postcopy"),
+    ("--strategy", "hybrid"),
+], ids=["stop-copy", "precopy-content", "precopy-uffd", "postcopy", "hybrid"])
 def test_there_and_back_podman_owns_it(lab: Lab, podman_demo: str, strategy: tuple[str, ...]) -> None:
     """a -> b -> a: memory verified, counter continuous, the client keeps its one connection,
     and each time the destination's podman runs it and the source's lists nothing."""
@@ -124,6 +138,7 @@ def test_there_and_back_podman_owns_it(lab: Lab, podman_demo: str, strategy: tup
     result = client.stop()
     assert result["errors"] == 0 and result["reconnects"] == 0 and result["out_of_order"] == 0, result
     assert result["replies"] > 0
+
     # Podman's own tools work on what tug restored.
     assert on("a", "podman", "logs", podman_demo).returncode == 0
     assert "tug-workload" in on("a", "podman", "exec", podman_demo, "ps", check=True).stdout
@@ -189,6 +204,36 @@ def test_rollback_when_the_agent_is_killed(lab: Lab) -> None:
         assert podman_id("a", name) == before
         assert lab.check("a", name)["ok"]
         assert wait_for(lambda: name not in podman_names("b", "--all"), timeout=30)
+    finally:
+        for _ in gen:
+            pass
+
+
+def test_fill_failure_after_it_ran_leaves_the_source_frozen_until_recover(lab: Lab) -> None:
+    """The lazy-pages daemon SIGKILLed once podman on b runs the copy: the copy ran, so the
+    source stays frozen (one copy); the broken copy goes; tug recover resumes the source, whose
+    podman state is then as before, and the client's connection survives it all."""
+    gen = demo_container(lab, "pf", "--runtime", "podman", "--memory", "256")
+    name = next(gen)
+    try:
+        before = podman_id("a", name)
+        client = Client(lab, name, "a")
+        running_on_b = Watcher(lambda: criu_daemons("b", "lazy-pages"),
+                               lambda pid: (podman_id("b", name) or "").endswith("running"))
+        with running_on_b:
+            res = migrate("a", name, lab.url("b"), "--strategy", "postcopy")
+        assert running_on_b.killed, "the lazy-pages daemon was never seen with podman running the copy"
+        assert res.returncode == 1 and res.json()["outcome"] == "failed", res.stdout
+        assert f"tug recover {name} --to {lab.url('b')}" in res.stderr
+        assert runc_status("a", name) == "paused", ("the source must not resume after the destination ran", podman_id("a", name))
+        assert name not in podman_names("b", "--all"), "the broken copy is removed"
+        rec = on("a", "tug", "recover", name, "--to", lab.url("b"), "--json")
+        assert rec.returncode == 0, rec.stderr
+        assert rec.json()["action"] == "undone", rec.stdout
+        assert podman_id("a", name) == before
+        assert lab.check("a", name)["ok"]
+        result = client.stop()
+        assert result["errors"] == 0 and result["reconnects"] == 0, result
     finally:
         for _ in gen:
             pass
