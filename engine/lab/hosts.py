@@ -27,7 +27,7 @@ from typing import Any
 
 from tug.engine.errors import ConfigError, PreconditionError
 from tug.engine.fsutil import remove_tree
-from tug.engine.lab import sshd
+from tug.engine.lab import podmandemo, sshd
 from tug.engine.lab.addresses import address_table
 from tug.engine.lab.instance import claim_subnet
 from tug.engine.lab.layout import CGROUP_ROOT, LAB_VERSION, SSH_PORT, Lab, LabHost, Layout, default_subnet, host_names, in_ns, sh
@@ -252,6 +252,7 @@ def status(layout: Layout) -> dict[str, Any]:
                 {"id": c["id"], "status": c["status"], "pid": c["pid"], "address": addresses.get(c["id"])}
                 for c in json.loads(res.stdout or "null") or []
             ]
+        containers += [{**c, "address": addresses.get(c["id"])} for c in podmandemo.containers(h)]
         hosts.append(
             {
                 "name": h.name,

@@ -125,3 +125,17 @@ def listed(host: LabHost) -> list[str]:
     return res.stdout.split()
 
 
+
+
+def containers(host: LabHost) -> list[dict[str, Any]]:
+    """The host's podman containers, as ``tug lab status`` lists runc's (name as id)."""
+    if not Path(host.podman_env()["CONTAINERS_CONF"]).exists():
+        return []
+    res = podman(host, "ps", "--all", "--format", "json", check=False)
+    if res.returncode != 0:
+        return []
+    return [
+        {"id": (c.get("Names") or ["?"])[0], "status": str(c.get("State", "")), "pid": int(c.get("Pid") or 0),
+         "runtime": "podman"}
+        for c in json.loads(res.stdout or "[]") or []
+    ]

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import TUG, Lab, demo_container, lazy_wait, migrate, on, tug, wait_for
-from tests.faults.harness import Watcher, agent_pids, criu_daemons, endpoint_name_taken, signal_all, start_migrate
+from tests.faults.harness import Watcher, agent_pids, criu_daemons, endpoint_name_taken, find, signal_all, start_migrate
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -75,6 +75,19 @@ def runc_status(host: str, name: str) -> str | None:
         return None
     res = subprocess.run(["runc", "state", found.split()[0]], capture_output=True, text=True)
     return str(json.loads(res.stdout)["status"]) if res.returncode == 0 else None
+
+
+def runs_under_podman_of(lab: Lab, host: str) -> bool:
+    """runc (podman's) runs a container of ``host``'s podman: its restore let the processes go.
+    (runc, not podman inspect: fast enough to catch a lazy fill early.)"""
+    storage = str(lab.layout.podman_dir(host))
+    # runc writes the state a little before CRIU lets the processes go (it may still kill
+    # them): the restore's own runc (conmon's child) must be gone too.
+    if find(lambda pid, cmd: bool(cmd) and Path(cmd[0]).name == "runc" and "restore" in cmd
+            and any(a.startswith(storage) for a in cmd)):
+        return False
+    res = subprocess.run(["runc", "list", "--format", "json"], capture_output=True, text=True)
+    return any(c["status"] == "running" and c["bundle"].startswith(storage) for c in json.loads(res.stdout or "null") or [])
 
 
 def address_of(name: str, host: str) -> str:
@@ -218,8 +231,7 @@ def test_fill_failure_after_it_ran_leaves_the_source_frozen_until_recover(lab: L
     try:
         before = podman_id("a", name)
         client = Client(lab, name, "a")
-        running_on_b = Watcher(lambda: criu_daemons("b", "lazy-pages"),
-                               lambda pid: (podman_id("b", name) or "").endswith("running"))
+        running_on_b = Watcher(lambda: criu_daemons("b", "lazy-pages"), lambda pid: runs_under_podman_of(lab, "b"))
         with running_on_b:
             res = migrate("a", name, lab.url("b"), "--strategy", "postcopy")
         assert running_on_b.killed, "the lazy-pages daemon was never seen with podman running the copy"
