@@ -9,7 +9,7 @@ own. Once the endpoint namespace exists, ``podman init`` + ``podman stop``
 make podman write its spec without ever running the workload. The restore
 links CRIU's images in as ``userdata/checkpoint`` and lets ``podman container
 restore`` run them under podman's conmon (see runtime/podman.py); lazily
-through a CRIU config file (:func:`criu_conf`) where userfaultfd allows.
+through a CRIU config file (:func:`lazy_config`) where userfaultfd allows.
 
 The bind mount is the dangerous part: the staging bundle is removed with
 ``rmtree`` on cleanup, which must never reach through it into the container's
@@ -40,6 +40,8 @@ log = logging.getLogger("tug.agent")
 
 #: In the staging bundle: the podman container made for it (its description).
 MARKER = "podman.json"
+#: In the container's userdata: the CRIU config file its spec names.
+CRIU_CONF = "tug-criu.conf"
 
 
 def parse(info: Any) -> dict[str, Any]:
@@ -90,11 +92,8 @@ async def prepare(host: HostConfig, inc: Incoming, info: Any) -> None:
     inc.podman_made = True
     # Written before podman is asked: a fresh agent sweeping after this one died knows to remove it.
     (inc.bundle / MARKER).write_text(json.dumps(desc))
-    conf = criu_conf(host, inc.name)
-    conf.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    conf.write_text("")
     merged = await Podman().create_mounted(_spec_of(desc, inc.name), name=inc.name, netns_path=str(netns),
-                                           cgroup_parent=host.cgroup_parent or "", criu_conf=conf)
+                                           cgroup_parent=host.cgroup_parent or "")
     await _run(["mount", "--bind", str(merged), str(inc.bundle / "rootfs")])
 
 
@@ -138,8 +137,22 @@ def adopted(host: HostConfig, container: str) -> None:
 
 
 async def init_stopped(inc: Incoming) -> None:
-    """After the endpoint exists: podman writes its spec (joining that namespace)."""
-    await Podman().init_stopped(inc.name)
+    """After the endpoint exists: podman writes its spec (joining that namespace),
+    which then names the CRIU config file of :func:`lazy_config`."""
+    made = await Podman().init_stopped(inc.name)
+    await asyncio.to_thread(_name_criu_conf, made)
+
+
+def _name_criu_conf(made: PodmanContainer) -> None:
+    """podman's restore reads the spec init wrote (``userdata/config.json``) and runc hands
+    CRIU the file its ``org.criu.config`` annotation names: an empty one in userdata, so it
+    goes with the container (every later checkpoint of it reads it too)."""
+    spec_path = made.bundle / "config.json"
+    spec = json.loads(spec_path.read_text())
+    conf = made.bundle / CRIU_CONF
+    conf.write_text("")
+    spec.setdefault("annotations", {})["org.criu.config"] = str(conf)
+    spec_path.write_text(json.dumps(spec, indent=2))
 
 
 async def before_restore(inc: Incoming) -> PodmanContainer:
@@ -166,19 +179,13 @@ async def pid_of(inc: Incoming) -> int:
     return (await Podman().require(inc.name)).pid
 
 
-def criu_conf(host: HostConfig, name: str) -> Path:
-    """The CRIU config file the container's spec names (``org.criu.config``, set at
-    create): podman passes runc no ``--lazy-pages``, but CRIU lets this file override
-    every option runc sends (cr-service.c), work dir included. It exists, empty,
-    for the container's life here (every later checkpoint of it reads it too)."""
-    return host.data_dir / "podman-criu" / f"{name}.conf"
-
-
 @contextlib.contextmanager
-def lazy_config(host: HostConfig, inc: Incoming, lazy: bool) -> Iterator[None]:
-    """During a lazy restore: CRIU restores lazily, from tug's lazy-pages daemon's
-    work dir (its socket and logs are there); emptied once podman's restore returned."""
-    conf = criu_conf(host, inc.name)
+def lazy_config(made: PodmanContainer, inc: Incoming, lazy: bool) -> Iterator[None]:
+    """During a lazy restore: CRIU restores lazily, from tug's lazy-pages daemon's work
+    dir (its socket and logs are there); emptied once podman's restore returned.
+    podman passes runc no ``--lazy-pages``, but CRIU lets this file override every
+    option runc sends (criu/cr-service.c), work dir included."""
+    conf = made.bundle / CRIU_CONF
     if lazy:
         conf.write_text(f"lazy-pages\nwork-dir {inc.criu_work}\n")
     try:

@@ -152,7 +152,7 @@ class RestoreCalls(AgentState):
     async def _podman_restore(
         self, inc: Incoming, made: PodmanContainer, t0: float, frames: list[bytes] | None, tcp: bool
     ) -> dict[str, Any]:
-        with podmanstage.lazy_config(self.host, inc, inc.lazy is not None):
+        with podmanstage.lazy_config(made, inc, inc.lazy is not None):
             restoring = podmanstage.run_restore(inc, made, tcp_established=tcp, file_locks=inc.file_locks)
             try:
                 await (inc.lazy.guarded(restoring, made.runc_root, made.id) if inc.lazy is not None else restoring)

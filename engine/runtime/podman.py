@@ -154,9 +154,7 @@ class Podman:
         res = await self._run("image", "exists", image_id, timeout=20, check=False)
         return res.returncode == 0
 
-    async def create_mounted(
-        self, c: PodmanContainer, *, name: str, netns_path: str, cgroup_parent: str, criu_conf: Path | None = None
-    ) -> Path:
+    async def create_mounted(self, c: PodmanContainer, *, name: str, netns_path: str, cgroup_parent: str) -> Path:
         """Create ``name`` like ``c`` (same image id, command, ulimits) and mount
         its overlay: the writable layer is synced into the returned directory.
         ``netns_path`` must exist (podman checks; it need not be the final one)."""
@@ -165,8 +163,6 @@ class Podman:
             argv += ["--cgroup-parent", cgroup_parent]
         for u in c.ulimits:
             argv += ["--ulimit", u]
-        if criu_conf is not None:  # runc hands CRIU this config file on every checkpoint and restore
-            argv += ["--annotation", f"org.criu.config={criu_conf}"]
         argv += ["--entrypoint", json.dumps(list(c.argv[:1]))] if c.argv else []
         argv += [c.image_id, *c.argv[1:]]
         await self._run(*argv, timeout=60)

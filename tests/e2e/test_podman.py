@@ -249,3 +249,30 @@ def test_fill_failure_after_it_ran_leaves_the_source_frozen_until_recover(lab: L
     finally:
         for _ in gen:
             pass
+
+
+def test_restore_failing_in_podman_rolls_back(lab: Lab) -> None:
+    """The lazy-pages daemon SIGKILLed while podman's runc restore runs on b: CRIU fails the
+    restore before the processes run, so the source resumes, its podman state as before, b's
+    podman holds nothing, and the client's connection survives."""
+    gen = demo_container(lab, "pr", "--runtime", "podman", "--memory", "64")
+    name = next(gen)
+    storage = str(lab.layout.podman_dir("b"))
+    try:
+        before = podman_id("a", name)
+        client = Client(lab, name, "a")
+        restoring = Watcher(lambda: criu_daemons("b", "lazy-pages"), lambda pid: bool(find(
+            lambda p, cmd: bool(cmd) and Path(cmd[0]).name == "runc" and "restore" in cmd
+            and any(a.startswith(storage) for a in cmd))))
+        with restoring:
+            res = migrate("a", name, lab.url("b"))
+        assert restoring.killed, "the lazy-pages daemon was never seen while podman restored"
+        assert res.returncode == 1 and res.json()["outcome"] == "rolled-back", res.stdout
+        assert podman_id("a", name) == before and runc_status("a", name) == "running"
+        assert wait_for(lambda: name not in podman_names("b", "--all"), timeout=30)
+        assert lab.check("a", name)["ok"]
+        result = client.stop()
+        assert result["errors"] == 0 and result["reconnects"] == 0, result
+    finally:
+        for _ in gen:
+            pass
