@@ -110,6 +110,13 @@ class Client:
                              capture_output=True, text=True)
         return sum(f"{self.address}:7000" in ln for ln in res.stdout.splitlines())
 
+    def close(self) -> None:
+        """After a failed test: a client left running would reconnect to the next container
+        given this address and skew other tests' connection counts."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def stop(self) -> dict[str, Any]:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
@@ -146,9 +153,12 @@ def test_there_and_back_podman_owns_it(lab: Lab, podman_demo: str, strategy: tup
     """a -> b -> a: memory verified, counter continuous, the client keeps its one connection,
     and each time the destination's podman runs it and the source's lists nothing."""
     client = Client(lab, podman_demo, "a")
-    there = move(lab, podman_demo, "a", "b", *strategy)
-    move(lab, podman_demo, "b", "a", *strategy, "--runtime", "podman", earlier_ms=there["downtime_ms"])
-    result = client.stop()
+    try:
+        there = move(lab, podman_demo, "a", "b", *strategy)
+        move(lab, podman_demo, "b", "a", *strategy, "--runtime", "podman", earlier_ms=there["downtime_ms"])
+        result = client.stop()
+    finally:
+        client.close()
     assert result["errors"] == 0 and result["reconnects"] == 0 and result["out_of_order"] == 0, result
     assert result["replies"] > 0
 
@@ -228,6 +238,7 @@ def test_fill_failure_after_it_ran_leaves_the_source_frozen_until_recover(lab: L
     podman state is then as before, and the client's connection survives it all."""
     gen = demo_container(lab, "pf", "--runtime", "podman", "--memory", "256")
     name = next(gen)
+    client: Client | None = None
     try:
         before = podman_id("a", name)
         client = Client(lab, name, "a")
@@ -247,6 +258,8 @@ def test_fill_failure_after_it_ran_leaves_the_source_frozen_until_recover(lab: L
         result = client.stop()
         assert result["errors"] == 0 and result["reconnects"] == 0, result
     finally:
+        if client is not None:
+            client.close()
         for _ in gen:
             pass
 
@@ -258,6 +271,7 @@ def test_restore_failing_in_podman_rolls_back(lab: Lab) -> None:
     gen = demo_container(lab, "pr", "--runtime", "podman", "--memory", "64")
     name = next(gen)
     storage = str(lab.layout.podman_dir("b"))
+    client: Client | None = None
     try:
         before = podman_id("a", name)
         client = Client(lab, name, "a")
@@ -274,5 +288,7 @@ def test_restore_failing_in_podman_rolls_back(lab: Lab) -> None:
         result = client.stop()
         assert result["errors"] == 0 and result["reconnects"] == 0, result
     finally:
+        if client is not None:
+            client.close()
         for _ in gen:
             pass
