@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--strategies", type=_names, metavar="NAME,...",
                     help=f"from {', '.join(matrix.STRATEGIES)}, or precopy:<policy spec>")
     ap.add_argument("--reps", type=int, metavar="N", help="repetitions per cell")
+    ap.add_argument("--runtime", choices=("runc", "podman"), default="runc",
+                    help="run the workload with runc (tug's bundles) or under each host's podman (bench/podman.py)")
     ap.add_argument("--out", type=Path, metavar="DIR", help="output directory (default bench/results/<UTC timestamp>)")
     ap.add_argument("--settle", type=float, default=2.0, metavar="S", help="seconds a fresh container runs before migrating")
     ap.add_argument("--timeout", type=float, default=900.0, metavar="S", help="limit for one migration command")
@@ -72,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cases = plan.cases()
     print(f"plan {plan.describe()}", flush=True)
+    from . import podman
+
+    podman.RUNTIME["name"] = args.runtime
     if args.dry_run:
         for c in cases:
             print(f"  {c.index + 1:4d} {c.label()}")
@@ -98,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             "strategy_args": {s.name: list(s.migrate_args) if s.kind == "engine" else s.doc for s in plan.strategies},
             "reps": plan.reps,
             "settle_s": args.settle,
+            "runtime": args.runtime,
             "timeout_s": args.timeout,
             "source_host": settings.src,
             "destination_host": settings.dst,

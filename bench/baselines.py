@@ -227,4 +227,10 @@ def cleanup(name: str) -> None:
 
 
 #: Baselines by the name a :class:`bench.matrix.Strategy` refers to.
-BASELINES: dict[str, BaselineFn] = {"naive": naive, "naive-mux": naive_mux}
+def _podman_export(name: str, src: Host, dst: Host, lab: LabInfo, timeout: float) -> MigrateResult:
+    from .podman import export_import
+
+    return export_import(name, src, dst, lab, timeout)
+
+
+BASELINES: dict[str, BaselineFn] = {"naive": naive, "naive-mux": naive_mux, "podman-export": _podman_export}

@@ -133,8 +133,22 @@ def others_containers() -> int:
 
 
 def start_demo(host: Host, name: str, w: Workload) -> None:
+    from . import podman
+
     tug("lab", "demo", host.name, name, "--memory", str(w.memory_mib), "--dirty-rate", str(w.dirty_rate),
-        "--hot-set", repr(w.hot_set), timeout=180)
+        "--hot-set", repr(w.hot_set), "--runtime", podman.RUNTIME["name"], timeout=180)
+
+
+def _bundle(host: Host, name: str) -> Path:
+    from . import podman
+
+    return podman.bundle(host, name) if podman.active() else host.bundle(name)
+
+
+def _rootfs(host: Host, name: str) -> Path:
+    from . import podman
+
+    return podman.rootfs(host, name) if podman.active() else host.bundle(name) / "rootfs"
 
 
 def remove(host: Host, name: str) -> None:
@@ -155,6 +169,10 @@ def check(host: Host, name: str) -> dict[str, Any]:
 
 
 def running_on(host: Host, name: str) -> bool:
+    from . import podman
+
+    if podman.active():
+        return podman.running(host, name)
     res = subprocess.run(["runc", "--root", host.runc_root, "state", name], capture_output=True, text=True)
     return res.returncode == 0
 
@@ -163,7 +181,7 @@ def running_on(host: Host, name: str) -> bool:
 
 
 def heartbeat_log(host: Host, name: str) -> Path:
-    return host.bundle(name) / "rootfs" / "state" / "heartbeat.log"
+    return _rootfs(host, name) / "state" / "heartbeat.log"
 
 
 def last_heartbeat_counter(host: Host, name: str) -> int:
@@ -183,7 +201,7 @@ def last_heartbeat_counter(host: Host, name: str) -> int:
 
 
 def workload_status(host: Host, name: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((host.bundle(name) / "rootfs" / "state" / "status.json").read_text())
+    data: dict[str, Any] = json.loads((_rootfs(host, name) / "state" / "status.json").read_text())
     return data
 
 
@@ -191,7 +209,7 @@ def container_memory(host: Host, name: str) -> dict[str, int | None]:
     """The container's memory cgroup (v1): anon RSS, usage, peak usage, bytes."""
     out: dict[str, int | None] = {"rss_bytes": None, "usage_bytes": None, "max_usage_bytes": None}
     try:
-        spec = json.loads((host.bundle(name) / "config.json").read_text())
+        spec = json.loads((_bundle(host, name) / "config.json").read_text())
         cg = Path("/sys/fs/cgroup/memory") / spec["linux"]["cgroupsPath"].lstrip("/")
         for line in (cg / "memory.stat").read_text().splitlines():
             key, _, val = line.partition(" ")
@@ -211,6 +229,12 @@ SERVICE_PORT = 7000
 
 def address(name: str) -> str:
     """The container's address on the lab segment (the same on every host)."""
+    from . import podman
+
+    if podman.active():
+        for host in info().hosts.values():
+            if podman.running(host, name):
+                return podman.address(host, name)
     for h in status().get("hosts", []):
         for c in h.get("containers", []):
             if c["id"] == name and c.get("address"):

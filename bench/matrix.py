@@ -64,6 +64,8 @@ STRATEGIES: dict[str, Strategy] = {
                  doc="by hand: runc checkpoint (kills), rsync -a images + bundle over ssh, runc restore -d"),
         Strategy(name="stop-copy", kind="engine", migrate_args=("--strategy", "stop-copy"),
                  doc="tug stop-copy: freeze, dump, send, restore, commit"),
+        Strategy(name="podman-export", kind="baseline", baseline="podman-export",
+                 doc="podman's own route by hand (--runtime podman only): checkpoint --export, copy, restore --import"),
         Strategy(name="naive-mux", kind="baseline", baseline="naive-mux",
                  doc="naive with one multiplexed ssh connection opened before the checkpoint (opt-in)"),
         Strategy(name="postcopy", kind="engine", migrate_args=("--strategy", "postcopy"),

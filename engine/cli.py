@@ -142,6 +142,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         volumes=tuple(args.volume),
         pod=args.pod,
         criu_opts=tuple(args.criu_opt),
+        runtime=args.runtime,
         timeouts={**DEFAULT_TIMEOUTS, **parse_timeouts(args.timeout)},
     )
     progress = Progress(quiet=args.quiet)
@@ -250,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(restored in the order given)")
     m.add_argument("--to", required=True, metavar="URL", help="destination, ssh://user@host[:port]")
     m.add_argument("--strategy", default="stop-copy", choices=STRATEGIES)
+    m.add_argument("--runtime", default="auto", choices=("auto", "runc", "podman"),
+                   help="whose container: tug's runc root, this host's podman, or auto (runc's, else podman's)")
     m.add_argument("--policy", default="phaul", metavar="SPEC",
                    help="precopy: when to do the final dump, e.g. phaul, incus, qemu, 'max-iter=8,min-dirty=64,max-growth=1.1'")
     m.add_argument("--tracker", default="auto", choices=("auto", "content", "soft-dirty", "uffd"),

@@ -51,6 +51,7 @@ async def run_checks(destination: str | None = None, *, identity: Path | None = 
     rows.append(_pagemap_scan_check())
     rows.append(await _uffd_tracker_check())
     rows.append(_tcp_repair_check())
+    rows += await _podman_checks()
     if destination:
         rows += await _ssh_checks(destination, identity, known_hosts)
     return rows
@@ -177,6 +178,13 @@ def _tcp_repair_check() -> Check:
                      fix="needs CAP_NET_ADMIN; without it use --tcp-close")
     finally:
         s.close()
+
+
+async def _podman_checks() -> list[Check]:
+    """podman's version, OCI runtime, storage and a real checkpoint/restore; docker's stance."""
+    from tug.engine.runtime import podmanprobe
+
+    return [Check(name=n, status=s, detail=d, fix=f) for n, s, d, f in await podmanprobe.rows()]
 
 
 async def _ssh_checks(destination: str, identity: Path | None, known_hosts: Path | None) -> list[Check]:

@@ -77,6 +77,10 @@ class MigrationOptions:
     #: Add to the group every container that joins the network namespace
     #: of a named one (its pod: tug.engine.source.pod).
     pod: bool = False
+    #: Whose container it is: "runc" (tug's runc root), "podman" (this host's
+    #: podman; the destination's podman owns the result), or "auto": runc's if
+    #: runc knows the name, else podman's.
+    runtime: str = "auto"
     host: HostConfig | None = None
 
     def timeout(self, phase: str) -> float:

@@ -18,10 +18,12 @@ import asyncio
 import contextlib
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from tug.engine.errors import PreconditionError, RuntimeToolError
 
@@ -170,6 +172,7 @@ async def run(
     cwd: str | None = None,
     stdout_devnull: bool = False,
     stop: GracefulStop | None = None,
+    via_files: bool = False,
 ) -> Completed:
     """Run ``argv`` to completion; raise :class:`RuntimeToolError` on failure.
 
@@ -178,23 +181,40 @@ async def run(
     helpers). With ``stop`` the group gets the chance to clean up first (see
     :class:`GracefulStop`). Cancellation is honoured, but the stopping and
     reaping are shielded: the cancellation propagates once the group is gone.
+    ``via_files``: output goes to files read once the tool exited, for tools
+    whose daemons inherit and keep its stdio (podman's conmon under uvloop,
+    whose socketpairs then never reach EOF).
     """
     full_env = None if env is None else {**os.environ, **env}
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL if stdout_devnull else asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=full_env,
-            cwd=cwd,
-            start_new_session=True,
-        )
-    except FileNotFoundError as exc:
-        raise PreconditionError(f"{argv[0]}: command not found (run 'tug doctor')") from exc
+    with contextlib.ExitStack() as stack:
+        # Files only when asked: most runs are runc calls inside the downtime.
+        out_f = stack.enter_context(tempfile.TemporaryFile()) if via_files else None
+        err_f = stack.enter_context(tempfile.TemporaryFile()) if via_files else None
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL if stdout_devnull else out_f or asyncio.subprocess.PIPE,
+                stderr=err_f or asyncio.subprocess.PIPE,
+                env=full_env,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            raise PreconditionError(f"{argv[0]}: command not found (run 'tug doctor')") from exc
+        return await _finish(proc, argv, timeout=timeout, check=check, input=input, stop=stop,
+                             files=(out_f, err_f) if out_f is not None and err_f is not None else None)
+
+
+async def _finish(
+    proc: asyncio.subprocess.Process, argv: Sequence[str], *, timeout: float | None, check: bool, input: bytes | None,
+    stop: GracefulStop | None, files: tuple[IO[bytes], IO[bytes]] | None,
+) -> Completed:
     try:
         async with asyncio.timeout(timeout):
             stdout, stderr = await proc.communicate(input)
+            if files is not None:
+                stdout, stderr = _read_back(files[0]), _read_back(files[1])
     except TimeoutError:
         await asyncio.shield(stop_group(proc, stop))
         raise RuntimeToolError(
@@ -213,3 +233,8 @@ async def run(
             stderr=result.err,
         )
     return result
+
+
+def _read_back(f: IO[bytes]) -> bytes:
+    f.seek(0)
+    return f.read()

@@ -18,6 +18,8 @@ die() { printf '\033[1;31m[setup] error:\033[0m %s\n' "$*" >&2; exit 1; }
 
 PACKAGES=(
   runc iptables openssh-server openssh-client iproute2 busybox-static rsync
+  # podman (its OCI runtime stays runc: tug dumps the containers runc runs for it)
+  podman conmon
   gcc make libc6-dev pkg-config procps kmod
   # CRIU build dependencies (bookworm)
   libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev protobuf-compiler

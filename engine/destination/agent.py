@@ -23,6 +23,7 @@ from typing import Any
 
 from tug.engine.criu import tool as criu
 from tug.engine.criu.pageserver import NOT_FLUSHED
+from tug.engine.destination import podmanstage
 from tug.engine.destination.incoming import (
     INCOMING_MARKER,
     KEPT,
@@ -71,10 +72,13 @@ class Agent(StagingCalls, RestoreCalls, RecoverCalls):
     # ---- calls -------------------------------------------------------------
 
     async def call_preflight(
-        self, container: str, criu_version: str, cpuinfo: bytes = b"", network: dict[str, Any] | None = None
+        self, container: str, criu_version: str, cpuinfo: bytes = b"", network: dict[str, Any] | None = None,
+        podman: Any = None,
     ) -> dict[str, Any]:
         """Can this host take ``container``? Nothing is changed here."""
         check_name(container)
+        if podman is not None:  # its image is here, its name free in podman (destination/podmanstage.py)
+            await podmanstage.preflight(container, podman)
         if network is not None:
             EndpointSpec.from_dict(network)
             if self.host.network is None:
@@ -142,6 +146,7 @@ class Agent(StagingCalls, RestoreCalls, RecoverCalls):
         inc = self.incoming.get(container)
         if inc is None:  # a migration of an earlier session (this agent is new)
             inc = Incoming(name=container, bundle=bundle, work=self.host.work_dir / container)
+            await podmanstage.leftover(inc)  # its podman container goes too
             spec = netif.load_spec(bundle) if bundle.exists() else None
             if spec is not None and self.host.network is not None:
                 inc.endpoint = DestinationEndpoint(self.host.network, container, spec)
@@ -194,6 +199,8 @@ class Agent(StagingCalls, RestoreCalls, RecoverCalls):
                 # to peers the resumed source still talks to.
                 await _step(f"cutting off {inc.name}", inc.endpoint.cut_off())
             await _step(f"deleting {inc.name}", self._delete_container(inc.name))
+            if inc.podman_made:
+                await _step(f"removing podman's {inc.name}", podmanstage.remove(self.host, inc))
             # runc knows only what it started: a killed restore can leave CRIU's
             # own processes in the container's cgroup.
             await _step(f"emptying the cgroup of {inc.name}", kill_cgroup_of(self.host, inc.name))
@@ -205,7 +212,8 @@ class Agent(StagingCalls, RestoreCalls, RecoverCalls):
                 self.ipc_filled.discard(inc.ipc_of)
         finally:
             remove_created(inc.bundle)  # copied volumes made outside the bundle
-            shutil.rmtree(inc.bundle, ignore_errors=True)
+            if podmanstage.bundle_removable(inc):
+                shutil.rmtree(inc.bundle, ignore_errors=True)
             remove_tree(inc.work)
         log.info("cleaned up uncommitted %s", inc.name)
         return failed

@@ -95,6 +95,10 @@ class Incoming:
     #: Why the first of its streams that failed here failed: what arrived
     #: cannot be trusted, and no restore may use it (check_received).
     stream_failure: MigrationError | None = None
+    #: A podman container: what the destination's podman recreates it from
+    #: (destination/podmanstage.py), and the container made for it.
+    podman: dict[str, Any] | None = None
+    podman_made: bool = False
 
     @property
     def ran(self) -> bool:

@@ -13,6 +13,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from tug.engine.destination import podmanstage
 from tug.engine.destination.incoming import HELD, INCOMING_MARKER, AgentState, check_name, held_until
 from tug.engine.errors import PreconditionError
 from tug.engine.runtime import network as netif
@@ -24,9 +25,8 @@ class RecoverCalls(AgentState):
     async def call_inspect(self, container: str) -> dict[str, Any]:
         """What this host holds of ``container``, for ``tug recover``. Changes nothing."""
         check_name(container)
-        st = await self.runc.state(container)
+        status = await podmanstage.status_here(self.runc, self.host, container)
         text = marker_of(self.host.bundle_dir(container))
-        status = st.status if st is not None else None
         until = held_until(text)
         if status == "running" and until is not None:
             status = HELD  # restored with its processes stopped: it never ran
@@ -48,8 +48,7 @@ class RecoverCalls(AgentState):
         so is a pod's loopback hold (runtime/podloop.py).
         """
         check_name(container)
-        st = await self.runc.state(container)
-        if st is None or st.status != "running":
+        if await podmanstage.status_here(self.runc, self.host, container) != "running":
             raise PreconditionError(f"{self.host.name} does not run {container!r}: nothing to adopt")
         bundle = self.host.bundle_dir(container)
         if container not in self.incoming:
@@ -65,6 +64,7 @@ class RecoverCalls(AgentState):
                 # A pod's holder: its loopback may still be held for members' restores (podloop.py).
                 await podloop.release(self.host.network.netns_path(container))
         (bundle / INCOMING_MARKER).unlink(missing_ok=True)
+        podmanstage.adopted(self.host, container)
         return {"adopted": True}
 
 

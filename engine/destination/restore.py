@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import resource
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 from tug.engine.criu.stats import criu_restore_steps
 from tug.engine.criu.tool import check_criu_opts
 from tug.engine.criu.uncork import peer_is_criu
+from tug.engine.destination import criuconf, podmanstage
 from tug.engine.destination.hybridserver import HybridPageServer
 from tug.engine.destination.incoming import (
     HELD,
@@ -38,6 +37,7 @@ from tug.engine.destination.volumes import CREATED_FILE
 from tug.engine.errors import CriuError, MigrationError, ProtocolError, RanThenFailed
 from tug.engine.fsutil import remove_tree
 from tug.engine.runtime import ipcns, podloop
+from tug.engine.runtime.podman import PodmanContainer
 from tug.transports.forward import LOOPBACK
 
 log = logging.getLogger("tug.agent")
@@ -89,14 +89,12 @@ class RestoreCalls(AgentState):
                 options.append("leave-stopped")
                 inc.held = True
                 inc.held_until = held_until
-            own: list[str] | None = self._criu_config(inc, options) if options else None
+            own = criuconf.write_restore_config(inc.bundle, inc.name, options) if options else None
             try:
                 return await self._restore(inc, tcp_close, rebuild_pages, frames, lazy, lazy_source_port, hybrid_ports)
             finally:
                 if own is not None:
-                    # The options were this restore's: the container's later
-                    # dumps (runc reads the same file) get its own lines only.
-                    (inc.bundle / CRIU_CONF).write_text("".join(f"{ln}\n" for ln in own))
+                    criuconf.keep_own_lines(inc.bundle, own)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -154,9 +152,12 @@ class RestoreCalls(AgentState):
         # process: the restore hangs), so a chained page store restores eagerly.
         lazy = lazy and not (inc.images / "parent").is_symlink()
         inc.stats["lazy"] = int(lazy)
+        made = await podmanstage.before_restore(inc) if inc.podman is not None else None
         if lazy:
             inc.lazy = LazyPages(inc.images, inc.criu_work, remote_port=lazy_source_port)
             await inc.lazy.start()
+        if made is not None:  # podman restores it, under its own conmon (podmanstage.py)
+            return await self._podman_restore(inc, made, t0, frames, not tcp_close)
         try:
             restoring = self.runc.restore_detached(
                 container, bundle=inc.bundle, image_dir=inc.images, work_dir=inc.criu_work,
@@ -184,6 +185,25 @@ class RestoreCalls(AgentState):
             inc.stats.update(await inc.endpoint.after_restore(staged + list(frames or ())))
         st = await self.runc.require(container)
         return {"pid": st.pid, "status": st.status, "restore_ms": (time.monotonic() - t0) * 1000, **steps, **inc.stats}
+
+    async def _podman_restore(
+        self, inc: Incoming, made: PodmanContainer, t0: float, frames: list[bytes] | None, tcp: bool
+    ) -> dict[str, Any]:
+        with podmanstage.lazy_config(made, inc, inc.lazy is not None):
+            restoring = podmanstage.run_restore(inc, made, tcp_established=tcp, file_locks=inc.file_locks)
+            try:
+                await (inc.lazy.guarded(restoring, made.runc_root, made.id) if inc.lazy is not None else restoring)
+            except CriuError as exc:
+                exc.log_path = self._keep_log(inc, "restore.log") or exc.log_path
+                raise
+        pid = await podmanstage.pid_of(inc)
+        inc.restored = True
+        inc.ran_at = time.monotonic()
+        if inc.endpoint is not None:
+            staged, inc.staged_frames = inc.staged_frames, []
+            inc.stats.update(await inc.endpoint.after_restore(staged + list(frames or ())))
+        steps = criu_restore_steps(inc.criu_work)
+        return {"pid": pid, "status": "running", "restore_ms": (time.monotonic() - t0) * 1000, **steps, **inc.stats}
 
     async def _hybrid_server(
         self, inc: Incoming, lazy: bool, rebuild_pages: bool, lazy_source_port: int | None, ports: list[int]
@@ -243,31 +263,6 @@ class RestoreCalls(AgentState):
         if inc.endpoint is not None and any(i.netns_of == inc.name for i in self.incoming.values()):
             assert self.host.network is not None
             await podloop.release(self.host.network.netns_path(inc.name))
-
-    def _criu_config(self, inc: Incoming, options: list[str]) -> list[str]:
-        """Point runc at a CRIU config file for this restore (``org.criu.config``);
-        returns the container's own lines, which stay once the restore is over.
-
-        The container's own annotation, if its file exists here, is kept:
-        its lines come first, tug's options after. The file lives in the
-        bundle, since runc keeps the annotation for the container's life.
-        """
-        cfg_path = inc.bundle / "config.json"
-        spec = json.loads(cfg_path.read_text())
-        annotations = spec.setdefault("annotations", {})
-        conf = inc.bundle / CRIU_CONF
-        lines: list[str] = []
-        own = annotations.get("org.criu.config")
-        if isinstance(own, str) and own and own != str(conf):
-            try:
-                lines = [ln for ln in Path(own).read_text().splitlines() if ln.strip()]
-            except OSError as exc:
-                log.warning("%s: the container's CRIU config %s is not readable here (%s): only tug's options apply",
-                            inc.name, own, exc.strerror)
-        conf.write_text("\n".join(lines + options) + "\n")
-        annotations["org.criu.config"] = str(conf)
-        cfg_path.write_text(json.dumps(spec, indent=2))
-        return lines
 
     async def call_settle(self, container: str, timeout: float = 600.0) -> dict[str, Any]:
         """After a lazy restore: wait until the container's whole memory is in place."""
@@ -334,7 +329,9 @@ class RestoreCalls(AgentState):
             # to peers the source still talks to.
             await inc.endpoint.cut_off()
         with contextlib.suppress(MigrationError):
-            if await self.runc.state(inc.name) is not None:
+            if inc.podman_made:
+                await podmanstage.remove(self.host, inc)
+            elif await self.runc.state(inc.name) is not None:
                 await self.runc.delete(inc.name, force=True)
         await kill_cgroup_of(self.host, inc.name)
 
@@ -351,13 +348,13 @@ class RestoreCalls(AgentState):
             await inc.endpoint.close()
         (inc.bundle / INCOMING_MARKER).unlink(missing_ok=True)
         (inc.bundle / CREATED_FILE).unlink(missing_ok=True)  # the copies are the container's now
+        if inc.podman is not None and podmanstage.bundle_removable(inc):
+            remove_tree(inc.bundle)  # only staging: podman's userdata is the container's bundle now
         remove_tree(inc.work)
         del self.incoming[container]
         return {"committed": True, **_usage()}
 
 
-#: The CRIU config file a restore with extra options uses, in the bundle.
-CRIU_CONF = "criu.conf"
 def _usage() -> dict[str, float]:
     """This agent's CPU time and peak memory (with its children: runc, CRIU)."""
     me = resource.getrusage(resource.RUSAGE_SELF)

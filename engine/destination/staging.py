@@ -16,6 +16,7 @@ from typing import Any
 from tug.engine import rootfs
 from tug.engine.criu.dumpdigest import verify_pages_images
 from tug.engine.criu.pageserver import PageServer, pages_bytes
+from tug.engine.destination import podmanstage
 from tug.engine.destination.incoming import (
     INCOMING_MARKER,
     AgentState,
@@ -69,6 +70,7 @@ class StagingCalls(AgentState):
         volumes: Any = None,
         netns_of: str | None = None,
         ipc_of: str | None = None,
+        podman: Any = None,
     ) -> dict[str, Any]:
         """Create the staging bundle and the work space (and the directories
         of copied volumes: destination/volumes.py)."""
@@ -109,6 +111,8 @@ class StagingCalls(AgentState):
         (bundle / "config.json").write_bytes(self._rewrite_config(inc, config, volumes))
         if inc.network is not None:
             netif.save_spec(bundle, inc.network)
+        if podman is not None:  # recreated under this host's podman, its overlay at bundle/rootfs
+            await podmanstage.prepare(self.host, inc, podman)
         return {"bundle": str(bundle), "work": str(work)}
 
     async def call_prepare_network(
@@ -121,8 +125,11 @@ class StagingCalls(AgentState):
             return {"endpoint": None}
         net = self.host.network
         assert net is not None  # checked in preflight
+        await podmanstage.drop_placeholder(self.host, inc)
         inc.endpoint = DestinationEndpoint(net, container, inc.network)
         ms = await inc.endpoint.prepare(neighbors)
+        if inc.podman is not None:  # podman's spec joins the endpoint's namespace
+            await podmanstage.init_stopped(inc)
         return {"endpoint": str(net.netns_path(container)), "ms": ms}
 
     def _rewrite_config(self, inc: Incoming, raw: bytes, volumes: Any) -> bytes:

@@ -46,7 +46,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
         h = lab.host(args.host)
         spec = demo.WorkloadSpec(memory_mib=args.memory, dirty_rate=args.dirty_rate, hot_set=args.hot_set, sysv_shm_mib=args.sysv_shm,
                                  lock=args.lock, churn_mib=args.churn)
-        bundle = demo.start(lab, h, args.name, spec, volume=args.volume)
+        bundle = demo.start(lab, h, args.name, spec, volume=args.volume, runtime=args.runtime)
         _say(f"demo container {args.name} running on {h.name} ({args.memory} MiB, {args.dirty_rate} pages/s), bundle {bundle}")
     elif args.lab_cmd == "pod":
         lab = hosts.require(layout)
@@ -165,6 +165,8 @@ def add_lab_parser(sub: Any) -> None:
                     help="the workload also holds a SysV shared memory segment of MIB (the first of its IPC "
                          "namespace: id 0), dirtied and verified with its memory")
     dm.add_argument("--lock", metavar="PATH", help="the workload holds a POSIX write lock on PATH (inside the container)")
+    dm.add_argument("--runtime", choices=("runc", "podman"), default="runc",
+                    help="run it with runc (a bundle of tug's) or under the host's own podman")
     dm.add_argument("--volume", action="store_true",
                     help="keep the workload's state (its open heartbeat log) on a host directory bind-mounted at "
                          "/state: a volume to move with tug migrate --volume /state=copy|shared")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tug.engine.errors import ConfigError, PreconditionError
+from tug.engine.lab import podmandemo
 from tug.engine.lab.addresses import address_of
 from tug.engine.lab.layout import Lab, LabHost, Layout, sh
 from tug.engine.lab.workload import analyze_heartbeat, build_workload, read_status, read_verify, verify_seq
@@ -141,7 +142,8 @@ def _spec(
 
 
 def start(
-    lab: Lab, host: LabHost, name: str, workload: WorkloadSpec, *, volume: bool = False, netns_of: str | None = None
+    lab: Lab, host: LabHost, name: str, workload: WorkloadSpec, *, volume: bool = False, netns_of: str | None = None,
+    runtime: str = "runc",
 ) -> Path:
     """Create and run demo container ``name`` on ``host`` of ``lab``; returns its bundle.
 
@@ -156,6 +158,10 @@ def start(
         raise ConfigError(f"invalid container name {name!r}")
     if sh("runc", "--root", host.runc_root, "state", name, check=False).returncode == 0:
         raise ConfigError(f"host {host.name} already has a container named {name!r}")
+    if runtime == "podman":
+        if volume or netns_of is not None:
+            raise ConfigError("the podman demo has no --volume and no pods (yet): start those under runc")
+        return _start_podman(lab, host, name, workload)
     bundle = Path(host.data_dir) / "containers" / name
     if bundle.exists():
         shutil.rmtree(bundle)
@@ -210,10 +216,13 @@ POD_SETTLE_S = 5.0
 POD_STALE_MS = 1000
 
 
-def _verify(host: LabHost, name: str, state: Path, deadline: float) -> dict[str, Any] | None:
+def _verify(host: LabHost, name: str, runtime: str, state: Path, deadline: float) -> dict[str, Any] | None:
     """Ask the workload to verify itself (SIGUSR1); its answer, or None by the deadline."""
     before = verify_seq(state)
-    sh("runc", "--root", host.runc_root, "kill", name, str(int(signal.SIGUSR1)))
+    if runtime == "podman":
+        podmandemo.signal(host, name, "USR1")
+    else:
+        sh("runc", "--root", host.runc_root, "kill", name, str(int(signal.SIGUSR1)))
     while time.monotonic() < deadline:
         verify = read_verify(state)
         if verify is not None and int(verify.get("seq", 0)) > before:
@@ -244,9 +253,27 @@ def _pod_problems(pod: Any) -> list[str]:
     return out
 
 
+def _start_podman(lab: Lab, host: LabHost, name: str, workload: WorkloadSpec) -> Path:
+    """The demo under the host's podman, in an endpoint namespace made as for runc."""
+    for other in lab.hosts:  # every host holds the image (by digest): a migration pulls nothing
+        podmandemo.ensure_image(lab, other, image_rootfs(lab.layout))
+    endpoint = endpoint_spec(lab, name)
+    netif.create(host.network(), name, endpoint, up=True)
+    try:
+        state = podmandemo.start(host, name, workload.argv(), host.network().netns_path(name))
+        # tug manages this endpoint: the spec file in the OCI bundle (podman's userdata) says so.
+        netif.save_spec(podmandemo.bundle(host, name), endpoint)
+        return state
+    except BaseException:
+        podmandemo.remove(host, name)
+        netif.delete(host.network(), name)
+        raise
+
+
 def remove(host: LabHost, name: str) -> bool:
     """Delete container ``name`` and its bundle from ``host``; True if anything was there."""
-    existed = sh("runc", "--root", host.runc_root, "state", name, check=False).returncode == 0
+    existed = podmandemo.remove(host, name)
+    existed = sh("runc", "--root", host.runc_root, "state", name, check=False).returncode == 0 or existed
     if existed:
         sh("runc", "--root", host.runc_root, "delete", "--force", name)
     bundle = Path(host.data_dir) / "containers" / name
@@ -269,17 +296,23 @@ def remove(host: LabHost, name: str) -> bool:
 def check(host: LabHost, name: str, timeout: float = 20.0) -> dict[str, Any]:
     """Is ``name`` running on ``host`` with intact memory and an unbroken counter?"""
     res = sh("runc", "--root", host.runc_root, "state", name, check=False)
-    if res.returncode != 0:
+    runtime = "runc"
+    if res.returncode == 0:
+        st = json.loads(res.stdout)
+        status, state = st["status"], state_dir(Path(st["bundle"]))
+    elif (pm_status := podmandemo.status(host, name)) is not None:
+        runtime, status = "podman", pm_status
+        state = podmandemo.state_dir(host, name) or Path("/nonexistent")
+    else:
         return {"host": host.name, "container": name, "running": False, "ok": False, "reason": "no such container"}
-    st = json.loads(res.stdout)
-    state = state_dir(Path(st["bundle"]))
-    out: dict[str, Any] = {"host": host.name, "container": name, "status": st["status"], "running": st["status"] == "running"}
-    if st["status"] != "running":
-        return {**out, "ok": False, "reason": f"container is {st['status']}"}
+    out: dict[str, Any] = {"host": host.name, "container": name, "runtime": runtime, "status": status,
+                           "running": status == "running"}
+    if status != "running":
+        return {**out, "ok": False, "reason": f"container is {status}"}
     deadline = time.monotonic() + timeout
     pod_deadline = time.monotonic() + POD_SETTLE_S
     while True:
-        verify = _verify(host, name, state, deadline)
+        verify = _verify(host, name, runtime, state, deadline)
         if verify is None:
             return {**out, "ok": False, "reason": f"workload did not answer the verify request within {timeout:g} s"}
         pod_problems = _pod_problems(verify.get("pod"))

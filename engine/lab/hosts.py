@@ -27,7 +27,7 @@ from typing import Any
 
 from tug.engine.errors import ConfigError, PreconditionError
 from tug.engine.fsutil import remove_tree
-from tug.engine.lab import sshd
+from tug.engine.lab import podmandemo, sshd
 from tug.engine.lab.addresses import address_table
 from tug.engine.lab.instance import claim_subnet
 from tug.engine.lab.layout import CGROUP_ROOT, LAB_VERSION, SSH_PORT, Lab, LabHost, Layout, default_subnet, host_names, in_ns, sh
@@ -201,6 +201,9 @@ def _make_host(layout: Layout, subnet: str, i: int, name: str) -> LabHost:
     )
     for d in (h.runc_root, h.data_dir, h.work_dir):
         Path(d).mkdir(parents=True, exist_ok=True)
+    from tug.engine.runtime.podmanprobe import write_config
+
+    write_config(layout.podman_dir(name), layout.podman_run_dir(name))
     sh("ip", "netns", "add", h.netns)
     _plug(layout, h.netns, f"tlb-{name}", h.address)
     return h
@@ -249,6 +252,7 @@ def status(layout: Layout) -> dict[str, Any]:
                 {"id": c["id"], "status": c["status"], "pid": c["pid"], "address": addresses.get(c["id"])}
                 for c in json.loads(res.stdout or "null") or []
             ]
+        containers += [{**c, "address": addresses.get(c["id"])} for c in podmandemo.containers(h)]
         hosts.append(
             {
                 "name": h.name,
@@ -286,6 +290,7 @@ def down(layout: Layout, log: Any = None) -> None:
     own = layout.prefix + "-"
     names |= {ns[len(own):] for ns in _netns_list() if ns.startswith(own) and ns not in (layout.bridge_ns, layout.client_ns)}
     for name in sorted(names):
+        _remove_podman(layout, name, say)
         root = layout.runc_root(name)
         if root.exists():
             res = sh("runc", "--root", str(root), "list", "-q", check=False)
@@ -311,6 +316,21 @@ def down(layout: Layout, log: Any = None) -> None:
     shutil.rmtree(layout.run_dir, ignore_errors=True)
     if not layout.is_default:  # nothing stays behind; the default keeps its keys and demo image
         shutil.rmtree(layout.data_dir, ignore_errors=True)
+
+
+def _remove_podman(layout: Layout, name: str, say: Any) -> None:
+    """The host's podman: its containers (conmon, runc state), images, mounts and directories."""
+    import asyncio
+
+    from tug.engine.runtime import podmanprobe
+
+    base, run = layout.podman_dir(name), layout.podman_run_dir(name)
+    conf = base / "containers.conf"
+    if not conf.exists():
+        return
+    env = {"CONTAINERS_CONF": str(conf), "CONTAINERS_STORAGE_CONF": str(base / "storage.conf")}
+    asyncio.run(podmanprobe.reset(env, base, run))
+    say(f"host {name}: removed its podman state")
 
 
 def _remove_legacy_links() -> None:

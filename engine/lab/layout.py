@@ -144,6 +144,14 @@ class Layout:
     def runc_root(self, host: str) -> Path:
         return self.run_dir / host / "runc"
 
+    def podman_dir(self, host: str) -> Path:
+        """The host's own podman: its configuration and storage (podman's --root)."""
+        return self.host_data_dir(host) / "podman"
+
+    def podman_run_dir(self, host: str) -> Path:
+        """The host's podman run root, tmp dir and events file (podman's --runroot)."""
+        return self.run_dir / host / "podman"
+
     def sshd_pidfile(self, host: str) -> Path:
         return self.run_dir / host / "sshd.pid"
 
@@ -226,9 +234,15 @@ class LabHost:
             "TUG_BRIDGE": "br0",
             "TUG_BRIDGE_NETNS": lay.bridge_ns,
         }
+        # The host's own podman (storage, run root, events): what podman reads.
+        env["CONTAINERS_CONF"] = str(lay.podman_dir(self.name) / "containers.conf")
+        env["CONTAINERS_STORAGE_CONF"] = str(lay.podman_dir(self.name) / "storage.conf")
         if not lay.is_default:
             env["TUG_LAB"] = lay.instance  # a 'tug lab' run on the host means this instance
         return env
+
+    def podman_env(self) -> dict[str, str]:
+        return {k: v for k, v in self.env().items() if k.startswith("CONTAINERS_")}
 
     def network(self) -> HostNetwork:
         return self.layout.host_network(self.name)

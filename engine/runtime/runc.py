@@ -79,8 +79,14 @@ class Runc:
     async def require(self, name: str) -> ContainerState:
         st = await self.state(name)
         if st is None:
-            raise ConfigError(f"container {name!r} not found on this host (runc root {self.root})")
+            from tug.engine.runtime.podman import not_runc_hint
+
+            raise ConfigError(f"container {name!r} not found on this host (runc root {self.root}){await not_runc_hint(name)}")
         return st
+
+    def visible_spec(self, raw: bytes) -> bytes:
+        """The container's spec as a migration sees it (podman's drops its own mounts)."""
+        return raw
 
     async def containers(self) -> list[ContainerState]:
         res = await proc.run(self._argv("list", "--format", "json"), timeout=15)

@@ -56,7 +56,7 @@ async def inspect_container(
     st = await runc.require(name)
     if st.status != "running":
         raise ConfigError(f"container {name!r} is {st.status}; only a running container can be migrated")
-    config_raw = (st.bundle / "config.json").read_bytes()
+    config_raw = runc.visible_spec((st.bundle / "config.json").read_bytes())
     spec = json.loads(config_raw)
     root = Path(spec.get("root", {}).get("path", "rootfs"))
     endpoint = netif.load_spec(st.bundle)
@@ -150,12 +150,15 @@ async def local_cpuinfo() -> bytes:
 
 
 async def preflight_destination(
-    session: Session, name: str, criu_version: str, network: dict[str, Any] | None, cpuinfo: bytes
+    session: Session, name: str, criu_version: str, network: dict[str, Any] | None, cpuinfo: bytes,
+    *, podman: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Can the destination take the container (versions, name, CPU)? Changes
     nothing there. An empty ``cpuinfo`` skips the CPU check (a group's CPU
     is checked once, with its first member)."""
-    return await session.call("preflight", container=name, criu_version=criu_version, cpuinfo=cpuinfo, network=network)
+    extra: dict[str, Any] = {"podman": podman} if podman is not None else {}
+    return await session.call("preflight", container=name, criu_version=criu_version, cpuinfo=cpuinfo, network=network,
+                              **extra)
 
 
 async def start_final_page_server(

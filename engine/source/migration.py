@@ -46,8 +46,9 @@ from tug.engine.hostcfg import HostConfig
 from tug.engine.options import MigrationOptions
 from tug.engine.phases import Phase, PhaseMachine
 from tug.engine.runtime.endpoint import SourceEndpoint
+from tug.engine.runtime.podman import PodmanContainer
 from tug.engine.runtime.runc import Runc
-from tug.engine.source import strategies
+from tug.engine.source import podmansrc, strategies
 from tug.engine.source.container import (
     inspect_container,
     local_cpuinfo,
@@ -84,6 +85,8 @@ class Migration(FrozenWindow):
         self.on_event = on_event
         self.host = opts.host or HostConfig.from_env()
         self.runc = Runc(self.host.runc_root, log_dir=self.host.data_dir / "logs")
+        #: The container is podman's (source/podmansrc.py): set in pre-checkpoint.
+        self.podman: PodmanContainer | None = None
         self.machine = PhaseMachine()
         self.tally = Tally()
         self.agent: AgentProcess | None = None
@@ -187,7 +190,9 @@ class Migration(FrozenWindow):
             await finish_uncancelled(asyncio.ensure_future(self._close()))
 
     async def _pre_checkpoint(self) -> None:
-        await self._form_group()
+        self.runc, self.podman = await podmansrc.resolve(self.runc, [m.name for m in self.members], self.opts)
+        if self.podman is None:
+            await self._form_group()
         for m in self.members:
             src = await inspect_container(
                 self.runc, m.name, self.host, self.volume_choices, netns_of=m.netns_of, ipc_of=m.ipc_of
@@ -216,7 +221,8 @@ class Migration(FrozenWindow):
         for i, m in enumerate(self.members):
             network = m.endpoint.to_dict() if m.endpoint is not None else None
             # One CPU check for the group: every member's dump is made here.
-            pre = await preflight_destination(self.s, m.name, str(version), network, cpuinfo if i == 0 else b"")
+            pre = await preflight_destination(self.s, m.name, str(version), network, cpuinfo if i == 0 else b"",
+                                              podman=self._podman_wire())
             lazy_possible = self.opts.lazy_restore and bool(pre.get("lazy_restore"))
             m.lazy = m.strategy.restore_mode(lazy_possible) in (RestoreMode.LAZY_LOCAL, RestoreMode.LAZY_REMOTE)
         if self.opts.lazy_restore and not all(m.lazy for m in self.members):
@@ -234,8 +240,13 @@ class Migration(FrozenWindow):
                 extra["netns_of"] = m.netns_of
             if m.ipc_of is not None:
                 extra["ipc_of"] = m.ipc_of
+            if self.podman is not None:
+                extra["podman"] = self._podman_wire()
             await self.s.call("prepare", container=m.name, config=m.config_raw, network=network, **extra)
             await self._sync_rootfs(m, Phase.PRE_CHECKPOINT)
+
+    def _podman_wire(self) -> dict[str, Any] | None:
+        return podmansrc.wire(self.podman) if self.podman is not None else None
 
     async def _pre_restore(self) -> None:
         private_dir(self.host.work_dir)

@@ -44,6 +44,7 @@ from tug.engine.options import MigrationOptions
 from tug.engine.runtime import network as netif
 from tug.engine.runtime.endpoint import SourceEndpoint
 from tug.engine.runtime.runc import Runc
+from tug.engine.source import podmansrc
 from tug.engine.source.container import open_session, retire_source
 from tug.engine.source.lazydump import release_from_dump
 from tug.transports import protocol as p
@@ -79,6 +80,7 @@ async def recover(container: str, destination: str, *, options: MigrationOptions
     def ignore_notice(ev: p.Notice) -> None:
         notes.append(f"{target.host}: {ev.message}")
 
+    runc, _ = await podmansrc.resolve(runc, [container], opts, check=False)  # podman's: on its OCI state
     src = await runc.state(container)
     if src is not None and src.status == "running" and await release_from_dump(src.pid):
         # A killed tug's lazy dump was still holding it (runc said running).

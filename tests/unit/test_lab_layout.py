@@ -110,6 +110,9 @@ def test_the_default_hosts_environment_is_unchanged() -> None:
         "TUG_WORK_DIR": "/dev/shm/tuglab-a", "TUG_CGROUP_PARENT": "/tuglab-a",
         "TUG_SSH_IDENTITY": "/var/lib/tug-lab/client_ed25519", "TUG_SSH_KNOWN_HOSTS": "/var/lib/tug-lab/known_hosts",
         "TUG_BRIDGE": "br0", "TUG_BRIDGE_NETNS": "tuglab-br",
+        # The host's own podman (added with the podman runtime; older keys unchanged).
+        "CONTAINERS_CONF": "/var/lib/tug-lab/hosts/a/podman/containers.conf",
+        "CONTAINERS_STORAGE_CONF": "/var/lib/tug-lab/hosts/a/podman/storage.conf",
     }
     # What the state file keeps of a host is what an older tug reads back.
     assert set(h.to_dict()) == {"name", "index", "netns", "address", "port", "runc_root", "data_dir", "work_dir",
