@@ -49,7 +49,7 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 #: Container addresses: .100 to .199, handed out by name and kept across moves.
 POOL = range(100, 200)
 #: Bumped when the lab's shape changes; an older lab is rebuilt by ``up``.
-LAB_VERSION = 3
+LAB_VERSION = 4  # 4: each host has its own podman (config, storage, run root)
 
 
 def check_name(name: str) -> str:

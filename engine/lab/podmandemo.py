@@ -10,6 +10,7 @@ tug's endpoint move (same address, connections kept) then applies unchanged.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -51,11 +52,11 @@ def ensure_image(lab: Lab, host: LabHost, rootfs: Path) -> None:
         podman(host, "load", "-i", str(archive))
         return
     tar = subprocess.run(["tar", "-C", str(rootfs), "-c", "."], capture_output=True, check=True).stdout
-    env = host.podman_env()
-    import os
-
-    subprocess.run(["podman", "import", "-", IMAGE], input=tar, env={**os.environ, **env}, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    res = subprocess.run(["podman", "import", "-", IMAGE], input=tar, env={**os.environ, **host.podman_env()},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if res.returncode != 0:
+        raise PreconditionError(f"podman import of the demo image on {host.name} failed: "
+                                f"{res.stderr.decode(errors='replace').strip()[-300:]}")
     archive.unlink(missing_ok=True)
     podman(host, "save", "--format", "oci-archive", "-o", str(archive), IMAGE)
     stamp.write_text(want)
