@@ -29,6 +29,7 @@ from tug.engine.destination.incoming import (
 )
 from tug.engine.destination.lazypages import LazyPages, fault_latencies, latency_summary
 from tug.engine.destination.leftovers import kill_cgroup_of
+from tug.engine.destination.relay import Relay
 from tug.engine.destination.storeserver import StorePageServer
 from tug.engine.destination.volumes import CREATED_FILE
 from tug.engine.errors import CriuError, MigrationError, ProtocolError, RanThenFailed
@@ -157,7 +158,35 @@ class RestoreCalls(AgentState):
         if isinstance(server, HybridPageServer) and server.source_ports == (ports[0], ports[1]) and server.port:
             return server.port  # connected before the freeze (call_hybrid_connect)
         inc.store_server = server = HybridPageServer(inc.store, inc.name, ports[0], ports[1])
+        relays = [Relay(f"the hybrid {what} channel of {inc.name}", port) for what, port in zip(("fault", "sweep"), ports)]
+        inc.relays.extend(relays)
+        server.relayed = (relays[0].local_socket(), relays[1].local_socket())
+        for r in relays:
+            await r.connect(r.remote_port)
         return await server.start()
+
+    async def call_relay_open(self, container: str, port: int) -> dict[str, Any]:
+        """Post-copy, before the freeze: the daemon will reach the source's forward at ``port``
+        through a relay of this agent, which outlives a lost link (relay.py)."""
+        inc = self._get(container)
+        if not (isinstance(port, int) and 0 < port < 65536) or inc.restored:
+            raise ProtocolError(f"relay for {container!r} asked for out of turn")
+        relay = Relay(f"the lazy-pages stream of {container}", port)
+
+        async def admit(ours: tuple[str, int], peer: tuple[str, int]) -> str | None:
+            return await asyncio.to_thread(peer_is_criu, ours, peer)
+
+        local = await relay.listen(admit)
+        inc.relays.append(relay)
+        return {"relay": len(inc.relays) - 1, "port": local}
+
+    async def call_relay_reconnect(self, container: str, relay: int, port: int) -> dict[str, Any]:
+        """The source came back after a lost link: relay ``relay`` resumes through its forward at ``port``."""
+        inc = self._get(container)
+        if not (isinstance(relay, int) and 0 <= relay < len(inc.relays)) or not (isinstance(port, int) and 0 < port < 65536):
+            raise ProtocolError(f"no relay {relay!r} for {container!r}")
+        await inc.relays[relay].connect(port)
+        return {"reconnected": True}
 
     async def call_hybrid_connect(self, container: str, ports: list[int]) -> dict[str, Any]:
         """Hybrid, before the freeze: connect to the source's two forwards now, not inside the downtime."""
@@ -165,7 +194,7 @@ class RestoreCalls(AgentState):
         if inc.restoring is not None or inc.restored or inc.store_server is not None:
             raise ProtocolError(f"hybrid channels of {container!r} asked for out of turn")
         port = await self._hybrid_server(inc, True, False, None, ports)
-        return {"port": port}
+        return {"port": port, "relays": [len(inc.relays) - 2, len(inc.relays) - 1]}
 
     def _criu_config(self, inc: Incoming, options: list[str]) -> None:
         """Point runc at a CRIU config file for this restore (``org.criu.config``).
@@ -224,6 +253,8 @@ class RestoreCalls(AgentState):
         root's CRIU (our lazy-pages daemon) is admitted.
         """
         inc = self._get(container)
+        if any(peer_port in r.own_ports for r in inc.relays):
+            return {"refused": None}  # this agent's own relay (relay.py), which vetted its client
         if isinstance(inc.store_server, HybridPageServer):
             # Hybrid: only the agent's own two connections to the frozen source.
             own = await inc.store_server.is_own(peer_port)
