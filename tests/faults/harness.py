@@ -327,6 +327,19 @@ def cut_link_in_fill(run: Run, host: str, *, after_s: float = 0.5) -> int:
     return signal_all(sshd_sessions_of(agent_pids(host)), signal.SIGKILL)
 
 
+def cut_link_again_after_recovery(run: Run, host: str, timeout: float = 60.0) -> int:
+    """Once ``run`` says its link recovered, cut the new one too, if its fill still runs."""
+    deadline = time.monotonic() + timeout
+    while not any("link recovered" in ln for ln in list(run.lines)):
+        if time.monotonic() > deadline or run.proc.poll() is not None:
+            return 0
+        time.sleep(0.01)
+    time.sleep(0.2)
+    if any(re.search(r"\bfill done\b", ln) for ln in list(run.lines)):
+        return 0
+    return signal_all(sshd_sessions_of(agent_pids(host)), signal.SIGKILL)
+
+
 @contextlib.contextmanager
 def ssh_refused(lab: Lab, host: str) -> Iterator[None]:
     """While inside: ``host``'s sshd takes no new connection (stopped: the kernel

@@ -6,7 +6,7 @@ a shaped link so the fill lasts long enough to be cut. The fill's streams
 survive on both hosts (transports/tunnel.py, engine/destination/relay.py),
 tug reconnects and reattaches, and the migration completes: memory verified,
 the counter continuous, the client's TCP connection kept, the report counts
-the recovery. If the link does not come back within ``--link-recovery``,
+the recoveries (the new link is cut once more while the fill still runs). If the link does not come back within ``--link-recovery``,
 both sides stay frozen as before recovery existed and ``tug recover`` undoes it.
 """
 
@@ -22,6 +22,7 @@ from .harness import (
     agent_pids,
     assert_frozen_until_recover,
     criu_pids,
+    cut_link_again_after_recovery,
     cut_link_in_fill,
     runc_checkpoints,
     shaped,
@@ -54,6 +55,8 @@ def test_link_cut_mid_fill_recovers(lab: Lab, big_demo: str, strategy: str) -> N
         with shaped(lab, "a", RATE):
             run = start_migrate("a", demo, lab.url("b"), *_extra(strategy))
             cut = cut_link_in_fill(run, "b")
+            # And the new link too: a fill recovers as often as its link drops.
+            again = cut_link_again_after_recovery(run, "b") if cut else 0
             res = run.finish()
         count = client.established()
     finally:
@@ -62,7 +65,7 @@ def test_link_cut_mid_fill_recovers(lab: Lab, big_demo: str, strategy: str) -> N
     assert res.returncode == 0, res.stderr
     report = res.json()
     assert report["outcome"] == "migrated" and report["commit_point"] == "running", report
-    assert report["link_recoveries"] >= 1, report
+    assert report["link_recoveries"] == 1 + (1 if again else 0), report
     assert "link lost" in res.stderr and "link recovered" in res.stderr, res.stderr
     assert count == 1
     assert_clean_run(result)
