@@ -121,6 +121,7 @@ class PortForward:
         self._chan = chan
         if self.tunnel is not None:
             self.link_lost.clear()
+            self.error = None  # the loss that set it is over
             self._to_chan(self.tunnel.attach())
 
     def _to_chan(self, data: bytes) -> None:

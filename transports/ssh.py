@@ -175,10 +175,11 @@ class AgentProcess:
         go of them (closing it no longer touches them).
         """
         moved = old.resumable_forwards()
-        for fwd in moved:
+        for fwd in moved:  # all at once, before any await: closing ``old`` never touches them
             old._forwards.remove(fwd)
-            await listen_again(fwd, self._conn)
             self._forwards.append(fwd)
+        for fwd in moved:
+            await listen_again(fwd, self._conn)
         return moved
 
     async def forwarding_allowed(self) -> bool:

@@ -111,7 +111,10 @@ class Relay:
         if self._closed:
             raise TransportError(f"{self.what}: the relay is closed")
         if self._remote_w is not None:
-            raise TransportError(f"{self.what}: still connected")
+            # The source came back before we saw the old link go: it is gone all the same.
+            old, self._remote_w = self._remote_w, None
+            self.tunnel.detach()
+            old.close()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)

@@ -273,32 +273,41 @@ class FrozenWindow(FailureHandling):
         """The link dropped mid-fill: reconnect, reattach, and resume every relayed stream (relink.py).
 
         Raises ``lost`` (with why recovery failed) when the fill's streams
-        cannot resume or the link does not come back within the deadline:
-        then both sides stay frozen, as before recovery existed.
+        cannot resume or the link does not come back within the deadline
+        (a link that drops again while recovering is retried within the
+        same deadline): then both sides stay frozen, as before recovery existed.
         """
         relayed = [(m, fwd, rid) for m in self.members for fwd, rid in m.strategy.relayed()]
         if self.attach is None or not relayed or any(fwd.closed for _, fwd, _ in relayed):
             raise lost
         self.note(f"link lost during the fill ({lost}): reconnecting for up to {self.opts.link_recovery:g} s", "warning")
-        old_agent, old = self.agent, self.s
-        assert old_agent is not None
         t0 = time.monotonic()
-        try:
-            agent, session = await reattach(self.target, self.opts, self.host, self.attach, on_notice=self._on_notice,
-                                            deadline=time.monotonic() + self.opts.link_recovery)
-        except MigrationError as exc:
-            raise TransportError(f"{lost}; {exc}") from None
-        # The byte counts go on from the old session's.
-        session.bytes_sent += old.bytes_sent
-        session.bytes_received += old.bytes_received
-        self.agent, self.session = agent, session
-        for m in self.members:
-            m.strategy.ctx.session, m.strategy.ctx.agent = session, agent
-        await agent.adopt(old_agent)
-        for m, fwd, rid in relayed:
-            await session.call("relay_reconnect", container=m.name, relay=rid, port=fwd.remote_port, timeout=60)
-        await old.close(timeout=0.1)
-        await old_agent.close(timeout=1.0)
+        deadline = t0 + self.opts.link_recovery
+        while True:
+            old_agent, old = self.agent, self.s
+            assert old_agent is not None
+            try:
+                agent, session = await reattach(self.target, self.opts, self.host, self.attach, on_notice=self._on_notice,
+                                                deadline=deadline)
+            except MigrationError as exc:
+                raise TransportError(f"{lost}; {exc}") from None
+            # The byte counts go on from the old session's.
+            session.bytes_sent += old.bytes_sent
+            session.bytes_received += old.bytes_received
+            self.agent, self.session = agent, session
+            for m in self.members:
+                m.strategy.ctx.session, m.strategy.ctx.agent = session, agent
+            try:
+                await agent.adopt(old_agent)  # moves the forwards out of old_agent first
+                for m, fwd, rid in relayed:
+                    await session.call("relay_reconnect", container=m.name, relay=rid, port=fwd.remote_port, timeout=60)
+                break
+            except TransportError as exc:  # the new link dropped too: again, within the same deadline
+                if time.monotonic() >= deadline:
+                    raise TransportError(f"{lost}; then {exc}") from None
+            finally:
+                await old.close(timeout=0.1)
+                await old_agent.close(timeout=1.0)
         self.tally.link_recoveries += 1
         self.note(f"link recovered in {(time.monotonic() - t0) * 1000:.0f} ms: the fill resumed "
                   f"({self.tally.link_recoveries} recoveries)")
