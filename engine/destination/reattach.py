@@ -21,8 +21,11 @@ import hmac
 import logging
 import os
 import secrets
+import shutil
+import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,8 @@ from tug.transports.session import Session
 
 log = logging.getLogger("tug.agent")
 
+#: The agent's private directory (in the temp dir) holding its socket.
+PREFIX = "tug-agent-"
 #: Seconds a reattaching source has to send its token.
 TOKEN_WAIT_S = 10.0
 #: The agent waits this much longer than the source's own deadline: a source
@@ -63,7 +68,7 @@ class Reattach:
     def __init__(self, deadline_s: float) -> None:
         self.deadline_s = deadline_s
         self.token = secrets.token_hex(16)
-        self._dir = Path(tempfile.mkdtemp(prefix="tug-agent-"))
+        self._dir = Path(tempfile.mkdtemp(prefix=PREFIX))
         self.path = self._dir / "attach.sock"
         self._arrived: asyncio.Queue[PipeStream] = asyncio.Queue()
         self._server: asyncio.Server | None = None
@@ -71,6 +76,7 @@ class Reattach:
     async def start(self) -> None:
         os.chmod(self._dir, 0o700)
         self._server = await asyncio.start_unix_server(self._client, path=str(self.path), limit=1 << 22)
+        await asyncio.to_thread(_sweep_stale, self._dir.parent)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -100,6 +106,25 @@ class Reattach:
             self.path.unlink()
         with contextlib.suppress(OSError):
             self._dir.rmdir()
+
+
+def _sweep_stale(parent: Path) -> None:
+    """Remove the directories of agents that were killed (nobody listens on their socket any more).
+
+    A killed agent cannot remove its own; one a minute old at least, so a
+    new agent's directory is never taken before it listens.
+    """
+    now = time.time()
+    for d in parent.glob(f"{PREFIX}*"):
+        try:
+            if d.is_symlink() or not d.is_dir() or d.stat().st_uid != os.geteuid() or now - d.stat().st_mtime < 60:
+                continue
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(d / "attach.sock"))
+        except (ConnectionRefusedError, FileNotFoundError):
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            continue
 
 
 class ReattachCalls(AgentState):
