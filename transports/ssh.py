@@ -27,7 +27,8 @@ import asyncssh
 
 from tug.engine.errors import AuthenticationError, ConfigError, ForwardingRefusedError, HostKeyError, TransportError
 
-from .forward import LOOPBACK, PortForward, listen_again, open_forward, open_reverse_forward
+from .forward import LOOPBACK, PortForward, open_forward
+from .reverse_forward import listen_again, open_reverse_forward
 
 __all__ = ["LOOPBACK", "AgentProcess", "PortForward", "SshTarget", "connect_agent", "parse_url"]
 
