@@ -252,6 +252,7 @@ def _figures(mr: MigrateResult) -> dict[str, Any]:
         "remote_faults": r.get("remote_faults"),
         "fault_latency_ms": r.get("fault_latency_ms"),
         "bytes_after_commit": r.get("bytes_after_commit"),
+        "link_recoveries": r.get("link_recoveries"),
         "src_cpu_s": mr.src_cpu_user_s + mr.src_cpu_sys_s,
         "src_cpu_user_s": mr.src_cpu_user_s,
         "src_cpu_sys_s": mr.src_cpu_sys_s,

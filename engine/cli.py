@@ -134,6 +134,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         known_hosts=Path(args.known_hosts) if args.known_hosts else None,
         agent_command=args.agent_command,
         connect_timeout=args.connect_timeout,
+        link_recovery=args.link_recovery,
         tcp_close=args.tcp_close,
         policy=args.policy,
         tracker=args.tracker,
@@ -280,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--known-hosts", metavar="FILE", help="known_hosts to check the destination's host key against")
     m.add_argument("--agent-command", metavar="CMD", help="command that starts the agent on the destination")
     m.add_argument("--connect-timeout", type=float, default=15.0, metavar="S")
+    m.add_argument("--link-recovery", type=float, default=30.0, metavar="S",
+                   help="postcopy/hybrid: seconds a link lost during the fill may take to come back (default 30)")
     m.add_argument("--tcp-close", action="store_true",
                    help="restore established TCP connections closed instead of intact (for clients that reconnect)")
     m.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")

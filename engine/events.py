@@ -133,6 +133,8 @@ class MigrationReport:
     source_pages: int | None = None
     #: Wire bytes after the destination ran (the fill, the commit).
     bytes_after_commit: int | None = None
+    #: Post-copy, hybrid: links lost during the fill and recovered (the fill resumed).
+    link_recoveries: int = 0
     #: The destination agent's own CPU seconds, its children's (runc, CRIU),
     #: and its peak RSS; None when the migration did not reach commit.
     agent_cpu_s: float | None = None

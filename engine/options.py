@@ -44,6 +44,10 @@ class MigrationOptions:
     #: interpreter's path with ``-m tug.engine.destination.agent`` (same install layout).
     agent_command: str | None = None
     connect_timeout: float = 15.0
+    #: post-copy and hybrid: how long a link lost during the fill may take to
+    #: come back (tug reconnects and the fill resumes) before the migration
+    #: fails with both sides frozen for ``tug recover``.
+    link_recovery: float = 30.0
     timeouts: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TIMEOUTS))
     #: precopy only: when to stop iterating. A policy object (anything with
     #: ``decide(history)``) or a spec string such as "phaul" or "max-iter=8,min-dirty=64".

@@ -1,6 +1,6 @@
 """Port forwards over the agent's SSH connection (see AgentProcess.forward).
 
-Only this module and ssh.py import asyncssh. The callbacks here never raise:
+Only this module, reverse_forward.py and ssh.py import asyncssh. The callbacks here never raise:
 a broken channel or socket ends the forward and is recorded in
 :attr:`PortForward.error`; the caller sees the consequence (CRIU's dump
 fails, the page server reports) as tug errors.
@@ -16,7 +16,9 @@ from typing import cast
 
 import asyncssh
 
-from tug.engine.errors import ForwardingRefusedError, TransportError
+from tug.engine.errors import ForwardingRefusedError, ProtocolError, TransportError
+
+from .tunnel import Tunnel
 
 #: Where forwarded connections go on the destination (and where they start
 #: here): services tug starts there (CRIU's page server) listen on loopback
@@ -69,6 +71,13 @@ class PortForward:
         self.tap: Callable[[bool, bytes], None] | None = None
         #: A reverse forward's listener on the peer (see open_reverse_forward).
         self._listener: asyncssh.SSHListener | None = None
+        #: Resumable (see :func:`open_reverse_forward`): the channel carries
+        #: this tunnel's frames, and losing the channel keeps the local end.
+        self.tunnel: Tunnel | None = None
+        #: Set while a resumable forward has no channel (the link is lost).
+        self.link_lost = asyncio.Event()
+        self._accept: Callable[[str, int], Awaitable[_ChannelEnd]] | None = None
+        self._local_paused = False
 
     @property
     def address(self) -> str:
@@ -110,6 +119,21 @@ class PortForward:
 
     def _channel_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self._chan = chan
+        if self.tunnel is not None:
+            self.link_lost.clear()
+            self.error = None  # the loss that set it is over
+            self._to_chan(self.tunnel.attach())
+
+    def _to_chan(self, data: bytes) -> None:
+        if not data or self._chan is None:
+            return
+        try:
+            self._chan.write(data)
+        except (asyncssh.Error, OSError) as exc:
+            if self.tunnel is not None:
+                self._remote_lost(exc)
+            else:
+                self._fail(f"SSH channel to {self.what} broke: {exc}")
 
     def _local_made(self, transport: asyncio.Transport) -> bool:
         """Accept the first local connection only; False closes this one."""
@@ -146,12 +170,40 @@ class PortForward:
         self.bytes_sent += len(data)
         if self.tap is not None:
             self.tap(False, data)
+        if self.tunnel is not None:
+            self._to_chan(self.tunnel.send(data))
+            if self.tunnel.window_full:
+                self._local_paused = True
+                self._pause_local(True)
+            return
         if self._chan is None:
             return
         try:
             self._chan.write(data)
         except (asyncssh.Error, OSError) as exc:
             self._fail(f"SSH channel to {self.what} broke: {exc}")
+
+    def _from_channel(self, data: bytes) -> None:
+        """Bytes from the SSH channel: tunnel frames for a resumable forward."""
+        if self.tunnel is None:
+            self._from_remote(data)
+            return
+        try:
+            fed = self.tunnel.feed(data)
+        except ProtocolError as exc:
+            self._fail(f"the resumable channel to {self.what} broke its protocol: {exc}")
+            return
+        if fed.data:
+            self._from_remote(fed.data)
+        self._to_chan(fed.reply)
+        if self._local_paused and not self.tunnel.window_full:
+            self._local_paused = False
+            if self._chan is not None:
+                self._pause_local(False)
+        if fed.eof:
+            self._eof_from_remote()
+        if self.tunnel.done:
+            self.close()
 
     def _from_remote(self, data: bytes) -> None:
         self.bytes_received += len(data)
@@ -164,6 +216,11 @@ class PortForward:
 
     def _eof_from_local(self) -> None:
         self._local_eof = True
+        if self.tunnel is not None:
+            self._to_chan(self.tunnel.send_eof())
+            if self._remote_eof:
+                self._to_chan(self.tunnel.ack())
+            return
         if self._chan is not None:
             with contextlib.suppress(asyncssh.Error, OSError):
                 self._chan.write_eof()
@@ -174,8 +231,13 @@ class PortForward:
         self._remote_eof = True
         if self._local is not None and self._local.can_write_eof():
             self._local.write_eof()
-        if self._local_eof:
+        if self._local_eof and self.tunnel is None:
             self.close()
+
+    def _channel_eof(self) -> None:
+        if self.tunnel is None:
+            self._eof_from_remote()
+        # A resumable forward's channel ends by its loss (connection_lost follows).
 
     def _fail(self, reason: str) -> None:
         self.error = self.error or reason
@@ -187,11 +249,20 @@ class PortForward:
 
     def _remote_lost(self, exc: Exception | None) -> None:
         self._chan = None
+        if self.tunnel is not None and not self._closed and not self.tunnel.done:
+            # The link, not the stream, is gone: keep the local end (CRIU's or
+            # the frozen server's connection) and wait for a new channel.
+            self.tunnel.detach()
+            self.error = f"SSH channel to {self.what} lost: {exc}" if exc is not None else None
+            self.link_lost.set()
+            return
         if exc is not None:
             self.error = self.error or f"SSH channel to {self.what} closed: {exc}"
         self.close()
 
     def _pause_local(self, pause: bool) -> None:
+        if not pause and self._local_paused:
+            return  # a resumable forward's window is full: the peer's ack resumes it
         if self._local is not None:
             with contextlib.suppress(RuntimeError, OSError):
                 (self._local.pause_reading if pause else self._local.resume_reading)()
@@ -212,10 +283,10 @@ class _ChannelEnd(asyncssh.SSHTCPSession[bytes]):
         self._fwd._channel_made(chan)
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
-        self._fwd._from_remote(data)
+        self._fwd._from_channel(data)
 
     def eof_received(self) -> bool:
-        self._fwd._eof_from_remote()
+        self._fwd._channel_eof()
         return True  # stay half open: the local side may still be sending
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -286,60 +357,4 @@ async def open_forward(conn: asyncssh.SSHClientConnection, host: str, remote_por
         fwd.close()
         raise TransportError(f"cannot listen on {LOOPBACK} for the forward to {what}: {exc}") from None
     fwd._listening(server)
-    return fwd
-
-
-async def open_reverse_forward(
-    conn: asyncssh.SSHClientConnection,
-    host: str,
-    what: str,
-    *,
-    admit_remote: Callable[[int], Awaitable[str | None]],
-    connect_local: Callable[[], Awaitable[socket.socket]],
-) -> PortForward:
-    """The other direction: ``127.0.0.1:remote_port`` on ``host`` leads to a local service.
-
-    The peer's sshd listens (``tcpip-forward``) on an ephemeral loopback port,
-    which becomes :attr:`PortForward.remote_port`. Any process on the peer
-    could connect to it, so each connection is vetted before anything is
-    relayed: ``admit_remote(client_port)`` (the peer's agent looks up who
-    holds that port) returns None to admit or why not; refused connections
-    are recorded in :attr:`PortForward.refused` and the listener waits on.
-    The first admitted one is connected to ``connect_local()`` (a connected
-    socket, which may live in another network namespace), and the listener
-    closes: one session, as CRIU's lazy dump serves one daemon.
-    """
-    fwd = PortForward(host, 0, what)
-    loop = asyncio.get_running_loop()
-
-    async def accept(orig_host: str, orig_port: int) -> _ChannelEnd:
-        if fwd._chan is not None or fwd.closed:
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "this forward serves one connection")
-        why = await admit_remote(orig_port)
-        if why is not None:
-            fwd.refused.append(why)
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, why)
-        if fwd._chan is not None or fwd.closed:
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "this forward serves one connection")
-        try:
-            sock = await connect_local()
-            await loop.create_connection(lambda: _LocalEnd(fwd), sock=sock)
-        except (OSError, TransportError) as exc:
-            fwd._fail(f"cannot reach {what} here: {exc}")
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
-        if fwd._listener is not None:  # one session: stop listening on the peer
-            fwd._listener.close()
-            fwd._listener = None
-        return _ChannelEnd(fwd)
-
-    try:
-        listener = await conn.create_server(accept, LOOPBACK, 0)
-    except asyncssh.ChannelListenError as exc:
-        raise ForwardingRefusedError(
-            f"{host} refuses remote TCP forwarding over SSH (sshd AllowTcpForwarding?), which {what} needs: {exc}"
-        ) from None
-    except (asyncssh.Error, OSError) as exc:
-        raise TransportError(f"cannot listen on {host} for {what}: {exc}") from None
-    fwd._listener = listener
-    fwd.remote_port = listener.get_port()
     return fwd

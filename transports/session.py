@@ -255,6 +255,11 @@ class Session:
             raise TransportError(f"peer did not answer the tug handshake within {timeout:g} s") from None
 
     @property
+    def lost(self) -> MigrationError | None:
+        """Why the session ended without a goodbye (its link or peer failed), if it did."""
+        return self._failure
+
+    @property
     def peer(self) -> p.Hello | None:
         return self._hello.result() if self._hello.done() and not self._hello.exception() else None
 

@@ -27,7 +27,8 @@ import asyncssh
 
 from tug.engine.errors import AuthenticationError, ConfigError, ForwardingRefusedError, HostKeyError, TransportError
 
-from .forward import LOOPBACK, PortForward, open_forward, open_reverse_forward
+from .forward import LOOPBACK, PortForward, open_forward
+from .reverse_forward import listen_again, open_reverse_forward
 
 __all__ = ["LOOPBACK", "AgentProcess", "PortForward", "SshTarget", "connect_agent", "parse_url"]
 
@@ -153,14 +154,34 @@ class AgentProcess:
         what: str,
         admit_remote: Callable[[int], Awaitable[str | None]],
         connect_local: Callable[[], Awaitable[socket.socket]],
+        resumable: bool = False,
     ) -> PortForward:
         """A port on the destination (``fwd.remote_port``, loopback) leading
         to a service here; see :func:`open_reverse_forward` for the vetting."""
         fwd = await open_reverse_forward(
-            self._conn, self.target.host, what, admit_remote=admit_remote, connect_local=connect_local
+            self._conn, self.target.host, what, admit_remote=admit_remote, connect_local=connect_local,
+            resumable=resumable,
         )
         self._forwards.append(fwd)
         return fwd
+
+    def resumable_forwards(self) -> list[PortForward]:
+        return [f for f in self._forwards if f.tunnel is not None and not f.closed]
+
+    async def adopt(self, old: AgentProcess) -> list[PortForward]:
+        """After a lost link: ``old``'s resumable forwards listen again on this connection.
+
+        Their local ends never closed; each gets a new ``remote_port`` on the
+        peer, where its agent reconnects and the tunnel resumes. ``old`` lets
+        go of them (closing it no longer touches them).
+        """
+        moved = old.resumable_forwards()
+        for fwd in moved:  # all at once, before any await: closing ``old`` never touches them
+            old._forwards.remove(fwd)
+            self._forwards.append(fwd)
+        for fwd in moved:
+            await listen_again(fwd, self._conn)
+        return moved
 
     async def forwarding_allowed(self) -> bool:
         """Whether the peer's sshd allows TCP forwarding (for ``tug doctor``).

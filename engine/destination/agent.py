@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Awaitable, Coroutine
@@ -33,6 +34,7 @@ from tug.engine.destination.incoming import (
     stop_criu_daemons,
 )
 from tug.engine.destination.leftovers import kill_cgroup_of
+from tug.engine.destination.reattach import PipeStream, ReattachCalls, attach
 from tug.engine.destination.recovercalls import RecoverCalls, marker_of
 from tug.engine.destination.restore import RestoreCalls
 from tug.engine.destination.staging import StagingCalls
@@ -56,7 +58,7 @@ KEEP_SETTLE_TIMEOUT = 300.0
 CANCEL_TIMEOUT = 30.0
 
 
-class Agent(StagingCalls, RestoreCalls, RecoverCalls):
+class Agent(StagingCalls, RestoreCalls, RecoverCalls, ReattachCalls):
     """Dispatch, preflight, abort and cleanup; the call groups do the rest."""
 
     # ---- dispatch ----------------------------------------------------------
@@ -226,7 +228,12 @@ class Agent(StagingCalls, RestoreCalls, RecoverCalls):
 
     async def cleanup_all(self) -> None:
         """The session ended: what did not run goes, what ran is kept (call_abort)."""
+        if self.reattach is not None:
+            self.reattach.close()
         for inc in list(self.incoming.values()):
+            # The source is gone for good: the fill's streams end (an unfinished
+            # fill fails, and the guard freezes the copy).
+            inc.close_relays()
             await _cancel_restore(inc)
             if inc.ran and not inc.broken and not inc.committed:
                 log.warning("session lost after %s ran here: keeping it (the source stays frozen; see tug recover)", inc.name)
@@ -296,24 +303,7 @@ class Agent(StagingCalls, RestoreCalls, RecoverCalls):
         await self._let_go(inc, "frozen: lost its source mid-fill")
 
 
-class _PipeStream:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    async def read(self) -> bytes:
-        return await self.reader.read(1 << 20)
-
-    async def write(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.writer.close()
-
-
-async def _stdio_stream() -> _PipeStream:
+async def _stdio_stream() -> PipeStream:
     """Protocol on the original stdin/stdout; stray prints go to stderr."""
     loop = asyncio.get_running_loop()
     out_fd = os.dup(1)
@@ -324,20 +314,29 @@ async def _stdio_stream() -> _PipeStream:
         asyncio.streams.FlowControlMixin, os.fdopen(out_fd, "wb", buffering=0)
     )
     writer = asyncio.StreamWriter(transport, proto, reader, loop)
-    return _PipeStream(reader, writer)
+    return PipeStream(reader, writer)
 
 
 async def serve(host: HostConfig | None = None) -> None:
     host = host or HostConfig.from_env()
     agent = Agent(host)
+    # The sshd session's end must not end a fill whose link may come back (reattach.py).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     stream = await _stdio_stream()
     session = Session(stream, p.Role.AGENT, handler=agent)
     try:
         info = {"criu": str(await criu.version()), "runc": await agent.runc.version(), "pid": os.getpid()}
-        await session.start(software=SOFTWARE, host=host.name, info=info)
-        await session.wait_closed()
-    except MigrationError as exc:
-        log.error("session ended: %s", exc)
+        while True:
+            try:
+                await session.start(software=SOFTWARE, host=host.name, info=info)
+                await session.wait_closed()
+            except MigrationError as exc:
+                log.error("session ended: %s", exc)
+            new = await agent.await_reattach(session)
+            if new is None:
+                break
+            await session.close()
+            session = Session(new, p.Role.AGENT, handler=agent)
     finally:
         await asyncio.shield(agent.cleanup_all())
         await session.close()
@@ -351,6 +350,9 @@ def main() -> None:
         logs.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(logs / "agent.log"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agent[%(process)d] %(message)s", handlers=handlers)
+    if len(sys.argv) == 3 and sys.argv[1] == "--attach":  # a source reattaching (reattach.py)
+        asyncio.run(attach(sys.argv[2]))
+        return
     try:
         import uvloop
     except ImportError:  # only the import: an ImportError from inside serve() must surface

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import socket
 import time
 from typing import Any
 
@@ -48,6 +49,8 @@ class HybridPageServer(StorePageServer):
     def __init__(self, store: PageStore, container: str, fault_port: int, sweep_port: int) -> None:
         super().__init__(store, container)
         self.source_ports = (fault_port, sweep_port)
+        #: Local ends of the agent's relays to those ports (relay.py), if set before start.
+        self.relayed: tuple[socket.socket, socket.socket] | None = None
         #: Local ports of our two connections to the source's forwards (admission).
         self.own_ports: set[int] = set()
         self._own_known = asyncio.Event()
@@ -75,13 +78,18 @@ class HybridPageServer(StorePageServer):
     async def start(self) -> int:
         """Connect both channels to the source, then listen for the daemon."""
         try:
-            fault = await asyncio.open_connection(LOOPBACK, self.source_ports[0])
-            sweep = await asyncio.open_connection(LOOPBACK, self.source_ports[1])
+            if self.relayed is not None:  # the agent's relays hold the channels across a lost link
+                fault = await asyncio.open_connection(sock=self.relayed[0])
+                sweep = await asyncio.open_connection(sock=self.relayed[1])
+            else:
+                fault = await asyncio.open_connection(LOOPBACK, self.source_ports[0])
+                sweep = await asyncio.open_connection(LOOPBACK, self.source_ports[1])
         except OSError as exc:
             raise TransportError(f"cannot reach the source's frozen memory through its forwards: {exc}") from None
         for _, writer in (fault, sweep):
             self._writers.append(writer)
-            self.own_ports.add(int(writer.get_extra_info("sockname")[1]))
+            if self.relayed is None:  # a relay's socket pair has no port (relay.py vets its own)
+                self.own_ports.add(int(writer.get_extra_info("sockname")[1]))
         self._own_known.set()
         self._fault_writer = fault[1]
         self._tasks = [

@@ -22,6 +22,7 @@ from tug.engine import records, rootfs
 from tug.engine.criu.pageserver import PageServer
 from tug.engine.destination.lazypages import LazyPages
 from tug.engine.destination.pagestore import PageStore
+from tug.engine.destination.relay import Relay
 from tug.engine.destination.storeserver import StorePageServer
 from tug.engine.destination.volumes import ReceivedVolume
 from tug.engine.errors import ConfigError, IntegrityError, MigrationError, ProtocolError
@@ -104,6 +105,12 @@ class Incoming:
     def ran(self) -> bool:
         """Whether its restored processes may have run (a held copy has not)."""
         return self.restored and not self.held
+    #: The fill's streams held here across a lost link (relay.py), by id.
+    relays: list[Relay] = field(default_factory=list)
+
+    def close_relays(self) -> None:
+        for r in self.relays:
+            r.close()
 
     @property
     def images(self) -> Path:
@@ -299,6 +306,7 @@ async def stop_criu_daemons(inc: Incoming) -> None:
     """Kill (if still running) and reap every page server and lazy-pages daemon of ``inc``."""
     for ps in inc.page_servers.values():
         await ps.kill()
+    inc.close_relays()
     if inc.lazy is not None:
         await inc.lazy.kill()
     if inc.store_server is not None:

@@ -32,6 +32,7 @@ from tug.engine.destination.incoming import (
 )
 from tug.engine.destination.lazypages import LazyPages, fault_latencies, latency_summary
 from tug.engine.destination.leftovers import kill_cgroup_of
+from tug.engine.destination.relay import Relay
 from tug.engine.destination.storeserver import StorePageServer
 from tug.engine.destination.volumes import CREATED_FILE
 from tug.engine.errors import CriuError, MigrationError, ProtocolError, RanThenFailed
@@ -218,6 +219,11 @@ class RestoreCalls(AgentState):
         if isinstance(server, HybridPageServer) and server.source_ports == (ports[0], ports[1]) and server.port:
             return server.port  # connected before the freeze (call_hybrid_connect)
         inc.store_server = server = HybridPageServer(inc.store, inc.name, ports[0], ports[1])
+        relays = [Relay(f"the hybrid {what} channel of {inc.name}", port) for what, port in zip(("fault", "sweep"), ports)]
+        inc.relays.extend(relays)
+        server.relayed = (relays[0].local_socket(), relays[1].local_socket())
+        for r in relays:
+            await r.connect(r.remote_port)
         return await server.start()
 
     async def call_hybrid_connect(self, container: str, ports: list[int]) -> dict[str, Any]:
@@ -226,7 +232,7 @@ class RestoreCalls(AgentState):
         if inc.restoring is not None or inc.restored or inc.store_server is not None:
             raise ProtocolError(f"hybrid channels of {container!r} asked for out of turn")
         port = await self._hybrid_server(inc, True, False, None, ports)
-        return {"port": port}
+        return {"port": port, "relays": [len(inc.relays) - 2, len(inc.relays) - 1]}
 
     async def call_release(self, container: str) -> dict[str, Any]:
         """Let a held member run: every member of its group is restored.
@@ -298,6 +304,8 @@ class RestoreCalls(AgentState):
         root's CRIU (our lazy-pages daemon) is admitted.
         """
         inc = self._get(container)
+        if any(peer_port in r.own_ports for r in inc.relays):
+            return {"refused": None}  # this agent's own relay (relay.py), which vetted its client
         if isinstance(inc.store_server, HybridPageServer):
             # Hybrid: only the agent's own two connections to the frozen source.
             own = await inc.store_server.is_own(peer_port)

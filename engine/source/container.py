@@ -100,18 +100,29 @@ async def open_session(
     *,
     info: dict[str, Any],
     on_notice: Callable[[p.Notice], None],
+    agent_command: str | None = None,
+    connect_timeout: float | None = None,
+    preamble: bytes = b"",
 ) -> tuple[AgentProcess, Session, p.Hello]:
-    """SSH to the destination, start its agent, and greet it."""
+    """SSH to the destination, start its agent, and greet it.
+
+    ``agent_command``, ``connect_timeout`` override the options' (a reattach,
+    engine/source/relink.py, runs the agent's ``--attach`` and writes its
+    token as ``preamble`` before the greeting).
+    """
+    timeout = opts.connect_timeout if connect_timeout is None else connect_timeout
     agent = await connect_agent(
         target,
         identity=opts.identity or host.ssh_identity,
         known_hosts=opts.known_hosts or host.ssh_known_hosts,
-        agent_command=opts.agent_command,
-        connect_timeout=opts.connect_timeout,
+        agent_command=agent_command or opts.agent_command,
+        connect_timeout=timeout,
     )
     session = Session(agent.stream, p.Role.SOURCE, on_notice=on_notice)
     try:
-        peer = await session.start(software=SOFTWARE, host=host.name, info=info, timeout=opts.connect_timeout + 15)
+        if preamble:
+            await agent.stream.write(preamble)
+        peer = await session.start(software=SOFTWARE, host=host.name, info=info, timeout=timeout + 15)
     except MigrationError as exc:
         tail = [ln for ln in agent.stderr_tail() if ln.strip()]
         hint = f" (agent said: {tail[-1].strip()})" if tail else ""

@@ -39,6 +39,8 @@ class Tally:
     bytes_after_commit: int | None = None
     #: What the fill after the commit point cost (the strategy's fill_stats).
     fill: dict[str, Any] = field(default_factory=dict)
+    #: Links lost during the fill and recovered.
+    link_recoveries: int = 0
 
     def report(
         self,
@@ -97,6 +99,7 @@ class Tally:
             store_pages=self.fill.get("store_pages"),
             source_pages=self.fill.get("source_pages"),
             bytes_after_commit=self.bytes_after_commit,
+            link_recoveries=self.link_recoveries,
             agent_cpu_s=self.agent_usage.get("cpu_s"),
             agent_children_cpu_s=self.agent_usage.get("children_cpu_s"),
             agent_max_rss_kib=self.agent_usage.get("max_rss_kib"),

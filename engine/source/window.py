@@ -25,9 +25,11 @@ from tug.engine.runtime.endpoint import chunk_frames
 from tug.engine.source.container import file_lock_holders, held_file_locks, retire_source, start_final_page_server
 from tug.engine.source.failure import FailureHandling
 from tug.engine.source.member import Member
+from tug.engine.source.relink import reattach
 from tug.engine.source.rollback import Destination
 from tug.engine.source.transfer import send_images_except, sync_rootfs
 from tug.engine.volumes import COPY
+from tug.transports import protocol as p
 from tug.transports.session import Session
 
 #: Steps of the agent's restore answer that go into the frozen window's breakdown.
@@ -42,7 +44,15 @@ class FrozenWindow(FailureHandling):
 
     # ---- checkpoint: one freeze, every member's dump ---------------------------
 
+    #: Where the agent waits for us if the link drops during the fill (relink.py).
+    attach: dict[str, Any] | None = None
+
+    def _on_notice(self, ev: p.Notice) -> None:
+        """The agent's notices (the driver reports them)."""
+
     async def _checkpoint(self) -> None:
+        if any(m.strategy.dump_keeps_serving for m in self.members):
+            self.attach = await self.s.call("link_recovery", deadline_s=self.opts.link_recovery)
         for m in self.members:
             if m.strategy.dump_to_destination and m.final_ps is None:
                 await self._start_final_page_server(m, m.strategy.final_parent)
@@ -242,7 +252,12 @@ class FrozenWindow(FailureHandling):
         self.tally.bytes_after_commit = self.wire_bytes() - self.tally.wire_at_running
 
     async def _fill_member(self, m: Member) -> None:
-        settled = await self.s.call("settle", container=m.name, timeout=self.opts.timeout(Phase.FILL.value) + 30)
+        while True:
+            try:
+                settled = await self.s.call("settle", container=m.name, timeout=self.opts.timeout(Phase.FILL.value) + 30)
+                break
+            except TransportError as exc:
+                await self._recover_link(exc)
         # The members fill side by side: the last to finish is the group's fill.
         self.tally.lazy_fill_ms = max(float(settled.get("lazy_ms", 0.0)), self.tally.lazy_fill_ms or 0.0)
         fill = m.strategy.fill_stats()
@@ -274,6 +289,49 @@ class FrozenWindow(FailureHandling):
                 # changes nothing there. The source stays frozen.
                 self.note(f"the source's dump of {m.name!r} ended badly after the fill: {exc}", "warning")
                 await m.strategy.release_source()
+
+    async def _recover_link(self, lost: TransportError) -> None:
+        """The link dropped mid-fill: reconnect, reattach, and resume every relayed stream (relink.py).
+
+        Raises ``lost`` (with why recovery failed) when the fill's streams
+        cannot resume or the link does not come back within the deadline
+        (a link that drops again while recovering is retried within the
+        same deadline): then both sides stay frozen, as before recovery existed.
+        """
+        relayed = [(m, fwd, rid) for m in self.members for fwd, rid in m.strategy.relayed()]
+        if self.attach is None or not relayed or any(fwd.closed for _, fwd, _ in relayed):
+            raise lost
+        self.note(f"link lost during the fill ({lost}): reconnecting for up to {self.opts.link_recovery:g} s", "warning")
+        t0 = time.monotonic()
+        deadline = t0 + self.opts.link_recovery
+        while True:
+            old_agent, old = self.agent, self.s
+            assert old_agent is not None
+            try:
+                agent, session = await reattach(self.target, self.opts, self.host, self.attach, on_notice=self._on_notice,
+                                                deadline=deadline)
+            except MigrationError as exc:
+                raise TransportError(f"{lost}; {exc}") from None
+            # The byte counts go on from the old session's.
+            session.bytes_sent += old.bytes_sent
+            session.bytes_received += old.bytes_received
+            self.agent, self.session = agent, session
+            for m in self.members:
+                m.strategy.ctx.session, m.strategy.ctx.agent = session, agent
+            try:
+                await agent.adopt(old_agent)  # moves the forwards out of old_agent first
+                for m, fwd, rid in relayed:
+                    await session.call("relay_reconnect", container=m.name, relay=rid, port=fwd.remote_port, timeout=60)
+                break
+            except TransportError as exc:  # the new link dropped too: again, within the same deadline
+                if time.monotonic() >= deadline:
+                    raise TransportError(f"{lost}; then {exc}") from None
+            finally:
+                await old.close(timeout=0.1)
+                await old_agent.close(timeout=1.0)
+        self.tally.link_recoveries += 1
+        self.note(f"link recovered in {(time.monotonic() - t0) * 1000:.0f} ms: the fill resumed "
+                  f"({self.tally.link_recoveries} recoveries)")
 
     async def _commit(self) -> None:
         for m in self.members:

@@ -23,7 +23,7 @@ from pathlib import Path
 from tug.engine.lab import hosts as labhosts
 from tug.engine.lab.instance import current
 
-from ..e2e.conftest import TUG, Lab, Result
+from ..e2e.conftest import TUG, Lab, Result, on, wait_for
 
 PHASE_LINE = re.compile(r"\]\s+(\S+) \.\.\.$")
 
@@ -309,3 +309,76 @@ def runc_checkpoints() -> list[int]:
     """Any ``runc checkpoint`` of this lab instance still running (a lazy dump
     outlives its phase; none may outlive a migration)."""
     return find(lambda pid, cmd: bool(cmd) and Path(cmd[0]).name == "runc" and "checkpoint" in cmd and _in_this_lab(pid))
+
+
+def sshd_listener(lab: Lab, host: str) -> int:
+    """The pid of lab host ``host``'s listening sshd (its sessions are its children)."""
+    return int(Path(lab.layout.sshd_pidfile(host)).read_text().split()[0])
+
+
+
+
+def cut_link_in_fill(run: Run, host: str, *, after_s: float = 0.5) -> int:
+    """Once ``run`` is in its fill phase (and ``after_s`` later: pages in flight), SIGKILL
+    the sshd sessions carrying ``host``'s agent; returns how many were killed."""
+    if not run.wait_phase("fill"):
+        return 0
+    time.sleep(after_s)
+    return signal_all(sshd_sessions_of(agent_pids(host)), signal.SIGKILL)
+
+
+def cut_link_again_after_recovery(run: Run, host: str, timeout: float = 60.0) -> int:
+    """Once ``run`` says its link recovered, cut the new one too, if its fill still runs."""
+    deadline = time.monotonic() + timeout
+    while not any("link recovered" in ln for ln in list(run.lines)):
+        if time.monotonic() > deadline or run.proc.poll() is not None:
+            return 0
+        time.sleep(0.01)
+    time.sleep(0.2)
+    if any(re.search(r"\bfill done\b", ln) for ln in list(run.lines)):
+        return 0
+    return signal_all(sshd_sessions_of(agent_pids(host)), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def ssh_refused(lab: Lab, host: str) -> Iterator[None]:
+    """While inside: ``host``'s sshd takes no new connection (stopped: the kernel
+    queues them unanswered), so a source that lost its link cannot come back."""
+    pid = int(Path(lab.layout.sshd_pidfile(host)).read_text().split()[0])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+@contextlib.contextmanager
+def shaped(lab: Lab, host: str, rate: str) -> Iterator[None]:
+    """While inside: what ``host`` sends leaves at ``rate`` (a slow link makes a fill last long enough to cut)."""
+    ns = lab.layout.netns(host)
+    tc = ["ip", "netns", "exec", ns, "tc", "qdisc"]
+    subprocess.run([*tc, "replace", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "256kb", "latency", "200ms"],
+                   check=True)
+    try:
+        yield
+    finally:
+        subprocess.run([*tc, "del", "dev", "eth0", "root"], check=False)
+
+
+def assert_frozen_until_recover(lab: Lab, name: str, agent_wait: float) -> None:
+    """A fill whose source is gone for good: both copies frozen (the destination's
+    never running with holes), nothing left running, and ``tug recover`` undoes it
+    (the only complete memory is the source's)."""
+    assert wait_for(lambda: not agent_pids("b"), agent_wait), "b's agent must end once its source is gone for good"
+    st_a, st_b = lab.state("a", name), lab.state("b", name)
+    assert st_a is not None and st_a["status"] == "paused", st_a
+    # Frozen; or killed, where the freezer cannot take a thread that waits on
+    # a missing page inside a system call: never running with holes.
+    assert st_b is None or st_b["status"] in ("paused", "stopped"), f"the destination runs with missing memory: {st_b}"
+    assert not runc_checkpoints() and not criu_pids("a") and not criu_pids("b")
+    rec = on("a", "tug", "recover", name, "--to", lab.url("b"), "--json")
+    assert rec.returncode == 0, rec.stderr
+    assert rec.json()["action"] == "undone", rec.stdout
+    st = lab.state("a", name)
+    assert st is not None and st["status"] == "running"
+    assert lab.check("a", name)["ok"]
+    assert lab.leftovers("b", name) == []

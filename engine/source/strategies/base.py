@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from tug.engine.events import RoundCompleted
 from tug.engine.source.context import DumpFn, SourceContext
+from tug.transports.forward import PortForward
 
 if TYPE_CHECKING:
     from tug.engine.options import MigrationOptions
@@ -142,6 +143,10 @@ class Strategy(abc.ABC):
     def fill_stats(self) -> dict[str, Any]:
         """What the fill after the commit point cost (for the report)."""
         return {}
+
+    def relayed(self) -> list[tuple[PortForward, int]]:
+        """The fill's resumable forwards and the agent's relay id for each (a lost link resumes them)."""
+        return []
 
     def close(self) -> None:
         """Release what the strategy holds (idempotent; always called)."""

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from tug.engine.errors import MigrationError, PreconditionError, TransportError
+from tug.engine.errors import MigrationError, PreconditionError, ProtocolError, TransportError
 from tug.engine.progress import Meter
 from tug.engine.source.context import DumpFn
 from tug.engine.source.frozenserver import FrozenMemory, FrozenServer, NotFrozen
@@ -53,6 +53,7 @@ class Hybrid(Precopy):
         super().__init__(*args, **kw)
         self.dump: LazyDump | None = None
         self.forwards: list[PortForward] = []
+        self.relay_ids: list[int] = []
         self.server: FrozenServer | None = None
         self._memory: asyncio.Task[FrozenMemory] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -85,12 +86,17 @@ class Hybrid(Precopy):
         self.dump = LazyDump(self.ctx.runc, self.ctx.name, image_dir=images_dir, work_dir=self.ctx.work / "criu")
         for what, serve in (("fault", self._serve_faults), ("sweep", self._sweep)):
             fwd = await agent.reverse_forward(
-                what=f"the frozen source's {what} channel", admit_remote=self._admit, connect_local=self._connector(serve)
+                what=f"the frozen source's {what} channel", admit_remote=self._admit, connect_local=self._connector(serve),
+                resumable=True,
             )
             self.forwards.append(fwd)
         # The agent connects both channels now: their set-up (two SSH channels,
         # two admissions) stays out of the frozen window.
-        await self.ctx.session.call("hybrid_connect", container=self.ctx.name, ports=[f.remote_port for f in self.forwards])
+        res = await self.ctx.session.call("hybrid_connect", container=self.ctx.name, ports=[f.remote_port for f in self.forwards])
+        relays = res.get("relays")
+        if not (isinstance(relays, list) and len(relays) == 2 and all(type(r) is int for r in relays)):
+            raise ProtocolError("hybrid_connect answered no relay ids")
+        self.relay_ids = [int(r) for r in relays]
 
     async def final_dump(self, dump: DumpFn, page_server: str | None) -> None:
         assert self.dump is not None
@@ -128,6 +134,9 @@ class Hybrid(Precopy):
 
     async def restore_args(self) -> dict[str, Any]:
         return {"hybrid_ports": [f.remote_port for f in self.forwards]}
+
+    def relayed(self) -> list[tuple[PortForward, int]]:
+        return list(zip(self.forwards, self.relay_ids, strict=True))
 
     async def _admit(self, peer_port: int) -> str | None:
         return await ask_admission(self.ctx, self.forwards[0].remote_port if self.forwards else 0, peer_port)

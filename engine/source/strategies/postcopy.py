@@ -69,6 +69,8 @@ class Postcopy(Strategy):
         self.pages = 0
         self.watch_error: str | None = None
         self.meter: Meter | None = None
+        self.relay_id = 0
+        self.relay_port = 0
 
     @property
     def dump_to_destination(self) -> bool:
@@ -89,9 +91,13 @@ class Postcopy(Strategy):
             raise TransportError("postcopy needs the SSH connection to the destination's agent")
         self.dump = LazyDump(self.ctx.runc, self.ctx.name, image_dir=images_dir, work_dir=self.ctx.work / "criu")
         self.forward = await agent.reverse_forward(
-            what="the source's lazy dump", admit_remote=self._admit, connect_local=self._connect
+            what="the source's lazy dump", admit_remote=self._admit, connect_local=self._connect, resumable=True
         )
         self.forward.tap = self._tap
+        # The daemon reaches the forward through the agent's relay, which
+        # outlives a lost link (engine/destination/relay.py).
+        relay = await self.ctx.session.call("relay_open", container=self.ctx.name, port=self.forward.remote_port)
+        self.relay_id, self.relay_port = int(relay["relay"]), int(relay["port"])
 
     async def final_dump(self, dump: DumpFn, page_server: str | None) -> None:
         assert self.dump is not None
@@ -101,7 +107,10 @@ class Postcopy(Strategy):
 
     async def restore_args(self) -> dict[str, Any]:
         assert self.forward is not None
-        return {"lazy_source_port": self.forward.remote_port}
+        return {"lazy_source_port": self.relay_port}
+
+    def relayed(self) -> list[tuple[PortForward, int]]:
+        return [(self.forward, self.relay_id)] if self.forward is not None else []
 
     async def _admit(self, peer_port: int) -> str | None:
         """Only root's CRIU on the destination may fetch the frozen memory (its agent checks)."""
