@@ -306,7 +306,7 @@ def check(host: LabHost, name: str, timeout: float = 20.0) -> dict[str, Any]:
     else:
         return {"host": host.name, "container": name, "running": False, "ok": False, "reason": "no such container"}
     out: dict[str, Any] = {"host": host.name, "container": name, "runtime": runtime, "status": status,
-                           "running": status == "running"}
+                           "running": status == "running", "state": str(state)}
     if status != "running":
         return {**out, "ok": False, "reason": f"container is {status}"}
     deadline = time.monotonic() + timeout

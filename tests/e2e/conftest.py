@@ -25,7 +25,6 @@ from typing import Any
 
 import pytest
 
-from tug.engine.lab.demo import state_dir
 from tug.engine.lab.instance import current
 from tug.engine.lab.layout import Layout
 from tug.engine.lab.workload import analyze_heartbeat
@@ -123,7 +122,7 @@ class Lab:
         assert hb["last_counter"] > since
         # The migration's gap: from the last line the check before it saw (a
         # stall of the loaded machine before that is not the migration's).
-        gap = analyze_heartbeat(state_dir(self.bundle(host, name)) / "heartbeat.log", since_counter=since).max_gap_ms
+        gap = analyze_heartbeat(Path(after["state"]) / "heartbeat.log", since_counter=since).max_gap_ms
         bound = downtime_ms + HEARTBEAT_SLACK_MS + fault_wait_ms
         assert gap <= bound, (
             f"{name}: heartbeat gap {gap:.0f} ms since line {since} > downtime {downtime_ms:.0f} + slack "
