@@ -195,7 +195,7 @@ def last_heartbeat_counter(host: Host, name: str) -> int:
     lines = tail.split(b"\n")[:-1]  # drop the part after the last newline
     for raw in reversed(lines):
         fields = raw.split()
-        if len(fields) == 3 and fields[0].isdigit():
+        if len(fields) in (3, 4) and fields[0].isdigit():
             return int(fields[0])
     return 0
 

@@ -167,9 +167,10 @@ def add_lab_parser(sub: Any) -> None:
     dm.add_argument("--lock", metavar="PATH", help="the workload holds a POSIX write lock on PATH (inside the container)")
     dm.add_argument("--runtime", choices=("runc", "podman"), default="runc",
                     help="run it with runc (a bundle of tug's) or under the host's own podman")
-    dm.add_argument("--volume", action="store_true",
-                    help="keep the workload's state (its open heartbeat log) on a host directory bind-mounted at "
-                         "/state: a volume to move with tug migrate --volume /state=copy|shared")
+    dm.add_argument("--volume", nargs="?", const=True, default=None, metavar="HOSTDIR:CONTAINERDIR",
+                    help="keep the workload's state (its open heartbeat log, a checksummed record every 10 ms) on "
+                         "HOSTDIR bind-mounted at CONTAINERDIR (alone: a lab directory at /state): a volume to move "
+                         "with tug migrate --volume CONTAINERDIR=copy|shared")
     pd = ls.add_parser("pod", help="start a pod: a demo container holding the network namespace, and members joining it")
     pd.add_argument("host")
     pd.add_argument("name")

@@ -8,6 +8,7 @@ a migration kept memory intact and the counter continuous.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -32,6 +33,10 @@ APPLETS = (
 )
 
 
+#: Where the workload keeps its state inside the container, unless a volume says otherwise.
+STATE = "/state"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkloadSpec:
     memory_mib: int = 64
@@ -45,6 +50,8 @@ class WorkloadSpec:
     #: MiB mapped anew every 200 ms (the workload's --churn-mib): memory that
     #: appears while pre-copy runs.
     churn_mib: int = 0
+    #: Where, inside the container, it keeps its state (heartbeat log, status, verify).
+    state: str = STATE
     #: A pod's shared SysV semaphores: their key (0: none) and this member's slot in them.
     pod_ipc_key: int = 0
     pod_slot: int = 0
@@ -54,7 +61,7 @@ class WorkloadSpec:
     def argv(self) -> list[str]:
         return [
             "/usr/bin/tug-workload", "--memory", str(self.memory_mib), "--dirty-rate", str(self.dirty_rate),
-            "--hot-set", repr(self.hot_set), "--state", "/state", "--port", str(self.port),
+            "--hot-set", repr(self.hot_set), "--state", self.state, "--port", str(self.port),
             *(["--sysv-shm", str(self.sysv_shm_mib)] if self.sysv_shm_mib else []),
             *(["--lock", self.lock] if self.lock else []),
             *(["--churn-mib", str(self.churn_mib)] if self.churn_mib else []),
@@ -97,10 +104,16 @@ def endpoint_spec(lab: Lab, name: str) -> netif.EndpointSpec:
     return netif.EndpointSpec(address=f"{ip}/24", mac=f"02:74:75:67:{(last >> 8) & 0xff:02x}:{last & 0xff:02x}")
 
 
-#: Where the workload keeps its state inside the container.
-STATE = "/state"
 #: The SysV key of a lab pod's semaphores (any key: each pod has its own IPC namespace).
 POD_IPC_KEY = 0x54554730
+
+
+def _volume_arg(value: str) -> tuple[Path, str]:
+    """``HOSTDIR:CONTAINERDIR``, both absolute."""
+    host_dir, sep, inside = value.partition(":")
+    if not sep or not host_dir.startswith("/") or not inside.startswith("/") or ".." in Path(inside).parts or inside == "/":
+        raise ConfigError(f"--volume takes HOSTDIR:CONTAINERDIR, both absolute paths (got {value!r})")
+    return Path(host_dir), inside
 
 
 def volume_dir(host: LabHost, name: str) -> Path:
@@ -110,15 +123,20 @@ def volume_dir(host: LabHost, name: str) -> Path:
 
 def state_dir(bundle: Path) -> Path:
     """Where the workload's state is on the host: the source of the bind
-    mount at /state (a volume, wherever a migration put it), else in the rootfs."""
+    mount at its state dir (``--state``, /state unless a volume was put
+    elsewhere: a volume, wherever a migration put it), else in the rootfs."""
+    inside = STATE
     try:
         spec = json.loads((bundle / "config.json").read_text())
+        args = (spec.get("process") or {}).get("args") or []
+        if "--state" in args[:-1]:
+            inside = str(args[args.index("--state") + 1])
         for m in spec.get("mounts") or []:
-            if isinstance(m, dict) and m.get("destination") == STATE and m.get("source"):
+            if isinstance(m, dict) and m.get("destination") == inside and m.get("source"):
                 return Path(m["source"])
     except (OSError, ValueError):
         pass
-    return bundle / "rootfs" / STATE.lstrip("/")
+    return bundle / "rootfs" / inside.lstrip("/")
 
 
 def _spec(
@@ -137,19 +155,22 @@ def _spec(
     if ipc is not None:
         ipcns.set_path_in_spec(spec, Path(ipc))
     if volume is not None:
-        spec["mounts"].append({"destination": STATE, "type": "bind", "source": str(volume), "options": ["rbind", "rw"]})
+        spec["mounts"].append({"destination": workload.state, "type": "bind", "source": str(volume), "options": ["rbind", "rw"]})
     return spec
 
 
 def start(
-    lab: Lab, host: LabHost, name: str, workload: WorkloadSpec, *, volume: bool = False, netns_of: str | None = None,
-    runtime: str = "runc",
+    lab: Lab, host: LabHost, name: str, workload: WorkloadSpec, *, volume: bool | str | None = False,
+    netns_of: str | None = None, runtime: str = "runc",
 ) -> Path:
     """Create and run demo container ``name`` on ``host`` of ``lab``; returns its bundle.
 
     ``volume``: its state (the heartbeat log it keeps open and appends to,
-    its status and verify files) lives on a host directory bind-mounted at
-    /state, a volume a migration must move (``--volume /state=...``).
+    one checksummed record every 10 ms, its status and verify files) lives
+    on a host directory bind-mounted into it, a volume a migration must move
+    (``--volume PATH=...``): ``"HOSTDIR:CONTAINERDIR"`` names both (HOSTDIR
+    is the user's: ``tug lab rm`` leaves it), True a directory of the lab's
+    at /state.
     ``netns_of``: a pod's member, it joins that container's network
     namespace (its address, its loopback) and its IPC namespace (its SysV
     objects) instead of getting its own.
@@ -182,8 +203,14 @@ def start(
             shutil.rmtree(bundle)
             raise ConfigError(f"{netns_of!r} does not run on {host.name}: no IPC namespace to join")
         ipc = "/proc/%d/ns/ipc" % json.loads(held.stdout)["pid"]
-    vdir = volume_dir(host, name) if volume else None
-    if vdir is not None:
+    vdir = None
+    if isinstance(volume, str) and volume:
+        # HOSTDIR:CONTAINERDIR: the user's directory, bind-mounted where the workload keeps its state.
+        vdir, inside = _volume_arg(volume)
+        vdir.mkdir(parents=True, exist_ok=True)
+        workload = dataclasses.replace(workload, state=inside)
+    elif volume:
+        vdir = volume_dir(host, name)
         shutil.rmtree(vdir, ignore_errors=True)
         vdir.mkdir(parents=True)
     (bundle / "config.json").write_text(json.dumps(_spec(name, host, workload, vdir, joined, ipc), indent=2))
@@ -329,6 +356,8 @@ def check(host: LabHost, name: str, timeout: float = 20.0) -> dict[str, Any]:
         problems.append(f"counter went backwards {hb.backwards} times / reset {hb.resets} times")
     if hb.skipped:
         problems.append(f"counter skipped values {hb.skipped} times")
+    if hb.torn:
+        problems.append(f"{hb.torn} heartbeat record(s) torn or altered (checksum)")
     return {
         **out,
         "ok": not problems,
@@ -343,6 +372,7 @@ def check(host: LabHost, name: str, timeout: float = 20.0) -> dict[str, Any]:
             "resets": hb.resets,
             "backwards": hb.backwards,
             "skipped": hb.skipped,
+            "torn": hb.torn,
             "max_gap_ms": hb.max_gap_ms,
         },
     }

@@ -15,9 +15,11 @@
  *              size replaces the previous one (mapped before the old one is
  *              unmapped, so addresses alternate and get reused), filled with
  *              pages that verify checks too: memory mapped while pre-copy runs.
- *   heartbeat  every --interval-ms a line "<counter> <realtime_ns> <mono_ns>"
- *              goes to heartbeat.log; gaps in realtime measure downtime,
- *              counter steps prove the process continued rather than restarted.
+ *   heartbeat  every --interval-ms a line "<counter> <realtime_ns> <mono_ns>
+ *              <fnv>" goes to heartbeat.log (fnv: FNV-1a 64 of the three fields
+ *              as written, in hex: a torn or altered record is seen); gaps in
+ *              realtime measure downtime, counter steps prove the process
+ *              continued rather than restarted.
  *   status     status.json about every 100 ms (atomic rename).
  *   TCP        GET/BULK/SUM line protocol to prove established connections
  *              survive (see handle_line()).
@@ -473,10 +475,16 @@ static void churn(void)
 
 static void heartbeat(void)
 {
-    char line[96];
+    char body[80], line[112];
     g_counter++;
-    int n = snprintf(line, sizeof line, "%llu %lld %lld\n", (unsigned long long)g_counter,
-                     (long long)real_ns(), (long long)mono_ns());
+    int m = snprintf(body, sizeof body, "%llu %lld %lld", (unsigned long long)g_counter, (long long)real_ns(),
+                     (long long)mono_ns());
+    uint64_t h = FNV_OFFSET;
+    for (int i = 0; i < m && i < (int)sizeof body; i++) {
+        h ^= (unsigned char)body[i];
+        h *= FNV_PRIME;
+    }
+    int n = snprintf(line, sizeof line, "%s %016llx\n", body, (unsigned long long)h);
     /* One write() per line on an O_APPEND fd: lines never interleave or tear
      * (short of a full disk, which the reader tolerates as a partial line). */
     if (n > 0 && write(g_hb_fd, line, (size_t)n) < 0) {

@@ -152,6 +152,9 @@ class HeartbeatAnalysis:
     max_gap_at_counter: int
     #: Complete lines that did not parse as three integers (not analysed).
     malformed: int = 0
+    #: Records whose checksum does not match their fields: torn or altered
+    #: (not analysed; a record without a checksum, as older workloads wrote, is taken as is).
+    torn: int = 0
 
 
 def analyze_heartbeat(path: Path, *, since_counter: int = 0) -> HeartbeatAnalysis:
@@ -163,7 +166,7 @@ def analyze_heartbeat(path: Path, *, since_counter: int = 0) -> HeartbeatAnalysi
     each line with one ``write()``, yet the file may end mid-line (copy taken
     while it was writing, full disk): text after the last newline is ignored.
     """
-    lines = resets = backwards = skipped = malformed = 0
+    lines = resets = backwards = skipped = malformed = torn = 0
     first = last = 0
     prev_rt = 0
     max_gap_ns = 0
@@ -175,11 +178,15 @@ def analyze_heartbeat(path: Path, *, since_counter: int = 0) -> HeartbeatAnalysi
                 break  # truncated last line
             fields = raw.split()
             try:
-                if len(fields) != 3:
+                if len(fields) not in (3, 4):
                     raise ValueError
-                counter, rt, _mono = (int(x) for x in fields)
+                counter, rt, _mono = (int(x) for x in fields[:3])
+                sum_ = int(fields[3], 16) if len(fields) == 4 else None
             except ValueError:
                 malformed += 1
+                continue
+            if sum_ is not None and sum_ != fnv1a64(b" ".join(fields[:3])):
+                torn += 1
                 continue
             if not started:
                 if counter < since_counter:
@@ -211,7 +218,16 @@ def analyze_heartbeat(path: Path, *, since_counter: int = 0) -> HeartbeatAnalysi
         max_gap_ms=max_gap_ns / 1e6,
         max_gap_at_counter=max_gap_at,
         malformed=malformed,
+        torn=torn,
     )
+
+
+def fnv1a64(data: bytes) -> int:
+    """FNV-1a, 64 bits: the workload's checksum of a heartbeat record."""
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
 
 
 def _read_json(path: Path) -> dict[str, Any]:

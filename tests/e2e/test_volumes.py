@@ -93,6 +93,30 @@ def test_copied_volume_moves_with_its_open_files(lab: Lab, vdemo: str, tmp_path:
     shutil.rmtree(dest, ignore_errors=True)
 
 
+def test_a_data_directory_of_the_users_moves_with_copy(lab: Lab, tmp_path: Path) -> None:
+    """``tug lab demo --volume HOSTDIR:CONTAINERDIR``: the workload appends a
+    checksummed record every 10 ms to a file in the user's directory mounted
+    at /data. After a copy move, b's own copy holds every record up to the
+    freeze, none torn or lost, and the workload goes on appending to it; the
+    user's directory on a is left as it was."""
+    data = tmp_path / "data"
+    gen = demo_container(lab, "tu", "--memory", "16", "--dirty-rate", "200", "--volume", f"{data}:/data")
+    name = next(gen)
+    try:
+        before = lab.check("a", name)
+        assert before["ok"] and before["state"] == str(data), before
+        res = migrate("a", name, lab.url("b"), "--volume", "/data=copy")
+        assert res.returncode == 0, res.stderr
+        report = res.json()
+        assert volumes_of(report)["/data"]["bytes"] > 0
+        after = lab.check_moved_intact("b", name, before, report["downtime_ms"], fault_wait_ms=lazy_wait(report))
+        assert after["state"].startswith(str(lab.bundle("b", name))), after["state"]
+        assert after["heartbeat"]["torn"] == 0 and after["heartbeat"]["skipped"] == 0
+        assert (data / "heartbeat.log").is_file()  # the user's directory stays on a
+    finally:
+        next(gen, None)
+
+
 def test_a_failed_copy_leaves_no_copy(lab: Lab, vdemo: str, tmp_path: Path) -> None:
     """CRIU's restore fails on b: the source resumes, and the directory the
     copy went into is gone again (tug made it)."""

@@ -384,6 +384,19 @@ def test_analyze_since_counter_keeps_later_reset(tmp_path: Path) -> None:
     assert (empty.lines, empty.first_counter, empty.max_gap_ms, empty.max_gap_at_counter) == (0, 0, 0.0, 0)
 
 
+def test_analyze_catches_a_torn_record_by_its_checksum(tmp_path: Path) -> None:
+    """Records carry an FNV-1a checksum of their fields: one altered in place
+    (same shape, a digit changed) is torn, not read as a heartbeat."""
+    def rec(c: int, t: int) -> str:
+        body = f"{c} {t * 10_000_000} {c}"
+        return f"{body} {wl.fnv1a64(body.encode()):016x}\n"
+    good = [rec(c, c) for c in range(1, 6)]
+    altered = good[2].replace(" 3 ", " 8 ", 1)  # the mono field of record 3
+    a = analyze_heartbeat(_log(tmp_path, "".join(good[:2] + [altered] + good[3:])))
+    assert a.torn == 1 and a.lines == 4 and a.skipped == 1  # 2 -> 4: the torn record is missing
+    assert analyze_heartbeat(_log(tmp_path, "".join(good))).torn == 0
+
+
 def test_read_helpers_before_start(tmp_path: Path) -> None:
     assert read_verify(tmp_path) is None
     assert verify_seq(tmp_path) == 0
