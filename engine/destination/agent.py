@@ -32,6 +32,7 @@ from tug.engine.destination.incoming import (
     check_name,
     held_until,
     stop_criu_daemons,
+    write_marker,
 )
 from tug.engine.destination.leftovers import kill_cgroup_of
 from tug.engine.destination.reattach import PipeStream, ReattachCalls, attach
@@ -278,7 +279,7 @@ class Agent(StagingCalls, RestoreCalls, RecoverCalls, ReattachCalls):
             inc.store.close()
         if inc.endpoint is not None:
             await inc.endpoint.close()
-        (inc.bundle / INCOMING_MARKER).write_text(f"{marker}\n")
+        write_marker(inc.bundle, marker)
         remove_tree(inc.work)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import os
 import re
 import shutil
 import time
@@ -273,6 +274,15 @@ class AgentState:
         shutil.copy2(src, dst)
         return dst
 
+
+
+def write_marker(bundle: Path, text: str) -> None:
+    """Set the bundle's migration marker in one step (a new file renamed over
+    the old): an agent killed at any moment leaves the old text or the new,
+    never no marker, which would make the bundle look like no migration's."""
+    tmp = bundle / f"{INCOMING_MARKER}.tmp"
+    tmp.write_text(f"{text}\n")
+    os.replace(tmp, bundle / INCOMING_MARKER)
 
 
 def held_until(marker: str | None) -> str | None:

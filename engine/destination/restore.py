@@ -29,6 +29,7 @@ from tug.engine.destination.incoming import (
     Incoming,
     check_name,
     stop_criu_daemons,
+    write_marker,
 )
 from tug.engine.destination.lazypages import LazyPages, fault_latencies, latency_summary
 from tug.engine.destination.leftovers import kill_cgroup_of
@@ -135,8 +136,7 @@ class RestoreCalls(AgentState):
                 inc.stats.update(await asyncio.to_thread(inc.store.rebuild, inc.images))
             inc.stats["rebuild_ms"] = int((time.monotonic() - t_rebuild) * 1000)
             log.info("rebuilt pages images of %s: %s", container, inc.stats)
-        (inc.bundle / INCOMING_MARKER).unlink(missing_ok=True)
-        (inc.bundle / INCOMING_MARKER).write_text("restoring\n")
+        write_marker(inc.bundle, "restoring")
         t0 = time.monotonic()
         if inc.ipc_of is not None and inc.ipc_of in self.ipc_filled:
             # An earlier member's restore made the pod's SysV objects there.
@@ -174,7 +174,7 @@ class RestoreCalls(AgentState):
             self.ipc_filled.add(inc.ipc_of)
         steps = criu_restore_steps(inc.criu_work)
         if inc.held:
-            (inc.bundle / INCOMING_MARKER).write_text(f"{HELD} {inc.held_until}\n")
+            write_marker(inc.bundle, f"{HELD} {inc.held_until}")
             inc.staged_frames.extend(frames or ())
             st = await self.runc.require(container)
             return {"pid": st.pid, "status": st.status, "held": True,
@@ -247,7 +247,7 @@ class RestoreCalls(AgentState):
             raise ProtocolError(f"{container!r} is not held here")
         inc.held = False  # from here on, whatever happens, it may have run
         inc.ran_at = time.monotonic()
-        (inc.bundle / INCOMING_MARKER).write_text("restoring\n")
+        write_marker(inc.bundle, "restoring")
         try:
             for pid in await self.runc.pids(container):
                 with contextlib.suppress(ProcessLookupError):
