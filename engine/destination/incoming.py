@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,11 +259,19 @@ class AgentState:
         #: member's restore has filled with the pod's SysV objects already.
         self.ipc_made: dict[str, Path] = {}
         self.ipc_filled: set[str] = set()
+        #: Pods (by holder) whose loopback drops TCP while their members are restored.
+        self.loop_held: set[str] = set()
 
     def _get(self, name: object) -> Incoming:
         if not isinstance(name, str) or name not in self.incoming:
             raise ProtocolError(f"no migration in progress for container {name!r}")
         return self.incoming[name]
+
+    async def _continue(self, container: str) -> None:
+        """SIGCONT to every process of a container restored held (CRIU's leave-stopped)."""
+        for pid in await self.runc.pids(container):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
     def _keep_log(self, inc: Incoming, name: str) -> Path | None:
         """Copy a CRIU log out of the work dir, which cleanup will remove."""

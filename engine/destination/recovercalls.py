@@ -7,9 +7,6 @@ on disk (the bundle's marker, runc's state).
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +52,7 @@ class RecoverCalls(AgentState):
             # Its agent died (recover runs in a fresh one): a held copy was
             # never let go, and any copy's frame hold may still be engaged.
             if held_until(marker_of(bundle)) is not None:
-                for pid in await self.runc.pids(container):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGCONT)
+                await self._continue(container)
             spec = netif.load_spec(bundle)
             if spec is not None and self.host.network is not None:
                 await DestinationEndpoint(self.host.network, container, spec).open_after_crash()

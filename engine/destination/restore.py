@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import resource
-import signal
 import time
 from typing import Any
 
@@ -100,7 +98,7 @@ class RestoreCalls(AgentState):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if _has_run(inc):  # (a call: _restore changed it since the check above)
+            if inc.ran:  # (_restore changed it since the check above)
                 # It ran: clients may have been answered by it. Say so, so
                 # that the source never resumes on its own (the one-copy
                 # rule); a copy that failed half way serves nobody: it goes.
@@ -141,11 +139,9 @@ class RestoreCalls(AgentState):
         if inc.ipc_of is not None and inc.ipc_of in self.ipc_filled:
             # An earlier member's restore made the pod's SysV objects there.
             inc.stats["ipc_images_emptied"] = await asyncio.to_thread(ipcns.empty_object_images, inc.images)
-        if inc.netns_of is not None:
-            # A pod's member: its peers' loopback connections must not be
-            # reset by the probes of sockets restored before theirs.
-            assert self.host.network is not None
-            await podloop.hold(self.host.network.netns_path(inc.netns_of))
+        # A pod's member: its peers' loopback connections must not be reset
+        # by the probes of sockets restored before theirs.
+        await self._hold_pod_loopback(inc)
         if inc.endpoint is not None:
             await inc.endpoint.before_restore()
         # CRIU's lazy-pages daemon cannot read pages from parent images (a
@@ -181,9 +177,7 @@ class RestoreCalls(AgentState):
                     "restore_ms": (time.monotonic() - t0) * 1000, **steps, **inc.stats}
         inc.ran_at = time.monotonic()
         await self._release_pod_loopback(inc)
-        if inc.endpoint is not None:
-            staged, inc.staged_frames = inc.staged_frames, []
-            inc.stats.update(await inc.endpoint.after_restore(staged + list(frames or ())))
+        inc.stats.update(await self._open_gate(inc, frames))
         st = await self.runc.require(container)
         return {"pid": st.pid, "status": st.status, "restore_ms": (time.monotonic() - t0) * 1000, **steps, **inc.stats}
 
@@ -200,9 +194,7 @@ class RestoreCalls(AgentState):
         pid = await podmanstage.pid_of(inc)
         inc.restored = True
         inc.ran_at = time.monotonic()
-        if inc.endpoint is not None:
-            staged, inc.staged_frames = inc.staged_frames, []
-            inc.stats.update(await inc.endpoint.after_restore(staged + list(frames or ())))
+        inc.stats.update(await self._open_gate(inc, frames))
         steps = criu_restore_steps(inc.criu_work)
         return {"pid": pid, "status": "running", "restore_ms": (time.monotonic() - t0) * 1000, **steps, **inc.stats}
 
@@ -249,14 +241,9 @@ class RestoreCalls(AgentState):
         inc.ran_at = time.monotonic()
         write_marker(inc.bundle, "restoring")
         try:
-            for pid in await self.runc.pids(container):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGCONT)
-            out: dict[str, Any] = {}
+            await self._continue(container)
             await self._release_pod_loopback(inc)
-            if inc.endpoint is not None:
-                staged, inc.staged_frames = inc.staged_frames, []
-                out.update(await inc.endpoint.after_restore(staged))
+            out = await self._open_gate(inc)
         except Exception as exc:
             inc.broken = True
             await self._kill_restored(inc)
@@ -264,11 +251,28 @@ class RestoreCalls(AgentState):
         st = await self.runc.require(container)
         return {"pid": st.pid, "status": st.status, **out}
 
+    async def _open_gate(self, inc: Incoming, frames: list[bytes] | None = None) -> dict[str, Any]:
+        """The restored sockets exist: the frames held here and by the source go in (runtime.netlock)."""
+        if inc.endpoint is None:
+            return {}
+        staged, inc.staged_frames = inc.staged_frames, []
+        return await inc.endpoint.after_restore(staged + list(frames or ()))
+
+    async def _hold_pod_loopback(self, inc: Incoming) -> None:
+        """A pod's member is about to be restored: its pod's loopback drops TCP
+        until the holder runs (podloop.py). Once per pod: the rule is checked
+        with a process run, inside the frozen window."""
+        if inc.netns_of is not None and inc.netns_of not in self.loop_held:
+            assert self.host.network is not None
+            await podloop.hold(self.host.network.netns_path(inc.netns_of))
+            self.loop_held.add(inc.netns_of)
+
     async def _release_pod_loopback(self, inc: Incoming) -> None:
         """A pod's holder runs: every member was restored before it (podloop.py)."""
-        if inc.endpoint is not None and any(i.netns_of == inc.name for i in self.incoming.values()):
+        if inc.name in self.loop_held:
             assert self.host.network is not None
             await podloop.release(self.host.network.netns_path(inc.name))
+            self.loop_held.discard(inc.name)
 
     async def call_settle(self, container: str, timeout: float = 600.0) -> dict[str, Any]:
         """After a lazy restore: wait until the container's whole memory is in place."""
@@ -373,8 +377,3 @@ def _usage() -> dict[str, float]:
         "max_rss_kib": float(me.ru_maxrss),
     }
 
-
-
-def _has_run(inc: Incoming) -> bool:
-    """Whether the restored processes ran (CRIU let them go, and none is held)."""
-    return inc.ran

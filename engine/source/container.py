@@ -68,8 +68,7 @@ async def inspect_container(
             "network namespaces as external, so these would be dumped with each member and restored as copies; "
             "nothing was changed"
         )
-    ipc_path = next((ns.get("path") for ns in (spec.get("linux") or {}).get("namespaces") or []
-                     if isinstance(ns, dict) and ns.get("type") == "ipc"), None)
+    ipc_path = ipcns.path_in_spec(spec)
     if ipc_path and ipcns.host_inode() in (ipcns.inode_of(st.pid), ipcns.inode_at(ipc_path)):
         raise PreconditionError(
             f"container {name!r} joins this host's own IPC namespace ({ipc_path}): its SysV objects are the "

@@ -200,7 +200,6 @@ class FrozenWindow(FailureHandling):
         """Let a held member run (the group's last restore ran already)."""
         m.dest = Destination.RAN  # whatever the answer: it may run from now on
         res.update(await self.s.call("release", container=m.name))
-        res["held"] = False
 
     async def _restore_member(self, m: Member, *, held_until: str | None = None) -> tuple[dict[str, Any], int]:
         """Restore ``m`` on the destination; returns the answer and how many
