@@ -9,7 +9,9 @@ sweep and the requests meet, every page served must be the frozen one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -104,33 +106,43 @@ async def _daemon(port: int, asks: list[tuple[int, int, int]]) -> dict[tuple[int
     return got
 
 
-async def _hybrid(tmp_path: Path, asks: list[tuple[int, int, int]], *, sweep_first: bool = False):  # type: ignore[no-untyped-def]
-    store = PageStore(tmp_path / "store")
+@contextlib.asynccontextmanager
+async def _pair(store_dir: Path, sent: dict[int, bytes], frozen: dict[int, bytes], hot: set[int] | None,
+                sweep_first: bool) -> AsyncIterator[tuple[int, HybridPageServer, FrozenServer]]:
+    """A frozen source (``frozen`` memory; ``sent`` went in the rounds) and the
+    destination's hybrid server over its page store, on real sockets: yields
+    the port the daemon asks at."""
+    store = PageStore(store_dir)
     tracker = ContentTracker()
-    for vaddr, data in SENT.items():
+    for vaddr, data in sorted(sent.items()):
         store.write(PID, vaddr, data)
         tracker.diff(PID, vaddr, data)
-    source = FrozenServer(FakeFrozen({PID: dict(FROZEN)}), tracker)
+    source = FrozenServer(FakeFrozen({PID: dict(frozen)}), tracker)
+    if hot is not None:
+        source.hot = {PID: {v // PAGE for v in hot}}
     if sweep_first:
-        source.hot = {PID: {0x13000 // PAGE}}
         source.running.set()  # as if a GET had come: the sweep runs before the daemon asks
     ports: list[int] = []
     servers = [await _serve(source.serve_faults, ports), await _serve(source.sweep, ports)]
     hyb = HybridPageServer(store, "c", ports[0], ports[1])
     hyb.admit = lambda ours, peer: None
     try:
-        port = await hyb.start()
+        yield await hyb.start(), hyb, source
+    finally:
+        await hyb.close()
+        for s in servers:
+            s.close()
+        store.close()
+
+
+async def _hybrid(tmp_path: Path, asks: list[tuple[int, int, int]], *, sweep_first: bool = False):  # type: ignore[no-untyped-def]
+    async with _pair(tmp_path / "store", SENT, FROZEN, {0x13000} if sweep_first else None, sweep_first) as (port, hyb, source):
         if sweep_first:
             async with asyncio.timeout(10):
                 while not hyb.sweep_done:
                     await asyncio.sleep(0.01)
         got = await _daemon(port, asks)
         return got, hyb, source
-    finally:
-        await hyb.close()
-        for s in servers:
-            s.close()
-        store.close()
 
 
 @pytest.mark.parametrize("sweep_first", [False, True])
@@ -216,27 +228,8 @@ def test_frozen_memory_reads_real_pages_even_without_prot_read_and_nothing_outsi
 
 async def _random_fill(tmp: Path, sent: dict[int, bytes], frozen: dict[int, bytes], hot: set[int],
                        asks: list[tuple[int, int]], sweep_first: bool) -> dict[tuple[int, int], bytes]:
-    store = PageStore(tmp)
-    tracker = ContentTracker()
-    for vaddr, data in sorted(sent.items()):
-        store.write(PID, vaddr, data)
-        tracker.diff(PID, vaddr, data)
-    source = FrozenServer(FakeFrozen({PID: dict(frozen)}), tracker)
-    source.hot = {PID: {v // PAGE for v in hot}}
-    if sweep_first:
-        source.running.set()
-    ports: list[int] = []
-    servers = [await _serve(source.serve_faults, ports), await _serve(source.sweep, ports)]
-    hyb = HybridPageServer(store, "c", ports[0], ports[1])
-    hyb.admit = lambda ours, peer: None
-    try:
-        port = await hyb.start()
+    async with _pair(tmp, sent, frozen, hot, sweep_first) as (port, _hyb, _source):
         return await _daemon(port, [(PID, v, n) for v, n in asks])
-    finally:
-        await hyb.close()
-        for s in servers:
-            s.close()
-        store.close()
 
 
 @settings(max_examples=60, deadline=None)
