@@ -127,7 +127,8 @@ class CriuDaemon:
 
 
 async def spawn_with_status_fd(
-    argv_for: Callable[[int], list[str]], *, die_with_parent: bool, stdout: int = asyncio.subprocess.DEVNULL
+    argv_for: Callable[[int], list[str]], *, die_with_parent: bool, stdout: int = asyncio.subprocess.DEVNULL,
+    env: dict[str, str] | None = None,
 ) -> tuple[asyncio.subprocess.Process, int, list[str]]:
     """Start ``argv_for(status_fd)`` in a session of its own; returns it, the status pipe's read end and the argv.
 
@@ -145,6 +146,7 @@ async def spawn_with_status_fd(
             pass_fds=(w,),
             start_new_session=True,
             preexec_fn=_die_with_parent if die_with_parent else None,
+            env=None if env is None else {**os.environ, **env},
         )
     except BaseException:
         os.close(r)

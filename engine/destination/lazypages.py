@@ -29,9 +29,12 @@ import re
 import sys
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 from tug.engine.criu.daemon import CriuDaemon
 from tug.engine.criu.tool import criu_binary
+
+T = TypeVar("T")
 
 
 def lazy_pages_argv(
@@ -79,7 +82,7 @@ class LazyPages(CriuDaemon):
             timeout,
         )
 
-    async def guarded(self, restore: Awaitable[None], runc_root: Path, name: str) -> None:
+    async def guarded(self, restore: Awaitable[T], runc_root: Path, name: str) -> T:
         """Run ``restore`` with the guard taking each userfaultfd as the daemon gets it.
 
         CRIU hands the daemon each process's userfaultfd during the restore,
@@ -94,11 +97,12 @@ class LazyPages(CriuDaemon):
             start_new_session=True,
         )  # fmt: skip
         try:
-            await restore
+            result = await restore
         except BaseException:
             await asyncio.shield(self._verdict("failed"))
             raise
         self._tell("restored")
+        return result
 
     def _tell(self, word: str) -> None:
         if self.guard is not None and self.guard.stdin is not None and not self.guard.stdin.is_closing():

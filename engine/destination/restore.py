@@ -159,9 +159,12 @@ class RestoreCalls(AgentState):
             restoring = self.runc.restore_detached(
                 container, bundle=inc.bundle, image_dir=inc.images, work_dir=inc.criu_work,
                 tcp_established=not tcp_close, lazy_pages=lazy, file_locks=inc.file_locks,
+                # Nothing reaches the namespace before its gate opens (held frames,
+                # a pod's loopback hold): CRIU's own lock would only repeat it.
+                net_held=inc.endpoint is not None or inc.netns_of is not None,
             )
             # A daemon that dies once the processes run must not leave zero pages behind (lazypages.py).
-            await (inc.lazy.guarded(restoring, self.runc.root, container) if inc.lazy is not None else restoring)
+            pid = await (inc.lazy.guarded(restoring, self.runc.root, container) if inc.lazy is not None else restoring)
         except CriuError as exc:
             exc.log_path = self._keep_log(inc, "restore.log") or exc.log_path
             raise
@@ -178,8 +181,7 @@ class RestoreCalls(AgentState):
         inc.ran_at = time.monotonic()
         await self._release_pod_loopback(inc)
         inc.stats.update(await self._open_gate(inc, frames))
-        st = await self.runc.require(container)
-        return {"pid": st.pid, "status": st.status, "restore_ms": (time.monotonic() - t0) * 1000, **steps, **inc.stats}
+        return {"pid": pid, "status": "running", "restore_ms": (time.monotonic() - t0) * 1000, **steps, **inc.stats}
 
     async def _podman_restore(
         self, inc: Incoming, made: PodmanContainer, t0: float, frames: list[bytes] | None, tcp: bool

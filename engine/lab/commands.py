@@ -45,7 +45,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
         lab = hosts.require(layout)
         h = lab.host(args.host)
         spec = demo.WorkloadSpec(memory_mib=args.memory, dirty_rate=args.dirty_rate, hot_set=args.hot_set, sysv_shm_mib=args.sysv_shm,
-                                 lock=args.lock, churn_mib=args.churn)
+                                 lock=args.lock, churn_mib=args.churn, pod_peer=demo.WorkloadSpec().port if args.loopback else 0)
         bundle = demo.start(lab, h, args.name, spec, volume=args.volume, runtime=args.runtime)
         _say(f"demo container {args.name} running on {h.name} ({args.memory} MiB, {args.dirty_rate} pages/s), bundle {bundle}")
     elif args.lab_cmd == "pod":
@@ -165,6 +165,9 @@ def add_lab_parser(sub: Any) -> None:
                     help="the workload also holds a SysV shared memory segment of MIB (the first of its IPC "
                          "namespace: id 0), dirtied and verified with its memory")
     dm.add_argument("--lock", metavar="PATH", help="the workload holds a POSIX write lock on PATH (inside the container)")
+    dm.add_argument("--loopback", action="store_true",
+                    help="the workload also keeps a TCP connection to its own server over the container's loopback "
+                         "(a GET every 50 ms), which tug lab check verifies")
     dm.add_argument("--runtime", choices=("runc", "podman"), default="runc",
                     help="run it with runc (a bundle of tug's) or under the host's own podman")
     dm.add_argument("--volume", nargs="?", const=True, default=None, metavar="HOSTDIR:CONTAINERDIR",

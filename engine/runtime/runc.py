@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tug.engine import proc
+from tug.engine.criu.netlockskip import skip_env
 from tug.engine.criu.tool import DUMP_STOP, error_from_tool
 from tug.engine.errors import ConfigError, PreconditionError, RuntimeToolError
 from tug.engine.fsutil import remove_tree
@@ -56,6 +57,9 @@ class Runc:
         #: Containers whose processes hold file locks: their dumps carry them
         #: (``--file-locks``; CRIU refuses to dump held locks otherwise).
         self.file_locks: set[str] = set()
+        #: Containers whose network tug's own lock holds while frozen: their
+        #: dumps skip CRIU's (criu/netlockskip.py).
+        self.net_held: set[str] = set()
 
     def _argv(self, *args: str) -> list[str]:
         return [self.binary, "--root", str(self.root), *args]
@@ -181,6 +185,10 @@ class Runc:
         argv.append(name)
         return argv
 
+    def dump_env(self, name: str, work_dir: Path) -> dict[str, str] | None:
+        """The environment of a frozen dump of ``name`` (None: ours)."""
+        return skip_env(work_dir) if name in self.net_held else None
+
     async def checkpoint_frozen(
         self,
         name: str,
@@ -229,10 +237,11 @@ class Runc:
         image_dir.mkdir(parents=True, exist_ok=True)
         work_dir.mkdir(parents=True, exist_ok=True)
         argv = self.checkpoint_argv(name, image_dir=image_dir, work_dir=work_dir, **kw)
+        env = None if kw.get("pre_dump") else self.dump_env(name, work_dir)
         try:
             # Timed out or cancelled: CRIU is interrupted first, so that it cures
             # its parasites and re-freezes the container before anything is killed.
-            await proc.run(argv, timeout=timeout, stop=DUMP_STOP)
+            await proc.run(argv, timeout=timeout, stop=DUMP_STOP, env=env)
         except RuntimeToolError as exc:
             raise error_from_tool(exc, f"{action} of {name}", work_dir / "dump.log") from None
 
@@ -246,15 +255,23 @@ class Runc:
         tcp_established: bool = False,
         lazy_pages: bool = False,
         file_locks: bool = False,
+        net_held: bool = False,
         timeout: float = 300,
-    ) -> None:
-        """Restore detached. CRIU options runc lacks (e.g. tcp-close) go in a
+    ) -> int:
+        """Restore detached; returns the container's pid (from runc's pid file:
+        a ``runc state`` would be one more process start in the frozen window).
+        CRIU options runc lacks (e.g. tcp-close) go in a
         CRIU config file named by the bundle's ``org.criu.config`` annotation.
         With ``lazy_pages`` a ``criu lazy-pages`` daemon must already serve
-        ``work_dir`` (see lazypages.py)."""
+        ``work_dir`` (see lazypages.py). ``net_held``: tug holds the restored
+        namespace's network until the restore is over, so CRIU's lock is
+        skipped (criu/netlockskip.py)."""
         work_dir.mkdir(parents=True, exist_ok=True)
+        pid_file = work_dir / "restored.pid"
+        pid_file.unlink(missing_ok=True)
         argv = self._argv(
-            "restore", "-d", "--image-path", str(image_dir), "--work-path", str(work_dir), "--bundle", str(bundle)
+            "restore", "-d", "--image-path", str(image_dir), "--work-path", str(work_dir), "--bundle", str(bundle),
+            "--pid-file", str(pid_file),
         )
         if tcp_established:
             argv.append("--tcp-established")
@@ -264,9 +281,13 @@ class Runc:
             argv.append("--file-locks")
         argv.append(name)
         try:
-            await proc.run(argv, timeout=timeout, stdout_devnull=True)
+            await proc.run(argv, timeout=timeout, stdout_devnull=True, env=skip_env(work_dir) if net_held else None)
         except RuntimeToolError as exc:
             raise error_from_tool(exc, f"restore of {name}", work_dir / "restore.log") from None
+        try:
+            return int(pid_file.read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise RuntimeToolError(f"runc restore of {name} wrote no pid to {pid_file}: {exc}", argv=argv) from None
 
     def _log_file(self, name: str) -> Path:
         d = self.log_dir or (self.root / "logs")

@@ -86,7 +86,8 @@ class LazyDump:
 
         # Not tied to our life: if tug dies, CRIU must end gracefully, not with us (module doc).
         self._proc, r, self.argv = await spawn_with_status_fd(
-            argv_for, die_with_parent=False, stdout=asyncio.subprocess.PIPE
+            argv_for, die_with_parent=False, stdout=asyncio.subprocess.PIPE,
+            env=self.runc.dump_env(self.name, self.work_dir),
         )
         self._reaper = asyncio.create_task(self._proc.communicate(), name=f"tug-lazy-dump-{self._proc.pid}")
         try:

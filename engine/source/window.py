@@ -78,23 +78,31 @@ class FrozenWindow(FailureHandling):
                 # and whatever the kernel still sends before this point is
                 # older than the dump, TCP timestamps included (runtime.netlock).
                 await m.net.lock()
+                # CRIU's own lock would only repeat it, slowly (criu/netlockskip.py).
+                self.runc.net_held.add(m.name)
         t_dump = time.monotonic()
+        dumped_at: list[float] = []
         async with asyncio.TaskGroup() as tg:
             for m in self.members:
-                tg.create_task(self._dump(m))
+                tg.create_task(self._dump(m, dumped_at))
+                # Frozen, the rootfs changes no more: its last pass crosses
+                # while CRIU dumps, not after it.
+                tg.create_task(self._sync_rootfs(m, Phase.CHECKPOINT))
         self.tally.timings["pause_ms"] = (t_dump - self.tally.frozen_at) * 1000
-        self.tally.timings["dump_ms"] = (time.monotonic() - t_dump) * 1000
+        self.tally.timings["dump_ms"] = (max(dumped_at) - t_dump) * 1000
         for m in self.members:
             for step, ms in criu_dump_steps(m.work / "criu").items():
                 # Side by side, the members' CRIU steps overlap: the longest counts.
                 self.tally.timings[step] = max(ms, self.tally.timings.get(step, 0.0))
-            st = await self.runc.require(m.name)
             # A dump that goes on serving the memory holds the processes stopped
             # itself (the freezer is thawed meanwhile), until it ends.
-            if st.status != "paused" and not m.strategy.dump_keeps_serving:
+            if m.strategy.dump_keeps_serving:
+                continue
+            st = await self.runc.require(m.name)
+            if st.status != "paused":
                 raise MigrationError(f"container {m.name!r} is {st.status} after checkpoint; expected paused")
 
-    async def _dump(self, m: Member) -> None:
+    async def _dump(self, m: Member, dumped_at: list[float]) -> None:
         parent = m.strategy.final_parent
 
         async def dump(page_server: str | None) -> None:
@@ -114,6 +122,7 @@ class FrozenWindow(FailureHandling):
                 meter = Meter(Phase.CHECKPOINT.value, "pages", None, self.emit)
                 await stack.enter_async_context(m.final_ps.progress(meter))
             await m.strategy.final_dump(dump, m.final_ps.address if m.final_ps is not None else None)
+        dumped_at.append(time.monotonic())
 
     async def _start_final_page_server(self, m: Member, parent: str | None) -> None:
         assert self.agent is not None
@@ -145,7 +154,6 @@ class FrozenWindow(FailureHandling):
 
         async with asyncio.TaskGroup() as tg:
             tg.create_task(send_images())
-            tg.create_task(self._sync_rootfs(m, Phase.TRANSFER))
             if m.final_ps is not None:
                 tg.create_task(pages_written())
         m.rebuild_pages = bool(rebuilt)
