@@ -31,6 +31,9 @@ class PodmanRunc(Runc):
     def _argv(self, *args: str) -> list[str]:
         return [self.binary, "--root", str(self.root), *self._ids(args)]
 
+    def _id(self, name: str) -> str:
+        return self._ids([name])[0]
+
     def _ids(self, args: Sequence[str]) -> list[str]:
         return [self.container.id if a == self.container.name else a for a in args]
 

@@ -21,6 +21,8 @@ so the source is left exactly as before the dump: frozen, and resumable.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal as _signal
@@ -33,6 +35,7 @@ from tug.engine.criu.netlockskip import skip_env
 from tug.engine.criu.tool import DUMP_STOP, error_from_tool
 from tug.engine.errors import ConfigError, PreconditionError, RuntimeToolError
 from tug.engine.fsutil import remove_tree
+from tug.engine.runtime.freezer import Freezer
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,6 +66,10 @@ class Runc:
 
     def _argv(self, *args: str) -> list[str]:
         return [self.binary, "--root", str(self.root), *args]
+
+    def _id(self, name: str) -> str:
+        """runc's id of container ``name`` (its state dir under the root)."""
+        return name
 
     async def version(self) -> str:
         res = await proc.run([self.binary, "--version"], timeout=10)
@@ -107,6 +114,23 @@ class Runc:
 
     async def pause(self, name: str) -> None:
         await proc.run(self._argv("pause", name), timeout=30)
+
+    def freezer(self, name: str) -> Freezer | None:
+        """The container's freezer cgroup, as runc recorded it (read before a freeze)."""
+        return Freezer.locate(self.root / self._id(name) / "state.json")
+
+    async def freeze(self, name: str, freezer: Freezer | None) -> None:
+        """Pause ``name`` through ``freezer`` itself (runtime/freezer.py), else with runc."""
+        if freezer is not None and await asyncio.to_thread(freezer.freeze):
+            return
+        await self.pause(name)
+
+    async def frozen_pids(self, name: str, freezer: Freezer | None) -> list[int]:
+        """Host pids of a frozen container's processes (from its cgroup, else runc)."""
+        if freezer is not None:
+            with contextlib.suppress(OSError, ValueError):
+                return await asyncio.to_thread(freezer.pids)
+        return await self.pids(name)
 
     async def resume(self, name: str) -> None:
         await proc.run(self._argv("resume", name), timeout=30)
@@ -159,6 +183,7 @@ class Runc:
         page_server: str | None = None,
         parent_path: str | None = None,
         lazy_status_fd: int | None = None,
+        criu: Path | None = None,
     ) -> list[str]:
         """``runc checkpoint`` for a frozen final dump or a pre-dump (pure).
 
@@ -171,6 +196,8 @@ class Runc:
         if parent_path is not None and (parent_path.startswith("/") or not parent_path):
             raise ConfigError(f"--parent-path must be relative to the image dir, got {parent_path!r}")
         argv = self._argv("checkpoint", "--pre-dump" if pre_dump else "--leave-running")
+        if criu is not None:  # a gate in front of CRIU (criu/gate.py): a global flag, before the command
+            argv[1:1] = ["--criu", str(criu)]
         argv += ["--image-path", str(image_dir), "--work-path", str(work_dir)]
         if tcp_established and not pre_dump:
             argv.append("--tcp-established")
@@ -180,7 +207,9 @@ class Runc:
             argv += ["--parent-path", parent_path]
         if lazy_status_fd is not None:
             argv += ["--lazy-pages", "--status-fd", str(lazy_status_fd)]
-        if name in self.file_locks and not pre_dump:
+        # A dump started before the freeze (criu is a gate) cannot know yet:
+        # with the flag CRIU carries whichever locks there are, and none is fine.
+        if not pre_dump and (name in self.file_locks or criu is not None):
             argv.append("--file-locks")
         argv.append(name)
         return argv

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from tug.engine import proc
 from tug.engine.criu.daemon import read_status, spawn_with_status_fd
+from tug.engine.criu.gate import CriuGate
 from tug.engine.criu.tool import DUMP_STOP, error_lines_from_text, log_error_lines, runs_criu
 from tug.engine.errors import CriuError
 from tug.engine.runtime.network import connect_in_netns
@@ -61,6 +62,10 @@ class LazyDump:
         self._reaper: asyncio.Task[tuple[bytes, bytes]] | None = None
         #: Our idle connection to CRIU's lazy server (hold()).
         self._held: socket.socket | None = None
+        #: The read end of CRIU's status pipe, until its ready byte is read.
+        self._status: int | None = None
+        #: Where a dump spawned before the freeze waits (spawn()).
+        self.gate: CriuGate | None = None
 
     @property
     def running(self) -> bool:
@@ -72,24 +77,44 @@ class LazyDump:
         assert self._proc is not None
         return Path(f"/proc/{self._proc.pid}/ns/net")
 
+    async def spawn(self) -> None:
+        """Before the freeze: start runc, its CRIU to be held at a gate (criu/gate.py).
+
+        runc's start-up (and the namespace's, and its CRIU checks) then runs
+        while the container still does; :meth:`at_gate` waits until CRIU's
+        dump request waits there, and :meth:`start` lets it go once the
+        container is frozen.
+        """
+        self.gate = CriuGate(self.work_dir / "gate")
+        self.gate.make()
+        await self._spawn()
+
+    async def at_gate(self, timeout: float) -> None:
+        """Wait until the spawned dump's CRIU waits at its gate (raises CriuError if it ends first)."""
+        assert self.gate is not None and self._reaper is not None, "spawn() first"
+        held = asyncio.ensure_future(self.gate.held())
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.wait({held, self._reaper}, return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            self.abandon()
+            raise self._failure(f"did not reach its gate within {timeout:g} s") from None
+        finally:
+            held.cancel()
+        if not held.done() or held.cancelled():
+            self.abandon()
+            await asyncio.shield(asyncio.wait({self._reaper}))
+            raise self._failure("ended before its CRIU reached the gate")
+
     async def start(self, timeout: float) -> None:
-        """Dump; return once CRIU serves the memory (raises CriuError if it never does)."""
-        self.image_dir.mkdir(parents=True, exist_ok=True)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-
-
-        def argv_for(status_fd: int) -> list[str]:
-            return lazy_dump_argv(self.runc.checkpoint_argv(
-                self.name, image_dir=self.image_dir, work_dir=self.work_dir, tcp_established=True,
-                page_server=f"127.0.0.1:{LAZY_PORT}", lazy_status_fd=status_fd,
-            ))  # fmt: skip
-
-        # Not tied to our life: if tug dies, CRIU must end gracefully, not with us (module doc).
-        self._proc, r, self.argv = await spawn_with_status_fd(
-            argv_for, die_with_parent=False, stdout=asyncio.subprocess.PIPE,
-            env=self.runc.dump_env(self.name, self.work_dir),
-        )
-        self._reaper = asyncio.create_task(self._proc.communicate(), name=f"tug-lazy-dump-{self._proc.pid}")
+        """Dump (frozen); return once CRIU serves the memory (raises CriuError if it never does)."""
+        if self._proc is None:
+            await self._spawn()
+        elif self.gate is not None:
+            self.gate.open()
+            self.gate.close()  # what was written stays readable: CRIU goes
+        assert self._status is not None
+        r, self._status = self._status, None
         try:
             async with asyncio.timeout(timeout):
                 ready = await read_status(r)
@@ -97,8 +122,41 @@ class LazyDump:
             await asyncio.shield(self.stop())
             raise
         if ready != b"\0":
+            assert self._reaper is not None
             await asyncio.shield(self._reaper)
             raise self._failure("did not start serving")
+
+    async def _spawn(self) -> None:
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        criu = self.gate.shim if self.gate is not None else None
+
+        def argv_for(status_fd: int) -> list[str]:
+            return lazy_dump_argv(self.runc.checkpoint_argv(
+                self.name, image_dir=self.image_dir, work_dir=self.work_dir, tcp_established=True,
+                page_server=f"127.0.0.1:{LAZY_PORT}", lazy_status_fd=status_fd, criu=criu,
+            ))  # fmt: skip
+
+        env = self.runc.dump_env(self.name, self.work_dir) or {}
+        if self.gate is not None:
+            env.update(self.gate.env)
+        # Not tied to our life: if tug dies, CRIU must end gracefully, not with us (module doc).
+        self._proc, self._status, self.argv = await spawn_with_status_fd(
+            argv_for, die_with_parent=False, stdout=asyncio.subprocess.PIPE, env=env or None,
+        )
+        self._reaper = asyncio.create_task(self._proc.communicate(), name=f"tug-lazy-dump-{self._proc.pid}")
+
+    def abandon(self) -> None:
+        """A spawned dump whose gate never opened: close it, end runc (no CRIU ran). Idempotent."""
+        if self.gate is None or self.gate.opened:
+            return
+        self.gate.close()
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+        if self._status is not None:
+            os.close(self._status)
+            self._status = None
 
     async def connect(self) -> socket.socket:
         """A socket connected to CRIU's lazy server (for the reverse forward)."""
@@ -163,6 +221,7 @@ class LazyDump:
 
     async def stop(self) -> None:
         """End it gracefully (CRIU re-freezes the processes), then reap it. Idempotent."""
+        self.abandon()
         if self._proc is None:
             return
         if self._proc.returncode is None:

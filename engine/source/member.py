@@ -20,6 +20,7 @@ from pathlib import Path
 from tug.engine.criu.pageserver import RemotePageServer
 from tug.engine.errors import ConfigError
 from tug.engine.runtime.endpoint import SourceEndpoint
+from tug.engine.runtime.freezer import Freezer
 from tug.engine.runtime.network import EndpointSpec
 from tug.engine.source.rollback import Destination
 from tug.engine.source.strategies import Strategy
@@ -48,6 +49,8 @@ class Member:
     final_ps: RemotePageServer | None = None
     #: Frozen here (set before the pause call: a half-done pause is undone too).
     paused: bool = False
+    #: Its freezer cgroup (runtime/freezer.py), found just before the freeze.
+    freezer: Freezer | None = None
     #: What the source knows of the destination's copy (source/rollback.py).
     dest: Destination = Destination.UNTOUCHED
     #: Whether the destination restores it lazily (decided in pre-checkpoint).

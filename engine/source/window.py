@@ -54,21 +54,30 @@ class FrozenWindow(FailureHandling):
         if any(m.strategy.dump_keeps_serving for m in self.members):
             self.attach = await self.s.call("link_recovery", deadline_s=self.opts.link_recovery)
         for m in self.members:
+            if m.net is not None:
+                # tug's lock (engaged after the freeze, before any CRIU runs) holds
+                # its network: CRIU's own would only repeat it, slowly (criu/netlockskip.py).
+                self.runc.net_held.add(m.name)
             if m.strategy.dump_to_destination and m.final_ps is None:
                 await self._start_final_page_server(m, m.strategy.final_parent)
             await m.strategy.prepare_final(m.work / "images")
+        for m in self.members:
+            m.freezer = self.runc.freezer(m.name)
+        # A process's first read of /proc/locks takes ~25 ms here (its later
+        # ones ~0.1 ms): that first one is not to fall in the frozen window.
+        file_lock_holders()
         self.tally.frozen_at = time.monotonic()
         self.tally.frozen_sent_at_freeze = self.wire_bytes()
         for m in self.members:
             m.paused = True  # before the call: a half-done pause must still be undone
-            await self.runc.pause(m.name)
+            await self.runc.freeze(m.name, m.freezer)
         # Frozen, nobody takes or drops a lock any more: CRIU must carry those
         # held (it refuses to dump them otherwise), and the restore too. One
         # read of /proc/locks for the group; a member's pids (a runc call in
         # the downtime) only if some process on this host holds a lock.
         holders = file_lock_holders()
         for m in self.members:
-            m.file_locks = bool(holders) and held_file_locks(await self.runc.pids(m.name), holders)
+            m.file_locks = bool(holders) and held_file_locks(await self.runc.frozen_pids(m.name, m.freezer), holders)
             if m.file_locks:
                 self.runc.file_locks.add(m.name)
                 self.note(f"{m.name!r} holds file locks: dumped and restored with them")
@@ -78,8 +87,6 @@ class FrozenWindow(FailureHandling):
                 # and whatever the kernel still sends before this point is
                 # older than the dump, TCP timestamps included (runtime.netlock).
                 await m.net.lock()
-                # CRIU's own lock would only repeat it, slowly (criu/netlockskip.py).
-                self.runc.net_held.add(m.name)
         t_dump = time.monotonic()
         dumped_at: list[float] = []
         async with asyncio.TaskGroup() as tg:

@@ -84,6 +84,8 @@ class Hybrid(Precopy):
         if agent is None:
             raise TransportError("hybrid needs the SSH connection to the destination's agent")
         self.dump = LazyDump(self.ctx.runc, self.ctx.name, image_dir=images_dir, work_dir=self.ctx.work / "criu")
+        # runc starts now, its CRIU held until the freeze (criu/gate.py).
+        await self.dump.spawn()
         for what, serve in (("fault", self._serve_faults), ("sweep", self._sweep)):
             fwd = await agent.reverse_forward(
                 what=f"the frozen source's {what} channel", admit_remote=self._admit, connect_local=self._connector(serve),
@@ -97,6 +99,7 @@ class Hybrid(Precopy):
         if not (isinstance(relays, list) and len(relays) == 2 and all(type(r) is int for r in relays)):
             raise ProtocolError("hybrid_connect answered no relay ids")
         self.relay_ids = [int(r) for r in relays]
+        await self.dump.at_gate(self.ctx.opts.timeout("checkpoint"))
 
     async def final_dump(self, dump: DumpFn, page_server: str | None) -> None:
         assert self.dump is not None
@@ -243,5 +246,7 @@ class Hybrid(Precopy):
 
     def close(self) -> None:
         super().close()
+        if self.dump is not None:
+            self.dump.abandon()
         for fwd in self.forwards:
             fwd.close()

@@ -90,6 +90,8 @@ class Postcopy(Strategy):
         if agent is None:
             raise TransportError("postcopy needs the SSH connection to the destination's agent")
         self.dump = LazyDump(self.ctx.runc, self.ctx.name, image_dir=images_dir, work_dir=self.ctx.work / "criu")
+        # runc starts now, its CRIU held until the freeze (criu/gate.py).
+        await self.dump.spawn()
         self.forward = await agent.reverse_forward(
             what="the source's lazy dump", admit_remote=self._admit, connect_local=self._connect, resumable=True
         )
@@ -98,6 +100,7 @@ class Postcopy(Strategy):
         # outlives a lost link (engine/destination/relay.py).
         relay = await self.ctx.session.call("relay_open", container=self.ctx.name, port=self.forward.remote_port)
         self.relay_id, self.relay_port = int(relay["relay"]), int(relay["port"])
+        await self.dump.at_gate(self.ctx.opts.timeout("checkpoint"))
 
     async def final_dump(self, dump: DumpFn, page_server: str | None) -> None:
         assert self.dump is not None
@@ -155,5 +158,7 @@ class Postcopy(Strategy):
         return {"remote_requests": self.requests, "remote_pages": self.pages}
 
     def close(self) -> None:
+        if self.dump is not None:
+            self.dump.abandon()
         if self.forward is not None:
             self.forward.close()
