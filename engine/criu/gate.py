@@ -13,7 +13,7 @@ version check runc makes through go-criu). The gate is a small script there
 (:data:`SHIM`). It peeks at the request's type without taking it:
 
 - a version, feature or check request (runc's checks) runs CRIU at once;
-- a dump waits: the script says so on the ``held`` fifo, then reads one byte
+- a dump (or, for a restore started early, the restore) waits: the script says so on the ``held`` fifo, then reads one byte
   from ``go``. ``1`` runs CRIU with the same arguments, and CRIU reads the
   request as if nothing had happened. Anything else, or the end of the fifo
   (tug closed the gate, or died), ends the script with an error: runc fails
@@ -36,7 +36,7 @@ from tug.engine.criu.tool import criu_binary
 from tug.engine.errors import MigrationError
 
 #: CRIU's request types (images/rpc.proto): what passes at once, what waits.
-REQ_DUMP, REQ_CHECK, REQ_FEATURE_CHECK, REQ_VERSION = 1, 3, 9, 10
+REQ_DUMP, REQ_RESTORE, REQ_CHECK, REQ_FEATURE_CHECK, REQ_VERSION = 1, 2, 3, 9, 10
 
 SHIM = """\
 import os, socket, sys
@@ -68,8 +68,10 @@ os.execv(real, [real] + sys.argv[1:])
 class CriuGate:
     """One gated runc call's gate: its script, its fifos, and the two ends tug holds."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, hold: int = REQ_DUMP) -> None:
         self.dir = directory
+        #: The request type that waits (a dump, or a restore: destination/prestart.py).
+        self.hold = hold
         self.shim = directory / "criu"
         self._held_fd: int | None = None
         self._go_fd: int | None = None
@@ -79,7 +81,7 @@ class CriuGate:
     def make(self) -> None:
         """Write the script and the fifos; hold both fifos open (read-write: never an early EOF)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        script = SHIM.format(passes={REQ_CHECK, REQ_FEATURE_CHECK, REQ_VERSION}, holds={REQ_DUMP})
+        script = SHIM.format(passes={REQ_CHECK, REQ_FEATURE_CHECK, REQ_VERSION}, holds={self.hold})
         self.shim.write_text(f"#!{sys.executable} -IS\n{script}")
         self.shim.chmod(stat.S_IRWXU)
         for name in ("held", "go"):

@@ -35,6 +35,7 @@ from tug.engine.destination.incoming import (
     write_marker,
 )
 from tug.engine.destination.leftovers import kill_cgroup_of
+from tug.engine.destination.prestart import PrestartCalls, abandon_prestart
 from tug.engine.destination.reattach import PipeStream, ReattachCalls, attach
 from tug.engine.destination.recovercalls import RecoverCalls, marker_of
 from tug.engine.destination.restore import RestoreCalls
@@ -59,7 +60,7 @@ KEEP_SETTLE_TIMEOUT = 300.0
 CANCEL_TIMEOUT = 30.0
 
 
-class Agent(StagingCalls, RestoreCalls, RecoverCalls, ReattachCalls):
+class Agent(StagingCalls, RestoreCalls, PrestartCalls, RecoverCalls, ReattachCalls):
     """Dispatch, preflight, abort and cleanup; the call groups do the rest."""
 
     # ---- dispatch ----------------------------------------------------------
@@ -181,6 +182,7 @@ class Agent(StagingCalls, RestoreCalls, RecoverCalls, ReattachCalls):
         are kept); a server whose client merely went away is not news.
         """
         self.incoming.pop(inc.name, None)
+        await abandon_prestart(inc)  # a runc restore never let go fails, cleaning up after itself
         failed: list[str] = []
         for ps in inc.page_servers.values():
             if ps.failed_on_its_own and not ps.reported:

@@ -49,3 +49,8 @@ def write_restore_config(bundle: Path, name: str, options: list[str]) -> list[st
 def keep_own_lines(bundle: Path, own: list[str]) -> None:
     """After the restore: the file holds the container's own lines only."""
     (bundle / CRIU_CONF).write_text("".join(f"{ln}\n" for ln in own))
+
+
+def rewrite(bundle: Path, own: list[str], options: list[str]) -> None:
+    """A restore started early (prestart.py): its file already named, its final lines now."""
+    (bundle / CRIU_CONF).write_text("".join(f"{ln}\n" for ln in [*own, *options]))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tug.engine import records, rootfs
+from tug.engine.criu.gate import CriuGate
 from tug.engine.criu.pageserver import PageServer
 from tug.engine.destination.lazypages import LazyPages
 from tug.engine.destination.pagestore import PageStore
@@ -48,6 +49,34 @@ HELD = "held"
 #: Image dirs the source may name, relative to the work dir, and their parents.
 _WORK_SUBDIR = re.compile(r"images|rounds/[0-9]{1,6}")
 _PARENT = re.compile(r"\.\./(rounds/)?[0-9]{1,6}")
+
+
+
+@dataclass(eq=False)
+class PrestartedRestore:
+    """A ``runc restore`` waiting for its images at the gate."""
+
+    gate: CriuGate
+    task: asyncio.Task[int]
+    tcp_established: bool
+    lazy: bool
+    #: The container's own lines of its CRIU config file (criuconf.py).
+    own: list[str] = field(default_factory=list)
+
+    async def run(self) -> int:
+        """Let CRIU restore (every image is in); the container's pid."""
+        self.gate.open()
+        self.gate.close()  # what was written stays readable: CRIU goes
+        return await self.task
+
+    async def abandon(self) -> None:
+        """Never let go: close the gate and wait for runc to fail and clean up after itself."""
+        self.gate.close()
+        if not self.gate.opened:
+            with contextlib.suppress(MigrationError, asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.task), 30)
+            if not self.task.done():
+                self.task.cancel()
 
 
 @dataclass(slots=True)
@@ -103,6 +132,8 @@ class Incoming:
     #: (destination/podmanstage.py), and the container made for it.
     podman: dict[str, Any] | None = None
     podman_made: bool = False
+    #: A ``runc restore`` started before the freeze, waiting at its gate (prestart.py).
+    prestart: PrestartedRestore | None = None
 
     @property
     def ran(self) -> bool:

@@ -31,6 +31,7 @@ from tug.engine.destination.incoming import (
 )
 from tug.engine.destination.lazypages import LazyPages, fault_latencies, latency_summary
 from tug.engine.destination.leftovers import kill_cgroup_of
+from tug.engine.destination.prestart import prestarted
 from tug.engine.destination.relay import Relay
 from tug.engine.destination.storeserver import StorePageServer
 from tug.engine.destination.volumes import CREATED_FILE
@@ -85,11 +86,18 @@ class RestoreCalls(AgentState):
             if tcp_close:
                 options.append("tcp-close")
             if held_until is not None:
+                if inc.prestart is not None:
+                    raise ProtocolError(f"{container!r}: a group's member is never prestarted")
                 check_name(held_until)
                 options.append("leave-stopped")
                 inc.held = True
                 inc.held_until = held_until
-            own = criuconf.write_restore_config(inc.bundle, inc.name, options) if options else None
+            if inc.prestart is not None:
+                # runc already named the file; CRIU reads it once let go (prestart.py).
+                own: list[str] | None = inc.prestart.own
+                criuconf.rewrite(inc.bundle, own or [], options + (["file-locks"] if inc.file_locks else []))
+            else:
+                own = criuconf.write_restore_config(inc.bundle, inc.name, options) if options else None
             try:
                 return await self._restore(inc, tcp_close, rebuild_pages, frames, lazy, lazy_source_port, hybrid_ports)
             finally:
@@ -156,7 +164,7 @@ class RestoreCalls(AgentState):
         if made is not None:  # podman restores it, under its own conmon (podmanstage.py)
             return await self._podman_restore(inc, made, t0, frames, not tcp_close)
         try:
-            restoring = self.runc.restore_detached(
+            restoring = prestarted(inc, tcp_close, lazy) if inc.prestart is not None else self.runc.restore_detached(
                 container, bundle=inc.bundle, image_dir=inc.images, work_dir=inc.criu_work,
                 tcp_established=not tcp_close, lazy_pages=lazy, file_locks=inc.file_locks,
                 # Nothing reaches the namespace before its gate opens (held frames,

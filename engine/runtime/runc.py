@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tug.engine import proc
+from tug.engine.criu.gate import CriuGate
 from tug.engine.criu.netlockskip import skip_env
 from tug.engine.criu.tool import DUMP_STOP, error_from_tool
 from tug.engine.errors import ConfigError, PreconditionError, RuntimeToolError
@@ -285,6 +286,7 @@ class Runc:
         lazy_pages: bool = False,
         file_locks: bool = False,
         net_held: bool = False,
+        gate: CriuGate | None = None,
         timeout: float = 300,
     ) -> int:
         """Restore detached; returns the container's pid (from runc's pid file:
@@ -302,6 +304,8 @@ class Runc:
             "restore", "-d", "--image-path", str(image_dir), "--work-path", str(work_dir), "--bundle", str(bundle),
             "--pid-file", str(pid_file),
         )
+        if gate is not None:  # its CRIU waits for the restore call (destination/prestart.py)
+            argv[1:1] = ["--criu", str(gate.shim)]
         if tcp_established:
             argv.append("--tcp-established")
         if lazy_pages:
@@ -310,7 +314,8 @@ class Runc:
             argv.append("--file-locks")
         argv.append(name)
         try:
-            await proc.run(argv, timeout=timeout, stdout_devnull=True, env=skip_env(work_dir) if net_held else None)
+            env = {**(skip_env(work_dir) if net_held else {}), **(gate.env if gate is not None else {})}
+            await proc.run(argv, timeout=timeout, stdout_devnull=True, env=env or None)
         except RuntimeToolError as exc:
             raise error_from_tool(exc, f"restore of {name}", work_dir / "restore.log") from None
         try:

@@ -94,3 +94,31 @@ def test_no_criu_runs_when_the_migration_dies_at_the_gate(lab: Lab, demo: str, s
     result = client.stop()
     assert result["replies"] > 0 and result["errors"] == 0, result
     assert not any(Path(f"/proc/{p}").exists() for p in waiting_at_gate("a"))
+
+
+def runc_restores(host: str) -> list[int]:
+    return find(lambda pid, cmd: bool(cmd) and Path(cmd[0]).name == "runc" and "restore" in cmd and _on_host(pid, host))
+
+
+@pytest.mark.parametrize("strategy", ["postcopy", "hybrid"])
+def test_agent_killed_while_its_prestarted_restore_waits_at_the_gate(lab: Lab, demo: str, strategy: str) -> None:
+    """The destination's runc restore, started before the freeze, waits at its gate
+    when the agent is SIGKILLed: its script sees the gate's end, runc fails and
+    removes the container it had begun, and the source rolls back (never frozen
+    for long, never two copies)."""
+    run = start_migrate("a", demo, lab.url("b"), "--strategy", strategy)
+    try:
+        assert settled(lambda: bool(runc_restores("b")), 120, pause=0.002), f"no runc restore:\n{chr(10).join(run.lines)}"
+        os.kill(run.proc.pid, signal.SIGSTOP)
+        assert settled(lambda: bool(waiting_at_gate("b")), 30), "the restore never reached its gate"
+        assert signal_all(agent_pids("b"), signal.SIGKILL) > 0
+        os.kill(run.proc.pid, signal.SIGCONT)
+    finally:
+        res = run.finish()
+    where = f"agent killed at the restore's gate ({strategy}):\n{res.stderr}"
+    assert res.json()["outcome"] in ("rolled-back", "aborted"), where
+    assert settled(lambda: not waiting_at_gate("b") and not runc_restores("b") and not criu_pids("b")), where
+    assert running_copies(lab, demo) == {"a": "running"}, f"{running_copies(lab, demo)}\n{where}"
+    assert settled(lambda: lab.leftovers("b", demo) == []), f"leftovers on b: {lab.leftovers('b', demo)}\n{where}"
+    check = lab.check("a", demo)
+    assert check["ok"] and check["verify"]["bad_pages"] == 0, check
