@@ -48,13 +48,15 @@ sk.close()
 kind = head[1] if len(head) >= 2 and head[0] == 0x08 and head[1] < 0x80 else -1
 if kind in HOLD:
     # Non-blocking opens: with tug's ends gone, never wait (ENXIO, or EOF below).
+    # "go" is open before "held" is said: what tug writes to it once it has
+    # read "held" stays readable even after tug closed its end.
+    go = os.open(os.path.join(gate, "go"), os.O_RDONLY | os.O_NONBLOCK)
     try:
         held = os.open(os.path.join(gate, "held"), os.O_WRONLY | os.O_NONBLOCK)
     except OSError:
         sys.exit("tug's CRIU gate: closed before the freeze, nothing dumped")
     os.write(held, b"%d\\n" % os.getpid())
     os.close(held)
-    go = os.open(os.path.join(gate, "go"), os.O_RDONLY | os.O_NONBLOCK)
     os.set_blocking(go, True)
     if os.read(go, 1) != b"1":
         sys.exit("tug's CRIU gate: closed before the freeze, nothing dumped")

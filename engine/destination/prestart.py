@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable
 from typing import Any
 
 from tug.engine.criu.gate import REQ_RESTORE, CriuGate
@@ -88,19 +87,20 @@ class PrestartCalls(AgentState):
         return {"prestarted": True}
 
 
-async def abandon_prestart(inc: Incoming) -> None:
-    """Cleanup's part: a prestart never let go ends here (idempotent)."""
+async def abandon_prestart(inc: Incoming, *, keep_own_lines: bool = True) -> None:
+    """A prestart never let go ends here (idempotent). Cleanup puts the
+    container's own CRIU config lines back; a restore that runs without it
+    (``keep_own_lines=False``) keeps the lines it wrote."""
     pre, inc.prestart = inc.prestart, None
     if pre is not None:
         await pre.abandon()
-        with contextlib.suppress(OSError):
-            criuconf.keep_own_lines(inc.bundle, pre.own)
+        if keep_own_lines:
+            with contextlib.suppress(OSError):
+                criuconf.keep_own_lines(inc.bundle, pre.own)
 
 
-def prestarted(inc: Incoming, tcp_close: bool, lazy: bool) -> Awaitable[int]:
-    """The restore call's runc: the prestarted one, if it was started as this restore wants."""
+def prestart_fits(inc: Incoming, tcp_close: bool, lazy: bool) -> bool:
+    """Whether the prestarted runc (if any) was started as this restore wants
+    (a pre-copy whose pages sit in parent images restores eagerly after all)."""
     pre = inc.prestart
-    assert pre is not None
-    if pre.tcp_established != (not tcp_close) or pre.lazy != lazy:
-        raise ProtocolError(f"{inc.name!r} was prestarted for another restore (tcp-close or lazy differ)")
-    return pre.run()
+    return pre is not None and pre.tcp_established == (not tcp_close) and pre.lazy == lazy

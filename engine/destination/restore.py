@@ -31,7 +31,7 @@ from tug.engine.destination.incoming import (
 )
 from tug.engine.destination.lazypages import LazyPages, fault_latencies, latency_summary
 from tug.engine.destination.leftovers import kill_cgroup_of
-from tug.engine.destination.prestart import prestarted
+from tug.engine.destination.prestart import abandon_prestart, prestart_fits
 from tug.engine.destination.relay import Relay
 from tug.engine.destination.storeserver import StorePageServer
 from tug.engine.destination.volumes import CREATED_FILE
@@ -164,7 +164,11 @@ class RestoreCalls(AgentState):
         if made is not None:  # podman restores it, under its own conmon (podmanstage.py)
             return await self._podman_restore(inc, made, t0, frames, not tcp_close)
         try:
-            restoring = prestarted(inc, tcp_close, lazy) if inc.prestart is not None else self.runc.restore_detached(
+            if inc.prestart is not None and not prestart_fits(inc, tcp_close, lazy):
+                # Started for another restore: this one runs as usual, with the
+                # CRIU config lines call_restore wrote (the same file runc names).
+                await abandon_prestart(inc, keep_own_lines=False)
+            restoring = inc.prestart.run() if inc.prestart is not None else self.runc.restore_detached(
                 container, bundle=inc.bundle, image_dir=inc.images, work_dir=inc.criu_work,
                 tcp_established=not tcp_close, lazy_pages=lazy, file_locks=inc.file_locks,
                 # Nothing reaches the namespace before its gate opens (held frames,

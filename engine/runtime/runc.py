@@ -37,6 +37,7 @@ from tug.engine.criu.tool import DUMP_STOP, error_from_tool
 from tug.engine.errors import ConfigError, PreconditionError, RuntimeToolError
 from tug.engine.fsutil import remove_tree
 from tug.engine.runtime.freezer import Freezer
+from tug.engine.runtime.gateddumps import GatedDumps
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,6 +62,8 @@ class Runc:
         #: Containers whose processes hold file locks: their dumps carry them
         #: (``--file-locks``; CRIU refuses to dump held locks otherwise).
         self.file_locks: set[str] = set()
+        #: Frozen dumps started before the freeze, at their gates (gateddumps.py).
+        self.gated = GatedDumps()
         #: Containers whose network tug's own lock holds while frozen: their
         #: dumps skip CRIU's (criu/netlockskip.py).
         self.net_held: set[str] = set()
@@ -261,13 +264,32 @@ class Runc:
             pre_dump=True, page_server=page_server, parent_path=parent_path,
         )
 
+    async def prestart_checkpoint(
+        self, name: str, *, image_dir: Path, work_dir: Path, page_server: str | None, parent_path: str | None,
+        timeout: float = 300,
+    ) -> bool:
+        """Before the freeze: start the frozen dump's runc, its CRIU held at a gate
+        until :meth:`checkpoint_frozen` asks for the same dump (runtime/gateddumps.py)."""
+        return await self.gated.start(
+            name, (image_dir, work_dir, page_server, parent_path), work_dir / "gate",
+            lambda gate: self._checkpoint(name, "checkpoint", image_dir, work_dir, timeout, tcp_established=True,
+                                          page_server=page_server, parent_path=parent_path, gate=gate),
+        )
+
     async def _checkpoint(
-        self, name: str, action: str, image_dir: Path, work_dir: Path, timeout: float, **kw: Any
+        self, name: str, action: str, image_dir: Path, work_dir: Path, timeout: float,
+        gate: CriuGate | None = None, **kw: Any,
     ) -> None:
+        key = (image_dir, work_dir, kw.get("page_server"), kw.get("parent_path"))
+        if gate is None and not kw.get("pre_dump") and await self.gated.run(name, key):
+            return
         image_dir.mkdir(parents=True, exist_ok=True)
         work_dir.mkdir(parents=True, exist_ok=True)
-        argv = self.checkpoint_argv(name, image_dir=image_dir, work_dir=work_dir, **kw)
+        argv = self.checkpoint_argv(name, image_dir=image_dir, work_dir=work_dir,
+                                    criu=gate.shim if gate is not None else None, **kw)
         env = None if kw.get("pre_dump") else self.dump_env(name, work_dir)
+        if gate is not None:
+            env = {**(env or {}), **gate.env}
         try:
             # Timed out or cancelled: CRIU is interrupted first, so that it cures
             # its parasites and re-freezes the container before anything is killed.

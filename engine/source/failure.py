@@ -118,6 +118,8 @@ class FailureHandling:
         """Apply the one-copy rule (source/rollback.py) to the whole group;
         returns the outcome."""
         returned: dict[str, list[bytes]] = {}
+        # A dump waiting at its gate never runs: runc fails without CRIU (criu/gate.py).
+        await self.runc.gated.abandon()
         for m in self.members:
             if m.paused and m.strategy.dump_keeps_serving:
                 # First: a dump still serving memory holds the processes itself,
@@ -160,6 +162,7 @@ class FailureHandling:
         return await abort_destination(self.session, name, self.target.host, self.note, timeout=timeout)
 
     async def _close(self) -> None:
+        await self.runc.gated.abandon()
         for m in self.members:
             if m.final_ps is not None:
                 m.final_ps.close()

@@ -22,8 +22,8 @@ from tug.engine.errors import MigrationError, PhaseTimeoutError, RanThenFailed, 
 from tug.engine.phases import Phase
 from tug.engine.progress import Meter
 from tug.engine.runtime.endpoint import chunk_frames
-from tug.engine.runtime.podmanrunc import PodmanRunc
 from tug.engine.source.container import file_lock_holders, held_file_locks, retire_source, start_final_page_server
+from tug.engine.source.earlystart import start_early
 from tug.engine.source.failure import FailureHandling
 from tug.engine.source.member import Member
 from tug.engine.source.relink import reattach
@@ -62,8 +62,8 @@ class FrozenWindow(FailureHandling):
             if m.strategy.dump_to_destination and m.final_ps is None:
                 await self._start_final_page_server(m, m.strategy.final_parent)
             await m.strategy.prepare_final(m.work / "images")
-        if len(self.members) == 1 and not isinstance(self.runc, PodmanRunc):
-            await self._prestart_restore(self.members[0])
+        # runc on both hosts, CRIU held until the freeze lets it go (earlystart.py).
+        await start_early(self.runc, self.s, self.members, self.opts, self.opts.timeout(Phase.CHECKPOINT.value), self.note)
         for m in self.members:
             m.freezer = self.runc.freezer(m.name)
         # A process's first read of /proc/locks takes ~25 ms here (its later
@@ -111,21 +111,6 @@ class FrozenWindow(FailureHandling):
             st = await self.runc.require(m.name)
             if st.status != "paused":
                 raise MigrationError(f"container {m.name!r} is {st.status} after checkpoint; expected paused")
-
-    async def _prestart_restore(self, m: Member) -> None:
-        """A lone container whose dump waits at its gate: the destination
-        starts its runc restore now, CRIU held until the restore call
-        (destination/prestart.py). Refused, the restore runs as usual."""
-        descriptors = m.work / "images" / "descriptors.json"
-        if not m.strategy.dump_keeps_serving or not descriptors.is_file():
-            return
-        try:
-            await self.s.call("restore_prestart", container=m.name, descriptors=descriptors.read_bytes(),
-                              tcp_close=self.opts.tcp_close, lazy=m.lazy, criu_opts=list(self.opts.criu_opts) or None)
-        except TransportError:
-            raise
-        except MigrationError as exc:
-            self.note(f"the destination did not start its runc restore early ({exc}): it starts in the frozen window")
 
     async def _dump(self, m: Member, dumped_at: list[float]) -> None:
         parent = m.strategy.final_parent

@@ -1,7 +1,8 @@
-"""Faults while a lazy dump waits at its CRIU gate (criu/gate.py), before the freeze.
+"""Faults while runc waits at a CRIU gate (criu/gate.py), before the freeze.
 
-Post-copy and hybrid start ``runc checkpoint`` before the freeze, its CRIU held
-at a gate until the container is frozen. Whoever dies while it waits there,
+Every strategy starts the frozen dump's ``runc checkpoint`` before the freeze
+(and the destination its ``runc restore``), CRIU held at a gate until the
+container is frozen. Whoever dies while it waits there,
 no CRIU may run: the gate's script reads the end of its fifo and exits, runc
 fails, the container never stopped, and nothing is left on the source.
 """
@@ -59,7 +60,7 @@ def settled(pred: Callable[[], bool], timeout: float = 30.0, pause: float = 0.05
     return bool(pred())
 
 
-@pytest.mark.parametrize("strategy", ["postcopy", "hybrid"])
+@pytest.mark.parametrize("strategy", ["stop-copy", "precopy", "postcopy", "hybrid"])
 @pytest.mark.parametrize("fault", ["migrate-kill", "link-drop"])
 def test_no_criu_runs_when_the_migration_dies_at_the_gate(lab: Lab, demo: str, strategy: str, fault: str) -> None:
     run = start_migrate("a", demo, lab.url("b"), "--strategy", strategy)
@@ -100,7 +101,7 @@ def runc_restores(host: str) -> list[int]:
     return find(lambda pid, cmd: bool(cmd) and Path(cmd[0]).name == "runc" and "restore" in cmd and _on_host(pid, host))
 
 
-@pytest.mark.parametrize("strategy", ["postcopy", "hybrid"])
+@pytest.mark.parametrize("strategy", ["stop-copy", "precopy", "postcopy", "hybrid"])
 def test_agent_killed_while_its_prestarted_restore_waits_at_the_gate(lab: Lab, demo: str, strategy: str) -> None:
     """The destination's runc restore, started before the freeze, waits at its gate
     when the agent is SIGKILLed: its script sees the gate's end, runc fails and

@@ -11,12 +11,16 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tug.engine.criu import gate as gate_mod
 from tug.engine.criu.gate import REQ_DUMP, REQ_VERSION, CriuGate
+from tug.engine.errors import MigrationError
+from tug.engine.runtime.gateddumps import GatedDumps
 
 FAKE_CRIU = """\
 import os, socket, sys
@@ -102,3 +106,40 @@ async def test_any_other_request_fails_without_running_criu(tmp_path: Path, fake
     theirs.close()
     assert proc.wait(timeout=20) != 0 and not fake_criu.exists()
     gate.close()
+
+
+def _dump_through(gate: CriuGate, ran: Path) -> Coroutine[Any, Any, None]:
+    """What runc does with a gate: run its script with a dump request, wait for it to end."""
+    async def run() -> None:
+        proc, _sk = launch(gate, REQ_DUMP, ran)
+        code = await asyncio.to_thread(proc.wait, 30)
+        if code != 0:
+            raise MigrationError(f"runc: criu exited {code}")
+    return run()
+
+
+async def test_a_gated_dump_asked_for_as_started_runs(tmp_path: Path, fake_criu: Path) -> None:
+    dumps = GatedDumps()
+    key = (tmp_path / "img", tmp_path / "work", "127.0.0.1:1", None)
+    assert await dumps.start("c", key, tmp_path / "gate", lambda gate: _dump_through(gate, fake_criu))
+    assert not fake_criu.exists()
+    assert await dumps.run("c", key)
+    assert fake_criu.read_text().startswith("0801")
+
+
+async def test_a_gated_dump_asked_for_differently_is_abandoned_unrun(tmp_path: Path, fake_criu: Path) -> None:
+    dumps = GatedDumps()
+    key = (tmp_path / "img", tmp_path / "work", "127.0.0.1:1", None)
+    assert await dumps.start("c", key, tmp_path / "gate", lambda gate: _dump_through(gate, fake_criu))
+    assert not await dumps.run("c", (*key[:3], "parent"))
+    assert not await dumps.run("c", key), "abandoned: nothing left to run"
+    assert not fake_criu.exists()
+
+
+async def test_abandon_ends_every_waiting_dump_unrun(tmp_path: Path, fake_criu: Path) -> None:
+    dumps = GatedDumps()
+    for name in ("a", "b"):
+        key = (tmp_path / name, tmp_path / "work", None, None)
+        assert await dumps.start(name, key, tmp_path / f"gate-{name}", lambda gate: _dump_through(gate, fake_criu))
+    await dumps.abandon()
+    assert not fake_criu.exists()

@@ -121,6 +121,11 @@ class Strategy(abc.ABC):
         """Run the frozen dump (``dump``); by default to ``page_server`` or files."""
         await dump(page_server)
 
+    def final_dump_target(self, page_server: str | None) -> str | None:
+        """Where :meth:`final_dump` will send the memory (known once
+        :meth:`prepare_final` ran), so that its runc can start before the freeze."""
+        return page_server
+
     def rebuilt_pages(self) -> set[str]:
         """Pages images the agent rebuilds from what it received: the
         transfer phase sends every other file of the images dir."""

@@ -113,6 +113,9 @@ class Precopy(Strategy):
     async def final_dump(self, dump: DumpFn, page_server: str | None) -> None:
         await self.rounds.final_dump(dump, page_server)
 
+    def final_dump_target(self, page_server: str | None) -> str | None:
+        return self.rounds.final_dump_target(page_server)
+
     def rebuilt_pages(self) -> set[str]:
         return self.rounds.rebuilt_pages()
 

@@ -72,6 +72,10 @@ class Rounds(abc.ABC):
         """Run the frozen dump; by default to the destination's page server."""
         await dump(page_server)
 
+    def final_dump_target(self, page_server: str | None) -> str | None:
+        """Where :meth:`final_dump` sends the memory (strategies/base.py)."""
+        return page_server
+
     def rebuilt_pages(self) -> set[str]:
         """Pages images the agent rebuilds from its store: the transfer phase
         sends every other file of the images dir."""

@@ -165,6 +165,9 @@ class ContentRounds(Rounds):
             self._filter.close()
         self._filter = FilterServer.listen(self.page_filter(), images_dir, only_criu=self.only_criu_peers)
 
+    def final_dump_target(self, page_server: str | None) -> str | None:
+        return self._filter.address if self._filter is not None else page_server
+
     async def final_dump(self, dump: DumpFn, page_server: str | None) -> None:
         """Dump into the filter: changed pages stream to the agent while CRIU runs.
 
