@@ -43,6 +43,11 @@ KEEPALIVE_INTERVAL = 5.0
 KEEPALIVE_COUNT_MAX = 3
 
 
+def default_agent_command() -> str:
+    """How the destination's agent starts unless the options say otherwise (this Python, this tug)."""
+    return f"{shlex.quote(sys.executable)} -m tug.engine.agent"
+
+
 @dataclass(frozen=True, slots=True)
 class SshTarget:
     user: str
@@ -277,7 +282,7 @@ async def connect_agent(
     except Exception as exc:  # e.g. ValueError for an unreadable known_hosts: never asyncssh's own type
         raise TransportError(f"ssh to {target} failed: {type(exc).__name__}: {exc}") from None
 
-    command = agent_command or f"{shlex.quote(sys.executable)} -m tug.engine.agent"
+    command = agent_command or default_agent_command()
     try:
         process = await conn.create_process(command, encoding=None, env=env or {})
     except Exception as exc:

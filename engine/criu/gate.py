@@ -31,6 +31,7 @@ import os
 import stat
 import sys
 from pathlib import Path
+from typing import Any
 
 from tug.engine.criu.tool import criu_binary
 from tug.engine.errors import MigrationError
@@ -115,12 +116,38 @@ class CriuGate:
             loop.add_reader(fd, readable)
         return await asyncio.shield(self._held)
 
+    async def held_before(self, runner: asyncio.Future[Any], timeout: float) -> bool:
+        """Whether CRIU's request waits at the gate before ``runner`` (runc, or
+        what runs it) ends and within ``timeout``."""
+        held = asyncio.ensure_future(self.held())
+        try:
+            await asyncio.wait({held, runner}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            held.cancel()
+        return held.done() and not held.cancelled()
+
     def open(self) -> None:
         """Let CRIU go (the container is frozen)."""
         if self._go_fd is None:
             raise MigrationError("the CRIU gate was closed before it could open")
         os.write(self._go_fd, b"1")
         self.opened = True
+
+    def release(self) -> None:
+        """Let CRIU go and drop tug's ends: what was written stays readable."""
+        self.open()
+        self.close()
+
+    async def abandon(self, runner: asyncio.Future[Any], timeout: float = 30.0) -> None:
+        """Close a gate never opened and wait for ``runner`` to fail (no CRIU ran);
+        cancelled if it does not end within ``timeout``."""
+        self.close()
+        if self.opened:
+            return
+        with contextlib.suppress(MigrationError, asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(asyncio.shield(runner), timeout)
+        if not runner.done():
+            runner.cancel()
 
     def close(self) -> None:
         """Release tug's ends: a script still waiting reads the end and fails (idempotent)."""

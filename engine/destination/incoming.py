@@ -65,18 +65,8 @@ class PrestartedRestore:
 
     async def run(self) -> int:
         """Let CRIU restore (every image is in); the container's pid."""
-        self.gate.open()
-        self.gate.close()  # what was written stays readable: CRIU goes
+        self.gate.release()
         return await self.task
-
-    async def abandon(self) -> None:
-        """Never let go: close the gate and wait for runc to fail and clean up after itself."""
-        self.gate.close()
-        if not self.gate.opened:
-            with contextlib.suppress(MigrationError, asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.task), 30)
-            if not self.task.done():
-                self.task.cancel()
 
 
 @dataclass(slots=True)

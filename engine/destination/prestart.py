@@ -73,14 +73,9 @@ class PrestartCalls(AgentState):
             tcp_established=not tcp_close, lazy_pages=lazy, net_held=inc.endpoint is not None, gate=gate,
         ), name=f"tug-prestart-{container}")  # fmt: skip
         inc.prestart = PrestartedRestore(gate, task, not tcp_close, lazy, own)
-        held = asyncio.ensure_future(gate.held())
-        try:
-            await asyncio.wait({held, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            held.cancel()
-        if held.cancelled() or not held.done():
-            pre, inc.prestart = inc.prestart, None
-            await pre.abandon()
+        if not await gate.held_before(task, 30):
+            inc.prestart = None
+            await gate.abandon(task)
             criuconf.keep_own_lines(inc.bundle, own)
             exc = task.exception() if task.done() and not task.cancelled() else None
             raise MigrationError(f"runc restore of {container!r} did not reach its CRIU gate: {exc or 'timed out'}")
@@ -93,7 +88,7 @@ async def abandon_prestart(inc: Incoming, *, keep_own_lines: bool = True) -> Non
     (``keep_own_lines=False``) keeps the lines it wrote."""
     pre, inc.prestart = inc.prestart, None
     if pre is not None:
-        await pre.abandon()
+        await pre.gate.abandon(pre.task)  # runc fails and removes what it began
         if keep_own_lines:
             with contextlib.suppress(OSError):
                 criuconf.keep_own_lines(inc.bundle, pre.own)

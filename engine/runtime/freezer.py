@@ -57,7 +57,11 @@ class Freezer:
     def freeze(self, timeout: float = FREEZE_TIMEOUT_S) -> bool:
         """Freeze every process in the cgroup; False if the kernel did not finish in time."""
         deadline = time.monotonic() + timeout
-        self._write_state(frozen=True)  # (thawing stays runc's: runc resume)
+        # (Thawing stays runc's: runc resume.)
+        if self.version == 1:
+            (self.dir / "freezer.state").write_text("FROZEN")
+        else:
+            (self.dir / "cgroup.freeze").write_text("1")
         pause = 0.0002
         while not self.frozen():
             if time.monotonic() > deadline:
@@ -69,14 +73,7 @@ class Freezer:
     def frozen(self) -> bool:
         if self.version == 1:
             return (self.dir / "freezer.state").read_text().strip() == "FROZEN"
-        events = (self.dir / "cgroup.events").read_text().split()
-        return "frozen" in events and events[events.index("frozen") + 1 : events.index("frozen") + 2] == ["1"]
-
-    def _write_state(self, *, frozen: bool) -> None:
-        if self.version == 1:
-            (self.dir / "freezer.state").write_text("FROZEN" if frozen else "THAWED")
-        else:
-            (self.dir / "cgroup.freeze").write_text("1" if frozen else "0")
+        return "frozen 1" in (self.dir / "cgroup.events").read_text().splitlines()
 
     def pids(self) -> list[int]:
         """Every process in the cgroup and the cgroups below it (a container may nest its own)."""

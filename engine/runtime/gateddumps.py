@@ -10,13 +10,11 @@ and runc fails without having run CRIU.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from tug.engine.criu.gate import CriuGate
-from tug.engine.errors import MigrationError
 
 #: What a gated dump was started for: image dir, work dir, page server, parent path.
 DumpKey = tuple[Path, Path, str | None, str | None]
@@ -36,12 +34,7 @@ class GatedDumps:
         gate.make()
         task = asyncio.create_task(run(gate), name=f"tug-gated-dump-{name}")
         self._by_name[name] = (key, gate, task)
-        held = asyncio.ensure_future(gate.held())
-        try:
-            await asyncio.wait({held, task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            held.cancel()
-        if held.cancelled() or not held.done():
+        if not await gate.held_before(task, timeout):
             await self.abandon(name)
             return False
         return True
@@ -57,8 +50,7 @@ class GatedDumps:
             self._by_name[name] = entry
             await self.abandon(name)
             return False
-        gate.open()
-        gate.close()  # what was written stays readable: CRIU goes
+        gate.release()
         await task
         return True
 
@@ -69,6 +61,4 @@ class GatedDumps:
             if entry is None:
                 continue
             _, gate, task = entry
-            gate.close()
-            with contextlib.suppress(MigrationError, asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(asyncio.shield(task), 30)
+            await gate.abandon(task)

@@ -218,9 +218,9 @@ class Runc:
         argv.append(name)
         return argv
 
-    def dump_env(self, name: str, work_dir: Path) -> dict[str, str] | None:
+    def dump_env(self, name: str, work_dir: Path, gate: CriuGate | None = None) -> dict[str, str] | None:
         """The environment of a frozen dump of ``name`` (None: ours)."""
-        return skip_env(work_dir) if name in self.net_held else None
+        return criu_env(work_dir, net_held=name in self.net_held, gate=gate)
 
     async def checkpoint_frozen(
         self,
@@ -287,9 +287,7 @@ class Runc:
         work_dir.mkdir(parents=True, exist_ok=True)
         argv = self.checkpoint_argv(name, image_dir=image_dir, work_dir=work_dir,
                                     criu=gate.shim if gate is not None else None, **kw)
-        env = None if kw.get("pre_dump") else self.dump_env(name, work_dir)
-        if gate is not None:
-            env = {**(env or {}), **gate.env}
+        env = None if kw.get("pre_dump") else self.dump_env(name, work_dir, gate)
         try:
             # Timed out or cancelled: CRIU is interrupted first, so that it cures
             # its parasites and re-freezes the container before anything is killed.
@@ -336,8 +334,7 @@ class Runc:
             argv.append("--file-locks")
         argv.append(name)
         try:
-            env = {**(skip_env(work_dir) if net_held else {}), **(gate.env if gate is not None else {})}
-            await proc.run(argv, timeout=timeout, stdout_devnull=True, env=env or None)
+            await proc.run(argv, timeout=timeout, stdout_devnull=True, env=criu_env(work_dir, net_held=net_held, gate=gate))
         except RuntimeToolError as exc:
             raise error_from_tool(exc, f"restore of {name}", work_dir / "restore.log") from None
         try:
@@ -357,6 +354,13 @@ class Runc:
         except OSError:
             return ""
         return lines[-1] if lines else ""
+
+
+def criu_env(work_dir: Path, *, net_held: bool, gate: CriuGate | None) -> dict[str, str] | None:
+    """The environment a runc call hands its CRIU: CRIU's network lock skipped
+    (criu/netlockskip.py), a gate in front of it (criu/gate.py); None: ours."""
+    env = {**(skip_env(work_dir) if net_held else {}), **(gate.env if gate is not None else {})}
+    return env or None
 
 
 def require_runc() -> str:

@@ -92,27 +92,20 @@ class LazyDump:
     async def at_gate(self, timeout: float) -> None:
         """Wait until the spawned dump's CRIU waits at its gate (raises CriuError if it ends first)."""
         assert self.gate is not None and self._reaper is not None, "spawn() first"
-        held = asyncio.ensure_future(self.gate.held())
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.wait({held, self._reaper}, return_when=asyncio.FIRST_COMPLETED)
-        except TimeoutError:
-            self.abandon()
-            raise self._failure(f"did not reach its gate within {timeout:g} s") from None
-        finally:
-            held.cancel()
-        if not held.done() or held.cancelled():
-            self.abandon()
-            await asyncio.shield(asyncio.wait({self._reaper}))
-            raise self._failure("ended before its CRIU reached the gate")
+        if await self.gate.held_before(self._reaper, timeout):
+            return
+        ended = self._reaper.done()
+        self.abandon()
+        await asyncio.shield(asyncio.wait({self._reaper}))
+        raise self._failure("ended before its CRIU reached the gate" if ended
+                            else f"did not reach its gate within {timeout:g} s")
 
     async def start(self, timeout: float) -> None:
         """Dump (frozen); return once CRIU serves the memory (raises CriuError if it never does)."""
         if self._proc is None:
             await self._spawn()
         elif self.gate is not None:
-            self.gate.open()
-            self.gate.close()  # what was written stays readable: CRIU goes
+            self.gate.release()
         assert self._status is not None
         r, self._status = self._status, None
         try:
@@ -137,12 +130,10 @@ class LazyDump:
                 page_server=f"127.0.0.1:{LAZY_PORT}", lazy_status_fd=status_fd, criu=criu,
             ))  # fmt: skip
 
-        env = self.runc.dump_env(self.name, self.work_dir) or {}
-        if self.gate is not None:
-            env.update(self.gate.env)
         # Not tied to our life: if tug dies, CRIU must end gracefully, not with us (module doc).
         self._proc, self._status, self.argv = await spawn_with_status_fd(
-            argv_for, die_with_parent=False, stdout=asyncio.subprocess.PIPE, env=env or None,
+            argv_for, die_with_parent=False, stdout=asyncio.subprocess.PIPE,
+            env=self.runc.dump_env(self.name, self.work_dir, self.gate),
         )
         self._reaper = asyncio.create_task(self._proc.communicate(), name=f"tug-lazy-dump-{self._proc.pid}")
 

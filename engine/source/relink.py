@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import shlex
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,14 +25,14 @@ from tug.engine.options import MigrationOptions
 from tug.engine.source.container import open_session
 from tug.transports import protocol as p
 from tug.transports.session import Session
-from tug.transports.ssh import AgentProcess, SshTarget
+from tug.transports.ssh import AgentProcess, SshTarget, default_agent_command
 
 #: First and longest pause between two reconnect attempts.
 BACKOFF_S = (0.2, 2.0)
 
 
 def attach_command(opts: MigrationOptions, path: str) -> str:
-    base = opts.agent_command or f"{shlex.quote(sys.executable)} -m tug.engine.agent"
+    base = opts.agent_command or default_agent_command()
     return f"{base} --attach {shlex.quote(path)}"
 
 
