@@ -152,7 +152,7 @@ async def stop_group(proc: asyncio.subprocess.Process, stop: GracefulStop | None
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
-    await proc.wait()
+    await wait_exit(proc)
     # A member whose parent died first is reparented away from us: we cannot
     # reap it, but we do not return while it may still run (or trace).
     deadline = time.monotonic() + _GONE_S
@@ -160,6 +160,67 @@ async def stop_group(proc: asyncio.subprocess.Process, stop: GracefulStop | None
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         await asyncio.sleep(_POLL_S)
+
+
+async def wait_exit(proc: asyncio.subprocess.Process) -> int:
+    """``proc``'s exit code once it exited, whoever still holds its pipes.
+
+    asyncio's ``wait()`` (3.11) returns only once the pipes closed too, so a
+    stray that inherited them holds it up for good. Its fast path stays (it
+    returns at exit in the usual case); a look at the exit code every
+    :data:`_POLL_S` covers the other one.
+    """
+    async def polled() -> None:
+        while proc.returncode is None:
+            await asyncio.sleep(_POLL_S)
+
+    waiting = {asyncio.ensure_future(proc.wait()), asyncio.ensure_future(polled())}
+    try:
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waiting:
+            task.cancel()
+    assert proc.returncode is not None
+    return proc.returncode
+
+
+async def reap_group(
+    proc: asyncio.subprocess.Process, input: bytes | None = None, grace: float = _LEADER_S
+) -> tuple[bytes, bytes]:
+    """``proc.communicate(input)`` for a session leader, whose strays cannot hold it up.
+
+    A process it forked may keep its pipes open past its death: CRIU
+    SIGKILLed during its kernel probes leaves a traced child asleep for good
+    (seen here, under runc and as the lazy-pages daemon), and
+    ``communicate()`` would wait for it forever. So once ``proc`` exited, a
+    group still holding its pipes after ``grace`` is ended (:func:`stop_group`).
+    """
+    async def feed() -> None:
+        if input is not None and proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                proc.stdin.write(input)
+                await proc.stdin.drain()
+            proc.stdin.close()
+
+    async def drain(stream: asyncio.StreamReader | None) -> bytes:
+        return await stream.read() if stream is not None else b""
+
+    out, err = asyncio.ensure_future(drain(proc.stdout)), asyncio.ensure_future(drain(proc.stderr))
+    fed = asyncio.ensure_future(feed())
+    try:
+        await wait_exit(proc)
+        _, pending = await asyncio.wait({out, err}, timeout=grace)
+        if pending:
+            await stop_group(proc, None)
+            await asyncio.wait(pending, timeout=grace)
+    finally:
+        for task in (out, err, fed):
+            task.cancel()
+
+    def got(task: asyncio.Future[bytes]) -> bytes:
+        return task.result() if task.done() and not task.cancelled() else b""
+
+    return got(out), got(err)
 
 
 async def run(
@@ -212,7 +273,7 @@ async def _finish(
 ) -> Completed:
     try:
         async with asyncio.timeout(timeout):
-            stdout, stderr = await proc.communicate(input)
+            stdout, stderr = await reap_group(proc, input)
             if files is not None:
                 stdout, stderr = _read_back(files[0]), _read_back(files[1])
     except TimeoutError:

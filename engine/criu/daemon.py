@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tug.engine.criu.tool import error_lines_from_text, log_error_lines
 from tug.engine.errors import CriuError, MigrationError
+from tug.engine.proc import reap_group, wait_exit
 
 
 class CriuDaemon:
@@ -53,7 +54,7 @@ class CriuDaemon:
         self._reaper = asyncio.create_task(self._reap(), name=f"tug-criu-{self._proc.pid}")
         try:
             async with asyncio.timeout(timeout):
-                ready = await read_status(r)
+                ready = await read_status(r, self._proc)
         except TimeoutError:
             await asyncio.shield(self.kill())
             raise self.failure(f"was not ready within {timeout:g} s") from None
@@ -66,8 +67,8 @@ class CriuDaemon:
 
     async def _reap(self) -> int:
         assert self._proc is not None
-        _, err = await self._proc.communicate()
-        self._stderr = err or b""
+        _, err = await reap_group(self._proc)
+        self._stderr = err
         return self._proc.returncode if self._proc.returncode is not None else -1
 
     async def wait(self) -> int:
@@ -156,8 +157,14 @@ async def spawn_with_status_fd(
     return proc, r, argv
 
 
-async def read_status(fd: int) -> bytes:
-    """Read CRIU's one ready byte from the status pipe (b"" if CRIU died first)."""
+async def read_status(fd: int, proc: asyncio.subprocess.Process | None = None) -> bytes:
+    """Read CRIU's one ready byte from the status pipe (b"" if CRIU died first).
+
+    With ``proc`` (the process that was given the pipe), its exit counts as
+    the end too: a CRIU SIGKILLed while a child it forked (its kernel probes
+    fork and trace one) still holds the write end would otherwise never read
+    as ended. Consumes ``fd``.
+    """
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     pipe = os.fdopen(fd, "rb", buffering=0)
@@ -166,9 +173,21 @@ async def read_status(fd: int) -> bytes:
     except BaseException:
         pipe.close()
         raise
+    read = asyncio.ensure_future(reader.read(1))
     try:
-        return await reader.read(1)
+        if proc is not None:
+            exited = asyncio.ensure_future(wait_exit(proc))
+            try:
+                await asyncio.wait({read, exited}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                exited.cancel()
+            if not read.done():
+                # A byte written just before the exit is in the pipe already.
+                await asyncio.wait({read}, timeout=0.2)
+            return read.result() if read.done() else b""
+        return await read
     finally:
+        read.cancel()
         transport.close()
 
 

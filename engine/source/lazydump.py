@@ -35,6 +35,7 @@ from tug.engine.criu.daemon import read_status, spawn_with_status_fd
 from tug.engine.criu.gate import CriuGate
 from tug.engine.criu.tool import DUMP_STOP, error_lines_from_text, log_error_lines, runs_criu
 from tug.engine.errors import CriuError
+from tug.engine.proc import reap_group
 from tug.engine.runtime.network import connect_in_netns
 from tug.engine.runtime.runc import Runc
 from tug.transports.criu_pageserver import HEADER, PS_IOV_CLOSE
@@ -110,7 +111,7 @@ class LazyDump:
         r, self._status = self._status, None
         try:
             async with asyncio.timeout(timeout):
-                ready = await read_status(r)
+                ready = await read_status(r, self._proc)
         except BaseException:
             await asyncio.shield(self.stop())
             raise
@@ -135,7 +136,7 @@ class LazyDump:
             argv_for, die_with_parent=False, stdout=asyncio.subprocess.PIPE,
             env=self.runc.dump_env(self.name, self.work_dir, self.gate),
         )
-        self._reaper = asyncio.create_task(self._proc.communicate(), name=f"tug-lazy-dump-{self._proc.pid}")
+        self._reaper = asyncio.create_task(reap_group(self._proc), name=f"tug-lazy-dump-{self._proc.pid}")
 
     def abandon(self) -> None:
         """A spawned dump whose gate never opened: close it, end runc (no CRIU ran). Idempotent."""

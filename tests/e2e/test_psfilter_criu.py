@@ -242,6 +242,17 @@ def stop(t: Tree) -> None:
         time.sleep(0.01)
 
 
+def stopped_again(t: Tree, seconds: float = 5.0) -> bool:
+    """Whether CRIU left the tree stopped: it detaches, then stops each task
+    again with a signal, so the stop may show a moment after CRIU exited."""
+    deadline = time.monotonic() + seconds
+    while not all(_state(p) == "T" for p in (t.init, t.child)):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def dump_argv(t: Tree, images_dir: Path, *extra: str) -> list[str]:
     images_dir.mkdir(parents=True, exist_ok=True)
     return [t.criu, "dump", "-t", str(t.init), "-D", str(images_dir), "--leave-running", "-v4", "-o", "dump.log", *extra]
@@ -311,7 +322,7 @@ async def test_filtered_dump_equals_a_plain_dump_minus_the_unchanged_pages(tree:
     ref, got = tmp_path / "plain", tmp_path / "filtered"
     res = subprocess.run(dump_argv(t, ref), capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, f"plain dump failed: {res.stderr}\n{log_errors(ref)}"
-    assert all(_state(p) == "T" for p in (t.init, t.child)), "still stopped between the dumps"
+    assert stopped_again(t), "still stopped between the dumps"
     sink = Collect()
     servers: list[FilterServer] = []
     rc, err = await filtered_dump(t, tracker, got, sink, servers)
@@ -400,7 +411,7 @@ async def test_a_failing_sink_fails_the_dump_and_leaves_the_process_intact(tree:
     assert rc != 0, "CRIU must not report a dump whose pages did not get through"
     assert "page" in log_errors(tmp_path / "failed").lower()
     # CRIU cured and released the tree: it is stopped as before, not traced, and dumps fine again.
-    assert all(_state(p) == "T" for p in (t.init, t.child))
+    assert stopped_again(t)
     for pid in (t.init, t.child):
         tracer = [ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("TracerPid:")]
         assert tracer == ["TracerPid:\t0"], tracer

@@ -189,3 +189,61 @@ async def test_helpers_die_before_their_leader_so_that_it_reaps_them(tmp_path: P
         await task
     assert not alive(helper), "reaped, not a zombie of init"
     assert not no_zombie_children()
+
+
+def stray_holder(pidfile: Path, rc: int = 5) -> str:
+    """A tool that forks a child holding its stdout and stderr, then exits ``rc``
+    (CRIU SIGKILLed during its kernel probes leaves such a traced sleeper)."""
+    return (
+        "import os, sys, time\n"
+        "if os.fork() == 0:\n"
+        f"    open({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
+        "    while True: time.sleep(1)\n"
+        f"while not os.path.exists({str(pidfile)!r}): time.sleep(0.01)\n"
+        "sys.stderr.write('the tool failed\\n')\n"
+        f"sys.exit({rc})\n"
+    )
+
+
+async def test_a_stray_holding_the_pipes_does_not_hold_up_the_tool_s_end(tmp_path: Path) -> None:
+    """The tool's end is its exit: its output so far, then the stray is killed, not waited for."""
+    pidfile = tmp_path / "stray"
+    started = time.monotonic()
+    res = await proc.run(python(stray_holder(pidfile)), timeout=60, check=False)
+    assert time.monotonic() - started < 10, "waited on the stray's pipes"
+    assert res.returncode == 5 and "the tool failed" in res.err
+    stray = int(pidfile.read_text())
+    assert not alive(stray) or Path(f"/proc/{stray}/stat").read_text().split(") ")[1].startswith("Z")
+    assert not no_zombie_children()
+
+
+async def test_input_is_fed_while_the_output_is_read(tmp_path: Path) -> None:
+    code = "import sys; data = sys.stdin.buffer.read(); sys.stdout.buffer.write(data[::-1] * 4)"
+    payload = os.urandom(1 << 20)  # larger than a pipe: feeding and reading must overlap
+    res = await proc.run(python(code), input=payload, timeout=30)
+    assert res.stdout == payload[::-1] * 4
+
+
+async def test_a_daemon_killed_before_ready_is_seen_dead_though_its_child_holds_the_status_pipe(tmp_path: Path) -> None:
+    """The lazy-pages daemon SIGKILLed mid-probe: its start fails at once, and nothing of it stays."""
+    from tug.engine.criu.daemon import CriuDaemon
+    from tug.engine.errors import CriuError
+
+    pidfile = tmp_path / "stray"
+    code = (
+        "import os, signal, sys, time\n"
+        "if os.fork() == 0:\n"  # inherits the status fd and stderr, like CRIU's probe child
+        f"    open({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
+        "    while True: time.sleep(1)\n"
+        f"while not os.path.exists({str(pidfile)!r}): time.sleep(0.01)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    daemon = CriuDaemon(tmp_path / "daemon.log")
+    started = time.monotonic()
+    with pytest.raises(CriuError, match="did not start"):
+        await daemon.spawn(lambda fd: [*python(code), str(fd)], timeout=60)
+    assert time.monotonic() - started < 10, "waited for the status pipe's end, held by the stray"
+    assert daemon.returncode == -signal.SIGKILL and daemon.failed_on_its_own
+    await asyncio.wait_for(daemon.kill(), 10)
+    stray = int(pidfile.read_text())
+    assert not alive(stray) or Path(f"/proc/{stray}/stat").read_text().split(") ")[1].startswith("Z")
