@@ -17,7 +17,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from tug.engine.criu.tool import error_lines_from_text, log_error_lines
+from tug.engine.criu.tool import criu_binary, error_lines_from_text, log_error_lines
 from tug.engine.errors import CriuError, MigrationError
 from tug.engine.proc import reap_group, wait_exit
 
@@ -198,3 +198,38 @@ def _die_with_parent() -> None:
     """In the child, before exec: SIGKILL when the process that started it dies."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def kill_strays(work: Path) -> int:
+    """SIGKILL every CRIU process whose command line names a path in ``work``; how many.
+
+    Called once this migration's daemons were stopped, so any such process
+    is a stray: a child a CRIU daemon forked for its kernel probes, orphaned
+    when the daemon was killed in that instant (with the agent, by
+    ``PR_SET_PDEATHSIG``, or by a fault), and asleep for good. Each candidate
+    is pinned with a pidfd and checked again before the signal, so a pid
+    reused meanwhile is never hit.
+    """
+    criu = os.path.realpath(criu_binary())
+    prefix = str(work).rstrip("/") + "/"
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        try:
+            if os.path.realpath(f"/proc/{pid}/exe") != criu:
+                continue
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if any(a.decode(errors="replace").startswith(prefix) for a in args):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                killed += 1
+        except OSError:
+            continue
+        finally:
+            os.close(pidfd)
+    return killed

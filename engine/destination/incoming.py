@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tug.engine import records, rootfs
+from tug.engine.criu.daemon import kill_strays
 from tug.engine.criu.gate import CriuGate
 from tug.engine.criu.pageserver import PageServer
 from tug.engine.destination.lazypages import LazyPages
@@ -352,3 +353,5 @@ async def stop_criu_daemons(inc: Incoming) -> None:
         await inc.lazy.kill()
     if inc.store_server is not None:
         await inc.store_server.close()
+    if n := await asyncio.to_thread(kill_strays, inc.work):
+        log.warning("killed %d CRIU process(es) of %s that had outlived their daemon", n, inc.name)

@@ -150,6 +150,20 @@ def criu_pids(host: str) -> list[int]:
     return find(is_criu)
 
 
+def describe(pids: list[int]) -> str:
+    """Who these processes are (for an assertion's message): pid, parent, group, state, command."""
+    lines = []
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            lines.append(f"{pid}: gone")
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        lines.append(f"{pid}: state {fields[0]} ppid {fields[1]} pgid {fields[2]}: {' '.join(_cmdline(pid))[:300]}")
+    return "\n".join(lines)
+
+
 def signal_all(pids: list[int], sig: int) -> int:
     n = 0
     for pid in pids:

@@ -40,6 +40,7 @@ from ..e2e.test_network import Client
 from .harness import (
     agent_pids,
     criu_pids,
+    describe,
     runc_checkpoints,
     running_copies,
     signal_all,
@@ -181,7 +182,7 @@ def test_fault(lab: Lab, victim: str, strategy: str, phase: str, fault: str) -> 
     other = "b" if host == "a" else "a"
     assert _settled(lambda: lab.leftovers(other, victim) == []), f"leftovers on {other}: {lab.leftovers(other, victim)}\n{where}"
     assert _settled(lambda: not agent_pids("b")), f"agents left: {agent_pids('b')}\n{where}"
-    assert _settled(lambda: not criu_pids("a") and not criu_pids("b")), f"CRIU left: {criu_pids('a')} {criu_pids('b')}\n{where}"
+    assert _settled(lambda: not criu_pids("a") and not criu_pids("b")), f"CRIU left:\n{describe(criu_pids('a') + criu_pids('b'))}\n{where}"
     assert _settled(lambda: not runc_checkpoints()), f"runc checkpoint left: {runc_checkpoints()}\n{where}"
 
 
