@@ -36,12 +36,12 @@ class Strategy:
     doc: str = ""
 
 
-def _hybrid(policy: str) -> Strategy:
+def _hybrid(policy: str, tracker: str = "content", name: str = "") -> Strategy:
     return Strategy(
-        name=f"hybrid-{policy}" if "=" not in policy else f"hybrid:{policy}",
+        name=name or (f"hybrid-{policy}" if "=" not in policy else f"hybrid:{policy}"),
         kind="engine",
-        migrate_args=("--strategy", "hybrid", "--policy", policy, "--tracker", "content"),
-        doc=f"tug hybrid: pre-copy rounds (content tracker, policy {policy!r}), then a lazy final step "
+        migrate_args=("--strategy", "hybrid", "--policy", policy, "--tracker", tracker),
+        doc=f"tug hybrid: pre-copy rounds ({tracker} tracker, policy {policy!r}), then a lazy final step "
         "served from the destination's page store where the frozen source confirms a page unchanged",
     )
 
@@ -77,6 +77,7 @@ STRATEGIES: dict[str, Strategy] = {
         _hybrid("phaul"),
         _hybrid("incus"),
         _hybrid("qemu"),
+        _hybrid("qemu", "uffd", "hybrid-uffd"),
     )
 }
 

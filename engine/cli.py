@@ -257,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--policy", default="phaul", metavar="SPEC",
                    help="precopy: when to do the final dump, e.g. phaul, incus, qemu, 'max-iter=8,min-dirty=64,max-growth=1.1'")
     m.add_argument("--tracker", default="auto", choices=("auto", "content", "soft-dirty", "uffd"),
-                   help="precopy: how dirty pages are found (auto: soft-dirty if the kernel has it, else uffd where "
-                        "tug doctor's probe passes, else content)")
+                   help="precopy, hybrid: how dirty pages are found (auto: soft-dirty if the kernel has it, else uffd "
+                        "where tug doctor's probe passes, else content; hybrid: uffd or content)")
     m.add_argument("--lazy-restore", action=argparse.BooleanOptionalAction, default=MigrationOptions().lazy_restore,
                    help="the destination's processes run before their memory is in place; a local CRIU lazy-pages "
                         "daemon fills it and the commit waits for that (default: %(default)s)")

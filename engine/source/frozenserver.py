@@ -1,12 +1,14 @@
 """The source's side of a hybrid fill: the frozen memory decides which pages changed.
 
 After pre-copy the destination's page store holds, page for page, what the
-content tracker's shadow holds (the stream was ordered and lossless). The
-final dump is CRIU's ``--lazy-pages`` dump: the processes stay stopped with
-their memory in place, and nothing is read inside the downtime. Then this
-service reads the stopped processes' memory itself (``/proc/PID/mem``; the
-processes cannot write it any more) and compares it with the shadow, which no
-longer changes (``record=False``):
+tracker recorded as sent (the stream was ordered and lossless): the content
+tracker's shadow, or the uffd tracker's held pages, which its final scan at
+the freeze made exact. The final dump is CRIU's ``--lazy-pages`` dump: the
+processes stay stopped with their memory in place, and nothing is read
+inside the downtime. Then this service reads the stopped processes' memory
+itself (``/proc/PID/mem``; the processes cannot write it any more) and asks
+the tracker's filter which pages the destination lacks (``record=False``:
+its record no longer changes):
 
 * on the **fault channel** it answers each GET of the destination, in order,
   with the changed pages' bytes and SAME for the rest of the range;
@@ -37,7 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tug.engine.errors import MigrationError
-from tug.engine.source.trackers.shadow import PAGE, SPECIAL, ContentTracker, ProcessMemory, Region, parse_maps
+from tug.engine.source.psfilter import PageFilter
+from tug.engine.source.trackers.shadow import PAGE, SPECIAL, ProcessMemory, Region, parse_maps
 from tug.transports import hybrid_wire as w
 
 #: Sweep bytes sent and not yet acknowledged, at most (8 ms at 1 gbit).
@@ -151,7 +154,7 @@ class ServeStats:
 
 class FrozenServer:
     def __init__(
-        self, memory: FrozenMemory, tracker: ContentTracker, on_end: Callable[[], Awaitable[bool]] | None = None
+        self, memory: FrozenMemory, tracker: PageFilter, on_end: Callable[[], Awaitable[bool]] | None = None
     ) -> None:
         self.memory = memory
         self.tracker = tracker

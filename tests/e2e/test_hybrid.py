@@ -32,3 +32,14 @@ def test_hybrid_there_and_back_keeps_memory_and_connections(lab: Lab, busy_demo:
         assert report["store_pages"] > 0 and report["source_pages"] > 0, report
         assert report["store_pages"] > report["source_pages"], report
         assert report["bytes_after_commit"] < (128 << 20) // 2, report
+
+def test_hybrid_with_the_uffd_tracker_needs_no_shadow(lab: Lab, busy_demo: str) -> None:
+    """The uffd tracker's held pages, made exact by its final scan, say what the store has:
+    the same fill, the memory verifies, and the rounds came from the scans (no shadow)."""
+    for report in lazy_there_and_back(lab, busy_demo, "--strategy", "hybrid", "--policy", "qemu", "--tracker", "uffd"):
+        assert report["tracker"] == "uffd", report
+        assert report["rounds"], report
+        notes = "\n".join(report["notes"])
+        assert "(uffd scan)" in notes and "final uffd scan" in notes, notes
+        assert report["store_pages"] > report["source_pages"] > 0, report
+        assert report["bytes_after_commit"] < (128 << 20) // 2, report

@@ -1,7 +1,9 @@
 """Hybrid: pre-copy rounds, then the final step as post-copy, never sending a page twice.
 
-The rounds are pre-copy's, with the content tracker: the destination's page
-store ends up holding exactly the tracker's shadow. The frozen dump is then
+The rounds are pre-copy's, with the content tracker or the uffd tracker: the
+destination's page store ends up holding exactly what the tracker recorded
+as sent (the shadow; the held pages, made exact by the uffd tracker's final
+scan at the freeze, which needs no shadow at all). The frozen dump is then
 CRIU's ``--lazy-pages`` dump (source/lazydump.py): the memory stays in the
 stopped processes, so neither the dump nor the restore moves it inside the
 downtime. The destination restores lazily; its ``criu lazy-pages`` daemon
@@ -34,8 +36,10 @@ from tug.engine.source.frozenserver import FrozenMemory, FrozenServer, NotFrozen
 from tug.engine.source.lazydump import LazyDump, tracer_of
 from tug.engine.source.strategies.base import RestoreMode
 from tug.engine.source.strategies.postcopy import FINISH_TIMEOUT_S, ask_admission, lazy_bytes
-from tug.engine.source.strategies.precopy import Precopy
+from tug.engine.source.strategies.precopy import Precopy, choose_tracker
 from tug.engine.source.trackers.content import ContentRounds
+from tug.engine.source.trackers.uffd import probe as uffd_probe
+from tug.engine.source.trackers.uffdrounds import UffdRounds
 from tug.transports.criu_pageserver import PAGE_SIZE
 from tug.transports.forward import PortForward
 
@@ -65,9 +69,15 @@ class Hybrid(Precopy):
         self._lazy_bytes = 0
 
     async def preflight(self) -> None:
-        if self.opts.tracker not in ("auto", "content"):
-            raise PreconditionError("hybrid compares the frozen memory with the content tracker's shadow: use --tracker content")
-        self._tracker = "content"
+        if self.opts.tracker not in ("auto", "content", "uffd"):
+            raise PreconditionError("hybrid needs to know what the destination holds: use --tracker content or uffd")
+        # auto: uffd where it works (no shadow: the source needs no second copy
+        # of the memory), else content; never soft-dirty, whose pre-dump
+        # images never reach the page store.
+        if self.opts.tracker == "auto":
+            self._tracker = "content" if await uffd_probe() else "uffd"
+        else:
+            self._tracker = await choose_tracker(self.opts.tracker)
 
     @property
     def dump_to_destination(self) -> bool:
@@ -103,6 +113,8 @@ class Hybrid(Precopy):
 
     async def final_dump(self, dump: DumpFn, page_server: str | None) -> None:
         assert self.dump is not None
+        if isinstance(self._rounds, UffdRounds):
+            await self._rounds.freeze_scan()  # before CRIU: it unregisters (uffdrounds.py)
         await self.dump.start(timeout=self.ctx.opts.timeout("checkpoint"))
         self._lazy_bytes = await asyncio.to_thread(lazy_bytes, self.dump.image_dir)
         self.meter = Meter("fill", "memory", self._lazy_bytes, self.ctx.emit)
@@ -121,7 +133,7 @@ class Hybrid(Precopy):
             raise NotFrozen(f"{self.ctx.name}'s processes are not held by CRIU after its lazy dump")
         memory = await asyncio.to_thread(FrozenMemory.open, pids, lambda: tracer_of(pids[0]) == tracer)
         assert isinstance(self._rounds, ContentRounds)
-        self.server = FrozenServer(memory, self._rounds.tracker, on_end=self._end_dump)
+        self.server = FrozenServer(memory, self._rounds.page_filter(), on_end=self._end_dump)
         self.server.hot = self._rounds.rewritten
         self.server.on_progress = self._progress
         return memory

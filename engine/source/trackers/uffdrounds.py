@@ -171,6 +171,8 @@ class UffdRounds(ContentRounds):
                 if not data:
                     continue  # unmapped meanwhile: CRIU will not dump it either
                 self.uffd.sent(proc.ns_pid, vaddr, data)
+                if self._index > 0:  # the hot set, as the content compare records it
+                    self._rewritten(proc.ns_pid, [(vaddr, data)])
                 n = len(data) // PAGE
                 c.dirty += n
                 self.sources.uffd_written += n
@@ -179,7 +181,14 @@ class UffdRounds(ContentRounds):
             await self._content(mem, refused, c, queue)
 
     async def final_dump(self, dump: DumpFn, page_server: str | None) -> None:
-        """The final scan (frozen: ms, nothing read), then the filtered dump.
+        """The final scan (:meth:`freeze_scan`), then the filtered dump."""
+        await self.freeze_scan()
+        await super().final_dump(dump, page_server)
+
+    async def freeze_scan(self) -> None:
+        """The final scan (frozen: ms, nothing read): what is held is now exactly
+        what the destination has of the frozen memory (hybrid asks :meth:`page_filter`
+        the same); the processes are unregistered before CRIU dumps them.
 
         Only the processes the rounds attached are scanned (no ``runc ps`` in
         the downtime): any other process of the dump has nothing held, so the
@@ -210,7 +219,6 @@ class UffdRounds(ContentRounds):
         await asyncio.to_thread(freeze)
         self.ctx.timings["uffd_final_scan_ms"] = (time.monotonic() - t0) * 1000
         self.ctx.note(f"final uffd scan of {self.ctx.name} in {(time.monotonic() - t0) * 1000:.1f} ms: {sources.line()}")
-        await super().final_dump(dump, page_server)
 
     def close(self) -> None:
         super().close()
