@@ -113,8 +113,6 @@ class Hybrid(Precopy):
 
     async def final_dump(self, dump: DumpFn, page_server: str | None) -> None:
         assert self.dump is not None
-        if isinstance(self._rounds, UffdRounds):
-            await self._rounds.freeze_scan()  # before CRIU: it unregisters (uffdrounds.py)
         await self.dump.start(timeout=self.ctx.opts.timeout("checkpoint"))
         self._lazy_bytes = await asyncio.to_thread(lazy_bytes, self.dump.image_dir)
         self.meter = Meter("fill", "memory", self._lazy_bytes, self.ctx.emit)
@@ -133,6 +131,13 @@ class Hybrid(Precopy):
             raise NotFrozen(f"{self.ctx.name}'s processes are not held by CRIU after its lazy dump")
         memory = await asyncio.to_thread(FrozenMemory.open, pids, lambda: tracer_of(pids[0]) == tracer)
         assert isinstance(self._rounds, ContentRounds)
+        if isinstance(self._rounds, UffdRounds):
+            # The uffd tracker's final scan, out of the frozen window: the
+            # processes stay stopped (CRIU holds them) and nothing is served
+            # before it. A write CRIU itself makes only adds a page to what
+            # is sent from the frozen memory. Registered they stay: the
+            # unregister (25 ms per GiB) waits for the tracker's close.
+            await self._rounds.freeze_scan(in_window=False)
         self.server = FrozenServer(memory, self._rounds.page_filter(), on_end=self._end_dump)
         self.server.hot = self._rounds.rewritten
         self.server.on_progress = self._progress

@@ -185,10 +185,13 @@ class UffdRounds(ContentRounds):
         await self.freeze_scan()
         await super().final_dump(dump, page_server)
 
-    async def freeze_scan(self) -> None:
+    async def freeze_scan(self, *, in_window: bool = True) -> None:
         """The final scan (frozen: ms, nothing read): what is held is now exactly
         what the destination has of the frozen memory (hybrid asks :meth:`page_filter`
-        the same); the processes are unregistered before CRIU dumps them.
+        the same). ``in_window``: a step of the frozen window, before CRIU
+        dumps, which unregisters the processes first; hybrid's scan runs once
+        its lazy dump holds them, and leaves them registered
+        (:meth:`.uffdtrack.UffdTracker.freeze` says why).
 
         Only the processes the rounds attached are scanned (no ``runc ps`` in
         the downtime): any other process of the dump has nothing held, so the
@@ -209,7 +212,7 @@ class UffdRounds(ContentRounds):
                 try:
                     mem = ProcessMemory(host_pid)
                     try:
-                        self.uffd.freeze(proc, mem.regions(), sources)
+                        self.uffd.freeze(proc, mem.regions(), sources, unregister=in_window)
                     finally:
                         mem.close()
                 except (UffdError, OSError) as exc:
@@ -217,7 +220,8 @@ class UffdRounds(ContentRounds):
                     self._drop(host_pid)
 
         await asyncio.to_thread(freeze)
-        self.ctx.timings["uffd_final_scan_ms"] = (time.monotonic() - t0) * 1000
+        if in_window:
+            self.ctx.timings["uffd_final_scan_ms"] = (time.monotonic() - t0) * 1000
         self.ctx.note(f"final uffd scan of {self.ctx.name} in {(time.monotonic() - t0) * 1000:.1f} ms: {sources.line()}")
 
     def close(self) -> None:

@@ -195,10 +195,14 @@ class UffdTracker:
         """A region goes to the content compare: what was held there no longer counts."""
         self.held.forget(ns_pid, region.start, region.end)
 
-    def freeze(self, proc: Process, regions: list[Region], sources: Sources) -> None:
+    def freeze(self, proc: Process, regions: list[Region], sources: Sources, *, unregister: bool = True) -> None:
         """At the freeze: register again (tells what is tracked), scan without
         protecting, forget what was written, then unregister. Milliseconds;
-        nothing is read.
+        nothing is read. The unregister is most of it (~25 ms per GiB here: the
+        kernel clears every entry's bit), so a dump that copies nothing while
+        frozen (hybrid's lazy dump) skips it: the markers then only add a few
+        never-touched pages to what the fill fetches, and closing the fd later
+        unregisters all.
 
         Why unregister before CRIU dumps: the scans' protect leaves uffd-wp
         markers in empty page-table entries, and /proc/PID/pagemap reports a
@@ -217,8 +221,9 @@ class UffdTracker:
             written = proc.pagemap.written(r.start, r.end, protect=False)
             for lo, hi in self.note_written(proc, written):
                 sources.uffd_written += (hi - lo) // PAGE
-        for r in ok:
-            proc.uffd.unregister(r.start, r.end)
+        if unregister:
+            for r in ok:
+                proc.uffd.unregister(r.start, r.end)
 
     def forget_pid(self, ns_pid: int) -> None:
         self.held.forget_pid(ns_pid)
