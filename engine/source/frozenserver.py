@@ -101,9 +101,14 @@ class FrozenMemory:
         if not self.covered(pid, vaddr, npages):
             return None
         data = self.procs[pid].read(vaddr, npages)
+        self.check_frozen()
+        return data if len(data) == npages * PAGE else None
+
+    def check_frozen(self) -> None:
+        """Raise :class:`NotFrozen` unless the processes are still held (then what
+        was read, or judged unchanged without a read, is the frozen content)."""
         if not self.still_frozen():
             raise NotFrozen("the source's processes are no longer held stopped (its CRIU ended): nothing more is served")
-        return data if len(data) == npages * PAGE else None
 
     def present(self, pid: int, vaddr: int, npages: int) -> list[tuple[int, int, int]]:
         """(pid, vaddr, npages) runs of dumpable pages in the range (none if unknown or unmapped)."""
@@ -178,15 +183,28 @@ class FrozenServer:
 
     def answer(self, get: w.Get) -> list[w.Pages | w.Same | w.Fail]:
         """The records that answer ``get`` (blocking: reads and compares memory)."""
-        data = self.memory.read(get.pid, get.vaddr, get.nr_pages)
-        if data is None:
+        changed = self._changed(get.pid, get.vaddr, get.nr_pages)
+        if changed is None:
             self.stats.pages_failed += get.nr_pages
             return [w.Fail(get.pid, get.vaddr, get.nr_pages)]
-        recs = self._records(get.pid, get.vaddr, get.nr_pages, data)
-        return list(recs)
+        return list(self._records(get.pid, get.vaddr, get.nr_pages, changed))
 
-    def _records(self, pid: int, vaddr: int, npages: int, data: bytes) -> list[w.Pages | w.Same]:
-        changed = self.tracker.diff(pid, vaddr, data, record=False).changed
+    def _changed(self, pid: int, vaddr: int, npages: int) -> list[tuple[int, bytes]] | None:
+        """The range's changed runs with their frozen bytes (None: ``pid`` has no
+        such pages). Only what the filter cannot vouch for is read: with the
+        uffd tracker, the pages written since they were sent."""
+        if not self.memory.covered(pid, vaddr, npages):
+            return None
+        changed: list[tuple[int, bytes]] = []
+        for lo, hi in self.tracker.needs_data(pid, vaddr, npages):
+            data = self.memory.read(pid, lo, (hi - lo) // PAGE)
+            if data is None:
+                return None
+            changed.extend(self.tracker.diff(pid, lo, data, record=False).changed)
+        self.memory.check_frozen()
+        return changed
+
+    def _records(self, pid: int, vaddr: int, npages: int, changed: list[tuple[int, bytes]]) -> list[w.Pages | w.Same]:
         recs = w.cover(pid, vaddr, npages, changed)
         done = self._done.setdefault(pid, set())
         first = vaddr // PAGE
@@ -206,9 +224,9 @@ class FrozenServer:
             j = k
             while j < npages and first + j not in done:
                 j += 1
-            data = self.memory.read(pid, (first + k) * PAGE, j - k)
-            if data is not None:  # a run CRIU did not dump either (the mapping's pagemap said so)
-                out.extend(self._records(pid, (first + k) * PAGE, j - k, data))
+            changed = self._changed(pid, (first + k) * PAGE, j - k)
+            if changed is not None:  # a run CRIU did not dump either (the mapping's pagemap said so)
+                out.extend(self._records(pid, (first + k) * PAGE, j - k, changed))
             k = j
         return out
 

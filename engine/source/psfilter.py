@@ -73,6 +73,12 @@ class PageFilter(Protocol):
         """The runs of ``data`` (whole pages at vaddr) the destination does not hold."""
         ...
 
+    def needs_data(self, pid: int, vaddr: int, npages: int) -> list[tuple[int, int]]:
+        """The runs [lo, hi) of the range whose bytes :meth:`diff` must see:
+        the destination holds every other page as it is (hybrid's frozen
+        server then need not read it)."""
+        ...
+
 
 #: Called with (pid, vaddr, bytes of whole pages) for each changed run, in order.
 Sink = Callable[[int, int, bytes], Awaitable[None]]

@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 
 from tug.engine.destination.hybridserver import HybridPageServer
 from tug.engine.destination.pagestore import PAGE, PageStore
-from tug.engine.source.frozenserver import FrozenMemory, FrozenServer
+from tug.engine.source.frozenserver import FrozenMemory, FrozenServer, NotFrozen
 from tug.engine.source.trackers.shadow import ContentTracker
+from tug.transports import hybrid_wire as w
 from tug.transports.criu_lazy import LazyWatch
 from tug.transports.criu_pageserver import HEADER, PS_IOV_CLOSE, PS_IOV_GET
 
@@ -39,6 +40,10 @@ class FakeFrozen(FrozenMemory):
         self.pages = pages
         self.procs = dict.fromkeys(pages)  # type: ignore[arg-type]
         self.regions = {}
+        self.still_frozen = lambda: True
+
+    def covered(self, pid: int, vaddr: int, npages: int) -> bool:
+        return all(vaddr + k * PAGE in self.pages.get(pid, {}) for k in range(npages))
 
     def read(self, pid: int, vaddr: int, npages: int) -> bytes | None:
         got = [self.pages.get(pid, {}).get(vaddr + k * PAGE) for k in range(npages)]
@@ -302,3 +307,51 @@ def test_the_source_may_stop_its_sweep_once_the_daemon_has_every_page(tmp_path: 
     got, stats = asyncio.run(run())
     assert all(data == FROZEN[vaddr] for (_, vaddr), data in got.items()) and len(got) == 17
     assert stats["source_ended"] is True and stats["sweep_done"] is False
+
+
+class Vouching:
+    """A page filter that holds every sent page as it is, like the uffd tracker after its final scan."""
+
+    def __init__(self, held: set[int]) -> None:
+        self.held = held
+        self.content = ContentTracker()
+
+    def needs_data(self, pid: int, vaddr: int, npages: int) -> list[tuple[int, int]]:
+        runs: list[tuple[int, int]] = []
+        for a in range(vaddr, vaddr + npages * PAGE, PAGE):
+            if a in self.held:
+                continue
+            if runs and runs[-1][1] == a:
+                runs[-1] = (runs[-1][0], a + PAGE)
+            else:
+                runs.append((a, a + PAGE))
+        return runs
+
+    def diff(self, pid: int, vaddr: int, data: bytes, *, record: bool = True):  # type: ignore[no-untyped-def]
+        return self.content.diff(pid, vaddr, data, record=record)
+
+
+class CountingFrozen(FakeFrozen):
+    def __init__(self, pages: dict[int, dict[int, bytes]]) -> None:
+        super().__init__(pages)
+        self.read_pages: list[int] = []
+
+    def read(self, pid: int, vaddr: int, npages: int) -> bytes | None:
+        self.read_pages.extend(vaddr + k * PAGE for k in range(npages))
+        return super().read(pid, vaddr, npages)
+
+
+def test_pages_the_filter_vouches_for_are_answered_same_without_a_read() -> None:
+    """With the uffd tracker the frozen server reads only the pages written since sent."""
+    held = set(SENT) - {0x13000}  # written again before the freeze: not held
+    frozen = CountingFrozen({PID: dict(FROZEN)})
+    server = FrozenServer(frozen, Vouching(held))
+    recs = server.answer(w.Get(PID, 0x10000, 16))
+    assert frozen.read_pages == [0x13000]
+    pages = [r for r in recs if isinstance(r, w.Pages)]
+    assert [(r.vaddr, r.data) for r in pages] == [(0x13000, FROZEN[0x13000])]
+    assert sum(r.nr_pages for r in recs) == 16
+    # Still held by CRIU is checked even when nothing is read: SAME is a claim about the frozen memory.
+    frozen.still_frozen = lambda: False
+    with pytest.raises(NotFrozen):
+        server.answer(w.Get(PID, 0x10000, 2))

@@ -285,6 +285,10 @@ class ContentTracker:
         ~250 bytes of bookkeeping per block of up to BLOCK_PAGES pages."""
         return sum(len(b.buf) for blocks in self._blocks.values() for b in blocks.values())
 
+    def needs_data(self, pid: int, vaddr: int, npages: int) -> list[tuple[int, int]]:
+        """Every page: only a compare tells (psfilter.PageFilter)."""
+        return [(vaddr, vaddr + npages * PAGE)] if npages > 0 else []
+
     def diff(self, pid: int, vaddr: int, data: bytes | bytearray | memoryview, *, record: bool = True) -> ScanResult:
         """Compare ``data`` (whole pages starting at vaddr) with the shadow.
 

@@ -237,17 +237,12 @@ class UffdTracker:
             return ranges[i][1]
         return vaddr
 
-    def diff(self, pid: int, vaddr: int, data: bytes | bytearray | memoryview, *, record: bool = True) -> ScanResult:
-        """The runs of a dump's pages the destination does not hold (see the invariant).
-
-        Held pages inside a range registered at the freeze are skipped; every
-        other run is the content tracker's to judge (byte compare against
-        what it sent; never recorded means changed).
-        """
+    def needs_data(self, pid: int, vaddr: int, npages: int) -> list[tuple[int, int]]:
+        """The runs the content tracker must judge: held pages inside a range
+        registered at the freeze are the destination's as they are."""
         if vaddr % PAGE:
             raise ValueError(f"vaddr {vaddr:#x} is not page aligned")
-        n = len(data) // PAGE
-        end = vaddr + n * PAGE
+        end = vaddr + npages * PAGE
         tracked_end = min(self._tracked_end(pid, vaddr), end)
         check: list[tuple[int, int]] = self.held.missing(pid, vaddr, tracked_end) if tracked_end > vaddr else []
         if tracked_end < end:
@@ -255,9 +250,19 @@ class UffdTracker:
                 check[-1] = (check[-1][0], end)
             else:
                 check.append((tracked_end, end))
+        return check
+
+    def diff(self, pid: int, vaddr: int, data: bytes | bytearray | memoryview, *, record: bool = True) -> ScanResult:
+        """The runs of a dump's pages the destination does not hold (see the invariant).
+
+        Held pages inside a range registered at the freeze are skipped; every
+        other run is the content tracker's to judge (byte compare against
+        what it sent; never recorded means changed).
+        """
+        n = len(data) // PAGE
         changed: list[tuple[int, bytes]] = []
         with memoryview(data) as view:
-            for lo, hi in check:
+            for lo, hi in self.needs_data(pid, vaddr, n):
                 res = self.content.diff(pid, lo, view[lo - vaddr : hi - vaddr], record=record)
                 changed.extend(res.changed)
         return ScanResult(scanned=n, changed=changed)
