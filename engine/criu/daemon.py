@@ -157,11 +157,11 @@ async def spawn_with_status_fd(
     return proc, r, argv
 
 
-async def read_status(fd: int, proc: asyncio.subprocess.Process | None = None) -> bytes:
+async def read_status(fd: int, proc: asyncio.subprocess.Process) -> bytes:
     """Read CRIU's one ready byte from the status pipe (b"" if CRIU died first).
 
-    With ``proc`` (the process that was given the pipe), its exit counts as
-    the end too: a CRIU SIGKILLed while a child it forked (its kernel probes
+    The exit of ``proc`` (the process that was given the pipe) counts as the
+    end too: a CRIU SIGKILLed while a child it forked (its kernel probes
     fork and trace one) still holds the write end would otherwise never read
     as ended. Consumes ``fd``.
     """
@@ -174,19 +174,15 @@ async def read_status(fd: int, proc: asyncio.subprocess.Process | None = None) -
         pipe.close()
         raise
     read = asyncio.ensure_future(reader.read(1))
+    exited = asyncio.ensure_future(wait_exit(proc))
     try:
-        if proc is not None:
-            exited = asyncio.ensure_future(wait_exit(proc))
-            try:
-                await asyncio.wait({read, exited}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                exited.cancel()
-            if not read.done():
-                # A byte written just before the exit is in the pipe already.
-                await asyncio.wait({read}, timeout=0.2)
-            return read.result() if read.done() else b""
-        return await read
+        await asyncio.wait({read, exited}, return_when=asyncio.FIRST_COMPLETED)
+        if not read.done():
+            # A byte written just before the exit is in the pipe already.
+            await asyncio.wait({read}, timeout=0.2)
+        return read.result() if read.done() else b""
     finally:
+        exited.cancel()
         read.cancel()
         transport.close()
 

@@ -52,7 +52,6 @@ _WORK_SUBDIR = re.compile(r"images|rounds/[0-9]{1,6}")
 _PARENT = re.compile(r"\.\./(rounds/)?[0-9]{1,6}")
 
 
-
 @dataclass(eq=False)
 class PrestartedRestore:
     """A ``runc restore`` waiting for its images at the gate."""

@@ -107,7 +107,7 @@ class LazyDump:
             await self._spawn()
         elif self.gate is not None:
             self.gate.release()
-        assert self._status is not None
+        assert self._status is not None and self._proc is not None
         r, self._status = self._status, None
         try:
             async with asyncio.timeout(timeout):
