@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--hot-set", type=float, metavar="F", help=f"fraction of memory dirtied (default {matrix.DEFAULT_HOT_SET})")
     ap.add_argument("--links", type=_names, metavar="LINK,...", help="unlimited, 1gbit, 10gbit, 1gbit+1ms ...")
     ap.add_argument("--strategies", type=_names, metavar="NAME,...",
-                    help=f"from {', '.join(matrix.STRATEGIES)}, or precopy:<policy spec>")
+                    help=f"from {', '.join(matrix.STRATEGIES)}, or precopy[-uffd]:<policy spec>, hybrid[-uffd]:<policy spec> (one policy term: the list is comma-separated)")
     ap.add_argument("--reps", type=int, metavar="N", help="repetitions per cell")
     ap.add_argument("--runtime", choices=("runc", "podman"), default="runc",
                     help="run the workload with runc (tug's bundles) or under each host's podman (bench/podman.py)")

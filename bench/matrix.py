@@ -17,6 +17,8 @@ Cases are ordered link -> size -> rate -> rep -> strategy so that
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from typing import Literal
 
@@ -86,15 +88,21 @@ STRATEGIES: dict[str, Strategy] = {
 DEFAULT_STRATEGIES: tuple[str, ...] = ("naive", "stop-copy", "postcopy", "precopy-phaul", "precopy-incus", "precopy-qemu")
 
 
+#: ``precopy:<spec>``, ``hybrid-uffd:<spec>``: an ad-hoc policy, with the tracker named or the content one.
+_ADHOC = re.compile(r"^(precopy|hybrid)(?:-(content|uffd))?:(.+)$")
+
+
 def strategy(spec: str) -> Strategy:
-    """A strategy by name, or ``precopy:<policy spec>`` for an ad-hoc policy."""
+    """A strategy by name, or ``precopy[-TRACKER]:<policy spec>`` / ``hybrid[-TRACKER]:<policy spec>``."""
     if spec in STRATEGIES:
         return STRATEGIES[spec]
-    if spec.startswith("precopy:") and len(spec) > len("precopy:"):
-        return _precopy(spec.split(":", 1)[1])
-    if spec.startswith("hybrid:") and len(spec) > len("hybrid:"):
-        return _hybrid(spec.split(":", 1)[1])
-    raise ValueError(f"unknown strategy {spec!r} (known: {', '.join(STRATEGIES)}, or precopy:<policy spec>, hybrid:<policy spec>)")
+    m = _ADHOC.match(spec)
+    if m is not None:
+        kind, tracker, policy = m.group(1), m.group(2), m.group(3)
+        make = _precopy if kind == "precopy" else _hybrid
+        return make(policy, tracker or "content", spec)
+    raise ValueError(f"unknown strategy {spec!r} (known: {', '.join(STRATEGIES)}, "
+                     "or precopy[-uffd]:<policy spec>, hybrid[-uffd]:<policy spec>)")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
