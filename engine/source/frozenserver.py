@@ -96,12 +96,18 @@ class FrozenMemory:
                     return True
         return False
 
-    def read(self, pid: int, vaddr: int, npages: int) -> bytes | None:
-        """The pages' frozen bytes, or None if ``pid`` has no such pages."""
+    def read(self, pid: int, vaddr: int, npages: int, *, check: bool = True) -> bytes | None:
+        """The pages' frozen bytes, or None if ``pid`` has no such pages.
+
+        ``check=False`` leaves :meth:`check_frozen` to the caller, once after
+        a batch of reads (a check reads /proc: one per page run was a good
+        part of the sweep's CPU when the changed pages are scattered).
+        """
         if not self.covered(pid, vaddr, npages):
             return None
         data = self.procs[pid].read(vaddr, npages)
-        self.check_frozen()
+        if check:
+            self.check_frozen()
         return data if len(data) == npages * PAGE else None
 
     def check_frozen(self) -> None:
@@ -197,11 +203,11 @@ class FrozenServer:
             return None
         changed: list[tuple[int, bytes]] = []
         for lo, hi in self.tracker.needs_data(pid, vaddr, npages):
-            data = self.memory.read(pid, lo, (hi - lo) // PAGE)
+            data = self.memory.read(pid, lo, (hi - lo) // PAGE, check=False)
             if data is None:
                 return None
             changed.extend(self.tracker.diff(pid, lo, data, record=False).changed)
-        self.memory.check_frozen()
+        self.memory.check_frozen()  # after the reads: what they read was frozen
         return changed
 
     def _records(self, pid: int, vaddr: int, npages: int, changed: list[tuple[int, bytes]]) -> list[w.Pages | w.Same]:

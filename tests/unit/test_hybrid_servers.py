@@ -45,7 +45,7 @@ class FakeFrozen(FrozenMemory):
     def covered(self, pid: int, vaddr: int, npages: int) -> bool:
         return all(vaddr + k * PAGE in self.pages.get(pid, {}) for k in range(npages))
 
-    def read(self, pid: int, vaddr: int, npages: int) -> bytes | None:
+    def read(self, pid: int, vaddr: int, npages: int, *, check: bool = True) -> bytes | None:
         got = [self.pages.get(pid, {}).get(vaddr + k * PAGE) for k in range(npages)]
         return None if any(p is None for p in got) else b"".join(p for p in got if p is not None)
 
@@ -336,9 +336,9 @@ class CountingFrozen(FakeFrozen):
         super().__init__(pages)
         self.read_pages: list[int] = []
 
-    def read(self, pid: int, vaddr: int, npages: int) -> bytes | None:
+    def read(self, pid: int, vaddr: int, npages: int, *, check: bool = True) -> bytes | None:
         self.read_pages.extend(vaddr + k * PAGE for k in range(npages))
-        return super().read(pid, vaddr, npages)
+        return super().read(pid, vaddr, npages, check=check)
 
 
 def test_pages_the_filter_vouches_for_are_answered_same_without_a_read() -> None:
@@ -355,3 +355,7 @@ def test_pages_the_filter_vouches_for_are_answered_same_without_a_read() -> None
     frozen.still_frozen = lambda: False
     with pytest.raises(NotFrozen):
         server.answer(w.Get(PID, 0x10000, 2))
+    # And after reads: the one check after a batch of reads covers what they read.
+    with pytest.raises(NotFrozen):
+        server.answer(w.Get(PID, 0x12000, 3))
+    assert frozen.read_pages[-1] == 0x13000

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 
 from tug.engine.source.context import DumpFn, SourceContext
 from tug.engine.source.psfilter import PageFilter
@@ -163,20 +164,18 @@ class UffdRounds(ContentRounds):
             await self._content(mem, regions, c, queue)
             return
         c.scanned += pages
-        for lo, hi in runs:
-            for vaddr in range(lo, hi, CHUNK_PAGES * PAGE):
-                npages = min(CHUNK_PAGES, (hi - vaddr) // PAGE)
-                data = await asyncio.to_thread(mem.read, vaddr, npages)
-                data = data[: len(data) // PAGE * PAGE]
-                if not data:
-                    continue  # unmapped meanwhile: CRIU will not dump it either
+        for batch in read_batches(runs):
+            got = await asyncio.to_thread(read_runs, mem, batch)
+            if not got:
+                continue
+            for vaddr, data in got:
                 self.uffd.sent(proc.ns_pid, vaddr, data)
-                if self._index > 0:  # the hot set, as the content compare records it
-                    self._rewritten(proc.ns_pid, [(vaddr, data)])
                 n = len(data) // PAGE
                 c.dirty += n
                 self.sources.uffd_written += n
-                await queue.put((proc.ns_pid, [(vaddr, data)]))
+            if self._index > 0:  # the hot set, as the content compare records it
+                self._rewritten(proc.ns_pid, got)
+            await queue.put((proc.ns_pid, got))
         if refused:
             await self._content(mem, refused, c, queue)
 
@@ -229,3 +228,35 @@ class UffdRounds(ContentRounds):
         for pid in list(self.procs):
             self._drop(pid)
 
+
+def read_batches(runs: list[tuple[int, int]]) -> Iterator[list[tuple[int, int]]]:
+    """``runs`` (byte ranges) as (vaddr, npages) pieces, at most CHUNK_PAGES pages a batch.
+
+    A batch is read in one worker-thread hop: a scattered hot set is
+    thousands of one-page runs a round, and a hop each was most of a short
+    round's time (and of the source's CPU).
+    """
+    batch: list[tuple[int, int]] = []
+    total = 0
+    for lo, hi in runs:
+        for vaddr in range(lo, hi, CHUNK_PAGES * PAGE):
+            npages = min(CHUNK_PAGES, (hi - vaddr) // PAGE)
+            if batch and total + npages > CHUNK_PAGES:
+                yield batch
+                batch, total = [], 0
+            batch.append((vaddr, npages))
+            total += npages
+    if batch:
+        yield batch
+
+
+def read_runs(mem: ProcessMemory, batch: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
+    """The current bytes of each piece (whole pages); a piece unmapped meanwhile is left
+    out (CRIU will not dump it either)."""
+    out: list[tuple[int, bytes]] = []
+    for vaddr, npages in batch:
+        data = mem.read(vaddr, npages)
+        data = data[: len(data) // PAGE * PAGE]
+        if data:
+            out.append((vaddr, data))
+    return out
