@@ -18,7 +18,6 @@ Cases are ordered link -> size -> rate -> rep -> strategy so that
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass
 from typing import Literal
 

@@ -35,6 +35,7 @@ from tug.engine.destination.lazypages import latency_summary
 from tug.engine.destination.pagestore import PAGE, PageStore
 from tug.engine.destination.storeserver import StorePageServer
 from tug.engine.errors import MigrationError, TransportError
+from tug.engine.pageset import PageSet
 from tug.transports import hybrid_wire as w
 from tug.transports.criu_lazy import Get, Goodbye, LazyRequests, goodbye_answer
 from tug.transports.forward import LOOPBACK
@@ -54,10 +55,10 @@ class HybridPageServer(StorePageServer):
         #: Local ports of our two connections to the source's forwards (admission).
         self.own_ports: set[int] = set()
         self._own_known = asyncio.Event()
-        #: pid -> pages whose stored copy is the frozen content.
-        self.confirmed: dict[int, set[int]] = {}
-        #: pid -> pages whose bytes came from the source after the freeze.
-        self.fetched: dict[int, set[int]] = {}
+        #: Pages whose stored copy is the frozen content.
+        self.confirmed = PageSet()
+        #: Pages whose bytes came from the source after the freeze.
+        self.fetched = PageSet()
         self.sweep_done = False
         #: The source ended its lazy dump (END answered): the fill is complete on both sides.
         self.source_ended = False
@@ -112,13 +113,12 @@ class HybridPageServer(StorePageServer):
             raise MigrationError(f"the source has no page {rec.vaddr:#x} (+{rec.nr_pages}) of pid {rec.pid}")
         if not isinstance(rec, (w.Pages, w.Same)):
             return
-        first = rec.vaddr // PAGE
-        pages = range(first, first + rec.nr_pages)
+        end = rec.vaddr + rec.nr_pages * PAGE
         if isinstance(rec, w.Pages):
             self.store.write(rec.pid, rec.vaddr, rec.data)
-            self.fetched.setdefault(rec.pid, set()).update(pages)
+            self.fetched.add(rec.pid, rec.vaddr, end)
             self.source_bytes += len(rec.data)
-        self.confirmed.setdefault(rec.pid, set()).update(pages)
+        self.confirmed.add(rec.pid, rec.vaddr, end)
 
     async def _read_sweep(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         parser = w.Parser.at_destination()
@@ -195,11 +195,7 @@ class HybridPageServer(StorePageServer):
 
     def _prefix(self, pid: int, first: int, n: int, confirmed: bool) -> int:
         """How many pages from ``first`` are (or, with ``confirmed`` False, are not) confirmed."""
-        have = self.confirmed.get(pid, set())
-        k = 0
-        while k < n and ((first + k) in have) == confirmed:
-            k += 1
-        return k
+        return self.confirmed.leading(pid, first * PAGE, (first + n) * PAGE, held=confirmed)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Requests are answered strictly in order, but fetched from the source concurrently.
@@ -210,11 +206,14 @@ class HybridPageServer(StorePageServer):
         """
         parser = LazyRequests()
         answers: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue()
+        queued = 0  # answers in the queue, not yet written
 
         async def write_in_order() -> None:
+            nonlocal queued
             try:
                 while (task := await answers.get()) is not None:
                     writer.write(await task)
+                    queued -= 1
                     if answers.empty():
                         await writer.drain()
             except BaseException:
@@ -234,9 +233,16 @@ class HybridPageServer(StorePageServer):
                         writer.write(goodbye_answer())
                         await writer.drain()
                         return
+                    if queued == 0 and (now := self._answer_confirmed(ev)) is not None:
+                        # Nothing ahead of it and the store vouched for: the
+                        # answer goes out at once (a fault's usual case, and
+                        # a task per request was most of its cost).
+                        writer.write(now)
+                        continue
                     task = asyncio.create_task(self._reply(ev), name="tug-hybrid-reply")
                     pending.add(task)
                     task.add_done_callback(pending.discard)
+                    queued += 1
                     await answers.put(task)
                 if out.done():
                     await out  # raises what failed
@@ -247,6 +253,13 @@ class HybridPageServer(StorePageServer):
             for task in pending:
                 task.cancel()
             await asyncio.gather(out, *pending, return_exceptions=True)
+
+    def _answer_confirmed(self, get: Get) -> bytes | None:
+        """The answer from the store alone, or None when it needs the source first."""
+        if self._source_error is not None:
+            return None  # _reply raises it, in order
+        ready = self._prefix(get.pid, get.vaddr // PAGE, min(get.nr_pages, w.MAX_PAGES), True)
+        return self._from_store(get, ready) if ready else None
 
     async def _reply(self, get: Get) -> bytes:
         if self._source_error is not None:
@@ -265,11 +278,14 @@ class HybridPageServer(StorePageServer):
             ready = self._prefix(get.pid, first, n, True)
             if ready == 0:
                 raise MigrationError(f"the source confirmed no page at {get.vaddr:#x} of pid {get.pid}")
+        return self._from_store(get, ready)
+
+    def _from_store(self, get: Get, ready: int) -> bytes:
+        """The first ``ready`` pages of ``get`` (all confirmed), counted by where their bytes came from."""
         before = self.pages
         answer = self._answer(Get(ready, get.vaddr, get.pid, get.dst_id))
         count = self.pages - before
-        fetched = self.fetched.get(get.pid, set())
-        came = sum(1 for k in range(count) if first + k in fetched)
+        came = self.fetched.count(get.pid, get.vaddr, get.vaddr + count * PAGE)
         self.source_pages += came
         self.store_pages += count - came
         return answer

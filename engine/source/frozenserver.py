@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tug.engine.errors import MigrationError
+from tug.engine.pageset import PageSet
 from tug.engine.source.psfilter import PageFilter
 from tug.engine.source.trackers.shadow import PAGE, SPECIAL, ProcessMemory, Region, parse_maps
 from tug.transports import hybrid_wire as w
@@ -174,8 +175,8 @@ class FrozenServer:
         #: Whether END was answered (the dump ended, well or not).
         self.ended: bool | None = None
         self.stats = ServeStats()
-        #: pid -> page numbers already answered on either channel.
-        self._done: dict[int, set[int]] = {}
+        #: Pages already answered on either channel.
+        self._done = PageSet()
         self._t0 = time.monotonic()
         #: Blocks around recent faults: the sweep visits them before its next chunk.
         self._urgent: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=256)
@@ -212,28 +213,22 @@ class FrozenServer:
 
     def _records(self, pid: int, vaddr: int, npages: int, changed: list[tuple[int, bytes]]) -> list[w.Pages | w.Same]:
         recs = w.cover(pid, vaddr, npages, changed)
-        done = self._done.setdefault(pid, set())
-        first = vaddr // PAGE
-        done.update(range(first, first + npages))
+        self._done.add(pid, vaddr, vaddr + npages * PAGE)
         return recs
 
     def _sweep_chunk(self, pid: int, vaddr: int, npages: int) -> list[w.Pages | w.Same]:
         """The records for the not yet answered pages of one chunk (blocking)."""
-        done = self._done.get(pid, set())
-        first = vaddr // PAGE
         out: list[w.Pages | w.Same] = []
-        k = 0
-        while k < npages:
-            if first + k in done:
-                k += 1
-                continue
-            j = k
-            while j < npages and first + j not in done:
-                j += 1
-            changed = self._changed(pid, (first + k) * PAGE, j - k)
+        at, end = vaddr, vaddr + npages * PAGE
+        while at < end:
+            at += self._done.leading(pid, at, end, held=True) * PAGE
+            n = self._done.leading(pid, at, end, held=False)
+            if n == 0:
+                break
+            changed = self._changed(pid, at, n)
             if changed is not None:  # a run CRIU did not dump either (the mapping's pagemap said so)
-                out.extend(self._records(pid, (first + k) * PAGE, j - k, changed))
-            k = j
+                out.extend(self._records(pid, at, n, changed))
+            at += n * PAGE
         return out
 
     async def serve_faults(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -30,77 +30,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tug.engine.pageset import PageSet as Held
 from tug.engine.source.trackers.shadow import PAGE, ContentTracker, Region, ScanResult
 from tug.engine.source.trackers.uffd import Pagemap, Userfaultfd, Written
 
+
 #: Pages per block of the held map: 64 pages = 256 KiB of address space.
-BLOCK = 64
-_ALL = b"\x01" * BLOCK
-
-
-class Held:
-    """Per process (pid in the container): the pages the destination holds.
-
-    One byte per page of address space that ever held a sent page, in
-    blocks, so a whole block checks with one ``find``.
-    """
-
-    def __init__(self) -> None:
-        self._pids: dict[int, dict[int, bytearray]] = {}
-
-    def pages(self, pid: int) -> int:
-        return sum(b.count(1) for b in self._pids.get(pid, {}).values())
-
-    def forget_pid(self, pid: int) -> None:
-        self._pids.pop(pid, None)
-
-    def _each(self, pid: int, lo: int, hi: int, create: bool) -> list[tuple[bytearray, int, int]]:
-        blocks = self._pids.setdefault(pid, {}) if create else self._pids.get(pid, {})
-        out = []
-        page, end = lo // PAGE, hi // PAGE
-        while page < end:
-            index, slot = divmod(page, BLOCK)
-            cnt = min(BLOCK - slot, end - page)
-            blk = blocks.get(index)
-            if blk is None and create:
-                blk = blocks[index] = bytearray(BLOCK)
-            if blk is not None:
-                out.append((blk, slot, slot + cnt))
-            page += cnt
-        return out
-
-    def add(self, pid: int, lo: int, hi: int) -> None:
-        for blk, s, e in self._each(pid, lo, hi, True):
-            blk[s:e] = _ALL[: e - s]
-
-    def forget(self, pid: int, lo: int, hi: int) -> None:
-        for blk, s, e in self._each(pid, lo, hi, False):
-            blk[s:e] = bytes(e - s)
-
-    def missing(self, pid: int, lo: int, hi: int) -> list[tuple[int, int]]:
-        """Runs [a, b) of [lo, hi) not held, ascending and maximal."""
-        blocks = self._pids.get(pid, {})
-        runs: list[tuple[int, int]] = []
-        page, end = lo // PAGE, hi // PAGE
-        while page < end:
-            index, slot = divmod(page, BLOCK)
-            cnt = min(BLOCK - slot, end - page)
-            blk = blocks.get(index)
-            if blk is not None and blk.find(0, slot, slot + cnt) < 0:
-                page += cnt
-                continue
-            for k in range(cnt):
-                if blk is not None and blk[slot + k]:
-                    continue
-                a = (page + k) * PAGE
-                if runs and runs[-1][1] == a:
-                    runs[-1] = (runs[-1][0], a + PAGE)
-                else:
-                    runs.append((a, a + PAGE))
-            page += cnt
-        return runs
-
-
 @dataclass(slots=True)
 class Process:
     """One process under the tracker: tug's duplicate of its userfaultfd."""
