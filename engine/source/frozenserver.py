@@ -14,7 +14,8 @@ its record no longer changes):
   with the changed pages' bytes and SAME for the rest of the range;
 * on the **sweep channel**, once the destination runs (its first GET), it
   starts with the pages pre-copy saw written again after its first round
-  (the hot set: most likely changed, and touched first), then every
+  (the hot set: most likely changed, and touched first; swept in whole
+  MAX_PAGES blocks around them), then every
   process's dumpable pages from the top down (the destination's lazy-pages
   daemon fills from the bottom up, so the two meet instead of racing),
   skipping pages already answered, and
@@ -31,6 +32,7 @@ own mappings: a page outside them gets FAIL, never bytes of anything else.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import time
@@ -137,15 +139,8 @@ class FrozenMemory:
         return sorted(runs, reverse=True)
 
 
-def hot_runs(pages: set[int]) -> list[tuple[int, int]]:
-    """``pages`` (page numbers) as ascending runs (vaddr, npages) of at most MAX_PAGES."""
-    runs: list[tuple[int, int]] = []
-    for p in sorted(pages):
-        if runs and runs[-1][0] + runs[-1][1] * PAGE == p * PAGE and runs[-1][1] < w.MAX_PAGES:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((p * PAGE, 1))
-    return runs
+#: Sweeps one range of one process into records (blocking).
+Chunk = Callable[[int, int, int], list[w.Pages | w.Same]]
 
 
 @dataclass(slots=True)
@@ -216,6 +211,32 @@ class FrozenServer:
         self._done.add(pid, vaddr, vaddr + npages * PAGE)
         return recs
 
+    def hot_blocks(self, pid: int) -> list[tuple[int, int]]:
+        """The MAX_PAGES-aligned blocks (clipped to the mappings) holding a hot page, ascending.
+
+        Whole blocks, not the hot pages' own runs: a hot set written at
+        random is hundreds of short runs, and each run swept alone (a worker
+        thread hop, a check that CRIU holds the processes) made the first
+        confirmations arrive later than the faults that wanted them.
+        """
+        hot = self.hot.get(pid, set())
+        blocks = sorted({p // w.MAX_PAGES for p in hot})
+        out: list[tuple[int, int]] = []
+        for r in self.memory.regions.get(pid, ()):
+            lo_blk, hi_blk = r.start // PAGE // w.MAX_PAGES, (r.end // PAGE - 1) // w.MAX_PAGES
+            for b in blocks[bisect.bisect_left(blocks, lo_blk) : bisect.bisect_right(blocks, hi_blk)]:
+                lo = max(r.start, b * w.MAX_PAGES * PAGE)
+                hi = min(r.end, (b + 1) * w.MAX_PAGES * PAGE)
+                out.append((lo, (hi - lo) // PAGE))
+        return sorted(out)
+
+    def _present_chunk(self, pid: int, vaddr: int, npages: int) -> list[w.Pages | w.Same]:
+        """The records for the not yet answered dumpable pages of a block (blocking)."""
+        out: list[w.Pages | w.Same] = []
+        for _, v, n in self.memory.present(pid, vaddr, npages):
+            out.extend(self._sweep_chunk(pid, v, n))
+        return out
+
     def _sweep_chunk(self, pid: int, vaddr: int, npages: int) -> list[w.Pages | w.Same]:
         """The records for the not yet answered pages of one chunk (blocking)."""
         out: list[w.Pages | w.Same] = []
@@ -282,9 +303,9 @@ class FrozenServer:
                         await push_one(*run)
                 await push_one(pid, vaddr, npages)
 
-        async def push_one(pid: int, vaddr: int, npages: int) -> None:
+        async def push_one(pid: int, vaddr: int, npages: int, chunk: Chunk | None = None) -> None:
             nonlocal unacked
-            recs = await asyncio.to_thread(self._sweep_chunk, pid, vaddr, npages)
+            recs = await asyncio.to_thread(chunk or self._sweep_chunk, pid, vaddr, npages)
             if not recs:
                 return
             self._count(recs, sweep=True)
@@ -307,7 +328,8 @@ class FrozenServer:
             await self.running.wait()
             self._t0 = time.monotonic()
             for pid in sorted(self.memory.procs):
-                await push(pid, hot_runs(self.hot.get(pid, set())))
+                for vaddr, npages in await asyncio.to_thread(self.hot_blocks, pid):
+                    await push_one(pid, vaddr, npages, self._present_chunk)
             for pid in sorted(self.memory.procs):
                 await push(pid, await asyncio.to_thread(self.memory.sweep_runs, pid))
             done = w.encode(w.Done())

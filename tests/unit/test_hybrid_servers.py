@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from tug.engine.destination.hybridserver import HybridPageServer
 from tug.engine.destination.pagestore import PAGE, PageStore
 from tug.engine.source.frozenserver import FrozenMemory, FrozenServer, NotFrozen
-from tug.engine.source.trackers.shadow import ContentTracker
+from tug.engine.source.trackers.shadow import ContentTracker, Region
 from tug.transports import hybrid_wire as w
 from tug.transports.criu_lazy import LazyWatch
 from tug.transports.criu_pageserver import HEADER, PS_IOV_CLOSE, PS_IOV_GET
@@ -33,13 +33,24 @@ def page(vaddr: int, gen: int = 0) -> bytes:
     return (vaddr + gen).to_bytes(8, "little") * (PAGE // 8)
 
 
+def _regions(addrs: list[int]) -> list[Region]:
+    """The contiguous runs of ``addrs`` as private mappings."""
+    out: list[Region] = []
+    for a in addrs:
+        if out and out[-1].end == a:
+            out[-1] = Region(out[-1].start, a + PAGE, "rw-p", "")
+        else:
+            out.append(Region(a, a + PAGE, "rw-p", ""))
+    return out
+
+
 class FakeFrozen(FrozenMemory):
     """Frozen processes as pid -> vaddr -> page (what /proc/PID/mem would read)."""
 
     def __init__(self, pages: dict[int, dict[int, bytes]]) -> None:
         self.pages = pages
         self.procs = dict.fromkeys(pages)  # type: ignore[arg-type]
-        self.regions = {}
+        self.regions = {pid: _regions(sorted(have)) for pid, have in pages.items()}
         self.still_frozen = lambda: True
 
     def covered(self, pid: int, vaddr: int, npages: int) -> bool:
@@ -359,3 +370,16 @@ def test_pages_the_filter_vouches_for_are_answered_same_without_a_read() -> None
     with pytest.raises(NotFrozen):
         server.answer(w.Get(PID, 0x12000, 3))
     assert frozen.read_pages[-1] == 0x13000
+
+
+def test_the_hot_set_is_swept_in_whole_blocks_clipped_to_the_mappings() -> None:
+    """A scattered hot set is swept a MAX_PAGES block at a time, never outside a mapping."""
+    blk = w.MAX_PAGES * PAGE
+    pages = {a: page(a) for a in [*range(blk - 4 * PAGE, blk + 8 * PAGE, PAGE), *range(5 * blk, 5 * blk + 3 * PAGE, PAGE)]}
+    server = FrozenServer(FakeFrozen({PID: pages}), ContentTracker())
+    server.hot = {PID: {(blk - 2 * PAGE) // PAGE, (blk + 5 * PAGE) // PAGE, (blk + 6 * PAGE) // PAGE, 5 * blk // PAGE}}
+    assert server.hot_blocks(PID) == [(blk - 4 * PAGE, 4), (blk, 8), (5 * blk, 3)]
+    recs = [r for v, n in server.hot_blocks(PID) for r in server._present_chunk(PID, v, n)]
+    # Nothing was sent in rounds (empty tracker): every present page of those blocks goes as data.
+    assert sorted((r.vaddr, r.nr_pages) for r in recs if isinstance(r, w.Pages)) == [(blk - 4 * PAGE, 4), (blk, 8), (5 * blk, 3)]
+    assert server._present_chunk(PID, blk, 8) == []  # answered once
