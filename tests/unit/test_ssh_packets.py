@@ -40,3 +40,10 @@ async def test_bulk_data_carries_no_ignore_packets(tmp_path: Path, monkeypatch: 
     assert data >= (4 << 20) // 32768
     # The handshake before the connection is ours (authentication) still has a few.
     assert ignored < 10 if skip else ignored >= data
+
+
+def test_the_installed_asyncssh_is_the_one_the_filter_was_written_for() -> None:
+    """A new asyncssh whose send_packet changed turns the filter off: this says so instead of silently."""
+    from tug.transports import ssh
+
+    assert ssh._SEND_PACKET_AS_KNOWN, "asyncssh's send_packet changed: review transports/ssh.py skip_ignore_packets"
