@@ -12,6 +12,7 @@ here a range is a few slice assignments and a check of a whole block one
 from __future__ import annotations
 
 PAGE = 4096
+#: Pages per block: 64 pages = 256 KiB of address space.
 BLOCK = 64
 _ALL = b"\x01" * BLOCK
 

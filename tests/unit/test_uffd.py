@@ -25,6 +25,7 @@ from typing import Any, cast
 import pytest
 
 from tug.engine.api import MigrationOptions
+from tug.engine.pageset import PageSet
 from tug.engine.source.context import SourceContext
 from tug.engine.source.trackers import inject
 from tug.engine.source.trackers.shadow import PAGE, ContentTracker, ProcessMemory, ns_pid
@@ -39,7 +40,7 @@ from tug.engine.source.trackers.uffd import (
     parse_regions,
 )
 from tug.engine.source.trackers.uffdrounds import UffdRounds
-from tug.engine.source.trackers.uffdtrack import Held, Process, Sources, UffdTracker, register_all, start_time
+from tug.engine.source.trackers.uffdtrack import Process, Sources, UffdTracker, register_all, start_time
 from tug.policies import parse_policy
 
 NPAGES = 128
@@ -332,7 +333,7 @@ def test_parse_regions_checks_the_kernel_answer() -> None:
 
 
 def test_held_runs() -> None:
-    h = Held()
+    h = PageSet()
     h.add(7, 0x10000, 0x10000 + 200 * PAGE)
     assert h.missing(7, 0x10000, 0x10000 + 200 * PAGE) == []
     h.forget(7, 0x10000 + 5 * PAGE, 0x10000 + 7 * PAGE)

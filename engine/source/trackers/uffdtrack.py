@@ -6,7 +6,7 @@ userfaultfd), and the kernel clears it on any write. So "bit set" means
 "not written since tug protected it and then read it", whatever happened
 meanwhile: a VMA mapped again at the same address, moved by mremap, or
 copied into a forked child carries no bits and reads as written. What is left
-to remember is one byte per page sent (:class:`Held`), ~0.5 MiB per GiB.
+to remember is one byte per page sent (a :class:`~tug.engine.pageset.PageSet`), ~0.5 MiB per GiB.
 
 The one invariant: a page of a dump is skipped only if it was read and sent
 after its bit was set, its bit is still set at the freeze, and it lies in a
@@ -30,12 +30,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tug.engine.pageset import PageSet as Held
+from tug.engine.pageset import PageSet
 from tug.engine.source.trackers.shadow import PAGE, ContentTracker, Region, ScanResult
 from tug.engine.source.trackers.uffd import Pagemap, Userfaultfd, Written
 
 
-#: Pages per block of the held map: 64 pages = 256 KiB of address space.
 @dataclass(slots=True)
 class Process:
     """One process under the tracker: tug's duplicate of its userfaultfd."""
@@ -109,7 +108,7 @@ class UffdTracker:
     def __init__(self, content: ContentTracker) -> None:
         #: The fallback: compares bytes for whatever the scans do not cover.
         self.content = content
-        self.held = Held()
+        self.held = PageSet()
         #: Per pid in the container: the ranges registered at the freeze, sorted.
         self._frozen: dict[int, list[tuple[int, int]]] = {}
 
