@@ -51,8 +51,10 @@ def _precopy(policy: str, tracker: str = "content", name: str = "") -> Strategy:
     return Strategy(
         name=name or (f"precopy-{policy}" if "=" not in policy else f"precopy:{policy}"),
         kind="engine",
-        migrate_args=("--strategy", "precopy", "--policy", policy, "--tracker", tracker),
-        doc=f"tug pre-copy, {tracker} tracker, convergence policy {policy!r}",
+        # --eager: the row measures pre-copy's classic final step; without it
+        # tug would end it as hybrid (the hybrid-* rows).
+        migrate_args=("--strategy", "precopy", "--eager", "--policy", policy, "--tracker", tracker),
+        doc=f"tug pre-copy, eager final step, {tracker} tracker, convergence policy {policy!r}",
     )
 
 

@@ -138,6 +138,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         tcp_close=args.tcp_close,
         policy=args.policy,
         tracker=args.tracker,
+        eager=args.eager,
         stream_dump=args.stream_dump,
         lazy_restore=args.lazy_restore,
         volumes=tuple(args.volume),
@@ -259,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tracker", default="auto", choices=("auto", "content", "soft-dirty", "uffd"),
                    help="precopy, hybrid: how dirty pages are found (auto: soft-dirty if the kernel has it, else uffd "
                         "where tug doctor's probe passes, else content; hybrid: uffd or content)")
+    m.add_argument("--eager", action="store_true",
+                   help="precopy: every page on the destination before its processes run (the commit point waits "
+                        "for it). Default: precopy ends as hybrid where the destination has userfaultfd and the "
+                        "migration is one container: a shorter frozen window, but the frozen source serves what "
+                        "changed until the destination's memory is filled")
     m.add_argument("--lazy-restore", action=argparse.BooleanOptionalAction, default=MigrationOptions().lazy_restore,
                    help="the destination's processes run before their memory is in place; a local CRIU lazy-pages "
                         "daemon fills it and the commit waits for that (default: %(default)s)")

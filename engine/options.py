@@ -52,8 +52,15 @@ class MigrationOptions:
     #: precopy only: when to stop iterating. A policy object (anything with
     #: ``decide(history)``) or a spec string such as "phaul" or "max-iter=8,min-dirty=64".
     policy: ConvergencePolicy | str = "phaul"
-    #: precopy only: how dirty pages are found: auto | content | soft-dirty.
+    #: precopy only: how dirty pages are found: auto | content | soft-dirty | uffd.
     tracker: str = "auto"
+    #: precopy only: keep pre-copy's classic final step (the destination holds
+    #: every page before its processes run, so a source lost afterwards
+    #: changes nothing). Without it, pre-copy ends as hybrid wherever hybrid
+    #: can run (tug.engine.source.strategies.resolve): a frozen window that
+    #: no longer grows with memory, but from the destination's processes
+    #: running until their memory is filled, the frozen source is still needed.
+    eager: bool = False
     #: stop-copy: stream the frozen dump's memory straight to a CRIU page
     #: server on the destination (through an SSH forward) while CRIU dumps,
     #: instead of dumping to local files and sending them afterwards: dump

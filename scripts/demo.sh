@@ -66,7 +66,7 @@ print("ok=%s counter=%s memory_check=%s longest_heartbeat_gap=%.0f ms resets=%d"
 sys.exit(0 if r["ok"] else 1)'
 $TUG lab run b -- runc --root "$(runc_root b)" exec demo cat /root/hello.txt
 
-step "and back from b to a with iterative pre-copy (tracker auto: uffd where tug doctor finds it working, else content; p.haul's convergence rule)"
+step "and back from b to a with iterative pre-copy (tracker auto: uffd where tug doctor finds it working, else content; p.haul's convergence rule; it ends as hybrid: a runs first, what changed since the last round follows from the frozen b)"
 client_start
 $TUG lab run b -- tug migrate demo --to "$($TUG lab url a)" --strategy precopy --policy phaul
 client_stop

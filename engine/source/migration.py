@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
@@ -209,6 +210,15 @@ class Migration(FrozenWindow):
             self.target, self.opts, self.host, info={"criu": str(version)}, on_notice=self._on_notice
         )
         self.note(f"agent on {peer.host}: CRIU {peer.info.get('criu')}, runc {peer.info.get('runc')}")
+        cpuinfo = await local_cpuinfo()
+        lazy_possible = True
+        for i, m in enumerate(self.members):
+            network = m.endpoint.to_dict() if m.endpoint is not None else None
+            # One CPU check for the group: every member's dump is made here.
+            pre = await preflight_destination(self.s, m.name, str(version), network, cpuinfo if i == 0 else b"",
+                                              podman=self._podman_wire())
+            lazy_possible = lazy_possible and self.opts.lazy_restore and bool(pre.get("lazy_restore"))
+        await self._resolve_strategy(lazy_possible)
         for m in self.members:
             m.strategy.bind(
                 SourceContext(
@@ -217,13 +227,6 @@ class Migration(FrozenWindow):
                     sync_rootfs=self._rootfs_pass_of(m), notes=self.tally.notes,
                 )
             )
-        cpuinfo = await local_cpuinfo()
-        for i, m in enumerate(self.members):
-            network = m.endpoint.to_dict() if m.endpoint is not None else None
-            # One CPU check for the group: every member's dump is made here.
-            pre = await preflight_destination(self.s, m.name, str(version), network, cpuinfo if i == 0 else b"",
-                                              podman=self._podman_wire())
-            lazy_possible = self.opts.lazy_restore and bool(pre.get("lazy_restore"))
             m.lazy = m.strategy.restore_mode(lazy_possible) in (RestoreMode.LAZY_LOCAL, RestoreMode.LAZY_REMOTE)
         if self.opts.lazy_restore and not all(m.lazy for m in self.members):
             self.note(f"{self.target.host} has no userfaultfd (see tug doctor): its restore loads all memory first")
@@ -244,6 +247,21 @@ class Migration(FrozenWindow):
                 extra["podman"] = self._podman_wire()
             await self.s.call("prepare", container=m.name, config=m.config_raw, network=network, **extra)
             await self._sync_rootfs(m, Phase.PRE_CHECKPOINT)
+
+    async def _resolve_strategy(self, lazy_possible: bool) -> None:
+        """``--strategy precopy`` ends as hybrid where it can (strategies.resolve):
+        decided here, once the destination said whether it has userfaultfd and
+        before anything changed on either host."""
+        name, why = strategies.resolve(self.opts, lazy_possible=lazy_possible, members=len(self.members))
+        if why is not None:
+            self.note(why)
+        if name == self.strategy.name:
+            return
+        self.opts = replace(self.opts, strategy=name)
+        for m in self.members:
+            m.strategy.close()
+            m.strategy = strategies.create(self.opts)
+            await m.strategy.preflight()
 
     def _podman_wire(self) -> dict[str, Any] | None:
         return podmansrc.wire(self.podman) if self.podman is not None else None

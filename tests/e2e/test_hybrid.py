@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .conftest import Lab, demo_container
+from .conftest import Lab, demo_container, lazy_wait, migrate
 from .test_postcopy import lazy_there_and_back
 
 pytestmark = pytest.mark.e2e
@@ -25,13 +25,27 @@ def busy_demo(lab: Lab) -> Iterator[str]:
 
 
 def test_hybrid_there_and_back_keeps_memory_and_connections(lab: Lab, busy_demo: str) -> None:
-    for report in lazy_there_and_back(lab, busy_demo, "--strategy", "hybrid", "--policy", "qemu"):
+    """Reached the way users reach it: ``--strategy precopy`` ends as hybrid
+    (one container, userfaultfd on the destination) and the report says so;
+    then ``--eager`` keeps pre-copy's classic final step."""
+    for report in lazy_there_and_back(lab, busy_demo, "--strategy", "precopy", "--policy", "qemu"):
+        assert report["strategy"] == "hybrid", report["strategy"]
+        assert any(n.startswith("precopy ends as hybrid") for n in report["notes"]), report["notes"]
         assert report["rounds"], report  # pre-copy ran first
         # Most of the memory was already there: the store served it, the
         # source sent only what changed (and never the whole memory again).
         assert report["store_pages"] > 0 and report["source_pages"] > 0, report
         assert report["store_pages"] > report["source_pages"], report
         assert report["bytes_after_commit"] < (128 << 20) // 2, report
+    before = lab.check("a", busy_demo)
+    res = migrate("a", busy_demo, lab.url("b"), "--strategy", "precopy", "--eager", "--policy", "max-iter=2")
+    assert res.returncode == 0, res.stderr
+    eager = res.json()
+    assert eager["strategy"] == "precopy" and not [n for n in eager["notes"] if "hybrid" in n], eager["notes"]
+    # Every page was on b before its processes ran: after the commit only calls cross (hundreds of bytes).
+    assert eager["bytes_after_commit"] < 64 << 10, eager
+    lab.check_moved_intact("b", busy_demo, before, eager["downtime_ms"], fault_wait_ms=lazy_wait(eager))
+
 
 def test_hybrid_with_the_uffd_tracker_needs_no_shadow(lab: Lab, busy_demo: str) -> None:
     """The uffd tracker's held pages, made exact by its final scan, say what the store has:

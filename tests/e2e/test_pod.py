@@ -74,6 +74,9 @@ def test_pod_moves_whole_and_back(lab: Lab, pod: list[str], back: str) -> None:
     rc, report, err = run("b", holder, "--pod", "--to", lab.url("a"), "--strategy", back, *extra)
     assert rc == 0, err
     if back == "precopy":
+        # Hybrid moves one container: a pod's pre-copy restores eagerly, and says so.
+        assert report["strategy"] == "precopy", report["strategy"]
+        assert any(n.startswith("precopy restores eagerly") and "moves 3" in n for n in report["notes"]), report["notes"]
         # The pod's rounds ran side by side and converged as one: one round
         # report per round, counting every member's pages.
         assert 1 <= len(report["rounds"]) <= 3

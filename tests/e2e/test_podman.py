@@ -144,8 +144,8 @@ def move(lab: Lab, name: str, src: str, dst: str, *extra: str, earlier_ms: float
 
 @pytest.mark.parametrize("strategy", [
     ("--strategy", "stop-copy"),
-    ("--strategy", "precopy", "--tracker", "content"),
-    ("--strategy", "precopy", "--tracker", "uffd"),
+    ("--strategy", "precopy", "--eager", "--tracker", "content"),
+    ("--strategy", "precopy", "--eager", "--tracker", "uffd"),
     ("--strategy", "postcopy"),
     ("--strategy", "hybrid"),
 ], ids=["stop-copy", "precopy-content", "precopy-uffd", "postcopy", "hybrid"])

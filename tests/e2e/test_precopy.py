@@ -42,7 +42,7 @@ def test_precopy_moves_little_while_frozen(gbit: Lab, big_hot_set: str) -> None:
 
     # Pre-copy back: b -> a.
     before = lab.check("b", name)
-    res = migrate("b", name, lab.url("a"), "--strategy", "precopy", "--policy", "phaul", "--tracker", "content")
+    res = migrate("b", name, lab.url("a"), "--strategy", "precopy", "--eager", "--policy", "phaul", "--tracker", "content")
     assert res.returncode == 0, res.stderr
     report = res.json()
     assert report["outcome"] == "migrated"

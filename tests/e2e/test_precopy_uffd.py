@@ -57,7 +57,7 @@ def test_uffd_precopy_there_and_back(lab: Lab, dirty_demo: str) -> None:
     try:
         for src, dst in (("a", "b"), ("b", "a")):
             before = lab.check(src, name)
-            res = migrate(src, name, lab.url(dst), "--strategy", "precopy", "--tracker", "uffd")
+            res = migrate(src, name, lab.url(dst), "--strategy", "precopy", "--eager", "--tracker", "uffd")
             assert res.returncode == 0, res.stderr
             report = res.json()
             assert report["outcome"] == "migrated" and report["tracker"] == "uffd"
@@ -95,7 +95,7 @@ def test_uffd_precopy_with_memory_mapped_during_the_rounds(lab: Lab) -> None:
     tug("lab", "demo", "a", name, "--memory", "32", "--dirty-rate", "500", "--hot-set", "0.1", "--churn", "2", check=True)
     try:
         before = lab.check("a", name)
-        res = migrate("a", name, lab.url("b"), "--strategy", "precopy", "--tracker", "uffd", "--policy", "max-iter=4")
+        res = migrate("a", name, lab.url("b"), "--strategy", "precopy", "--eager", "--tracker", "uffd", "--policy", "max-iter=4")
         assert res.returncode == 0, res.stderr
         report = res.json()
         rounds = uffd_rounds(report["notes"])

@@ -15,7 +15,10 @@ import pytest
 
 from .conftest import Lab, demo_container, lazy_wait, migrate, wait_for
 
-STRATEGIES = [("stop-copy",), ("precopy", "--policy", "max-iter=3")]
+#: Pre-copy twice: as it ends by default (as hybrid: the special files are
+#: restored lazily, the memory served by the frozen source) and with --eager.
+STRATEGIES = [("stop-copy",), ("precopy", "--policy", "max-iter=3"), ("precopy", "--eager", "--policy", "max-iter=3")]
+IDS = ["stop-copy", "precopy", "precopy-eager"]
 
 
 @pytest.fixture
@@ -25,7 +28,7 @@ def shm_demo(lab: Lab) -> Iterator[str]:
     yield from demo_container(lab, "ts", "--memory", "16", "--dirty-rate", "400", "--sysv-shm", "4")
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s[0])
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=IDS)
 def test_sysv_segment_with_id_0_moves(lab: Lab, shm_demo: str, strategy: tuple[str, ...]) -> None:
     before = lab.check("a", shm_demo)
     assert before["ok"], before
@@ -43,7 +46,7 @@ def background(lab: Lab, host: str, name: str, script: str) -> None:
     lab.exec(host, name, "sh", "-c", f"({script}) </dev/null >/dev/null 2>&1 &")
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s[0])
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=IDS)
 def test_an_open_fifo_moves_with_its_buffered_bytes(lab: Lab, demo: str, strategy: tuple[str, ...]) -> None:
     """A process holds a named pipe of the rootfs open with bytes in it: the
     destination gets the pipe (made, not copied) and CRIU its bytes."""
@@ -79,7 +82,7 @@ def lock_held(lab: Lab, host: str, name: str) -> bool:
     return False
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s[0])
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=IDS)
 def test_a_held_file_lock_moves(lab: Lab, lock_demo: str, strategy: tuple[str, ...]) -> None:
     """The workload holds a lock: tug finds it (CRIU refuses to dump held
     locks unless told) and the restored process holds it again."""

@@ -63,7 +63,7 @@ def settled(pred: Callable[[], bool], timeout: float = 30.0, pause: float = 0.05
 @pytest.mark.parametrize("strategy", ["stop-copy", "precopy", "postcopy", "hybrid"])
 @pytest.mark.parametrize("fault", ["migrate-kill", "link-drop"])
 def test_no_criu_runs_when_the_migration_dies_at_the_gate(lab: Lab, demo: str, strategy: str, fault: str) -> None:
-    run = start_migrate("a", demo, lab.url("b"), "--strategy", strategy)
+    run = start_migrate("a", demo, lab.url("b"), "--strategy", strategy, *(["--eager"] if strategy == "precopy" else []))
     try:
         # Stopped as soon as its runc exists, tug cannot open the gate: the
         # dump's CRIU request then waits there for as long as the test wants.
@@ -107,7 +107,7 @@ def test_agent_killed_while_its_prestarted_restore_waits_at_the_gate(lab: Lab, d
     when the agent is SIGKILLed: its script sees the gate's end, runc fails and
     removes the container it had begun, and the source rolls back (never frozen
     for long, never two copies)."""
-    run = start_migrate("a", demo, lab.url("b"), "--strategy", strategy)
+    run = start_migrate("a", demo, lab.url("b"), "--strategy", strategy, *(["--eager"] if strategy == "precopy" else []))
     try:
         assert settled(lambda: bool(runc_restores("b")), 120, pause=0.002), f"no runc restore:\n{chr(10).join(run.lines)}"
         os.kill(run.proc.pid, signal.SIGSTOP)

@@ -134,6 +134,8 @@ def test_fault(lab: Lab, victim: str, strategy: str, phase: str, fault: str) -> 
             extra += ["--timeout", f"{ph}=8"]
     if strategy in ROUNDS:
         extra += ["--policy", "max-iter=3"]
+    if strategy == "precopy":
+        extra += ["--eager"]  # without it pre-copy ends as hybrid, the matrix's own column
     run = start_migrate("a", victim, lab.url("b"), *extra)
     reached = run.wait_phase(phase)
     did, injected = _inject(fault, phase, run.proc.pid) if reached else ("phase never reached", False)

@@ -10,6 +10,8 @@ from bench.matrix import strategy
 def test_named_strategies_keep_their_arguments() -> None:
     assert strategy("hybrid-uffd").migrate_args == ("--strategy", "hybrid", "--policy", "qemu", "--tracker", "uffd")
     assert strategy("precopy-qemu").migrate_args[-1] == "content"
+    # Pre-copy rows measure the classic final step, not the hybrid one tug defaults to.
+    assert "--eager" in strategy("precopy-qemu").migrate_args and "--eager" not in strategy("hybrid-qemu").migrate_args
 
 
 @pytest.mark.parametrize(
@@ -24,7 +26,8 @@ def test_named_strategies_keep_their_arguments() -> None:
 def test_ad_hoc_policy_with_or_without_a_tracker(spec: str, kind: str, policy: str, tracker: str) -> None:
     s = strategy(spec)
     assert s.name == spec
-    assert s.migrate_args == ("--strategy", kind, "--policy", policy, "--tracker", tracker)
+    eager = ("--eager",) if kind == "precopy" else ()
+    assert s.migrate_args == ("--strategy", kind, *eager, "--policy", policy, "--tracker", tracker)
 
 
 @pytest.mark.parametrize("spec", ["precopy:", "hybrid-soft:qemu", "postcopy:qemu", "nope"])

@@ -34,3 +34,35 @@ def test_stop_copy_answers() -> None:
 def test_precopy_has_rounds_and_starts_no_page_server_before_them() -> None:
     s = strategies.create(MigrationOptions(strategy="precopy", policy="phaul"))
     assert s.has_rounds and not s.page_server_early and s.tracker is None  # chosen in preflight
+
+
+def _resolved(lazy_possible: bool = True, members: int = 1, **kw: object) -> tuple[str, str | None]:
+    return strategies.resolve(MigrationOptions(**kw), lazy_possible=lazy_possible, members=members)  # type: ignore[arg-type]
+
+
+def test_precopy_ends_as_hybrid_where_hybrid_can_run() -> None:
+    name, note = _resolved(strategy="precopy")
+    assert name == "hybrid" and note is not None and "--eager" in note
+    for tracker in ("auto", "content", "uffd"):
+        assert _resolved(strategy="precopy", tracker=tracker)[0] == "hybrid"
+
+
+@pytest.mark.parametrize(("kw", "why"), [
+    ({"eager": True}, None),
+    ({"lazy_restore": False}, "--no-lazy-restore"),
+    ({"lazy_possible": False}, "no userfaultfd"),
+    ({"members": 3}, "moves one container, and this migration moves 3"),
+    ({"tracker": "soft-dirty"}, "soft-dirty"),
+])
+def test_precopy_stays_eager_and_says_why(kw: dict[str, object], why: str | None) -> None:
+    name, note = _resolved(strategy="precopy", **kw)
+    assert name == "precopy"
+    if why is None:
+        assert note is None  # asked for: nothing to explain
+    else:
+        assert note is not None and note.startswith("precopy restores eagerly") and why in note
+
+
+@pytest.mark.parametrize("strategy", ["stop-copy", "postcopy", "hybrid"])
+def test_other_strategies_run_as_named(strategy: str) -> None:
+    assert _resolved(strategy=strategy, lazy_possible=False, members=2) == (strategy, None)
