@@ -81,6 +81,9 @@ STRATEGIES: dict[str, Strategy] = {
         _hybrid("incus"),
         _hybrid("qemu"),
         _hybrid("qemu", "uffd", "hybrid-uffd"),
+        Strategy(name="precopy-default", kind="engine", migrate_args=("--strategy", "precopy"),
+                 doc="what --strategy precopy runs with no other option: hybrid where it can (tracker auto, "
+                 "policy phaul), else eager; the report's strategy says which"),
     )
 }
 

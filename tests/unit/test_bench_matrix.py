@@ -12,6 +12,7 @@ def test_named_strategies_keep_their_arguments() -> None:
     assert strategy("precopy-qemu").migrate_args[-1] == "content"
     # Pre-copy rows measure the classic final step, not the hybrid one tug defaults to.
     assert "--eager" in strategy("precopy-qemu").migrate_args and "--eager" not in strategy("hybrid-qemu").migrate_args
+    assert strategy("precopy-default").migrate_args == ("--strategy", "precopy")  # what a user gets
 
 
 @pytest.mark.parametrize(
