@@ -355,10 +355,11 @@ def test_probe_on_a_throwaway_process() -> None:
     assert asyncio.run(probe()) == ""
 
 
-def test_freeze_leaves_no_page_for_criu_to_dump_that_was_not_there(target: Target) -> None:
-    """The scans' protect puts uffd-wp markers into empty entries, which
-    /proc/PID/pagemap shows as swapped pages (CRIU would dump them); after
-    freeze() (which unregisters) untouched pages are empty again."""
+def test_scans_leave_no_page_for_criu_to_dump_that_was_not_there(target: Target) -> None:
+    """A uffd-wp marker in an empty entry shows in /proc/PID/pagemap as a
+    swapped page, which CRIU would dump: the scans match only pages that
+    exist, so untouched pages stay empty, before the freeze and after it
+    (CRIU dumps with the registration in place; closing tug's fd drops it)."""
     empty = int(target.ask("n 32"), 16)
     tracker = UffdTracker(ContentTracker())
     proc = attach(target.pid)
@@ -374,10 +375,13 @@ def test_freeze_leaves_no_page_for_criu_to_dump_that_was_not_there(target: Targe
             region = next(r for r in mem.regions() if r.start <= empty < r.end)
             return {(v - empty) // PAGE + k for v, n in mem.runs(region) for k in range(n)} & set(range(32))
 
-        assert dumpable() != {4, 9}, "markers in the empty entries look swapped (if this kernel stops doing that, simplify freeze())"
+        touched = "only the pages touched (10: the zero page, if pagemap shows it)"
+        assert dumpable() - {10} == {4, 9}, touched
         tracker.freeze(proc, mem.regions(), Sources())
-        assert dumpable() - {10} == {4, 9}, "only the pages touched (10: the zero page, if pagemap shows it)"
-        assert not any(" uw" in f for f in smaps_flags(target.pid))
+        assert dumpable() - {10} == {4, 9}, touched
+        assert any(" uw" in f for f in smaps_flags(target.pid)), "still registered while CRIU would dump"
+        proc.close()
+        assert not any(" uw" in f for f in smaps_flags(target.pid)), "closing tug's fd unregisters"
     finally:
         mem.close()
         proc.close()

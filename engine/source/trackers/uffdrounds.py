@@ -19,10 +19,9 @@ The frozen dump goes through the same filtering page server as the content
 tracker's, but the filter asks :meth:`.uffdtrack.UffdTracker.diff`: a final
 scan right after the freeze (no protect, nothing read) is all it needs.
 
-The frozen processes are unregistered right after the final scan, before
-CRIU dumps them (:meth:`.uffdtrack.UffdTracker.freeze` says why: markers
-would look like swapped pages); a source resumed after a rollback thus runs
-unregistered, and :meth:`close` drops the fds.
+The frozen processes stay registered while CRIU dumps them
+(:meth:`.uffdtrack.UffdTracker.freeze` says why that is safe); :meth:`close`
+drops the fds, which unregisters a source resumed after a rollback.
 """
 
 from __future__ import annotations
@@ -188,9 +187,8 @@ class UffdRounds(ContentRounds):
         """The final scan (frozen: ms, nothing read): what is held is now exactly
         what the destination has of the frozen memory (hybrid asks :meth:`page_filter`
         the same). ``in_window``: a step of the frozen window, before CRIU
-        dumps, which unregisters the processes first; hybrid's scan runs once
-        its lazy dump holds them, and leaves them registered
-        (:meth:`.uffdtrack.UffdTracker.freeze` says why).
+        dumps (timed for the report); hybrid's scan runs once its lazy dump
+        holds the processes.
 
         Only the processes the rounds attached are scanned (no ``runc ps`` in
         the downtime): any other process of the dump has nothing held, so the
@@ -211,7 +209,7 @@ class UffdRounds(ContentRounds):
                 try:
                     mem = ProcessMemory(host_pid)
                     try:
-                        self.uffd.freeze(proc, mem.regions(), sources, unregister=in_window)
+                        self.uffd.freeze(proc, mem.regions(), sources)
                     finally:
                         mem.close()
                 except (UffdError, OSError) as exc:

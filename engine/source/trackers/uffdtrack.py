@@ -129,22 +129,18 @@ class UffdTracker:
         """A region goes to the content compare: what was held there no longer counts."""
         self.held.forget(ns_pid, region.start, region.end)
 
-    def freeze(self, proc: Process, regions: list[Region], sources: Sources, *, unregister: bool = True) -> None:
+    def freeze(self, proc: Process, regions: list[Region], sources: Sources) -> None:
         """At the freeze: register again (tells what is tracked), scan without
-        protecting, forget what was written, then unregister. Milliseconds;
-        nothing is read. The unregister is most of it (~25 ms per GiB here: the
-        kernel clears every entry's bit), so a dump that copies nothing while
-        frozen (hybrid's lazy dump) skips it: the markers then only add a few
-        never-touched pages to what the fill fetches, and closing the fd later
-        unregisters all.
+        protecting, forget what was written. Milliseconds; nothing is read.
 
-        Why unregister before CRIU dumps: the scans' protect leaves uffd-wp
-        markers in empty page-table entries, and /proc/PID/pagemap reports a
-        marker as a swapped page, so CRIU would dump (and the destination
-        populate) every never touched page near a touched one (measured: 5 MiB
-        of a demo container's .bss, sent while frozen). Unregistering clears
-        markers and bits. A restored process never had tug's registration in
-        any case (CRIU restores VMAs without uffd flags; tested end to end).
+        The processes stay registered while CRIU dumps them: the scans put no
+        uffd-wp marker into empty entries (uffd.ANYOF_MASK), so the pagemap
+        CRIU reads shows exactly the pages there are, and unregistering
+        (~25 ms per GiB inside the frozen window: the kernel clears every
+        entry's bit) bought nothing. A restored process never has tug's
+        registration (CRIU restores VMAs without uffd flags; tested end to
+        end), and a source resumed after a rollback loses it when tug closes
+        its fds.
         """
         ok, refused = register_all(proc, regions)
         for r, why in refused:
@@ -155,9 +151,6 @@ class UffdTracker:
             written = proc.pagemap.written(r.start, r.end, protect=False)
             for lo, hi in self.note_written(proc, written):
                 sources.uffd_written += (hi - lo) // PAGE
-        if unregister:
-            for r in ok:
-                proc.uffd.unregister(r.start, r.end)
 
     def forget_pid(self, ns_pid: int) -> None:
         self.held.forget_pid(ns_pid)
