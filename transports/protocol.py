@@ -289,13 +289,21 @@ def _encode(event: Event) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-def _encode_stream_data(stream_id: int, data: bytes | bytearray | memoryview) -> bytes:
-    with memoryview(data) as view:
-        size, contiguous = view.nbytes, view.c_contiguous
-    if not contiguous or size >= 2**32:
-        raise _Invalid("StreamData.data must be a contiguous buffer of less than 4 GiB")
+def _encode_stream_data(stream_id: int, *parts: bytes | bytearray | memoryview) -> bytes:
+    """One StreamData frame whose data is ``parts`` end to end (each part copied once, into the frame)."""
+    size = 0
+    for part in parts:
+        if not isinstance(part, bytes | bytearray | memoryview):
+            raise _Invalid(f"StreamData.data must be bytes, got {_describe(part)}")
+        with memoryview(part) as view:
+            size += view.nbytes
+            contiguous = view.c_contiguous
+        if not contiguous:
+            raise _Invalid("StreamData.data must be contiguous buffers")
+    if size >= 2**32:
+        raise _Invalid("StreamData.data must be less than 4 GiB")
     head = _STREAM_DATA_PREFIX + msgpack.packb(stream_id) + _bin_header(size)
-    return b"".join((_HEADER.pack(len(head) + size), head, data))  # the only copy of data
+    return b"".join((_HEADER.pack(len(head) + size), head, *parts))  # the only copy of data
 
 
 def encode_event(event: Event) -> bytes:
@@ -306,17 +314,18 @@ def encode_event(event: Event) -> bytes:
         raise LocalProtocolError(str(exc)) from None
 
 
-def encode_stream_data(stream_id: int, data: bytes | bytearray | memoryview) -> bytes:
-    """Frame a StreamData without building the event; byte-identical to :func:`encode_event`.
+def encode_stream_data(stream_id: int, data: bytes | bytearray | memoryview, *more: bytes | bytearray | memoryview) -> bytes:
+    """Frame a StreamData without building the event; byte-identical to :func:`encode_event`
+    of the data ``data + b"".join(more)``.
 
-    This is the hot path of a migration, so ``data`` is copied exactly once, into
-    the returned frame. :meth:`Connection.send_data` is the same plus state checks.
+    This is the hot path of a migration, so the data is copied exactly once, into
+    the returned frame: a sender that holds a run's small header and its pages
+    in separate buffers frames them together without joining them first.
+    :meth:`Connection.send_data` is the same plus state checks.
     """
     try:
         _check_id(stream_id, "StreamData.stream_id")
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise _Invalid(f"StreamData.data must be bytes, got {_describe(data)}")
-        return _encode_stream_data(stream_id, data)
+        return _encode_stream_data(stream_id, data, *more)
     except _Invalid as exc:
         raise LocalProtocolError(str(exc)) from None
 
@@ -423,12 +432,15 @@ class Connection:
             raise LocalProtocolError(str(exc)) from None
         return frame
 
-    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> bytes:
-        """Hot path for bulk data: no event object, and bytearray/memoryview accepted as is."""
+    def send_data(
+        self, stream_id: int, data: bytes | bytearray | memoryview, *more: bytes | bytearray | memoryview
+    ) -> bytes:
+        """Hot path for bulk data: no event object, bytearray/memoryview accepted as
+        is, and several buffers framed as one (see :func:`encode_stream_data`)."""
         if self._us.bye or stream_id not in self._us.streams:
             # Let the general path produce the precise complaint.
-            return self.send(StreamData(stream_id=stream_id, data=bytes(data)))
-        frame = encode_stream_data(stream_id, data)
+            return self.send(StreamData(stream_id=stream_id, data=b"".join((data, *more))))
+        frame = encode_stream_data(stream_id, data, *more)
         if len(frame) - 4 > self.max_frame:
             raise LocalProtocolError(f"StreamData frame of {len(frame) - 4} bytes exceeds max_frame")
         return frame

@@ -178,16 +178,31 @@ class OutStream:
         if self.failure is not None:
             raise self.failure
         self.bytes += len(data)
-        if not self._buf and len(data) >= BATCH:
-            # Large writes skip the batching buffer: one copy fewer per chunk.
-            view = memoryview(data)
-            await self._session._write(
-                b"".join(self._session.conn.send_data(self.stream_id, view[i : i + CHUNK]) for i in range(0, len(view), CHUNK))
-            )
+        if len(data) < BATCH:
+            self._buf += data
+            if len(self._buf) >= BATCH:
+                await self._flush()
             return
-        self._buf += data
-        if len(self._buf) >= BATCH:
-            await self._flush()
+        # A large write (a run of pages, typically after its small header) is
+        # framed straight from the caller's buffer, with whatever is batched
+        # ahead of it in its first frame: its bytes are copied once, into the
+        # frames, which go out one by one (a few MiB joined would be a second
+        # copy). Only a tail too small to be worth an SSH write is batched.
+        conn, view = self._session.conn, memoryview(data)
+        frames: list[bytes] = []
+        start = 0
+        if self._buf:
+            start = min(CHUNK - len(self._buf), len(view))
+            frames.append(conn.send_data(self.stream_id, self._buf, view[:start]))
+            self._buf = bytearray()
+        for i in range(start, len(view), CHUNK):
+            piece = view[i : i + CHUNK]
+            if len(piece) < BATCH:
+                self._buf += piece
+                break
+            frames.append(conn.send_data(self.stream_id, piece))
+        for frame in frames:
+            await self._session._write(frame)
 
     async def _flush(self) -> None:
         buf, self._buf = self._buf, bytearray()

@@ -601,3 +601,25 @@ def test_closed() -> None:
 def test_max_frame_argument_is_checked() -> None:
     with pytest.raises(ValueError):
         Connection(Role.SOURCE, max_frame=2**32)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(parts=st.lists(st.binary(max_size=3000), min_size=1, max_size=5), kinds=st.lists(st.sampled_from("bav"), min_size=5, max_size=5))
+def test_stream_data_from_parts_is_the_frame_of_their_join(parts: list[bytes], kinds: list[str]) -> None:
+    """A run's header and its pages framed from separate buffers: the same bytes on the wire."""
+    typed = [bytearray(b) if k == "a" else memoryview(b) if k == "v" else b for b, k in zip(parts, kinds)]
+    expected = encode_stream_data(7, b"".join(parts))
+    assert encode_stream_data(7, *typed) == expected
+    src, agent = pair()
+    agent.feed(src.send(StreamOpen(stream_id=7, kind="pages", meta={})))
+    assert src.send_data(7, *typed) == expected
+    assert agent.feed(expected) == [StreamData(stream_id=7, data=b"".join(parts))]
+
+
+def test_stream_data_parts_are_checked_each() -> None:
+    src, _ = pair()
+    src.send(StreamOpen(stream_id=1, kind="pages", meta={}))
+    with pytest.raises(LocalProtocolError, match="contiguous"):
+        src.send_data(1, b"head", memoryview(b"abcdef")[::2])
+    with pytest.raises(LocalProtocolError, match="must be bytes"):
+        src.send_data(1, b"head", "text")  # type: ignore[arg-type]
