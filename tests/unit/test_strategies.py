@@ -66,3 +66,10 @@ def test_precopy_stays_eager_and_says_why(kw: dict[str, object], why: str | None
 @pytest.mark.parametrize("strategy", ["stop-copy", "postcopy", "hybrid"])
 def test_other_strategies_run_as_named(strategy: str) -> None:
     assert _resolved(strategy=strategy, lazy_possible=False, members=2) == (strategy, None)
+
+
+@pytest.mark.parametrize("strategy", ["stop-copy", "postcopy", "hybrid"])
+def test_eager_is_refused_where_there_is_no_choice(strategy: str) -> None:
+    with pytest.raises(ConfigError, match="--eager chooses how --strategy precopy ends"):
+        strategies.create(MigrationOptions(strategy=strategy, eager=True))
+    assert strategies.create(MigrationOptions(strategy="precopy", eager=True)).name == "precopy"

@@ -26,6 +26,11 @@ def create(opts: MigrationOptions) -> Strategy:
     cls = REGISTRY.get(opts.strategy)
     if cls is None:
         raise ConfigError(f"unknown strategy {opts.strategy!r} (available: {', '.join(REGISTRY)})")
+    if opts.eager and cls is not Precopy:
+        raise ConfigError(
+            f"--eager chooses how --strategy precopy ends; {opts.strategy} has no such choice "
+            "(--no-lazy-restore makes any restore load all memory before the processes run)"
+        )
     return cls(opts)
 
 
