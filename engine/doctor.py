@@ -83,8 +83,9 @@ async def _criu_checks() -> list[Check]:
     uffd = await criu.has_feature("uffd-noncoop")
     rows.append(Check(
         name="lazy pages (uffd)", status=OK if uffd else WARN,
-        detail="userfaultfd available: post-copy possible" if uffd else "no non-cooperative userfaultfd: no post-copy",
-        fix="" if uffd else "a kernel with CONFIG_USERFAULTFD is needed for post-copy",
+        detail="userfaultfd available: post-copy and hybrid possible; as a destination, precopy ends as hybrid here"
+        if uffd else "no non-cooperative userfaultfd: no post-copy or hybrid; as a destination, precopy restores eagerly",
+        fix="" if uffd else "a kernel with CONFIG_USERFAULTFD is needed for post-copy and hybrid",
     ))
     return rows
 
