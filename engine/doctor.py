@@ -161,9 +161,9 @@ def _pipe_check() -> Check:
 
 async def _uffd_tracker_check() -> Check:
     """Run the uffd tracker for real on a throwaway process (what --tracker auto does)."""
-    from tug.engine.source.trackers.uffd import probe
+    from tug.engine.source.trackers.uffd import probe_now
 
-    why = await probe()
+    why = await probe_now()
     return Check(
         name="uffd tracker", status=OK if not why else WARN,
         detail="userfaultfd WP_ASYNC + PAGEMAP_SCAN work on a test process: pre-copy without a shadow copy"

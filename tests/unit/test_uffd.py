@@ -349,10 +349,17 @@ def test_held_runs() -> None:
 
 
 def test_probe_on_a_throwaway_process() -> None:
-    """What tug doctor and --tracker auto run: works on this kernel (6.18)."""
-    from tug.engine.source.trackers.uffd import probe
+    """What tug doctor and --tracker auto run: works on this kernel (6.18),
+    and a migration's second question is answered without a second process."""
+    from tug.engine.source.trackers import uffd
 
-    assert asyncio.run(probe()) == ""
+    assert asyncio.run(uffd.probe_now()) == ""
+
+    async def twice() -> list[str]:
+        return [await uffd.probe(), await uffd.probe()]
+
+    assert asyncio.run(twice()) == ["", ""]
+    assert uffd._probed == ""
 
 
 def test_scans_leave_no_page_for_criu_to_dump_that_was_not_there(target: Target) -> None:

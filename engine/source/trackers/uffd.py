@@ -274,7 +274,24 @@ _PROBE_CHILD = (
 )
 
 
+#: probe()'s answer, once this process has asked (a fact of the host's kernel and of tug's rights).
+_probed: str | None = None
+
+
 async def probe() -> str:
+    """Whether the tracker works here (:func:`probe_now`), found once per process.
+
+    A migration asks up to twice before anything changes: pre-copy's tracker
+    choice, then hybrid's when pre-copy ends as hybrid; each real probe starts
+    a Python process (~55 ms).
+    """
+    global _probed
+    if _probed is None:
+        _probed = await probe_now()
+    return _probed
+
+
+async def probe_now() -> str:
     """Try the whole tracker on a throwaway process: "" if it works, else why not.
 
     Injection, UFFDIO_API with WP_ASYNC, registration, a protecting scan, one
