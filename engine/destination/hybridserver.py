@@ -254,28 +254,31 @@ class HybridPageServer(StorePageServer):
                 task.cancel()
             await asyncio.gather(out, *pending, return_exceptions=True)
 
+    def _ready(self, get: Get) -> int:
+        """How many of the pages ``get`` asks for, from its first, the store may answer now."""
+        return self._prefix(get.pid, get.vaddr // PAGE, min(get.nr_pages, w.MAX_PAGES), True)
+
     def _answer_confirmed(self, get: Get) -> bytes | None:
         """The answer from the store alone, or None when it needs the source first."""
         if self._source_error is not None:
             return None  # _reply raises it, in order
-        ready = self._prefix(get.pid, get.vaddr // PAGE, min(get.nr_pages, w.MAX_PAGES), True)
+        ready = self._ready(get)
         return self._from_store(get, ready) if ready else None
 
     async def _reply(self, get: Get) -> bytes:
         if self._source_error is not None:
             raise MigrationError(f"the frozen source was lost mid-fill: {self._source_error}")
-        first = get.vaddr // PAGE
-        n = min(get.nr_pages, w.MAX_PAGES)
-        ready = self._prefix(get.pid, first, n, True)
+        ready = self._ready(get)
         if ready == 0:
             fault = get.nr_pages == 1
-            want = self._prefix(get.pid, first, 1 if fault else min(n, BACKGROUND_FETCH), False)
+            ahead = 1 if fault else min(get.nr_pages, w.MAX_PAGES, BACKGROUND_FETCH)
+            want = self._prefix(get.pid, get.vaddr // PAGE, ahead, False)
             t0 = time.monotonic()
             await self._fetch(w.Get(get.pid, get.vaddr, want))
             if fault:
                 self.remote_faults += 1
                 self._fault_latency.append(time.monotonic() - t0)
-            ready = self._prefix(get.pid, first, n, True)
+            ready = self._ready(get)
             if ready == 0:
                 raise MigrationError(f"the source confirmed no page at {get.vaddr:#x} of pid {get.pid}")
         return self._from_store(get, ready)
