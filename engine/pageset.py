@@ -11,6 +11,8 @@ here a range is a few slice assignments and a check of a whole block one
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 PAGE = 4096
 #: Pages per block: 64 pages = 256 KiB of address space.
 BLOCK = 64
@@ -33,9 +35,9 @@ class PageSet:
     def forget_pid(self, pid: int) -> None:
         self._pids.pop(pid, None)
 
-    def _each(self, pid: int, lo: int, hi: int, create: bool) -> list[tuple[bytearray, int, int]]:
+    def _walk(self, pid: int, lo: int, hi: int, create: bool = False) -> Iterator[tuple[int, bytearray | None, int, int]]:
+        """The blocks [lo, hi) touches: (first page, block or None if never added, slot, pages)."""
         blocks = self._pids.setdefault(pid, {}) if create else self._pids.get(pid, {})
-        out = []
         page, end = lo // PAGE, hi // PAGE
         while page < end:
             index, slot = divmod(page, BLOCK)
@@ -43,30 +45,24 @@ class PageSet:
             blk = blocks.get(index)
             if blk is None and create:
                 blk = blocks[index] = bytearray(BLOCK)
-            if blk is not None:
-                out.append((blk, slot, slot + cnt))
+            yield page, blk, slot, cnt
             page += cnt
-        return out
 
     def add(self, pid: int, lo: int, hi: int) -> None:
-        for blk, s, e in self._each(pid, lo, hi, True):
-            blk[s:e] = _ALL[: e - s]
+        for _, blk, s, n in self._walk(pid, lo, hi, create=True):
+            assert blk is not None
+            blk[s : s + n] = _ALL[:n]
 
     def forget(self, pid: int, lo: int, hi: int) -> None:
-        for blk, s, e in self._each(pid, lo, hi, False):
-            blk[s:e] = bytes(e - s)
+        for _, blk, s, n in self._walk(pid, lo, hi):
+            if blk is not None:
+                blk[s : s + n] = bytes(n)
 
     def missing(self, pid: int, lo: int, hi: int) -> list[tuple[int, int]]:
         """Runs [a, b) of [lo, hi) not held, ascending and maximal."""
-        blocks = self._pids.get(pid, {})
         runs: list[tuple[int, int]] = []
-        page, end = lo // PAGE, hi // PAGE
-        while page < end:
-            index, slot = divmod(page, BLOCK)
-            cnt = min(BLOCK - slot, end - page)
-            blk = blocks.get(index)
+        for page, blk, slot, cnt in self._walk(pid, lo, hi):
             if blk is not None and blk.find(0, slot, slot + cnt) < 0:
-                page += cnt
                 continue
             for k in range(cnt):
                 if blk is not None and blk[slot + k]:
@@ -76,18 +72,12 @@ class PageSet:
                     runs[-1] = (runs[-1][0], a + PAGE)
                 else:
                     runs.append((a, a + PAGE))
-            page += cnt
         return runs
 
     def leading(self, pid: int, lo: int, hi: int, *, held: bool) -> int:
         """How many pages from ``lo`` (up to ``hi``) are in the set (``held``), or are not."""
-        blocks = self._pids.get(pid, {})
-        page, end = lo // PAGE, hi // PAGE
         n = 0
-        while page < end:
-            index, slot = divmod(page, BLOCK)
-            cnt = min(BLOCK - slot, end - page)
-            blk = blocks.get(index)
+        for _, blk, slot, cnt in self._walk(pid, lo, hi):
             if blk is None:
                 if held:
                     return n
@@ -97,9 +87,8 @@ class PageSet:
             if at >= 0:
                 return n + at - slot
             n += cnt
-            page += cnt
         return n
 
     def count(self, pid: int, lo: int, hi: int) -> int:
         """How many pages of [lo, hi) are in the set."""
-        return sum(blk.count(1, s, e) for blk, s, e in self._each(pid, lo, hi, False))
+        return sum(blk.count(1, s, s + n) for _, blk, s, n in self._walk(pid, lo, hi) if blk is not None)
