@@ -24,6 +24,7 @@ from typing import Any
 from tug.engine import records, rootfs
 from tug.engine.criu.daemon import kill_strays
 from tug.engine.criu.gate import CriuGate
+from tug.engine.criu.mmimage import Attach
 from tug.engine.criu.pageserver import PageServer
 from tug.engine.destination.lazypages import LazyPages
 from tug.engine.destination.pagestore import PageStore
@@ -111,6 +112,9 @@ class Incoming:
     netns_of: str | None = None
     #: A pod's member: the name of the IPC namespace it shares (runtime/ipcns.py).
     ipc_of: str | None = None
+    #: A later member of a shared IPC namespace: the SysV segments its processes
+    #: (by container pid) attach, cut out of its images (destination/sysvattach.py).
+    sysv: dict[int, list[Attach]] = field(default_factory=dict)
     #: Its copied and shared volumes, by mount index (destination/volumes.py).
     volumes: dict[int, ReceivedVolume] = field(default_factory=dict)
     #: Streams of this container still arriving (opened, not yet closed whole).

@@ -13,6 +13,7 @@ from typing import Any
 from tug.engine.destination import podmanstage
 from tug.engine.destination.incoming import HELD, INCOMING_MARKER, AgentState, check_name, held_until
 from tug.engine.errors import PreconditionError
+from tug.engine.ptrace import thread_state
 from tug.engine.runtime import network as netif
 from tug.engine.runtime import podloop
 from tug.engine.runtime.endpoint import DestinationEndpoint
@@ -51,7 +52,10 @@ class RecoverCalls(AgentState):
         if container not in self.incoming:
             # Its agent died (recover runs in a fresh one): a held copy was
             # never let go, and any copy's frame hold may still be engaged.
-            if held_until(marker_of(bundle)) is not None:
+            # So was one whose agent died after attaching its SysV segments and
+            # before letting it go (destination/sysvattach.py): stopped, restoring.
+            marker = marker_of(bundle)
+            if held_until(marker) is not None or (marker == "restoring" and await self._any_stopped(container)):
                 await self._continue(container)
             spec = netif.load_spec(bundle)
             if spec is not None and self.host.network is not None:
@@ -61,6 +65,9 @@ class RecoverCalls(AgentState):
         (bundle / INCOMING_MARKER).unlink(missing_ok=True)
         podmanstage.adopted(self.host, container)
         return {"adopted": True}
+
+    async def _any_stopped(self, container: str) -> bool:
+        return any(thread_state(pid, pid) == "T" for pid in await self.runc.pids(container))
 
 
 def marker_of(bundle: Path) -> str | None:

@@ -18,7 +18,7 @@ from typing import Any
 from tug.engine.criu.stats import criu_restore_steps
 from tug.engine.criu.tool import check_criu_opts
 from tug.engine.criu.uncork import peer_is_criu
-from tug.engine.destination import criuconf, podmanstage
+from tug.engine.destination import criuconf, podmanstage, sysvattach
 from tug.engine.destination.hybridserver import HybridPageServer
 from tug.engine.destination.incoming import (
     HELD,
@@ -92,6 +92,8 @@ class RestoreCalls(AgentState):
                 options.append("leave-stopped")
                 inc.held = True
                 inc.held_until = held_until
+            if inc.ipc_of is not None and inc.ipc_of in self.ipc_filled and await sysvattach.prepare(inc) and not inc.held:
+                options.append("leave-stopped")  # its SysV segments are attached before it runs (sysvattach.py)
             if inc.prestart is not None:
                 # runc already named the file; CRIU reads it once let go (prestart.py).
                 own: list[str] | None = inc.prestart.own
@@ -142,7 +144,8 @@ class RestoreCalls(AgentState):
                 inc.stats.update(await asyncio.to_thread(inc.store.rebuild, inc.images))
             inc.stats["rebuild_ms"] = int((time.monotonic() - t_rebuild) * 1000)
             log.info("rebuilt pages images of %s: %s", container, inc.stats)
-        write_marker(inc.bundle, "restoring")
+        # Left stopped for tug's SysV attach, it cannot run before tug lets it (sysvattach.py).
+        write_marker(inc.bundle, f"{HELD} {inc.held_until or inc.name}" if inc.sysv else "restoring")
         t0 = time.monotonic()
         if inc.ipc_of is not None and inc.ipc_of in self.ipc_filled:
             # An earlier member's restore made the pod's SysV objects there.
@@ -181,11 +184,15 @@ class RestoreCalls(AgentState):
             exc.log_path = self._keep_log(inc, "restore.log") or exc.log_path
             raise
         inc.restored = True
+        self_held = sysvattach.hold_for_attach(inc)
         if inc.ipc_of is not None:
             self.ipc_filled.add(inc.ipc_of)
         steps = criu_restore_steps(inc.criu_work)
         if inc.held:
             write_marker(inc.bundle, f"{HELD} {inc.held_until}")
+        if inc.sysv and await sysvattach.attach_restored(inc, await self.runc.pids(container), self_held):
+            await self._continue(container)
+        if inc.held:
             inc.staged_frames.extend(frames or ())
             st = await self.runc.require(container)
             return {"pid": st.pid, "status": st.status, "held": True,

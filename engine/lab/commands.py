@@ -52,14 +52,16 @@ def cmd_lab(args: argparse.Namespace) -> int:
         lab = hosts.require(layout)
         h = lab.host(args.host)
         # Every member sets its semaphore of one SysV set in the pod's IPC
-        # namespace and keeps a loopback connection to the holder's port: tug lab check
-        # proves both namespaces are still shared after a move.
-        spec = demo.WorkloadSpec(memory_mib=args.memory, dirty_rate=args.dirty_rate, pod_ipc_key=demo.POD_IPC_KEY)
+        # namespace, writes its slot of one SysV segment (--shm: which attach
+        # it) and keeps a loopback connection to the holder's port: tug lab
+        # check proves both namespaces are still shared after a move.
+        spec = demo.WorkloadSpec(memory_mib=args.memory, dirty_rate=args.dirty_rate, pod_ipc_key=demo.POD_IPC_KEY,
+                                 pod_no_shm=args.shm != "all")
         demo.start(lab, h, args.name, spec)
         members = [f"{args.name}-m{i}" for i in range(1, args.members + 1)]
         for i, member in enumerate(members, 1):
-            demo.start(lab, h, member, dataclasses.replace(spec, port=spec.port + i, pod_slot=i, pod_peer=spec.port),
-                       netns_of=args.name)
+            demo.start(lab, h, member, dataclasses.replace(spec, port=spec.port + i, pod_slot=i, pod_peer=spec.port,
+                                                           pod_no_shm=args.shm == "none"), netns_of=args.name)
         _say(f"pod {args.name} running on {h.name}: {args.name} holds the network and IPC namespaces, "
              f"{', '.join(members) or 'no members'} join them ({args.memory} MiB each)")
     elif args.lab_cmd == "rm":
@@ -180,6 +182,9 @@ def add_lab_parser(sub: Any) -> None:
     pd.add_argument("--members", type=int, default=2, metavar="N")
     pd.add_argument("--memory", type=int, default=16, metavar="MIB")
     pd.add_argument("--dirty-rate", type=int, default=200, metavar="PAGES_PER_S")
+    pd.add_argument("--shm", choices=("all", "members", "none"), default="all",
+                    help="which containers attach the pod's SysV segment: all, the members only (not the holder), "
+                    "or none (default all)")
     rm = ls.add_parser("rm", help="delete a container and its bundle from a host")
     rm.add_argument("host")
     rm.add_argument("name")

@@ -52,9 +52,11 @@ class WorkloadSpec:
     churn_mib: int = 0
     #: Where, inside the container, it keeps its state (heartbeat log, status, verify).
     state: str = STATE
-    #: A pod's shared SysV semaphores: their key (0: none) and this member's slot in them.
+    #: A pod's shared SysV semaphores and segment: their key (0: none) and this member's slot in them.
     pod_ipc_key: int = 0
     pod_slot: int = 0
+    #: A pod member that does not attach the pod's SysV segment (the semaphores it uses still).
+    pod_no_shm: bool = False
     #: A pod member's loopback peer: the port it keeps a connection to (0: none).
     pod_peer: int = 0
 
@@ -67,6 +69,7 @@ class WorkloadSpec:
             *(["--churn-mib", str(self.churn_mib)] if self.churn_mib else []),
             *(["--pod-ipc", str(self.pod_ipc_key), "--pod-slot", str(self.pod_slot)] if self.pod_ipc_key else []),
             *(["--pod-peer", str(self.pod_peer)] if self.pod_peer else []),
+            *(["--pod-no-shm"] if self.pod_ipc_key and self.pod_no_shm else []),
         ]
 
 
@@ -259,18 +262,20 @@ def _verify(host: LabHost, name: str, runtime: str, state: Path, deadline: float
 
 
 def _pod_problems(pod: Any) -> list[str]:
-    """What the workload's pod report says is broken: the shared semaphores
-    (IPC namespace) or the loopback connection to its peer (network namespace)."""
+    """What the workload's pod report says is broken: the shared semaphores or
+    segment (IPC namespace) or the loopback connection to its peer (network namespace)."""
     if not isinstance(pod, dict):
         return []
     out = []
-    if pod.get("ipc_id", -1) >= 0:
-        if not pod.get("ipc_same"):
-            out.append("the pod's SysV semaphores are gone")
-        elif not pod.get("ipc_peers"):
-            out.append("no other member sets the pod's SysV semaphores (not one IPC namespace)")
-        elif int(pod.get("ipc_stale_ms", 0)) > POD_STALE_MS:
-            out.append(f"a member's semaphore stopped {pod['ipc_stale_ms']} ms ago (not one IPC namespace)")
+    for key, what in (("shm", "SysV shared memory segment"), ("ipc", "SysV semaphores")):
+        if pod.get(f"{key}_id", -1) < 0:
+            continue
+        if not pod.get(f"{key}_same"):
+            out.append(f"the pod's {what}: gone")
+        elif not pod.get(f"{key}_peers"):
+            out.append(f"the pod's {what}: no other member uses it (not one IPC namespace)")
+        elif int(pod.get(f"{key}_stale_ms", 0)) > POD_STALE_MS:
+            out.append(f"the pod's {what}: a member stopped using it {pod[f'{key}_stale_ms']} ms ago")
     if pod.get("peer_port"):
         if pod.get("peer_errors") or pod.get("peer_reconnects"):
             out.append(f"the loopback connection to port {pod['peer_port']} broke "

@@ -23,9 +23,11 @@
  *   status     status.json about every 100 ms (atomic rename).
  *   TCP        GET/BULK/SUM line protocol to prove established connections
  *              survive (see handle_line()).
- *   pod        --pod-ipc KEY --pod-slot N: a SysV semaphore set by key, shared
- *              by a pod's members through their IPC namespace; each sets its
- *              semaphore to its counter (mod 32768) and watches the others'.
+ *   pod        --pod-ipc KEY --pod-slot N: a SysV semaphore set and a SysV
+ *              shared memory segment by key, shared by a pod's members through
+ *              their IPC namespace; each sets its semaphore to its counter
+ *              (mod 32768) and writes its counter into its slot of the
+ *              segment, and watches the others' in both.
  *              --pod-peer PORT: a connection over the pod's loopback to
  *              127.0.0.1:PORT, a GET every 50 ms (a member to its holder).
  *              verify.json says whether both still work.
@@ -87,6 +89,7 @@ static long opt_port = 7000;
 static long opt_pod_ipc_key = 0;
 static long opt_pod_slot = 0;
 static long opt_pod_peer = 0;
+static int opt_pod_shm = 1; /* attach the pod's segment */
 static int64_t opt_interval_ms = 10;
 static uint64_t opt_churn_mib = 0;
 #define CHURN_PERIOD_NS (200 * NS_PER_MS)
@@ -267,6 +270,11 @@ static int shm_check(uint64_t *bad)
 static int g_pod_sem_id = -1;
 static int g_pod_seen[POD_SLOTS];           /* the others' last value seen */
 static int64_t g_pod_changed_ns[POD_SLOTS]; /* realtime of its last change */
+/* The segment: one page of POD_SLOTS counters, attached by every member. */
+static int g_pod_shm_id = -1;
+static volatile uint64_t *g_pod_shm;
+static uint64_t g_pod_shm_seen[POD_SLOTS];
+static int64_t g_pod_shm_changed_ns[POD_SLOTS];
 
 static int g_peer_fd = -1;
 static int g_peer_waiting;      /* a GET sent, its reply not yet read */
@@ -276,10 +284,9 @@ static int64_t g_peer_last_reply_ns;
 static char g_peer_in[256];
 static size_t g_peer_in_len;
 
-/* Semaphores, not a shared mapping: CRIU restores each container of a pod on
- * its own, and only the first restore into a shared IPC namespace can make its
- * objects, while a SysV segment attached in a later one needs them made by
- * that same restore (criu/ipc_ns.c, criu/shmem.c); tug refuses that case. */
+/* Both kinds: semaphores are only objects of the namespace, a segment is
+ * also mapped into each member (CRIU maps it only in the first member's
+ * restore; tug attaches it in the others': destination/sysvattach.py). */
 union pod_semun {
     int val;
     unsigned short *array;
@@ -294,6 +301,15 @@ static void pod_start(void)
         fprintf(stderr, "tug-workload: pod semaphores 0x%lx: %s\n", opt_pod_ipc_key, strerror(errno));
         exit(1);
     }
+    if (!opt_pod_shm)
+        return;
+    g_pod_shm_id = shmget((key_t)opt_pod_ipc_key, PAGE_BYTES, IPC_CREAT | 0600);
+    void *at = g_pod_shm_id < 0 ? (void *)-1 : shmat(g_pod_shm_id, NULL, 0);
+    if (at == (void *)-1) {
+        fprintf(stderr, "tug-workload: pod segment 0x%lx: %s\n", opt_pod_ipc_key, strerror(errno));
+        exit(1);
+    }
+    g_pod_shm = at;
 }
 
 /* Each heartbeat: our counter into our semaphore; note which others moved. */
@@ -313,6 +329,16 @@ static void pod_tick(void)
         if (k != opt_pod_slot && v != g_pod_seen[k]) {
             g_pod_seen[k] = v;
             g_pod_changed_ns[k] = now;
+        }
+    }
+    if (!g_pod_shm)
+        return;
+    g_pod_shm[opt_pod_slot] = g_counter + 1;
+    for (int k = 0; k < POD_SLOTS; k++) {
+        uint64_t v = g_pod_shm[k];
+        if (k != opt_pod_slot && v != g_pod_shm_seen[k]) {
+            g_pod_shm_seen[k] = v;
+            g_pod_shm_changed_ns[k] = now;
         }
     }
 }
@@ -407,8 +433,31 @@ static int pod_report(char *buf, size_t cap)
     struct semid_ds ds;
     int same = g_pod_sem_id < 0 ||
                (semctl(g_pod_sem_id, 0, IPC_STAT, &ds) == 0 && ds.sem_perm.__key == (key_t)opt_pod_ipc_key);
-    return snprintf(buf, cap,
-                    ",\"pod\":{\"ipc_id\":%d,\"ipc_same\":%s,\"ipc_peers\":%d,\"ipc_stale_ms\":%lld,"
+    /* The segment: still ours (key), and every member attached to it. */
+    int shm_peers = 0, shm_attached = 0;
+    int64_t shm_stale = 0;
+    for (int k = 0; k < POD_SLOTS; k++) {
+        if (k == opt_pod_slot || !g_pod_shm_seen[k])
+            continue;
+        shm_peers++;
+        if (now - g_pod_shm_changed_ns[k] > shm_stale)
+            shm_stale = now - g_pod_shm_changed_ns[k];
+    }
+    struct shmid_ds sds;
+    int shm_same = g_pod_shm_id < 0 ||
+                   (shmctl(g_pod_shm_id, IPC_STAT, &sds) == 0 && sds.shm_perm.__key == (key_t)opt_pod_ipc_key &&
+                    (shm_attached = (int)sds.shm_nattch) > 0);
+    int n = snprintf(buf, cap,
+                     ",\"pod\":{\"shm_id\":%d,\"shm_same\":%s,\"shm_attached\":%d,\"shm_peers\":%d,"
+                     "\"shm_stale_ms\":%lld",
+                     g_pod_shm_id, shm_same ? "true" : "false", shm_attached, shm_peers,
+                     (long long)(shm_stale / NS_PER_MS));
+    if (n < 0 || (size_t)n >= cap)
+        return n;
+    buf += n;
+    cap -= (size_t)n;
+    return n + snprintf(buf, cap,
+                    ",\"ipc_id\":%d,\"ipc_same\":%s,\"ipc_peers\":%d,\"ipc_stale_ms\":%lld,"
                     "\"peer_port\":%ld,\"peer_replies\":%llu,\"peer_errors\":%llu,\"peer_reconnects\":%llu,"
                     "\"peer_reply_age_ms\":%lld}",
                     g_pod_sem_id, same ? "true" : "false", peers, (long long)(stale / NS_PER_MS), opt_pod_peer,
@@ -440,9 +489,9 @@ static void do_verify(void)
     int shm_same = shm_check(&shm_bad);
     bad += shm_bad;
     g_verify_seq++;
-    char pod[400];
+    char pod[640];
     pod_report(pod, sizeof pod);
-    char buf[1024];
+    char buf[1536];
     int n = snprintf(buf, sizeof buf,
                      "{\"seq\":%llu,\"ok\":%s,\"bad_pages\":%llu,\"first_bad_page\":%lld,"
                      "\"pages\":%llu,\"counter\":%llu,\"realtime_ns\":%lld,"
@@ -836,7 +885,8 @@ static void usage(FILE *f)
             "  --churn-mib MIB     every 200 ms map a new region this big, unmap the last (default 0)\n"
             "  --sysv-shm MIB      also a SysV shared memory segment, dirtied and verified (default 0)\n"
             "  --lock FILE         hold a POSIX write lock on FILE (created) while running\n"
-            "  --pod-ipc KEY       a pod: SysV semaphores by KEY, one per member, shared\n"
+            "  --pod-ipc KEY       a pod: SysV semaphores and a segment by KEY, shared\n"
+            "  --pod-no-shm        a pod's member that does not attach the segment\n"
             "  --pod-slot N        this member's slot in it, 0..63 (default 0)\n"
             "  --pod-peer PORT     keep a connection to 127.0.0.1:PORT, a GET every 50 ms\n"
             "signals: SIGUSR1 verify memory -> verify.json; SIGTERM/SIGINT exit 0\n");
@@ -864,6 +914,7 @@ static void parse_args(int argc, char **argv)
         {"pod-ipc", required_argument, NULL, 'K'},
         {"pod-slot", required_argument, NULL, 'N'},
         {"pod-peer", required_argument, NULL, 'P'},
+        {"pod-no-shm", no_argument, NULL, 'Z'},
         {"help", no_argument, NULL, 'H'},
         {NULL, 0, NULL, 0},
     };
@@ -934,6 +985,9 @@ static void parse_args(int argc, char **argv)
             if (parse_u64(optarg, &v) < 0 || v < 1 || v > 65535)
                 bad_arg("pod-peer", optarg);
             opt_pod_peer = (long)v;
+            break;
+        case 'Z':
+            opt_pod_shm = 0;
             break;
         case 'H':
             usage(stdout);

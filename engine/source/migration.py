@@ -58,7 +58,7 @@ from tug.engine.source.container import (
 )
 from tug.engine.source.context import SourceContext
 from tug.engine.source.member import Member, check_group
-from tug.engine.source.pod import check_ipc_attachments, check_pods, expand_pods, ipc_sets, read_sharing, restore_order
+from tug.engine.source.pod import check_pods, expand_pods, ipc_sets, read_sharing, restore_order
 from tug.engine.source.rollback import finish_uncancelled
 from tug.engine.source.strategies import RestoreMode
 from tug.engine.source.tally import Tally
@@ -122,8 +122,6 @@ class Migration(FrozenWindow):
         for m in self.members:
             m.netns_of = holders.get(m.name)
             m.ipc_of = ipc.get(m.name)
-            if m.ipc_of is not None and m.ipc_of != m.name:
-                check_ipc_attachments(m.name, m.ipc_of, await self.runc.pids(m.name))
         if len(self.members) > len(by_name):
             self.note(f"pod: moving {', '.join(m.name for m in self.members)} as one group")
         self._check_group_strategy()

@@ -22,6 +22,8 @@ A pod's members may share an IPC namespace too (the holder's, joined by
 path): found by the namespace's identity (runtime/ipcns.py), it must move
 whole like a network namespace, and the destination recreates it once
 (each member gets ``ipc_of``: the group's first member in that namespace).
+Its SysV objects are made there by the first member's restore; a later
+member's attached segments are mapped by tug (destination/sysvattach.py).
 
 Sharing other namespaces (UTS, PID, ...) between containers is refused:
 CRIU would dump them with every member and restore them as copies.
@@ -171,30 +173,6 @@ def ipc_sets(group: list[str], sharing: Sharing) -> dict[str, str]:
         if peers:
             out[name] = min([name, *peers], key=group.index)
     return out
-
-
-def check_ipc_attachments(name: str, ipc_of: str, pids: Iterable[int]) -> None:
-    """Refuse a member restored after the first one into its shared IPC namespace
-    (``ipc_of``) while one of its processes has a SysV segment attached.
-
-    CRIU restores each container on its own. Only the first restore into the
-    shared namespace may make its SysV objects (the others' images are emptied
-    of them: destination/restore.py), but CRIU maps an attached segment only
-    through the record its own restore made when it created that segment
-    (criu/ipc_ns.c, criu/shmem.c): a later restore would fail. Semaphores and
-    message queues are not mapped and move fine.
-    """
-    for pid in pids:
-        try:
-            maps = Path(f"/proc/{pid}/maps").read_text()
-        except OSError:
-            continue
-        if any(" /SYSV" in line for line in maps.splitlines()):  # "/SYSV<key> (deleted)": a shm attachment
-            raise PreconditionError(
-                f"container {name!r} has a SysV shared memory segment attached in the IPC namespace it shares with "
-                f"{ipc_of!r}: CRIU restores each container on its own and only the first one restored there "
-                f"({ipc_of!r}) can map the namespace's segments; nothing was changed"
-            )
 
 
 def restore_order(group: list[str], holders: Mapping[str, str]) -> list[str]:

@@ -92,6 +92,8 @@ async def recover(container: str, destination: str, *, options: MigrationOptions
         seen = await session.call("inspect", container=container, timeout=60)
         dest = seen.get("status") if isinstance(seen.get("status"), str) else None
         last = seen.get("held_until") if dest == "held" and isinstance(seen.get("held_until"), str) else None
+        if last == container:
+            last = None  # the group's last, held until its SysV segments were attached: it never ran
         if last is not None:
             # Restored for a group and held stopped until the group's last
             # member was in: it goes the way that member went.

@@ -258,6 +258,9 @@ class FrozenWindow(FailureHandling):
         m.dest = Destination.UNTOUCHED if res.get("held") else Destination.RAN
         if res.get("held"):
             self.note(f"{m.name!r} restored on {self.target.host}, held stopped until the group is in")
+        if res.get("sysv_attached"):
+            self.note(f"{m.name!r}: {res['sysv_attached']} SysV segment attachment(s) of its pod's IPC namespace "
+                      "mapped by tug before it ran (CRIU maps them only in the first member's restore)")
         return res, len(frames)
 
     # ---- fill and commit -----------------------------------------------------------

@@ -199,12 +199,12 @@ def demo_container(lab: Lab, prefix: str = "t", *options: str) -> Iterator[str]:
     lab.remove(name)
 
 
-def pod_containers(lab: Lab, prefix: str, members: int = 2) -> Iterator[list[str]]:
+def pod_containers(lab: Lab, prefix: str, members: int = 2, *extra: str) -> Iterator[list[str]]:
     """A fresh pod on host a (``tug lab pod``): its holder, then its members; removed afterwards."""
     name = f"{prefix}{os.getpid()}-{next(_names)}"
     names = [name, *(f"{name}-m{i}" for i in range(1, members + 1))]
     try:
-        tug("lab", "pod", "a", name, "--members", str(members), check=True)
+        tug("lab", "pod", "a", name, "--members", str(members), *extra, check=True)
         yield names
     finally:
         for n in reversed(names):

@@ -62,6 +62,13 @@ def test_pod_moves_whole_and_back(lab: Lab, pod: list[str], back: str) -> None:
     # namespace: every member is in both (and lab check saw each member's
     # loopback connection to the holder and their shared semaphores working).
     assert lab.address(holder) == address
+    # The pod's SysV segment: made by the first member restored (CRIU), mapped
+    # by tug into the two restored after it; all three write and see it on b.
+    attached = [n for n in pod if any(note.startswith(f"{n!r}: 1 SysV segment") for note in report["notes"])]
+    assert sorted(attached) == sorted([holder, pod[2]]), report["notes"]
+    for n in pod:
+        shared = lab.check("b", n)["verify"]["pod"]
+        assert shared["shm_attached"] == 3 and shared["shm_peers"] == 2, (n, shared)
     for kind in ("net", "ipc"):
         holder_ns = os.stat(f"/proc/{lab.state('b', holder)['pid']}/ns/{kind}").st_ino  # type: ignore[index]
         for n in pod[1:]:
@@ -113,6 +120,61 @@ def test_a_failed_restore_rolls_the_whole_pod_back(lab: Lab, pod: list[str], tmp
         assert st is not None and st["status"] == "running", (n, st)
         after = lab.check("a", n)
         assert after["ok"] and after["counter"] > before[n]["counter"], (n, after)
+        assert lab.state("b", n) is None and lab.leftovers("b", n) == []
+
+
+#: A runc prestart hook (runc runs it as CRIU restores, before the processes)
+#: that takes every permission off the SysV segments of the container's IPC
+#: namespace on host b: the container's processes (root, without
+#: CAP_IPC_OWNER) may no longer attach them, so tug's attach fails for real.
+SEGMENT_LOCKING_HOOK = """#!/usr/bin/env python3
+import ctypes, json, os, sys
+state = json.load(sys.stdin)
+if "/hosts/b/" not in state["bundle"]:
+    sys.exit(0)
+spec = json.load(open(os.path.join(state["bundle"], "config.json")))
+path = next(ns["path"] for ns in spec["linux"]["namespaces"] if ns["type"] == "ipc")
+libc = ctypes.CDLL(None, use_errno=True)
+fd = os.open(path, os.O_RDONLY)
+assert libc.setns(fd, 0x08000000) == 0, os.strerror(ctypes.get_errno())  # CLONE_NEWIPC
+for line in open("/proc/sysvipc/shm").read().splitlines()[1:]:
+    shmid = int(line.split()[1])
+    ds = ctypes.create_string_buffer(256)
+    assert libc.shmctl(shmid, 2, ds) == 0  # IPC_STAT
+    ctypes.c_ushort.from_buffer(ds, 20).value = 0  # ipc_perm.mode
+    assert libc.shmctl(shmid, 1, ds) == 0, os.strerror(ctypes.get_errno())  # IPC_SET
+    print(f"hook: segment {shmid} locked", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("which", ["held member", "holder"])
+def test_a_failed_segment_attach_rolls_the_whole_pod_back(lab: Lab, pod: list[str], tmp_path: Path, which: str) -> None:
+    """tug's attach of the pod's SysV segment fails in a member restored after
+    the first one (a member held for the group, or the holder, restored last):
+    that copy never ran, so the whole pod resumes on a and b keeps nothing."""
+    holder = pod[0]
+    target = pod[2] if which == "held member" else holder
+    before = {n: lab.check("a", n) for n in pod}
+    script = tmp_path / "lock-segments.py"
+    script.write_text(SEGMENT_LOCKING_HOOK)
+    script.chmod(0o755)
+    cfg_path = lab.bundle("a", target) / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.setdefault("hooks", {}).setdefault("prestart", []).append({"path": str(script)})
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+
+    rc, report, err = run("a", holder, "--pod", "--to", lab.url("b"))
+    assert rc == 1, err
+    assert report["outcome"] == "rolled-back", err
+    assert report["error"]["phase"] == "restore" and report["commit_point"] is None
+    assert f"{target}: attaching the pod's SysV segments" in report["error"]["message"], report["error"]
+    assert "Permission denied" in report["error"]["message"], report["error"]
+    for n in pod:
+        st = lab.state("a", n)
+        assert st is not None and st["status"] == "running", (n, st)
+        after = lab.check("a", n)
+        assert after["ok"] and after["counter"] > before[n]["counter"], (n, after)
+        assert after["verify"]["pod"]["shm_peers"] == 2, (n, after["verify"]["pod"])
         assert lab.state("b", n) is None and lab.leftovers("b", n) == []
 
 

@@ -25,7 +25,15 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def pod(lab: Lab) -> Iterator[list[str]]:
-    yield from pod_containers(lab, "g")
+    # The holder does not attach the pod's SysV segment (as a pause container
+    # would not): its restore, the group's last, runs it at once.
+    yield from pod_containers(lab, "g", 2, "--shm", "members")
+
+
+@pytest.fixture
+def pod_all(lab: Lab) -> Iterator[list[str]]:
+    """Every container attaches the segment: the holder too waits, stopped, for tug's attach."""
+    yield from pod_containers(lab, "gs")
 
 
 def _held_on_b(lab: Lab, name: str, timeout: float = 60.0) -> bool:
@@ -40,6 +48,18 @@ def _held_on_b(lab: Lab, name: str, timeout: float = 60.0) -> bool:
             pass
         time.sleep(0.002)
     return False
+
+
+def _criu_swrk(host: str) -> list[int]:
+    """runc's CRIU (``criu swrk``) on ``host``: a restore under way, not a page server."""
+    out = []
+    for pid in criu_pids(host):
+        try:
+            if b"swrk" in open(f"/proc/{pid}/cmdline", "rb").read():
+                out.append(pid)
+        except OSError:
+            pass
+    return out
 
 
 def _settled(pred: object, timeout: float = 30.0) -> bool:
@@ -126,3 +146,34 @@ def test_fault_while_members_are_held(lab: Lab, pod: list[str], fault: str, held
     client = Client(lab, holder, port=7001)
     time.sleep(0.3)
     assert_clean_run(client.stop())
+
+
+def test_agent_dies_while_the_last_member_waits_for_its_attach(lab: Lab, pod_all: list[str]) -> None:
+    """The holder (the group's last) is restored by CRIU with its processes
+    stopped for tug's SysV attach, and its agent dies before attaching: it
+    never ran, nor did the held members. tug recover undoes the whole pod:
+    every member runs on a again (its segment still shared), b keeps nothing."""
+    holder = pod_all[0]
+    before = {n: lab.check("a", n) for n in pod_all}
+    run = start_migrate("a", holder, lab.url("b"), "--pod", "--no-lazy-restore", "--timeout", "rollback=5")
+    marker = lab.bundle("b", holder) / ".tug-incoming"
+    assert _settled(lambda: marker.exists() and marker.read_text().strip() == f"held {holder}", 60), "no held restore"
+    assert _settled(lambda: bool(_criu_swrk("b")), 30), "no CRIU restore of the holder"
+    agents = agent_pids("b")
+    signal_all(agents, signal.SIGSTOP)  # CRIU goes on; nobody attaches or lets the holder go
+    assert _settled(lambda: (lab.state("b", holder) or {}).get("status") == "running", 60), "CRIU never restored it"
+    assert signal_all(agents, signal.SIGKILL) > 0
+    res = run.finish()
+    where = f"outcome {res.json()['outcome'] if res.stdout.strip() else 'none'}\n{res.stderr}"
+    assert _settled(lambda: not agent_pids("b"), 60), where
+    for n in pod_all:
+        rec = on("a", "tug", "recover", n, "--to", lab.url("b"), "--json")
+        assert rec.returncode == 0, f"recover {n} failed: {rec.stderr}\n{where}"
+    for n in pod_all:
+        copies = running_copies(lab, n)
+        assert copies.get("a") == "running" and copies.get("b") != "running", (n, copies, where)
+        after = lab.check("a", n)
+        assert after["ok"] and after["counter"] > before[n]["counter"], (n, after)
+        assert after["verify"]["pod"]["shm_peers"] == 2, (n, after["verify"]["pod"])
+        assert _settled(lambda n=n: lab.leftovers("b", n) == []), f"leftovers of {n} on b: {lab.leftovers('b', n)}"
+    assert _settled(lambda: not criu_pids("a") and not criu_pids("b")), where

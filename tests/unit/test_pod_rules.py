@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import ctypes
-import os
-
 import pytest
 
 from tug.engine.errors import PreconditionError
 from tug.engine.source.pod import (
     Sharing,
-    check_ipc_attachments,
     check_pods,
     expand_pods,
     ipc_sets,
@@ -53,27 +49,6 @@ def test_an_ipc_namespace_moves_whole() -> None:
         "p-m1": "p-m1", "p-m2": "p-m1", "p": "p-m1",
     }
     assert ipc_sets(["solo"], SHARING) == {}  # its peer is not in this group: check_pods refuses it
-
-
-def test_a_later_member_with_a_sysv_segment_attached_is_refused() -> None:
-    """Only the first container restored into a shared IPC namespace can map
-    its SysV segments (CRIU): a real process with one attached is refused."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.shmat.restype = ctypes.c_void_p
-    shmid = libc.shmget(0, 4096, 0o1600)  # IPC_PRIVATE, IPC_CREAT | 0600
-    assert shmid >= 0, os.strerror(ctypes.get_errno())
-    try:
-        addr = libc.shmat(shmid, None, 0)
-        assert addr not in (None, ctypes.c_void_p(-1).value)
-        try:
-            check_ipc_attachments("m", "p", [os.getpid() + 10**7])  # no such process: nothing to refuse
-            with pytest.raises(PreconditionError, match="'m' has a SysV shared memory segment attached"):
-                check_ipc_attachments("m", "p", [os.getpid()])
-        finally:
-            libc.shmdt(ctypes.c_void_p(addr))
-        check_ipc_attachments("m", "p", [os.getpid()])  # detached: fine
-    finally:
-        libc.shmctl(shmid, 0, None)  # IPC_RMID
 
 
 def test_holders_restore_first() -> None:

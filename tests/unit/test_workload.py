@@ -404,3 +404,29 @@ def test_read_helpers_before_start(tmp_path: Path) -> None:
         read_status(tmp_path)
     (tmp_path / "verify.json").write_text(json.dumps({"seq": 7, "ok": True}))
     assert verify_seq(tmp_path) == 7
+
+
+def test_pod_members_share_semaphores_and_a_segment(binary: Path, tmp_path: Path) -> None:
+    """Two pod members by one key (here in the host's IPC namespace, with a
+    key of this test's own): each sees the other move in both objects; a
+    member started with --pod-no-shm uses the semaphores only."""
+    key = str(0x7400_0000 + os.getpid() % 0x0100_0000)
+    members = []
+    try:
+        for slot, extra in ((0, ()), (1, ()), (2, ("--pod-no-shm",))):
+            d = tmp_path / f"m{slot}"
+            d.mkdir()
+            members.append(_start(binary, d, "--pod-ipc", key, "--pod-slot", str(slot), *extra))
+        time.sleep(0.5)  # a few heartbeats each
+        pods = [m.verify()["pod"] for m in members]
+        assert pods[0]["shm_id"] >= 0 and pods[0]["shm_id"] == pods[1]["shm_id"], pods
+        for pod in pods[:2]:
+            assert pod["shm_same"] and pod["shm_attached"] == 2 and pod["shm_peers"] == 1, pod
+        assert pods[2]["shm_id"] == -1, pods[2]
+        for pod in pods:
+            assert pod["ipc_same"] and pod["ipc_peers"] == 2, pod
+    finally:
+        for m in members:
+            _kill(m.proc)
+        subprocess.run(["ipcrm", "-M", key], capture_output=True)
+        subprocess.run(["ipcrm", "-S", key], capture_output=True)

@@ -26,7 +26,7 @@ import struct
 import sys
 from dataclasses import dataclass
 
-from tug.engine.source.trackers.inject import sys_call
+from tug.engine.ptrace import sys_call
 
 UFFD_API = 0xAA
 UFFDIO_API = 0xC018AA3F

@@ -1,0 +1,219 @@
+"""A pod's SysV segments attached to a member restored after the first one.
+
+CRIU restores each container of a pod on its own; only the first restore
+into their shared IPC namespace makes the namespace's SysV objects, and CRIU
+can map an attached segment only in the restore that made it
+(criu/mmimage.py says why). So for every later member tug cuts the SysV
+VMAs out of its mm images before CRIU reads them (CRIU leaves those ranges
+empty), CRIU restores its processes stopped (``leave-stopped``), and tug
+attaches each segment at its old address by running ``shmat`` (then the
+VMAs' ``mprotect`` and ``madvise``) inside the stopped process
+(engine/ptrace.py). Only then may the process run.
+
+Why in the agent and not in a helper process, as the uffd tracker does: the
+target here never ran and has no client yet. If the agent dies between
+setting and restoring its registers, the kernel lets the thread go from the
+``syscall`` gadget and it crashes; that copy was going to be undone anyway
+(its marker says it never ran, see restore.py), and the source resumes.
+A seccomp filter is no reason to refuse here either: a syscall it denies
+fails the attach, and the migration rolls back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import re
+import time
+from pathlib import Path
+
+from tug.engine.criu.mmimage import Attach, strip_sysv
+from tug.engine.destination.incoming import Incoming, write_marker
+from tug.engine.errors import ImageFormatError, MigrationError
+from tug.engine.ptrace import (
+    USER_CS_64,
+    InjectError,
+    Regs,
+    detach,
+    find_gadget,
+    getregs,
+    pick_thread,
+    run_syscall,
+    seize_and_interrupt,
+    setregs,
+    thread_state,
+)
+
+NR_MPROTECT = 10
+NR_MADVISE = 28
+NR_SHMAT = 30
+SHM_RDONLY = 0o10000
+SHM_EXEC = 0o100000
+#: How long a restored process may take to reach its stop (CRIU sent SIGSTOP as it let go).
+STOP_WAIT_S = 5.0
+_MM_IMAGE = re.compile(r"mm-([1-9][0-9]*)\.img")
+
+
+def take_attachments(images: Path) -> dict[int, list[Attach]]:
+    """Cut the SysV VMAs out of every process's mm image in ``images``.
+
+    Returns the attachments by the process's pid as dumped (its pid inside
+    the container). Each changed image is replaced in one step.
+    """
+    plan: dict[int, list[Attach]] = {}
+    for entry in os.scandir(images):
+        m = _MM_IMAGE.fullmatch(entry.name)
+        if m is None or not entry.is_file(follow_symlinks=False):
+            continue
+        fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            data = f.read()
+        try:
+            stripped, attaches = strip_sysv(data)
+        except ImageFormatError as exc:
+            raise ImageFormatError(f"{entry.name}: {exc}") from exc
+        if not attaches:
+            continue
+        tmp = Path(entry.path + ".tug-tmp")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(stripped)
+        os.replace(tmp, entry.path)
+        plan[int(m.group(1))] = attaches
+    return plan
+
+
+def ns_pid_of(pid: int) -> int | None:
+    """``pid``'s number in its innermost PID namespace (the container's)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _wait_stopped(pid: int, tid: int) -> None:
+    deadline = time.monotonic() + STOP_WAIT_S
+    while (state := thread_state(pid, tid)) != "T":
+        if state in ("", "Z", "X"):
+            raise InjectError(f"process {pid} is gone")
+        if time.monotonic() > deadline:
+            raise InjectError(f"process {pid} never stopped (state {state}): it is not held for the attach")
+        time.sleep(0.001)
+
+
+def attach_process(pid: int, attaches: list[Attach]) -> None:
+    """Attach ``attaches`` inside the stopped process ``pid``, which stays stopped.
+
+    One thread does every ptrace call (ptrace binds a tracee to the tracer
+    thread), so this runs whole in one worker thread.
+    """
+    gadget = find_gadget(pid)
+    tid = pick_thread(pid)
+    _wait_stopped(pid, tid)
+    seize_and_interrupt(tid, stopped=True)
+    try:
+        saved = getregs(tid)
+        try:
+            if saved.cs != USER_CS_64:
+                raise InjectError(f"thread {tid} runs 32-bit code (cs {saved.cs:#x})")
+            for a in attaches:
+                _attach_one(tid, saved, gadget, a)
+        finally:
+            setregs(tid, saved)
+    finally:
+        detach(tid)
+    _check_maps(pid, attaches)
+
+
+def _attach_one(tid: int, saved: Regs, gadget: int, a: Attach) -> None:
+    flags = (SHM_RDONLY if a.readonly else 0) | (SHM_EXEC if any(v.prot & mmap.PROT_EXEC for v in a.vmas) else 0)
+    addr = run_syscall(tid, saved, gadget, NR_SHMAT, (a.shmid, a.start, flags))
+    if addr != a.start:
+        raise InjectError(f"segment {a.shmid} was attached at {addr:#x}, not {a.start:#x}")
+    default = mmap.PROT_READ | (0 if a.readonly else mmap.PROT_WRITE)
+    for v in a.vmas:
+        if v.prot != default:
+            run_syscall(tid, saved, gadget, NR_MPROTECT, (v.start, v.end - v.start, v.prot))
+        for advice in range(64):
+            if v.madv >> advice & 1:
+                run_syscall(tid, saved, gadget, NR_MADVISE, (v.start, v.end - v.start, advice))
+
+
+def _check_maps(pid: int, attaches: list[Attach]) -> None:
+    """Each range is one SysV mapping now, as the kernel shows it."""
+    with open(f"/proc/{pid}/maps") as f:
+        shown = {}
+        for line in f:
+            parts = line.split(None, 5)
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            shown[lo] = (hi, parts[5].strip() if len(parts) > 5 else "")
+    for a in attaches:
+        for v in a.vmas:
+            hi, path = shown.get(v.start, (0, ""))
+            if hi != v.end or not path.startswith("/SYSV"):
+                raise InjectError(f"{v.start:#x}-{v.end:#x} of process {pid} is not segment {a.shmid} after the attach")
+
+
+async def attach_all(plan: dict[int, list[Attach]], host_pids: list[int], container: str) -> int:
+    """Attach every planned segment in the container's stopped processes; returns how many.
+
+    Any failure is a MigrationError: the restore fails and the copy goes.
+    """
+    by_ns = {ns: pid for pid in host_pids if (ns := ns_pid_of(pid)) is not None}
+    missing = sorted(set(plan) - set(by_ns))
+    if missing:
+        raise MigrationError(f"{container}: restored processes {missing} (container pids) are missing: "
+                             "their SysV segments cannot be attached")
+    done = 0
+    for ns, attaches in sorted(plan.items()):
+        try:
+            await asyncio.to_thread(attach_process, by_ns[ns], attaches)
+        except (InjectError, OSError) as exc:
+            raise MigrationError(
+                f"{container}: attaching the pod's SysV segments {sorted({a.shmid for a in attaches})} in process "
+                f"{ns} (container pid) failed: {exc}"
+            ) from exc
+        done += len(attaches)
+    return done
+
+
+async def prepare(inc: Incoming) -> bool:
+    """Before a later member's restore: cut its SysV VMAs out (``inc.sysv``).
+    True if it attaches any, i.e. CRIU must leave its processes stopped."""
+    inc.sysv = await asyncio.to_thread(take_attachments, inc.images)
+    if inc.sysv and inc.podman is not None:
+        raise MigrationError(f"{inc.name}: a podman container restored into a shared IPC namespace with SysV "
+                             "segments attached is not supported (podman restores it itself)")
+    return bool(inc.sysv)
+
+
+def hold_for_attach(inc: Incoming) -> bool:
+    """Just restored: a copy left stopped for the attach and not held for its
+    group is held by itself until attached (``inc.ran`` is false: a failure
+    from here on is a restore that never ran). Its marker said so from
+    before its restore (restore.py), so ``tug recover`` undoes it if the
+    agent dies before it ran. Returns whether it was."""
+    if not inc.sysv or inc.held:
+        return False
+    inc.held, inc.held_until = True, inc.name
+    return True
+
+
+async def attach_restored(inc: Incoming, host_pids: list[int], self_held: bool) -> bool:
+    """After its restore: attach the segments while its processes are stopped.
+
+    A copy held by itself (:func:`hold_for_attach`) is marked as restoring
+    once attached and no longer held: the caller then lets it run. Returns
+    whether the caller must continue it."""
+    inc.stats["sysv_attached"] = await attach_all(inc.sysv, host_pids, inc.name)
+    if not self_held:
+        return False
+    write_marker(inc.bundle, "restoring")
+    inc.held, inc.held_until = False, None
+    return True
