@@ -31,6 +31,7 @@ from asyncssh.packet import String
 
 from tug.engine.errors import AuthenticationError, ConfigError, ForwardingRefusedError, HostKeyError, TransportError
 
+from . import fastdata
 from .forward import LOOPBACK, PortForward, open_forward
 from .reverse_forward import listen_again, open_reverse_forward
 
@@ -321,4 +322,5 @@ async def connect_agent(
     except Exception as exc:
         conn.close()
         raise TransportError(f"cannot start the tug agent on {target}: {exc}") from None
+    fastdata.speed_up(conn, process.channel)  # the bulk (pages, files) goes to the agent's stdin
     return AgentProcess(conn, process, target)

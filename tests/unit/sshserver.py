@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 
@@ -17,7 +18,8 @@ async def quiet_agent(process: asyncssh.SSHServerProcess[bytes]) -> None:
 
 
 async def start_server(
-    tmp_path: Path, *, server_factory: Callable[[], asyncssh.SSHServer] | None = None
+    tmp_path: Path, *, server_factory: Callable[[], asyncssh.SSHServer] | None = None,
+    process_factory: Callable[[asyncssh.SSHServerProcess[bytes]], Any] = quiet_agent, **options: Any,
 ) -> tuple[asyncssh.SSHAcceptor, asyncssh.SSHKey, Path]:
     """A server on 127.0.0.1 (any port), its host key, and the client's identity file."""
     host_key = asyncssh.generate_private_key("ssh-ed25519")
@@ -31,8 +33,9 @@ async def start_server(
         server_host_keys=[host_key],
         authorized_client_keys=asyncssh.import_authorized_keys(client_key.export_public_key().decode()),
         server_factory=server_factory,
-        process_factory=quiet_agent,
+        process_factory=process_factory,
         encoding=None,
+        **options,
     )
     return server, host_key, ident
 
