@@ -150,3 +150,11 @@ def test_an_unknown_asyncssh_is_left_alone() -> None:
         pass
 
     assert fastdata.speed_up(Conn(), Conn()) is False
+
+
+def test_the_installed_asyncssh_is_the_one_the_lean_path_was_written_for() -> None:
+    """Another asyncssh release turns the lean path off (asyncssh's own path, ~0.5 s more CPU
+    per GiB): this says so instead of silently. Review fastdata.py against its send path."""
+    assert asyncssh.__version__.startswith(fastdata.TESTED_ASYNCSSH), (
+        f"asyncssh {asyncssh.__version__}: transports/fastdata.py was written for {fastdata.TESTED_ASYNCSSH}"
+    )
