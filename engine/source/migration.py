@@ -216,7 +216,7 @@ class Migration(FrozenWindow):
             pre = await preflight_destination(self.s, m.name, str(version), network, cpuinfo if i == 0 else b"",
                                               podman=self._podman_wire())
             lazy_possible = lazy_possible and self.opts.lazy_restore and bool(pre.get("lazy_restore"))
-        await self._resolve_strategy(lazy_possible)
+        explained = await self._resolve_strategy(lazy_possible)
         for m in self.members:
             m.strategy.bind(
                 SourceContext(
@@ -226,7 +226,7 @@ class Migration(FrozenWindow):
                 )
             )
             m.lazy = m.strategy.restore_mode(lazy_possible) in (RestoreMode.LAZY_LOCAL, RestoreMode.LAZY_REMOTE)
-        if self.opts.lazy_restore and not all(m.lazy for m in self.members):
+        if self.opts.lazy_restore and not all(m.lazy for m in self.members) and not explained:
             self.note(f"{self.target.host} has no userfaultfd (see tug doctor): its restore loads all memory first")
         for m in self.members:
             for vol in m.volumes:
@@ -246,20 +246,21 @@ class Migration(FrozenWindow):
             await self.s.call("prepare", container=m.name, config=m.config_raw, network=network, **extra)
             await self._sync_rootfs(m, Phase.PRE_CHECKPOINT)
 
-    async def _resolve_strategy(self, lazy_possible: bool) -> None:
+    async def _resolve_strategy(self, lazy_possible: bool) -> bool:
         """``--strategy precopy`` ends as hybrid where it can (strategies.resolve):
         decided here, once the destination said whether it has userfaultfd and
-        before anything changed on either host."""
+        before anything changed on either host. True if its note already said
+        that the destination has no userfaultfd (not said twice)."""
         name, why = strategies.resolve(self.opts, lazy_possible=lazy_possible, members=len(self.members))
         if why is not None:
             self.note(why)
-        if name == self.strategy.name:
-            return
-        self.opts = replace(self.opts, strategy=name)
-        for m in self.members:
-            m.strategy.close()
-            m.strategy = strategies.create(self.opts)
-            await m.strategy.preflight()
+        if name != self.strategy.name:
+            self.opts = replace(self.opts, strategy=name)
+            for m in self.members:
+                m.strategy.close()
+                m.strategy = strategies.create(self.opts)
+                await m.strategy.preflight()
+        return why is not None and self.opts.lazy_restore and not lazy_possible
 
     def _podman_wire(self) -> dict[str, Any] | None:
         return podmansrc.wire(self.podman) if self.podman is not None else None
