@@ -211,7 +211,9 @@ async def attach_restored(inc: Incoming, host_pids: list[int], self_held: bool) 
     A copy held by itself (:func:`hold_for_attach`) is marked as restoring
     once attached and no longer held: the caller then lets it run. Returns
     whether the caller must continue it."""
+    t0 = time.monotonic()
     inc.stats["sysv_attached"] = await attach_all(inc.sysv, host_pids, inc.name)
+    inc.stats["sysv_attach_ms"] = int((time.monotonic() - t0) * 1000)
     if not self_held:
         return False
     write_marker(inc.bundle, "restoring")

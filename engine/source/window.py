@@ -260,7 +260,8 @@ class FrozenWindow(FailureHandling):
             self.note(f"{m.name!r} restored on {self.target.host}, held stopped until the group is in")
         if res.get("sysv_attached"):
             self.note(f"{m.name!r}: {res['sysv_attached']} SysV segment attachment(s) of its pod's IPC namespace "
-                      "mapped by tug before it ran (CRIU maps them only in the first member's restore)")
+                      f"mapped by tug before it ran, in {res.get('sysv_attach_ms') or '<1'} ms (CRIU maps them only "
+                      "in the first member's restore)")
         return res, len(frames)
 
     # ---- fill and commit -----------------------------------------------------------
