@@ -73,3 +73,31 @@ def test_eager_is_refused_where_there_is_no_choice(strategy: str) -> None:
     with pytest.raises(ConfigError, match="--eager chooses how --strategy precopy ends"):
         strategies.create(MigrationOptions(strategy=strategy, eager=True))
     assert strategies.create(MigrationOptions(strategy="precopy", eager=True)).name == "precopy"
+
+
+@pytest.mark.parametrize(
+    ("requested", "soft_dirty", "uffd_works", "allow", "picked"),
+    [
+        ("auto", True, True, True, "soft-dirty"),  # pre-copy: soft-dirty first
+        ("auto", True, True, False, "uffd"),  # hybrid: never soft-dirty
+        ("auto", False, True, True, "uffd"),
+        ("auto", False, False, True, "content"),
+        ("auto", True, False, False, "content"),
+        ("content", True, True, True, "content"),
+        ("uffd", True, True, False, "uffd"),
+    ],
+)
+async def test_tracker_choice(monkeypatch: pytest.MonkeyPatch, requested: str, soft_dirty: bool, uffd_works: bool,
+                              allow: bool, picked: str) -> None:
+    """What the kernel offers (faked here: the choice itself is the logic under test)."""
+    from tug.engine.source.strategies import precopy
+
+    async def has_feature(name: str) -> bool:
+        return soft_dirty
+
+    async def probe() -> str | None:
+        return None if uffd_works else "no PAGEMAP_SCAN"
+
+    monkeypatch.setattr(precopy.criu, "has_feature", has_feature)
+    monkeypatch.setattr(precopy, "uffd_probe", probe)
+    assert await precopy.choose_tracker(requested, allow_soft_dirty=allow) == picked

@@ -38,7 +38,6 @@ from tug.engine.source.strategies.base import RestoreMode
 from tug.engine.source.strategies.postcopy import FINISH_TIMEOUT_S, ask_admission, lazy_bytes
 from tug.engine.source.strategies.precopy import Precopy, choose_tracker
 from tug.engine.source.trackers.content import ContentRounds
-from tug.engine.source.trackers.uffd import probe as uffd_probe
 from tug.engine.source.trackers.uffdrounds import UffdRounds
 from tug.transports.criu_pageserver import PAGE_SIZE
 from tug.transports.forward import PortForward
@@ -74,10 +73,7 @@ class Hybrid(Precopy):
         # auto: uffd where it works (no shadow: the source needs no second copy
         # of the memory), else content; never soft-dirty, whose pre-dump
         # images never reach the page store.
-        if self.opts.tracker == "auto":
-            self._tracker = "content" if await uffd_probe() else "uffd"
-        else:
-            self._tracker = await choose_tracker(self.opts.tracker)
+        self._tracker = await choose_tracker(self.opts.tracker, allow_soft_dirty=False)
 
     @property
     def dump_to_destination(self) -> bool:

@@ -32,8 +32,9 @@ TRACKERS: dict[str, type[Rounds]] = {"content": ContentRounds, "soft-dirty": Pre
 TRACKER_CHOICES = ("auto", *TRACKERS)
 
 
-async def choose_tracker(requested: str) -> str:
-    """auto picks soft-dirty where the kernel has it, then uffd where it works
+async def choose_tracker(requested: str, *, allow_soft_dirty: bool = True) -> str:
+    """auto picks soft-dirty where the kernel has it (and ``allow_soft_dirty``:
+    hybrid's page store never sees pre-dump images), then uffd where it works
     on a throwaway process (:func:`~tug.engine.source.trackers.uffd.probe`),
     else content.
 
@@ -50,11 +51,12 @@ async def choose_tracker(requested: str) -> str:
         if why := await uffd_probe():
             raise PreconditionError(f"the uffd tracker does not work here ({why}); see tug doctor, or use --tracker content")
         return "uffd"
-    soft_dirty = await criu.has_feature("mem_dirty_track")
-    if requested == "soft-dirty" and not soft_dirty:
-        raise PreconditionError("kernel lacks soft-dirty (see tug doctor); use --tracker content")
-    if soft_dirty:
-        return "soft-dirty"
+    if allow_soft_dirty:
+        soft_dirty = await criu.has_feature("mem_dirty_track")
+        if requested == "soft-dirty" and not soft_dirty:
+            raise PreconditionError("kernel lacks soft-dirty (see tug doctor); use --tracker content")
+        if soft_dirty:
+            return "soft-dirty"
     return "uffd" if not await uffd_probe() else "content"
 
 
