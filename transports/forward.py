@@ -18,6 +18,7 @@ import asyncssh
 
 from tug.engine.errors import ForwardingRefusedError, ProtocolError, TransportError
 
+from . import fastdata
 from .tunnel import Tunnel
 
 #: Where forwarded connections go on the destination (and where they start
@@ -342,7 +343,12 @@ async def open_forward(conn: asyncssh.SSHClientConnection, host: str, remote_por
     """
     fwd = PortForward(host, remote_port, what)
     try:
-        await conn.create_connection(lambda: _ChannelEnd(fwd), LOOPBACK, remote_port)
+        chan, _ = await conn.create_connection(lambda: _ChannelEnd(fwd), LOOPBACK, remote_port)
+        # A streamed dump's whole memory goes this way: by the lean data path
+        # (fastdata.py; stop-copy at 1 GiB: 2.07-2.28 s of source CPU against
+        # 2.57-2.79). Not the reverse forwards: post-copy's fill (many small
+        # answers to CRIU's requests) measured worse with it (2 runs each).
+        fastdata.speed_up(conn, chan)
     except asyncssh.ChannelOpenError as exc:
         if exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
             raise ForwardingRefusedError(

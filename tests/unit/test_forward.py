@@ -183,3 +183,28 @@ async def test_forwarding_probe(ssh: Ssh, tmp_path: Path) -> None:
     finally:
         await agent.close()
         server.close()
+
+
+async def test_forwarded_data_takes_the_lean_path(ssh: Ssh, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward can carry a whole memory (a streamed dump, a post-copy fill):
+    its channel data goes by transports/fastdata.py, not asyncssh's send_packet."""
+    from asyncssh.constants import MSG_CHANNEL_DATA
+
+    sent = {"data": 0}
+    conn = ssh.agent._conn
+    ships = conn.send_packet  # what every channel of the connection sends through (tug's filter first)
+
+    def counting(pkttype: int, *args: bytes, handler: object = None) -> None:
+        sent["data"] += pkttype == MSG_CHANNEL_DATA
+        ships(pkttype, *args, handler=handler)
+
+    monkeypatch.setattr(conn, "send_packet", counting)
+    fwd = await ssh.agent.forward(ssh.echo_port, what="the echo server")
+    payload = os.urandom(2 << 20)
+    reader, writer = await asyncio.open_connection("127.0.0.1", fwd.local_port)
+    writer.write(payload)
+    writer.write_eof()
+    await writer.drain()
+    assert await reader.read() == b"got %d" % len(payload)
+    writer.close()
+    assert ssh.received == [payload] and sent["data"] == 0, sent
