@@ -22,6 +22,7 @@ fails the attach, and the migration rolls back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import mmap
 import os
 import re
@@ -44,6 +45,7 @@ from tug.engine.ptrace import (
     setregs,
     thread_state,
 )
+from tug.engine.source.trackers.shadow import ns_pid, parse_maps
 
 NR_MPROTECT = 10
 NR_MADVISE = 28
@@ -83,18 +85,6 @@ def take_attachments(images: Path) -> dict[int, list[Attach]]:
         os.replace(tmp, entry.path)
         plan[int(m.group(1))] = attaches
     return plan
-
-
-def ns_pid_of(pid: int) -> int | None:
-    """``pid``'s number in its innermost PID namespace (the container's)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    return int(line.split()[-1])
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 def _wait_stopped(pid: int, tid: int) -> None:
@@ -147,16 +137,11 @@ def _attach_one(tid: int, saved: Regs, gadget: int, a: Attach) -> None:
 
 def _check_maps(pid: int, attaches: list[Attach]) -> None:
     """Each range is one SysV mapping now, as the kernel shows it."""
-    with open(f"/proc/{pid}/maps") as f:
-        shown = {}
-        for line in f:
-            parts = line.split(None, 5)
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            shown[lo] = (hi, parts[5].strip() if len(parts) > 5 else "")
+    shown = {r.start: r for r in parse_maps(Path(f"/proc/{pid}/maps").read_text())}
     for a in attaches:
         for v in a.vmas:
-            hi, path = shown.get(v.start, (0, ""))
-            if hi != v.end or not path.startswith("/SYSV"):
+            r = shown.get(v.start)
+            if r is None or r.end != v.end or not r.path.startswith("/SYSV"):
                 raise InjectError(f"{v.start:#x}-{v.end:#x} of process {pid} is not segment {a.shmid} after the attach")
 
 
@@ -165,7 +150,10 @@ async def attach_all(plan: dict[int, list[Attach]], host_pids: list[int], contai
 
     Any failure is a MigrationError: the restore fails and the copy goes.
     """
-    by_ns = {ns: pid for pid in host_pids if (ns := ns_pid_of(pid)) is not None}
+    by_ns = {}
+    for pid in host_pids:
+        with contextlib.suppress(OSError, ValueError):  # gone meanwhile: "missing" below if it mattered
+            by_ns[ns_pid(pid)] = pid
     missing = sorted(set(plan) - set(by_ns))
     if missing:
         raise MigrationError(f"{container}: restored processes {missing} (container pids) are missing: "
