@@ -24,6 +24,9 @@ import ctypes
 import os
 import signal
 from collections.abc import Sequence
+from pathlib import Path
+
+from tug.engine.procfs import parse_maps
 
 PTRACE_SINGLESTEP = 9
 PTRACE_GETREGS = 12
@@ -146,27 +149,20 @@ def find_gadget(pid: int) -> int:
     is executed for one instruction as the target itself, and the step's
     outcome is checked (the instruction pointer must land right after it).
     """
-    with open(f"/proc/{pid}/maps") as f:
-        lines = f.read().splitlines()
-    execs: list[tuple[int, int, str]] = []
-    for line in lines:
-        parts = line.split(None, 5)
-        if len(parts) >= 5 and parts[1][2] == "x":
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            execs.append((lo, hi, parts[5].strip() if len(parts) > 5 else ""))
-    execs.sort(key=lambda r: r[2] != "[vdso]")
+    execs = [r for r in parse_maps(Path(f"/proc/{pid}/maps").read_text()) if r.perms[2:3] == "x"]
+    execs.sort(key=lambda r: r.path != "[vdso]")
     fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        for lo, hi, path in execs:
-            if path == "[vsyscall]":
+        for r in execs:
+            if r.path == "[vsyscall]":
                 continue
             try:
-                data = os.pread(fd, min(hi - lo, 1 << 20), lo)
+                data = os.pread(fd, min(r.end - r.start, 1 << 20), r.start)
             except OSError:
                 continue
             at = data.find(SYSCALL_INSN)
             if at >= 0:
-                return lo + at
+                return r.start + at
     finally:
         os.close(fd)
     raise InjectError(f"no syscall instruction found in {pid}'s executable mappings")

@@ -78,9 +78,11 @@ class Incoming:
     bundle: Path
     work: Path
     restored: bool = False
-    #: Restored with its processes stopped, until the source releases it.
+    #: Restored with its processes stopped, until the source releases it (or,
+    #: held by itself, until tug attached its SysV segments: sysvattach.py).
     held: bool = False
-    #: The group's last member, whose restore comes before the release.
+    #: The group's last member, whose restore comes before the release; its
+    #: own name while it waits for its SysV attach.
     held_until: str | None = None
     store: PageStore | None = None
     network: EndpointSpec | None = None

@@ -37,7 +37,7 @@ from tug.engine.destination.storeserver import StorePageServer
 from tug.engine.destination.volumes import CREATED_FILE
 from tug.engine.errors import CriuError, MigrationError, ProtocolError, RanThenFailed
 from tug.engine.fsutil import remove_tree
-from tug.engine.runtime import ipcns, podloop
+from tug.engine.runtime import podloop
 from tug.engine.runtime.podman import PodmanContainer
 from tug.transports.forward import LOOPBACK
 
@@ -93,7 +93,10 @@ class RestoreCalls(AgentState):
                 inc.held = True
                 inc.held_until = held_until
             if inc.ipc_of is not None and inc.ipc_of in self.ipc_filled and await sysvattach.prepare(inc) and not inc.held:
-                options.append("leave-stopped")  # its SysV segments are attached before it runs (sysvattach.py)
+                # Its SysV segments are attached before it runs (sysvattach.py):
+                # held by itself until then, so it never ran if that fails.
+                options.append("leave-stopped")
+                inc.held, inc.held_until = True, inc.name
             if inc.prestart is not None:
                 # runc already named the file; CRIU reads it once let go (prestart.py).
                 own: list[str] | None = inc.prestart.own
@@ -145,11 +148,8 @@ class RestoreCalls(AgentState):
             inc.stats["rebuild_ms"] = int((time.monotonic() - t_rebuild) * 1000)
             log.info("rebuilt pages images of %s: %s", container, inc.stats)
         # Left stopped for tug's SysV attach, it cannot run before tug lets it (sysvattach.py).
-        write_marker(inc.bundle, f"{HELD} {inc.held_until or inc.name}" if inc.sysv else "restoring")
+        write_marker(inc.bundle, f"{HELD} {inc.held_until}" if inc.sysv else "restoring")
         t0 = time.monotonic()
-        if inc.ipc_of is not None and inc.ipc_of in self.ipc_filled:
-            # An earlier member's restore made the pod's SysV objects there.
-            inc.stats["ipc_images_emptied"] = await asyncio.to_thread(ipcns.empty_object_images, inc.images)
         # A pod's member: its peers' loopback connections must not be reset
         # by the probes of sockets restored before theirs.
         await self._hold_pod_loopback(inc)
@@ -184,13 +184,12 @@ class RestoreCalls(AgentState):
             exc.log_path = self._keep_log(inc, "restore.log") or exc.log_path
             raise
         inc.restored = True
-        self_held = sysvattach.hold_for_attach(inc)
         if inc.ipc_of is not None:
             self.ipc_filled.add(inc.ipc_of)
         steps = criu_restore_steps(inc.criu_work)
         if inc.held:
             write_marker(inc.bundle, f"{HELD} {inc.held_until}")
-        if inc.sysv and await sysvattach.attach_restored(inc, await self.runc.pids(container), self_held):
+        if inc.sysv and await sysvattach.attach_restored(inc, await self.runc.pids(container)):
             await self._continue(container)
         if inc.held:
             inc.staged_frames.extend(frames or ())

@@ -32,6 +32,7 @@ from pathlib import Path
 from tug.engine.criu.mmimage import Attach, strip_sysv
 from tug.engine.destination.incoming import Incoming, write_marker
 from tug.engine.errors import ImageFormatError, MigrationError
+from tug.engine.procfs import ns_pid, parse_maps
 from tug.engine.ptrace import (
     USER_CS_64,
     InjectError,
@@ -45,7 +46,7 @@ from tug.engine.ptrace import (
     setregs,
     thread_state,
 )
-from tug.engine.source.trackers.shadow import ns_pid, parse_maps
+from tug.engine.runtime import ipcns
 
 NR_MPROTECT = 10
 NR_MADVISE = 28
@@ -172,8 +173,11 @@ async def attach_all(plan: dict[int, list[Attach]], host_pids: list[int], contai
 
 
 async def prepare(inc: Incoming) -> bool:
-    """Before a later member's restore: cut its SysV VMAs out (``inc.sysv``).
-    True if it attaches any, i.e. CRIU must leave its processes stopped."""
+    """Before the restore of a member whose IPC namespace an earlier member's
+    restore filled: its SysV object images emptied (the same objects exist
+    there, runtime/ipcns.py) and its SysV VMAs cut out (``inc.sysv``). True if
+    it attaches any, i.e. CRIU must leave its processes stopped."""
+    inc.stats["ipc_images_emptied"] = await asyncio.to_thread(ipcns.empty_object_images, inc.images)
     inc.sysv = await asyncio.to_thread(take_attachments, inc.images)
     if inc.sysv and inc.podman is not None:
         raise MigrationError(f"{inc.name}: a podman container restored into a shared IPC namespace with SysV "
@@ -181,29 +185,19 @@ async def prepare(inc: Incoming) -> bool:
     return bool(inc.sysv)
 
 
-def hold_for_attach(inc: Incoming) -> bool:
-    """Just restored: a copy left stopped for the attach and not held for its
-    group is held by itself until attached (``inc.ran`` is false: a failure
-    from here on is a restore that never ran). Its marker said so from
-    before its restore (restore.py), so ``tug recover`` undoes it if the
-    agent dies before it ran. Returns whether it was."""
-    if not inc.sysv or inc.held:
-        return False
-    inc.held, inc.held_until = True, inc.name
-    return True
-
-
-async def attach_restored(inc: Incoming, host_pids: list[int], self_held: bool) -> bool:
+async def attach_restored(inc: Incoming, host_pids: list[int]) -> bool:
     """After its restore: attach the segments while its processes are stopped.
 
-    A copy held by itself (:func:`hold_for_attach`) is marked as restoring
-    once attached and no longer held: the caller then lets it run. Returns
-    whether the caller must continue it."""
+    A copy held by itself (``held_until`` its own name, restore.py: its
+    marker said so from before its restore, so ``tug recover`` undoes it if
+    the agent dies before it ran) is marked as restoring once attached and
+    no longer held: the caller then lets it run. Returns whether the caller
+    must continue it."""
     t0 = time.monotonic()
     inc.stats["sysv_attached"] = await attach_all(inc.sysv, host_pids, inc.name)
     inc.stats["sysv_attach_ms"] = int((time.monotonic() - t0) * 1000)
-    if not self_held:
-        return False
+    if inc.held_until != inc.name:
+        return False  # held for its group: let go with it (restore.py call_release)
     write_marker(inc.bundle, "restoring")
     inc.held, inc.held_until = False, None
     return True

@@ -42,8 +42,9 @@ from pathlib import Path
 
 from tug.engine.errors import MigrationError
 from tug.engine.pageset import PageSet
+from tug.engine.procfs import SPECIAL, Region, parse_maps
 from tug.engine.source.psfilter import PageFilter
-from tug.engine.source.trackers.shadow import PAGE, SPECIAL, ProcessMemory, Region, parse_maps
+from tug.engine.source.trackers.shadow import PAGE, ProcessMemory
 from tug.transports import hybrid_wire as w
 
 #: Sweep bytes sent and not yet acknowledged, at most (8 ms at 1 gbit).

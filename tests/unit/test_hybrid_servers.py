@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 
 from tug.engine.destination.hybridserver import HybridPageServer
 from tug.engine.destination.pagestore import PAGE, PageStore
+from tug.engine.procfs import Region
 from tug.engine.source.frozenserver import FrozenMemory, FrozenServer, NotFrozen
-from tug.engine.source.trackers.shadow import ContentTracker, Region
+from tug.engine.source.trackers.shadow import ContentTracker
 from tug.transports import hybrid_wire as w
 from tug.transports.criu_lazy import LazyWatch
 from tug.transports.criu_pageserver import HEADER, PS_IOV_CLOSE, PS_IOV_GET

@@ -10,7 +10,8 @@ import pytest
 
 from tug.engine import pagestream
 from tug.engine.errors import ProtocolError
-from tug.engine.source.trackers.shadow import PAGE, ContentTracker, ProcessMemory, anon_runs, parse_maps
+from tug.engine.procfs import parse_maps
+from tug.engine.source.trackers.shadow import PAGE, ContentTracker, ProcessMemory, anon_runs
 
 NPAGES = 256
 

@@ -25,11 +25,12 @@ from pathlib import Path
 from tug.engine import pagestream
 from tug.engine.errors import MigrationError
 from tug.engine.phases import Phase
+from tug.engine.procfs import Region
 from tug.engine.progress import Meter
 from tug.engine.source.context import DumpFn, SourceContext
 from tug.engine.source.psfilter import FilterServer, PageFilter
 from tug.engine.source.trackers.base import Rounds
-from tug.engine.source.trackers.shadow import PAGE, ContentTracker, ProcessMemory, Region
+from tug.engine.source.trackers.shadow import PAGE, ContentTracker, ProcessMemory
 from tug.policies import ConvergencePolicy, RoundStats
 
 QUEUE_DEPTH = 8  # chunks of up to 4 MiB in flight between scanner and sender

@@ -36,12 +36,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from tug.engine.procfs import Region, ns_pid, parse_maps
+
 PAGE = 4096
 PM_PRESENT = 1 << 63
 PM_SWAP = 1 << 62
 PM_FILE_OR_SHARED = 1 << 61
-#: Mappings the kernel special-cases; CRIU never dumps their pages.
-SPECIAL = ("[vvar]", "[vvar_vclock]", "[vsyscall]", "[vdso]", "[uprobes]")
 #: Pages read per /proc/PID/mem call: big enough to amortise the syscall and
 #: the thread hop, small enough that streaming starts while the scan goes on.
 CHUNK_PAGES = 1024
@@ -52,34 +52,6 @@ BLOCK_PAGES = 64
 #: Pages compared at once when refining a block that differs.
 _GROUP_PAGES = 8
 _ALL_VALID = b"\x01" * BLOCK_PAGES
-
-
-@dataclass(frozen=True, slots=True)
-class Region:
-    start: int
-    end: int
-    perms: str
-    path: str
-
-    @property
-    def private(self) -> bool:
-        return len(self.perms) > 3 and self.perms[3] == "p"
-
-    @property
-    def candidate(self) -> bool:
-        """Could CRIU dump pages of this mapping into the process's pagemap?"""
-        return self.private and self.perms[0] == "r" and self.path not in SPECIAL
-
-
-def parse_maps(text: str) -> list[Region]:
-    out = []
-    for line in text.splitlines():
-        parts = line.split(None, 5)
-        if len(parts) < 5:
-            continue
-        lo, hi = parts[0].split("-")
-        out.append(Region(int(lo, 16), int(hi, 16), parts[1], parts[5].strip() if len(parts) > 5 else ""))
-    return out
 
 
 def anon_runs(vaddr: int, entries: memoryview | tuple[int, ...]) -> Iterator[tuple[int, int]]:
@@ -98,14 +70,6 @@ def anon_runs(vaddr: int, entries: memoryview | tuple[int, ...]) -> Iterator[tup
             start = -1
     if start >= 0:
         yield vaddr + start * PAGE, len(entries) - start
-
-
-def ns_pid(pid: int) -> int:
-    """The pid as the container sees it (innermost NSpid): CRIU's name for it."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("NSpid:"):
-            return int(line.split()[-1])
-    return pid
 
 
 class ProcessMemory:

@@ -30,10 +30,11 @@ import asyncio
 import time
 from collections.abc import Iterator
 
+from tug.engine.procfs import Region, ns_pid
 from tug.engine.source.context import DumpFn, SourceContext
 from tug.engine.source.psfilter import PageFilter
 from tug.engine.source.trackers.content import ContentRounds, PageQueue, RoundCounters
-from tug.engine.source.trackers.shadow import CHUNK_PAGES, PAGE, ProcessMemory, Region, ns_pid
+from tug.engine.source.trackers.shadow import CHUNK_PAGES, PAGE, ProcessMemory
 from tug.engine.source.trackers.uffd import Pagemap, UffdError, inject_userfaultfd
 from tug.engine.source.trackers.uffdtrack import Process, Sources, UffdTracker, register_all, start_time
 from tug.policies import ConvergencePolicy, RoundStats

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tug.engine.pageset import PageSet
-from tug.engine.source.trackers.shadow import PAGE, ContentTracker, Region, ScanResult
+from tug.engine.procfs import Region
+from tug.engine.source.trackers.shadow import PAGE, ContentTracker, ScanResult
 from tug.engine.source.trackers.uffd import Pagemap, Userfaultfd, Written
 
 
