@@ -86,8 +86,12 @@ class _Keyed:
         return self.aead
 
 
-def encode_data(recipient: int, data: Any, padlen_for: Any, padding: bytes, aead: AESGCM, iv: bytes) -> tuple[bytes, int]:
-    """One SSH_MSG_CHANNEL_DATA packet, encrypted with AES-GCM: (wire bytes, packet length).
+def encode_data(
+    recipient: int, data: Any, padlen_for: Any, padding: bytes, aead: AESGCM, iv: bytes
+) -> tuple[tuple[bytes, bytes], int]:
+    """One SSH_MSG_CHANNEL_DATA packet, encrypted with AES-GCM: ((length field,
+    ciphertext with its tag), packet length). The two parts go to the socket as
+    they are (writelines), not joined into a third copy.
 
     ``padlen_for(payload_len)`` is the connection's padding rule; ``padding``
     holds at least that many random bytes. The length field is the
@@ -104,7 +108,7 @@ def encode_data(recipient: int, data: Any, padlen_for: Any, padding: bytes, aead
     buf[10 : 10 + n] = data
     buf[10 + n :] = padding[:padlen]
     hdr = pktlen.to_bytes(4, "big")
-    return hdr + aead.encrypt(iv, buf, hdr), pktlen
+    return (hdr, aead.encrypt(iv, buf, hdr)), pktlen
 
 
 #: The asyncssh releases whose send path this was written against and tested with
@@ -165,7 +169,7 @@ def speed_up(conn: Any, chan: Any) -> bool:
         wire, pktlen = encode_data(chan._send_chan, data, padlen_for, padding.take(19), keyed.get(cipher._key),
                                    cipher._iv)
         cipher._update_iv()
-        pending.append(wire)
+        pending.extend(wire)
         conn._send_seq = (conn._send_seq + 1) & 0xFFFFFFFF
         conn._rekey_bytes_sent += pktlen
 
