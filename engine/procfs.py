@@ -47,3 +47,12 @@ def ns_pid(pid: int) -> int:
         if line.startswith("NSpid:"):
             return int(line.split()[-1])
     return pid
+
+
+def thread_state(pid: int, tid: int) -> str:
+    """The thread's state letter (``T``: stopped, ``Z``: zombie ...), "" if gone."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""

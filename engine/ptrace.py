@@ -26,7 +26,7 @@ import signal
 from collections.abc import Sequence
 from pathlib import Path
 
-from tug.engine.procfs import parse_maps
+from tug.engine.procfs import parse_maps, thread_state
 
 PTRACE_SINGLESTEP = 9
 PTRACE_GETREGS = 12
@@ -186,15 +186,6 @@ def run_syscall(tid: int, saved: Regs, gadget: int, nr: int, args: Sequence[int]
     if -4096 < res < 0:
         raise InjectError(f"injected syscall {nr} failed in the target: {os.strerror(-res)}")
     return res
-
-
-def thread_state(pid: int, tid: int) -> str:
-    """The thread's state letter (``T``: stopped, ``Z``: zombie ...), "" if gone."""
-    try:
-        with open(f"/proc/{pid}/task/{tid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
 
 
 def seccomp_mode(pid: int, tid: int) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 from tug.engine.destination import podmanstage
 from tug.engine.destination.incoming import HELD, INCOMING_MARKER, AgentState, check_name, held_until
 from tug.engine.errors import PreconditionError
-from tug.engine.ptrace import thread_state
+from tug.engine.procfs import thread_state
 from tug.engine.runtime import network as netif
 from tug.engine.runtime import podloop
 from tug.engine.runtime.endpoint import DestinationEndpoint

@@ -32,7 +32,7 @@ from pathlib import Path
 from tug.engine.criu.mmimage import Attach, strip_sysv
 from tug.engine.destination.incoming import Incoming, write_marker
 from tug.engine.errors import ImageFormatError, MigrationError
-from tug.engine.procfs import ns_pid, parse_maps
+from tug.engine.procfs import ns_pid, parse_maps, thread_state
 from tug.engine.ptrace import (
     USER_CS_64,
     InjectError,
@@ -44,7 +44,6 @@ from tug.engine.ptrace import (
     run_syscall,
     seize_and_interrupt,
     setregs,
-    thread_state,
 )
 from tug.engine.runtime import ipcns
 

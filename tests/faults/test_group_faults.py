@@ -17,6 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tug.engine.procfs import thread_state
+
 from ..e2e.conftest import Lab, on, pod_containers
 from ..e2e.test_network import Client, assert_clean_run
 from .harness import agent_pids, criu_pids, running_copies, signal_all, sshd_sessions_of, start_migrate
@@ -62,12 +64,12 @@ def _criu_swrk(host: str) -> list[int]:
     return out
 
 
-def _settled(pred: object, timeout: float = 30.0) -> bool:
+def _settled(pred: object, timeout: float = 30.0, interval: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():  # type: ignore[operator]
             return True
-        time.sleep(0.1)
+        time.sleep(interval)
     return bool(pred())  # type: ignore[operator]
 
 
@@ -148,22 +150,6 @@ def test_fault_while_members_are_held(lab: Lab, pod: list[str], fault: str, held
     assert_clean_run(client.stop())
 
 
-def _poll(pred: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():  # type: ignore[operator]
-            return True
-        time.sleep(0.0005)
-    return False
-
-
-def _stopped(pid: int) -> bool:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T"
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("when", ["before-attach", "after-attach"])
 def test_agent_dies_while_the_last_member_waits_for_its_attach(lab: Lab, pod_all: list[str], when: str) -> None:
     """The holder (the group's last) is restored by CRIU with its processes
@@ -188,9 +174,9 @@ def test_agent_dies_while_the_last_member_waits_for_its_attach(lab: Lab, pod_all
             return False
 
     # Both states last a few hundred ms at most: watched closely.
-    assert _poll(lambda: says(f"held {holder}"), 60), "no held restore of the holder"
+    assert _settled(lambda: says(f"held {holder}"), 60, interval=0.0005), "no held restore of the holder"
     if when == "before-attach":
-        assert _poll(lambda: bool(_criu_swrk("b")), 30), "no CRIU restore of the holder"
+        assert _settled(lambda: bool(_criu_swrk("b")), 30, interval=0.0005), "no CRIU restore of the holder"
         agents = agent_pids("b")
         signal_all(agents, signal.SIGSTOP)  # CRIU goes on; nobody attaches or lets the holder go
         assert _settled(lambda: (lab.state("b", holder) or {}).get("status") == "running", 60), "CRIU never restored it"
@@ -198,10 +184,10 @@ def test_agent_dies_while_the_last_member_waits_for_its_attach(lab: Lab, pod_all
         # The agent lists the holder's processes (runc ps, milliseconds) between
         # writing "restoring" and its SIGCONT: stopped there, it never sends it.
         agents = agent_pids("b")  # found first: a scan of /proc takes longer than that window
-        assert _poll(lambda: says("restoring"), 60), "the holder's attach never finished"
+        assert _settled(lambda: says("restoring"), 60, interval=0.0005), "the holder's attach never finished"
         signal_all(agents, signal.SIGSTOP)
         pid = (lab.state("b", holder) or {}).get("pid")
-        assert isinstance(pid, int) and _stopped(pid), "the agent let the holder go before it was stopped (race lost)"
+        assert isinstance(pid, int) and thread_state(pid, pid) == "T", "the agent let the holder go before it was stopped (race lost)"
     assert signal_all(agents, signal.SIGKILL) > 0
     res = run.finish()
     where = f"outcome {res.json()['outcome'] if res.stdout.strip() else 'none'}\n{res.stderr}"

@@ -24,6 +24,7 @@ from tug.engine.criu.mmimage import VMA_AREA_SYSVIPC, Attach, SysvVma, chains, s
 from tug.engine.criu.protobuf import encode_varint
 from tug.engine.destination import sysvattach
 from tug.engine.errors import ImageFormatError
+from tug.engine.procfs import thread_state
 from tug.engine.ptrace import InjectError
 
 PAGE = 4096
@@ -164,7 +165,7 @@ def _stops_again(pid: int) -> bool:
     (briefly "R" there, never back in user code): it shows "T" again."""
     deadline = time.monotonic() + 2
     while time.monotonic() < deadline:
-        if sysvattach.thread_state(pid, pid) == "T":
+        if thread_state(pid, pid) == "T":
             return True
         time.sleep(0.001)
     return False

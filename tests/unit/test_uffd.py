@@ -24,10 +24,10 @@ from typing import Any, cast
 
 import pytest
 
+from tug.engine import ptrace
 from tug.engine.api import MigrationOptions
 from tug.engine.pageset import PageSet
 from tug.engine.source.context import SourceContext
-from tug.engine.source.trackers import inject
 from tug.engine.source.trackers.shadow import PAGE, ContentTracker, ProcessMemory, ns_pid
 from tug.engine.source.trackers.uffd import (
     PAGE_IS_FILE,
@@ -249,9 +249,9 @@ def test_target_left_as_it_was(target: Target) -> None:
     deadline = time.monotonic() + 5
     while Path(f"/proc/{target.pid}/syscall").read_text().split()[0] != "0" and time.monotonic() < deadline:
         time.sleep(0.01)  # until it waits in read() for the next command
-    inject.seize_and_interrupt(target.pid)  # blocked in read(): registers as of that syscall
-    before = bytes(inject.getregs(target.pid))
-    inject.detach(target.pid)
+    ptrace.seize_and_interrupt(target.pid)  # blocked in read(): registers as of that syscall
+    before = bytes(ptrace.getregs(target.pid))
+    ptrace.detach(target.pid)
     proc = attach(target.pid)
     assert sorted(os.listdir(f"/proc/{target.pid}/fd")) == fds, "the target's own userfaultfd was closed"
     assert proc.uffd.leaked([target.pid]) is None
@@ -260,9 +260,9 @@ def test_target_left_as_it_was(target: Target) -> None:
     register_all(proc, mem.regions())
     mem.close()
     assert any(" uw" in f for f in smaps_flags(target.pid))
-    inject.seize_and_interrupt(target.pid)
-    after = bytes(inject.getregs(target.pid))
-    inject.detach(target.pid)
+    ptrace.seize_and_interrupt(target.pid)
+    after = bytes(ptrace.getregs(target.pid))
+    ptrace.detach(target.pid)
     assert after == before, "every register as it was, still in the same read()"
     proc.close()
     assert smaps_flags(target.pid) == flags, "closing tug's fd unregisters every range"
@@ -302,8 +302,8 @@ def test_tracer_killed_while_target_seized(target: Target) -> None:
     code = textwrap.dedent(
         f"""
         import os, signal
-        from tug.engine.source.trackers import inject
-        inject.seize_and_interrupt({target.pid})
+        from tug.engine import ptrace
+        ptrace.seize_and_interrupt({target.pid})
         print("seized", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
         """

@@ -42,15 +42,11 @@ import signal
 import socket
 import sys
 
-from tug.engine.ptrace import (  # noqa: F401  (tests reach the primitives through this module)
-    GROUP_STOP_SIGNALS,
+from tug.engine.ptrace import (
     NR_CLOSE,
     NR_PIDFD_OPEN,
-    PTRACE_EVENT_STOP,
-    SYSCALL_INSN,
     USER_CS_64,
     InjectError,
-    Regs,
     detach,
     find_gadget,
     getregs,
