@@ -21,7 +21,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from tug.engine.criu.protobuf import FRAME, WT_LEN, decode_varint, fields, varint_field
+from tug.engine.criu.protobuf import FRAME, WT_LEN, field_spans, fields, varint_field
 from tug.engine.errors import ImageFormatError
 
 IMG_COMMON_MAGIC = 0x54564319
@@ -62,31 +62,6 @@ class Attach:
     #: Attach read-only (every VMA of the chain was attached without write access).
     readonly: bool
     vmas: tuple[SysvVma, ...]
-
-
-def _field_spans(buf: bytes, pos: int, end: int) -> list[tuple[int, int, int, int, int]]:
-    """(number, wire, start of the field's key, payload start, end of the field) of each field."""
-    out = []
-    while pos < end:
-        start = pos
-        key, pos = decode_varint(buf, pos, end)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos = decode_varint(buf, pos, end)
-            payload = pos
-        elif wire == 1:
-            payload, pos = pos, pos + 8
-        elif wire == 5:
-            payload, pos = pos, pos + 4
-        elif wire == WT_LEN:
-            size, payload = decode_varint(buf, pos, end)
-            pos = payload + size
-        else:
-            raise ImageFormatError(f"unsupported protobuf wire type {wire} for field {number}")
-        if number == 0 or pos > end:
-            raise ImageFormatError(f"protobuf field {number} runs past the end of its record")
-        out.append((number, wire, start, payload, pos))
-    return out
 
 
 def _sysv_vma(buf: bytes, pos: int, end: int) -> SysvVma | None:
@@ -145,7 +120,7 @@ def strip_sysv(data: bytes) -> tuple[bytes, list[Attach]]:
         raise ImageFormatError(f"mm image: one record of {size} bytes expected, the file has {len(data) - 12}")
     keep: list[bytes] = []
     found: list[SysvVma] = []
-    for number, wire, start, payload, stop in _field_spans(data, 12, end):
+    for number, wire, _, payload, start, stop in field_spans(data, 12, end):
         if number == MM_VMAS and wire == WT_LEN:
             vma = _sysv_vma(data, payload, stop)
             if vma is not None:

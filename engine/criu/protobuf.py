@@ -66,7 +66,7 @@ def fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
     Non-varint fields (which none of our known fields are) are skipped by their
     wire type, so records from a newer CRIU with extra fields still parse.
     """
-    for number, wire, value, _ in fields_at(buf, pos, end):
+    for number, wire, value, _, _, _ in field_spans(buf, pos, end):
         yield number, wire, value
 
 
@@ -77,14 +77,22 @@ def fields_at(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, i
     its payload's offset (nested messages such as ``StatsEntry.dump``); for
     other fields the fourth item is -1.
     """
+    for number, wire, value, payload, _, _ in field_spans(buf, pos, end):
+        yield number, wire, value, payload
+
+
+def field_spans(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int, int, int]]:
+    """Like :func:`fields_at`, plus each field's whole extent: where its key
+    starts and where the field ends (to copy a record's fields byte for byte)."""
     while pos < end:
+        start = pos
         key, pos = decode_varint(buf, pos, end)
         number, wire = key >> 3, key & 7
         if number == 0 or number > 0x1FFFFFFF:
             raise ImageFormatError(f"invalid protobuf field number {number}")
         if wire == WT_VARINT:
             value, pos = decode_varint(buf, pos, end)
-            yield number, wire, value, -1
+            yield number, wire, value, -1, start, pos
             continue
         if wire == WT_FIXED64:
             skip = 8
@@ -96,10 +104,7 @@ def fields_at(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, i
             raise ImageFormatError(f"unsupported protobuf wire type {wire} for field {number}")
         if skip > end - pos:
             raise ImageFormatError(f"protobuf field {number} runs past the end of its record")
-        if wire == WT_LEN:
-            yield number, wire, skip, pos
-        else:
-            yield number, wire, 0, -1
+        yield number, wire, (skip if wire == WT_LEN else 0), (pos if wire == WT_LEN else -1), start, pos + skip
         pos += skip
 
 
