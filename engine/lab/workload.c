@@ -415,34 +415,36 @@ static void peer_read(void)
     g_peer_last_reply_ns = real_ns();
 }
 
+/* The other members seen in one shared object (semaphores or segment) and
+ * the longest any of them has been still. A slot counts once a value was
+ * seen there: its change time is set then (members never write 0). */
+static int pod_peers(const int64_t *changed_ns, int64_t now, int64_t *stale)
+{
+    int peers = 0;
+    *stale = 0;
+    for (int k = 0; k < POD_SLOTS; k++) {
+        if (k == opt_pod_slot || !changed_ns[k])
+            continue;
+        peers++;
+        if (now - changed_ns[k] > *stale)
+            *stale = now - changed_ns[k];
+    }
+    return peers;
+}
+
 /* The pod's part of verify.json (empty outside a pod). */
 static int pod_report(char *buf, size_t cap)
 {
     if (!opt_pod_ipc_key && !opt_pod_peer)
         return snprintf(buf, cap, "%s", "");
     int64_t now = real_ns();
-    int peers = 0;
-    int64_t stale = 0;
-    for (int k = 0; k < POD_SLOTS; k++) {
-        if (k == opt_pod_slot || !g_pod_seen[k])
-            continue;
-        peers++;
-        if (now - g_pod_changed_ns[k] > stale)
-            stale = now - g_pod_changed_ns[k];
-    }
+    int64_t stale, shm_stale;
+    int peers = pod_peers(g_pod_changed_ns, now, &stale);
     struct semid_ds ds;
     int same = g_pod_sem_id < 0 ||
                (semctl(g_pod_sem_id, 0, IPC_STAT, &ds) == 0 && ds.sem_perm.__key == (key_t)opt_pod_ipc_key);
     /* The segment: still ours (key), and every member attached to it. */
-    int shm_peers = 0, shm_attached = 0;
-    int64_t shm_stale = 0;
-    for (int k = 0; k < POD_SLOTS; k++) {
-        if (k == opt_pod_slot || !g_pod_shm_seen[k])
-            continue;
-        shm_peers++;
-        if (now - g_pod_shm_changed_ns[k] > shm_stale)
-            shm_stale = now - g_pod_shm_changed_ns[k];
-    }
+    int shm_peers = pod_peers(g_pod_shm_changed_ns, now, &shm_stale), shm_attached = 0;
     struct shmid_ds sds;
     int shm_same = g_pod_shm_id < 0 ||
                    (shmctl(g_pod_shm_id, IPC_STAT, &sds) == 0 && sds.shm_perm.__key == (key_t)opt_pod_ipc_key &&
