@@ -67,7 +67,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
     elif args.lab_cmd == "rm":
         lab = hosts.require(layout)
         h = lab.host(args.host)
-        if demo.remove(h, args.name):
+        if demo.remove(lab, h, args.name):
             _say(f"removed {args.name} from {h.name}")
         if not any((Path(o.data_dir) / "containers" / args.name).exists() for o in lab.hosts):
             addresses.release_address(layout, args.name)

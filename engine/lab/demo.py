@@ -302,8 +302,13 @@ def _start_podman(lab: Lab, host: LabHost, name: str, workload: WorkloadSpec) ->
         raise
 
 
-def remove(host: LabHost, name: str) -> bool:
-    """Delete container ``name`` and its bundle from ``host``; True if anything was there."""
+def remove(lab: Lab, host: LabHost, name: str) -> bool:
+    """Delete container ``name`` and its bundle from ``host``; True if anything was there.
+
+    A ``--volume`` directory goes only when no host's copy of ``name`` still
+    mounts it: a volume migrated as ``shared`` stays where it was made, so
+    removing the container from its first host must not pull the directory
+    from under the copy running on another (it is still writing there)."""
     existed = podmandemo.remove(host, name)
     existed = sh("runc", "--root", host.runc_root, "state", name, check=False).returncode == 0 or existed
     if existed:
@@ -312,9 +317,12 @@ def remove(host: LabHost, name: str) -> bool:
     if bundle.exists():
         shutil.rmtree(bundle)
         existed = True
-    if volume_dir(host, name).exists():
-        shutil.rmtree(volume_dir(host, name))
-        existed = True
+    in_use = {state_dir(Path(o.data_dir) / "containers" / name) for o in lab.hosts
+              if (Path(o.data_dir) / "containers" / name).exists()}
+    for vdir in {volume_dir(o, name) for o in lab.hosts} - in_use:
+        if vdir.exists():
+            shutil.rmtree(vdir)
+            existed = True
     if host.network().netns_path(name).exists():
         netif.delete(host.network(), name)
         existed = True

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from ..faults.harness import refuse_restore_on
-from .conftest import Lab, demo_container, lazy_wait, migrate, on
+from .conftest import Lab, demo_container, lazy_wait, migrate, on, tug
 
 BIND = {"destination": "/data", "type": "bind", "source": "/srv/tug-data", "options": ["rbind", "rw"]}
 
@@ -143,6 +143,12 @@ def test_shared_volume_is_verified_then_kept(lab: Lab, vdemo: str) -> None:
     assert state_mount(lab, "b", vdemo) == src_dir
     lab.check_moved_intact("b", vdemo, before, report["downtime_ms"], fault_wait_ms=lazy_wait(report))
     assert not any(p.name.startswith(".tug-volume-check-") for p in Path(src_dir).iterdir())
+    # Removing the container from a leaves the directory its copy on b still writes to ...
+    tug("lab", "rm", "a", vdemo, check=True)
+    assert Path(src_dir).is_dir() and lab.check("b", vdemo)["ok"]
+    # ... and the last copy takes it along.
+    tug("lab", "rm", "b", vdemo, check=True)
+    assert not Path(src_dir).exists()
 
 
 def test_shared_volume_that_is_not_shared_is_refused(lab: Lab, vdemo: str) -> None:
