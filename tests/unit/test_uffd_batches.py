@@ -1,9 +1,12 @@
-"""How the uffd rounds batch the reads of written pages (pure logic)."""
+"""How the uffd rounds batch the reads of written pages, and read them into reused buffers."""
 
 from __future__ import annotations
 
-from tug.engine.source.trackers.shadow import CHUNK_PAGES, PAGE
-from tug.engine.source.trackers.uffdrounds import read_batches, read_runs
+import ctypes
+import os
+
+from tug.engine.source.trackers.shadow import CHUNK_PAGES, PAGE, ProcessMemory
+from tug.engine.source.trackers.uffdrounds import ReadBuffers, read_batches, read_runs
 
 
 def test_scattered_pages_share_a_batch_and_big_runs_are_split() -> None:
@@ -27,14 +30,43 @@ def test_no_batch_exceeds_a_chunk() -> None:
 class _Mem:
     """A process whose mapping at 0x2000 vanished and whose read at 0x5000 came back short."""
 
-    def read(self, vaddr: int, npages: int) -> bytes:
+    def read_into(self, vaddr: int, into: memoryview) -> int:
         if vaddr == 0x2000:
-            return b""
-        if vaddr == 0x5000:
-            return b"x" * (PAGE + 100)
-        return bytes([vaddr >> 12]) * (npages * PAGE)
+            return 0
+        n = PAGE + 100 if vaddr == 0x5000 else len(into)
+        into[:n] = bytes([vaddr >> 12]) * n
+        return n
 
 
 def test_read_runs_keeps_whole_pages_and_drops_vanished_ones() -> None:
-    got = read_runs(_Mem(), [(0x1000, 1), (0x2000, 1), (0x5000, 2)])  # type: ignore[arg-type]
-    assert [(v, len(d)) for v, d in got] == [(0x1000, PAGE), (0x5000, PAGE)]
+    buf = bytearray(CHUNK_PAGES * PAGE)
+    got = read_runs(_Mem(), [(0x1000, 1), (0x2000, 1), (0x5000, 2), (0x9000, 3)], buf)  # type: ignore[arg-type]
+    assert [(v, len(d)) for v, d in got] == [(0x1000, PAGE), (0x5000, PAGE), (0x9000, 3 * PAGE)]
+    assert [bytes(d) == bytes([v >> 12]) * len(d) for v, d in got] == [True] * 3
+    # One after the other in the one buffer: nothing allocated per read.
+    assert all(isinstance(d, memoryview) and d.obj is buf for _, d in got)
+    assert bytes(buf[: 5 * PAGE]) == bytes([1]) * PAGE + bytes([5]) * PAGE + bytes([9]) * 3 * PAGE
+
+
+def test_read_runs_reads_a_real_process_memory() -> None:
+    """This process's own pages, through /proc/self/mem as the rounds read a container's."""
+    raw = (ctypes.c_char * (6 * PAGE))()
+    base = -(-ctypes.addressof(raw) // PAGE) * PAGE  # the whole pages inside it
+    pattern = bytes(range(256)) * (4 * PAGE // 256)
+    ctypes.memmove(base, pattern, len(pattern))
+    mem = ProcessMemory(os.getpid())
+    try:
+        buf = bytearray(CHUNK_PAGES * PAGE)
+        got = read_runs(mem, [(base + 2 * PAGE, 2), (base, 1)], buf)
+    finally:
+        mem.close()
+    assert [(v, bytes(d)) for v, d in got] == [(base + 2 * PAGE, pattern[2 * PAGE :]), (base, pattern[:PAGE])]
+
+
+def test_read_buffers_are_used_again() -> None:
+    pool = ReadBuffers(PAGE)
+    a = pool.take()
+    b = pool.take()
+    assert a is not b and len(a) == PAGE
+    pool.give(a)
+    assert pool.take() is a

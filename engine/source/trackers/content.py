@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +35,21 @@ from tug.engine.source.trackers.shadow import PAGE, ContentTracker, ProcessMemor
 from tug.policies import ConvergencePolicy, RoundStats
 
 QUEUE_DEPTH = 8  # chunks of up to 4 MiB in flight between scanner and sender
-#: (pid inside the container, changed runs), None at the end of a round.
-PageQueue = asyncio.Queue[tuple[int, list[tuple[int, bytes]]] | None]
+
+
+@dataclass(slots=True)
+class Chunk:
+    """Changed runs of one process (pid inside the container), queued for the sender."""
+
+    pid: int
+    runs: Sequence[tuple[int, bytes | memoryview]]
+    #: Called once the runs are written (the stream has copied them): the
+    #: buffer they are views of may then be read into again.
+    release: Callable[[], None] | None = None
+
+
+#: Chunks, None at the end of a round.
+PageQueue = asyncio.Queue[Chunk | None]
 
 
 @dataclass(slots=True)
@@ -71,7 +85,7 @@ class ContentRounds(Rounds):
         self.rewritten: dict[int, set[int]] = {}
         self._index = 0
 
-    def _rewritten(self, pid: int, runs: list[tuple[int, bytes]]) -> None:
+    def _rewritten(self, pid: int, runs: Sequence[tuple[int, bytes | memoryview]]) -> None:
         pages = self.rewritten.setdefault(pid, set())
         for vaddr, data in runs:
             pages.update(range(vaddr // PAGE, (vaddr + len(data)) // PAGE))
@@ -94,14 +108,15 @@ class ContentRounds(Rounds):
         async def sender() -> None:
             out = await self.ctx.session.open_stream("pages", {"container": self.ctx.name, "round": index})
             while (item := await queue.get()) is not None:
-                pid, runs = item
                 t_send = time.monotonic()
-                for vaddr, data in runs:
-                    await out.write(pagestream.encode_header(pid, vaddr, data))
+                for vaddr, data in item.runs:
+                    await out.write(pagestream.encode_header(item.pid, vaddr, data))
                     await out.write(data)
                     c.bytes += len(data)
                     c.runs += 1
                     meter.add(len(data))
+                if item.release is not None:
+                    item.release()
                 c.send_s += time.monotonic() - t_send
             await out.close({"round": index, "runs": c.runs, "bytes": c.bytes})
             meter.add(0, final=True)
@@ -154,7 +169,7 @@ class ContentRounds(Rounds):
                     c.dirty += res.changed_pages
                     if self._index > 0:
                         self._rewritten(mem.ns_pid, res.changed)
-                    await queue.put((mem.ns_pid, res.changed))
+                    await queue.put(Chunk(pid=mem.ns_pid, runs=res.changed))
 
     def page_filter(self) -> PageFilter:
         """What the frozen dump's pages are compared with: the shadow here."""

@@ -111,6 +111,13 @@ class ProcessMemory:
         except OSError:
             return b""
 
+    def read_into(self, vaddr: int, into: memoryview) -> int:
+        """Read the pages at ``vaddr`` into ``into``; how many bytes (0 if the mapping vanished)."""
+        try:
+            return os.preadv(self._mem, [into], vaddr)
+        except OSError:
+            return 0
+
 
 @dataclass(slots=True)
 class ScanResult:

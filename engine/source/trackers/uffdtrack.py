@@ -122,7 +122,7 @@ class UffdTracker:
                 out.append((w.start, w.end))
         return out
 
-    def sent(self, ns_pid: int, vaddr: int, data: bytes) -> None:
+    def sent(self, ns_pid: int, vaddr: int, data: bytes | memoryview) -> None:
         """The caller sends ``data`` (read after the page was protected)."""
         self.held.add(ns_pid, vaddr, vaddr + len(data) // PAGE * PAGE)
 
