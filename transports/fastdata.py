@@ -41,6 +41,7 @@ from typing import Any
 import asyncssh
 from asyncssh.encryption import GCMEncryption
 from asyncssh.logging import SSHLogger
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MSG_CHANNEL_DATA = 94
@@ -48,11 +49,14 @@ MSG_CHANNEL_EOF = 96
 #: Random padding drawn at a time (a packet takes 4 to 19 bytes of it).
 PAD_POOL = 4096
 
+MSG_CHANNEL_WINDOW_ADJUST = 93
+_GCM_TAG = 16
 _CONN_ATTRS = ("_send_encryption", "_send_enchdrlen", "_send_blocksize", "_send_seq", "_rekey_bytes_sent",
                "_rekey_bytes", "_rekey_seconds", "_rekey_time", "_kex_complete", "_auth_complete", "_compressor",
-               "_transport")
+               "_transport", "_recv_encryption", "_recv_pkthdr", "_recv_handler", "_recv_seq", "_inpbuf",
+               "_decompressor", "_channels")
 _CHAN_ATTRS = ("_send_buf", "_send_buf_len", "_send_window", "_send_pktsize", "_send_state", "_send_chan", "_encoding",
-               "_pause_resume_writing", "_close_send", "send_packet")
+               "_pause_resume_writing", "_close_send", "send_packet", "_recv_state", "_flush_send_buf")
 
 
 class _Padding:
@@ -183,8 +187,67 @@ def speed_up(conn: Any, chan: Any) -> bool:
         chan._send_buf_len += len(view)
         flush()
 
+    #: The plaintext of one packet, used again for the next: encrypt copies out of it.
+    plain = memoryview(bytearray(chan._send_pktsize + 64))
+
+    def flush_data() -> None:
+        """Data packets, one loop with the connection's state in locals, while
+        nothing asyncssh must see is due: checked once per flush (one peer
+        window's worth, microseconds) and the rekey budget per packet."""
+        buf = chan._send_buf
+        cipher = conn._send_encryption._cipher
+        aead = keyed.get(cipher._key)
+        fixed, counter = cipher._iv[:4], int.from_bytes(cipher._iv[4:], "big")
+        budget = conn._rekey_bytes - conn._rekey_bytes_sent
+        window, pktsize = chan._send_window, chan._send_pktsize
+        recipient = chan._send_chan.to_bytes(4, "big")
+        block, hdrlen = conn._send_blocksize, conn._send_enchdrlen
+        used = sent = packets = 0
+        try:
+            while buf and window and used < budget:
+                data, datatype = buf[0]
+                if datatype is not None:
+                    break
+                size = window if window < pktsize else pktsize
+                if len(data) > size:
+                    piece = data[:size]
+                    if isinstance(data, memoryview):
+                        buf[0] = (data[size:], None)
+                    else:
+                        del data[:size]
+                else:
+                    piece = data
+                    del buf[0]
+                n = len(piece)
+                window -= n
+                sent += n
+                padlen = -(hdrlen + 9 + n) % block
+                if padlen < 4:
+                    padlen += block
+                pktlen = 10 + n + padlen
+                plain[0] = padlen
+                plain[1] = MSG_CHANNEL_DATA
+                plain[2:6] = recipient
+                plain[6:10] = n.to_bytes(4, "big")
+                plain[10 : 10 + n] = piece
+                plain[10 + n : pktlen] = padding.take(padlen)
+                hdr = pktlen.to_bytes(4, "big")
+                pending.append(hdr)
+                pending.append(aead.encrypt(fixed + counter.to_bytes(8, "big"), plain[:pktlen], hdr))
+                counter = (counter + 1) & 0xFFFFFFFFFFFFFFFF
+                used += pktlen
+                packets += 1
+        finally:  # what was encoded took its sequence numbers and IVs, whatever happened
+            cipher._iv = fixed + counter.to_bytes(8, "big")
+            conn._send_seq = (conn._send_seq + packets) & 0xFFFFFFFF
+            conn._rekey_bytes_sent += used
+            chan._send_window = window
+            chan._send_buf_len -= sent
+
     def flush() -> None:
         try:
+            if chan._send_buf and chan._send_window and chan._send_chan is not None and fast_ok():
+                flush_data()
             while chan._send_buf and chan._send_window:
                 size = min(chan._send_window, chan._send_pktsize)
                 buf, datatype = chan._send_buf[0]
@@ -216,4 +279,57 @@ def speed_up(conn: Any, chan: Any) -> bool:
 
     chan.write = write
     chan._flush_send_buf = flush
+    _lean_window_adjusts(conn)
     return True
+
+
+def _lean_window_adjusts(conn: Any) -> None:
+    """Take the peer's window adjusts without asyncssh's general receive path.
+
+    Why: OpenSSH grants a sender more window every 96 KiB it consumed, so a
+    GiB brings ~13,000 SSH_MSG_CHANNEL_WINDOW_ADJUST packets, each of which
+    asyncssh decrypts with a new AES-GCM object and dispatches through its
+    packet, logging and handler machinery before the 4 bytes that matter
+    reach the channel. A whole window adjust in the input is decrypted here
+    (the same checks: tag, packet type, channel, its state) and applied as
+    the channel's own handler does; anything else, a packet not yet whole,
+    any condition asyncssh handles differently (another cipher, compression,
+    debug logging) goes to asyncssh's ``_recv_pkthdr`` untouched, which
+    decrypts it itself. Installed once per connection.
+    """
+    if getattr(conn, "_tug_lean_recv", False):
+        return
+    stock = conn._recv_pkthdr
+    keyed = _Keyed()
+
+    def recv_pkthdr() -> bool:
+        inp = conn._inpbuf
+        enc = conn._recv_encryption
+        if (type(enc) is not GCMEncryption or conn._decompressor or SSHLogger._debug_level >= 2 or len(inp) < 4
+                or not conn._transport):
+            return bool(stock())
+        pktlen = int.from_bytes(inp[:4], "big")
+        end = 4 + pktlen + _GCM_TAG
+        if pktlen > 64 or len(inp) < end:  # a window adjust is 32 bytes; longer is something else
+            return bool(stock())
+        cipher = enc._cipher
+        try:
+            packet = keyed.get(cipher._key).decrypt(cipher._iv, inp[4:end], inp[:4])
+        except InvalidTag:
+            return bool(stock())  # its own error
+        if packet[1] != MSG_CHANNEL_WINDOW_ADJUST or len(packet) - packet[0] != 10:
+            return bool(stock())
+        chan = conn._channels.get(int.from_bytes(packet[2:6], "big"))
+        if chan is None or chan._recv_state not in ("open", "eof_pending", "eof"):
+            return bool(stock())
+        conn._inpbuf = inp[end:]
+        cipher._update_iv()
+        conn._recv_seq = (conn._recv_seq + 1) & 0xFFFFFFFF
+        chan._send_window += int.from_bytes(packet[6:10], "big")
+        chan._flush_send_buf()
+        return True
+
+    conn._recv_pkthdr = recv_pkthdr
+    if conn._recv_handler == stock:
+        conn._recv_handler = recv_pkthdr
+    conn._tug_lean_recv = True

@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncssh
 import pytest
-from asyncssh.constants import MSG_CHANNEL_DATA
+from asyncssh.constants import MSG_CHANNEL_DATA, MSG_CHANNEL_WINDOW_ADJUST
 from asyncssh.crypto.cipher import GCMCipher
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -63,8 +63,16 @@ async def _transfer(tmp_path: Path, chunks: list[Any], *, rekey_bytes: int | Non
     server, host_key, ident = await start_server(tmp_path, process_factory=_hashing_agent,
                                                  **({"window": window} if window else {}))
     port = server.sockets[0].getsockname()[1]
-    counts = {"data_via_asyncssh": 0, "kexinit": 0, "writelines": 0, "parts_written": 0}
+    counts = {"data_via_asyncssh": 0, "kexinit": 0, "writelines": 0, "parts_written": 0, "adjusts_via_asyncssh": 0}
     opts: dict[str, Any] = {"rekey_bytes": rekey_bytes} if rekey_bytes else {}
+    handlers = asyncssh.channel.SSHChannel._packet_handlers
+    stock_adjust = handlers[MSG_CHANNEL_WINDOW_ADJUST]
+
+    def adjust(chan: Any, *args: Any) -> Any:
+        counts["adjusts_via_asyncssh"] += 1
+        return stock_adjust(chan, *args)
+
+    handlers[MSG_CHANNEL_WINDOW_ADJUST] = adjust  # the server's channels too: not counted below
     try:
         async with asyncssh.connect("127.0.0.1", port, username="root", client_keys=[str(ident)],
                                     known_hosts=str(known_hosts(tmp_path, port, host_key)),
@@ -101,6 +109,7 @@ async def _transfer(tmp_path: Path, chunks: list[Any], *, rekey_bytes: int | Non
             await proc.wait()
     finally:
         server.close()
+        handlers[MSG_CHANNEL_WINDOW_ADJUST] = stock_adjust
     return out.decode().strip(), counts
 
 
@@ -123,6 +132,27 @@ async def test_every_byte_arrives_through_the_lean_path(tmp_path: Path) -> None:
     # One writev per flush: the packets a window opening lets go leave together.
     assert counts["parts_written"] >= 2 * ((3 << 20) // 32768)  # each packet: its length field, its ciphertext
     assert counts["writelines"] * 3 <= counts["parts_written"] // 2, counts
+
+
+async def test_window_adjusts_skip_asyncssh_s_receive_path(tmp_path: Path) -> None:
+    """A 64 KiB window: the peer reopens it ~100 times for 3 MiB, and the data
+    only moves when the adjusts are applied; none reaches asyncssh's handler
+    (the server's own channel, which never sends, gets none either)."""
+    chunks = [os.urandom(3 << 20)]
+    got, counts = await _transfer(tmp_path, chunks, window=64 * 1024)
+    assert got == _expect(chunks)
+    assert counts["adjusts_via_asyncssh"] == 0, counts
+
+
+async def test_window_adjusts_take_asyncssh_s_path_when_it_logs_them(tmp_path: Path) -> None:
+    asyncssh.set_debug_level(2)
+    try:
+        chunks = [os.urandom(1 << 20)]
+        got, counts = await _transfer(tmp_path, chunks, window=64 * 1024)
+    finally:
+        asyncssh.set_debug_level(1)
+    assert got == _expect(chunks)
+    assert counts["adjusts_via_asyncssh"] >= (1 << 20) // (64 * 1024), counts
 
 
 async def test_a_rekey_goes_through_asyncssh_and_the_data_survives_it(tmp_path: Path) -> None:
