@@ -26,6 +26,32 @@ def _dump_tasks() -> None:
     sys.stderr.flush()
 
 
+#: mallopt's parameters (glibc's malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc keep freed memory for the next allocation instead of handing it back.
+
+    Why: a migration allocates and frees buffers of one to a few MiB all the
+    time (protocol frames, page runs), which glibc's default thresholds map
+    and unmap, or trim off the heap, each time: the kernel then zeroes every
+    page again on its next first touch. With these, a 1 GiB pre-copy took
+    half the page faults on the source (~137,000 instead of ~270,000 for the
+    whole tree). Peak RSS stays what the migration had in use at once, plus
+    at most the trim threshold. Set in this process only: an environment
+    variable (GLIBC_TUNABLES) would reach CRIU and runc too.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, 16 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 32 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc: its own defaults
+
+
 def run(coro: Any) -> Any:
     # A command's objects made so far (modules, classes, the parsed options)
     # live as long as it does: out of every later collection. The migration
@@ -33,6 +59,13 @@ def run(coro: Any) -> Any:
     # collections kept walking all of this (~2% of a migration's CPU).
     gc.collect()
     gc.freeze()
+    # Young collections every 50,000 allocations instead of 700: per packet
+    # and per page run the engine makes short-lived tuples and lists (freed
+    # by their reference counts, not by the collector), and collecting every
+    # 700 of them walked whatever was alive at the time (perf, 1 GiB
+    # pre-copy: gc_collect_main 1.4-1.8% of the source's samples, 0.9-1.1%).
+    gc.set_threshold(50_000, 20, 100)
+    _keep_freed_memory()
 
     async def main() -> Any:
         # SIGTERM (what service managers and orchestrators send) ends a
