@@ -9,7 +9,6 @@ lazily (MNT_DETACH) so a busy mount cannot block cleanup.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import shutil
 import stat
@@ -18,7 +17,8 @@ from pathlib import Path
 from tug.engine.errors import PreconditionError
 
 MNT_DETACH = 2
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# By name: ctypes.util.find_library runs ldconfig -p (a subprocess) per call.
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
 
 def _unescape(field: str) -> str:

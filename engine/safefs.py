@@ -19,7 +19,6 @@ entry (the next pass sees the symlink as what it is) or an
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import secrets
@@ -37,7 +36,8 @@ RESOLVE_BENEATH = 0x08
 _RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 _PATH_MAX = 4096
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# By name: ctypes.util.find_library runs ldconfig -p (a subprocess) per call.
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 

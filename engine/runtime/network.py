@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import hashlib
 import ipaddress
 import json
@@ -42,7 +41,8 @@ SPEC_FILE = "tug-network.json"
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
 MNT_DETACH = 2
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# By name: ctypes.util.find_library runs ldconfig -p (a subprocess) per call.
+_LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
 SOL_PACKET = 263
 PACKET_VNET_HDR = 15
 ETH_P_ALL = 0x0003
