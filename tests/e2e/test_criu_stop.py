@@ -174,3 +174,22 @@ async def test_a_timed_out_dump_leaves_the_source_frozen_and_clean(host: tuple[R
                 await dump
             assert failed.value.returncode is None, "it timed out, it did not fail on its own"
             await assert_source_intact(runc, bundle_dir, pid)
+
+
+async def test_pids_come_from_the_cgroup_runc_ps_reads(host: tuple[Runc, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runc.pids reads the container's cgroup, no runc process per call (the
+    pre-copy rounds ask every round): the same pids ``runc ps`` lists. Where
+    runc's state names no usable cgroup, it is ``runc ps`` after all."""
+    runc, bundle_dir = host
+    await wait_running(bundle_dir)
+    listed = await runc._ps(NAME)
+    assert listed
+
+    async def no_process(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a process was started: {args}")
+
+    with monkeypatch.context() as m:
+        m.setattr("tug.engine.runtime.runc.proc.run", no_process)
+        assert sorted(await runc.pids(NAME)) == sorted(listed)
+    monkeypatch.setattr(runc, "freezer", lambda name: None)
+    assert sorted(await runc.pids(NAME)) == sorted(listed)
