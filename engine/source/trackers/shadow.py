@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tug.engine.procfs import Region, ns_pid, parse_maps
+from tug.engine.source.trackers import vmread
 
 PAGE = 4096
 PM_PRESENT = 1 << 63
@@ -77,13 +78,28 @@ class ProcessMemory:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self.ns_pid = ns_pid(pid)
-        self._mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        self._pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        # First: while it reports the process alive, ``pid`` is that process
+        # (the files below, and read_vectored, name it by pid).
+        self._pidfd = os.pidfd_open(pid)
+        try:
+            self.ns_pid = ns_pid(pid)
+            self._mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self._pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            except BaseException:
+                os.close(self._mem)
+                raise
+        except BaseException:
+            os.close(self._pidfd)
+            raise
+        if not vmread.alive(self._pidfd):
+            self.close()
+            raise ProcessLookupError(f"process {pid} exited")
 
     def close(self) -> None:
         os.close(self._mem)
         os.close(self._pagemap)
+        os.close(self._pidfd)
 
     def regions(self) -> list[Region]:
         return [r for r in parse_maps(Path(f"/proc/{self.pid}/maps").read_text()) if r.candidate]
@@ -110,6 +126,11 @@ class ProcessMemory:
             return os.pread(self._mem, npages * PAGE, vaddr)
         except OSError:
             return b""
+
+    def read_vectored(self, pieces: list[tuple[int, int]], into: bytearray) -> int:
+        """``pieces`` (address, bytes) into ``into`` one after the other, in one
+        call (:mod:`.vmread`); how many bytes from the first piece on."""
+        return vmread.read_vectored(self.pid, self._pidfd, pieces, into)
 
     def read_into(self, vaddr: int, into: memoryview) -> int:
         """Read the pages at ``vaddr`` into ``into``; how many bytes (0 if the mapping vanished)."""

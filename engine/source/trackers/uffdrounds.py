@@ -279,12 +279,23 @@ class ReadBuffers:
 def read_runs(mem: ProcessMemory, batch: list[tuple[int, int]], buf: bytearray) -> list[tuple[int, bytes | memoryview]]:
     """The current bytes of each piece (whole pages), read into ``buf`` one after
     the other (a batch is at most CHUNK_PAGES pages); a piece unmapped meanwhile
-    is left out (CRIU will not dump it either)."""
+    is left out (CRIU will not dump it either).
+
+    One ``process_vm_readv`` for the whole batch; from the first piece it did
+    not read whole on, each through ``/proc/PID/mem`` (:mod:`.vmread` says why).
+    """
+    pieces = [(vaddr, npages * PAGE) for vaddr, npages in batch]
+    whole = mem.read_vectored(pieces, buf)
     out: list[tuple[int, bytes | memoryview]] = []
     view = memoryview(buf)
     at = 0
-    for vaddr, npages in batch:
-        n = mem.read_into(vaddr, view[at : at + npages * PAGE]) // PAGE * PAGE
+    for vaddr, size in pieces:
+        if whole >= size:
+            whole -= size
+            n = size
+        else:
+            whole = 0
+            n = mem.read_into(vaddr, view[at : at + size]) // PAGE * PAGE
         if n:
             out.append((vaddr, view[at : at + n]))
             at += n
