@@ -346,8 +346,10 @@ async def open_forward(conn: asyncssh.SSHClientConnection, host: str, remote_por
         chan, _ = await conn.create_connection(lambda: _ChannelEnd(fwd), LOOPBACK, remote_port)
         # A streamed dump's whole memory goes this way: by the lean data path
         # (fastdata.py; stop-copy at 1 GiB: 2.07-2.28 s of source CPU against
-        # 2.57-2.79). Not the reverse forwards: post-copy's fill (many small
-        # answers to CRIU's requests) measured worse with it (2 runs each).
+        # 2.57-2.79). Not yet the reverse forwards: post-copy's fill came out
+        # worse with it in 2 runs each, but its fill follows the number of
+        # remote faults, which differed as much (bench/reference/
+        # 2026-11-28-cpu-third): to be measured again, by fault count.
         fastdata.speed_up(conn, chan)
     except asyncssh.ChannelOpenError as exc:
         if exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
