@@ -259,7 +259,7 @@ class ReadBuffers:
     Why: a fresh buffer per 4 MiB read is fresh memory each time (glibc hands
     blocks that large back to the kernel when they are freed), and the kernel
     zeroes every page of it on first touch only for the read to overwrite it:
-    in a 1 GiB pre-copy that was about a tenth of the source's CPU (perf:
+    in a 1 GiB pre-copy that was ~5% of the source's samples (perf:
     clear_page under the pread of /proc/PID/mem). The round's queue bounds
     the buffers in flight, so the pool never holds more than QUEUE_DEPTH + 2;
     used only from the event loop's thread (the reads fill a buffer taken before).

@@ -27,6 +27,9 @@ from collections.abc import Sequence
 # By name: ctypes.util.find_library runs ldconfig -p (a subprocess) per call.
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _libc.process_vm_readv.restype = ctypes.c_ssize_t
+#: The iovec counts and flags are unsigned long: without argtypes, ctypes would pass C ints.
+_libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong,
+                                   ctypes.c_ulong]
 #: The kernel's limit on iovecs per call (UIO_MAXIOV).
 IOV_MAX = 1024
 
@@ -59,7 +62,7 @@ def read_vectored(pid: int, pidfd: int, pieces: Sequence[tuple[int, int]], into:
             local[i].base, local[i].len = base + at, size
             remote[i].base, remote[i].len = vaddr, size
             at += size
-        got = int(_libc.process_vm_readv(pid, local, n, remote, n, 0))
+        got = int(_libc.process_vm_readv(pid, ctypes.addressof(local), n, ctypes.addressof(remote), n, 0))
     finally:
         del holder  # releases the export of ``into``
     return got if got > 0 and alive(pidfd) else 0
