@@ -138,8 +138,11 @@ def internals_known(conn: Any, chan: Any) -> bool:
 
 def speed_up(conn: Any, chan: Any) -> bool:
     """Send ``chan``'s data through the lean path; False (nothing changed) for an unknown asyncssh."""
+    if getattr(chan, "_tug_lean", False):
+        return True  # once: a second layer would only wrap the first
     if not internals_known(conn, chan):
         return False
+    chan._tug_lean = True
     padding = _Padding()
     keyed = _Keyed()
     stock_write = chan.write

@@ -120,6 +120,10 @@ class PortForward:
 
     def _channel_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self._chan = chan
+        # Reverse forwards too (post-copy's memory): same fill at the same
+        # number of remote faults, a little less CPU (bench/reference/
+        # 2026-11-28-cpu-third/postcopy-lean-reverse).
+        fastdata.speed_up(chan.get_extra_info("connection"), chan)
         if self.tunnel is not None:
             self.link_lost.clear()
             self.error = None  # the loss that set it is over
@@ -346,10 +350,7 @@ async def open_forward(conn: asyncssh.SSHClientConnection, host: str, remote_por
         chan, _ = await conn.create_connection(lambda: _ChannelEnd(fwd), LOOPBACK, remote_port)
         # A streamed dump's whole memory goes this way: by the lean data path
         # (fastdata.py; stop-copy at 1 GiB: 2.07-2.28 s of source CPU against
-        # 2.57-2.79). Not yet the reverse forwards: post-copy's fill came out
-        # worse with it in 2 runs each, but its fill follows the number of
-        # remote faults, which differed as much (bench/reference/
-        # 2026-11-28-cpu-third): to be measured again, by fault count.
+        # 2.57-2.79). Reverse forwards get it in _channel_made.
         fastdata.speed_up(conn, chan)
     except asyncssh.ChannelOpenError as exc:
         if exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
