@@ -15,7 +15,7 @@ peer's window takes) in one ``writev``.
 What: for a channel tug sends its bulk on (the agent's stdin), :func:`speed_up`
 replaces the channel's ``write`` and ``_flush_send_buf``: an immutable
 ``bytes`` write is queued as a view (no copy), each packet's slice stays a
-view, and :func:`encode_data` lays out the whole SSH packet (RFC 4253 binary
+view, and :func:`seal_data` lays out the whole SSH packet (RFC 4253 binary
 packet: length, padding length, ``SSH_MSG_CHANNEL_DATA``, recipient, string)
 in one buffer and encrypts it in place of asyncssh's own sequence, producing
 the same bytes asyncssh would (tested byte for byte). The packets one flush
@@ -98,29 +98,34 @@ class _Keyed:
         return self.aead
 
 
-def encode_data(
-    recipient: int, data: Any, padlen_for: Any, padding: bytes, aead: AESGCM, iv: bytes
-) -> tuple[tuple[bytes, bytes], int]:
-    """One SSH_MSG_CHANNEL_DATA packet, encrypted with AES-GCM: ((length field,
-    ciphertext with its tag), packet length). The two parts go to the socket as
-    they are (writelines), not joined into a third copy.
+def padding_length(payload_len: int, block: int, hdrlen: int) -> int:
+    """RFC 4253's random padding for a payload, by asyncssh's rule: at least 4
+    bytes, and ``hdrlen`` (the encrypted part of the header) + payload +
+    padding a multiple of the cipher's block."""
+    padlen = -(hdrlen + payload_len) % block
+    return padlen + block if padlen < 4 else padlen
 
-    ``padlen_for(payload_len)`` is the connection's padding rule; ``padding``
-    holds at least that many random bytes. The length field is the
-    additional authenticated data, as RFC 5647 has it.
+
+def seal_data(
+    plain: memoryview, recipient: bytes, data: Any, padding: bytes, aead: AESGCM, nonce: bytes
+) -> tuple[bytes, bytes, int]:
+    """One SSH_MSG_CHANNEL_DATA packet laid out in ``plain`` (used again for the
+    next: the cipher copies out of it) with ``padding`` as its random padding,
+    and encrypted with AES-GCM: (length field, ciphertext with its tag, packet
+    length). The two parts go to the socket as they are (writelines), not
+    joined into a third copy; the length field is the additional
+    authenticated data, as RFC 5647 has it.
     """
     n = len(data)
-    padlen = padlen_for(9 + n)
-    pktlen = 10 + n + padlen
-    buf = bytearray(pktlen)
-    buf[0] = padlen
-    buf[1] = MSG_CHANNEL_DATA
-    buf[2:6] = recipient.to_bytes(4, "big")
-    buf[6:10] = n.to_bytes(4, "big")
-    buf[10 : 10 + n] = data
-    buf[10 + n :] = padding[:padlen]
+    pktlen = 10 + n + len(padding)
+    plain[0] = len(padding)
+    plain[1] = MSG_CHANNEL_DATA
+    plain[2:6] = recipient
+    plain[6:10] = n.to_bytes(4, "big")
+    plain[10 : 10 + n] = data
+    plain[10 + n : pktlen] = padding
     hdr = pktlen.to_bytes(4, "big")
-    return (hdr, aead.encrypt(iv, buf, hdr)), pktlen
+    return hdr, aead.encrypt(nonce, plain[:pktlen], hdr), pktlen
 
 
 #: The asyncssh releases whose send path this was written against and tested with
@@ -147,11 +152,6 @@ def speed_up(conn: Any, chan: Any) -> bool:
     keyed = _Keyed()
     stock_write = chan.write
 
-    def padlen_for(payload_len: int) -> int:
-        block: int = conn._send_blocksize
-        padlen: int = -(conn._send_enchdrlen + payload_len) % block
-        return padlen + block if padlen < 4 else padlen
-
     def fast_ok() -> bool:
         """What asyncssh's own send_packet would do differently is not due."""
         return (
@@ -173,21 +173,6 @@ def speed_up(conn: Any, chan: Any) -> bool:
                 conn._transport.writelines(pending)
             pending.clear()
 
-    def send_data(data: Any) -> None:
-        if chan._send_chan is None:
-            return  # closed meanwhile: asyncssh's send_packet drops it too
-        if not fast_ok():
-            push()  # in order: what was encoded before goes first
-            chan.send_packet(MSG_CHANNEL_DATA, len(data).to_bytes(4, "big") + bytes(data))
-            return
-        cipher = conn._send_encryption._cipher
-        wire, pktlen = encode_data(chan._send_chan, data, padlen_for, padding.take(19), keyed.get(cipher._key),
-                                   cipher._iv)
-        cipher._update_iv()
-        pending.extend(wire)
-        conn._send_seq = (conn._send_seq + 1) & 0xFFFFFFFF
-        conn._rekey_bytes_sent += pktlen
-
     def write(data: Any, datatype: Any = None) -> None:
         if datatype is not None or chan._encoding or chan._send_state != "open" or not data:
             stock_write(data, datatype)  # its own checks and errors
@@ -197,6 +182,19 @@ def speed_up(conn: Any, chan: Any) -> bool:
         chan._send_buf.append((view, None))
         chan._send_buf_len += len(view)
         flush()
+
+    def take(size: int) -> tuple[Any, Any]:
+        """The next packet's data (at most ``size`` bytes) off the send buffer, and its type."""
+        buf, datatype = chan._send_buf[0]
+        if len(buf) <= size:
+            del chan._send_buf[0]
+            return buf, datatype
+        piece = buf[:size]
+        if isinstance(buf, memoryview):  # ours: a view, sliced
+            chan._send_buf[0] = (buf[size:], datatype)
+        else:  # asyncssh's own bytearray (a typed write)
+            del buf[:size]
+        return piece, datatype
 
     #: The plaintext of one packet, used again for the next: encrypt copies out of it.
     plain = memoryview(bytearray(chan._send_pktsize + 64))
@@ -216,35 +214,16 @@ def speed_up(conn: Any, chan: Any) -> bool:
         used = sent = packets = 0
         try:
             while buf and window and used < budget:
-                data, datatype = buf[0]
-                if datatype is not None:
-                    break
-                size = window if window < pktsize else pktsize
-                if len(data) > size:
-                    piece = data[:size]
-                    if isinstance(data, memoryview):
-                        buf[0] = (data[size:], None)
-                    else:
-                        del data[:size]
-                else:
-                    piece = data
-                    del buf[0]
+                if buf[0][1] is not None:
+                    break  # typed data: asyncssh's way
+                piece, _ = take(window if window < pktsize else pktsize)
                 n = len(piece)
                 window -= n
                 sent += n
-                padlen = -(hdrlen + 9 + n) % block
-                if padlen < 4:
-                    padlen += block
-                pktlen = 10 + n + padlen
-                plain[0] = padlen
-                plain[1] = MSG_CHANNEL_DATA
-                plain[2:6] = recipient
-                plain[6:10] = n.to_bytes(4, "big")
-                plain[10 : 10 + n] = piece
-                plain[10 + n : pktlen] = padding.take(padlen)
-                hdr = pktlen.to_bytes(4, "big")
+                hdr, sealed, pktlen = seal_data(plain, recipient, piece, padding.take(padding_length(9 + n, block, hdrlen)),
+                                                aead, fixed + counter.to_bytes(8, "big"))
                 pending.append(hdr)
-                pending.append(aead.encrypt(fixed + counter.to_bytes(8, "big"), plain[:pktlen], hdr))
+                pending.append(sealed)
                 counter = (counter + 1) & 0xFFFFFFFFFFFFFFFF
                 used += pktlen
                 packets += 1
@@ -257,27 +236,20 @@ def speed_up(conn: Any, chan: Any) -> bool:
 
     def flush() -> None:
         try:
-            if chan._send_buf and chan._send_window and chan._send_chan is not None and fast_ok():
-                flush_data()
             while chan._send_buf and chan._send_window:
-                size = min(chan._send_window, chan._send_pktsize)
-                buf, datatype = chan._send_buf[0]
-                if len(buf) > size:
-                    data = buf[:size]
-                    if isinstance(buf, memoryview):
-                        chan._send_buf[0] = (buf[size:], datatype)
-                    else:
-                        del buf[:size]
-                else:
-                    data = buf
-                    del chan._send_buf[0]
+                if chan._send_chan is not None and fast_ok():
+                    flush_data()  # data packets, up to a typed one, the window or the rekey budget
+                    if not (chan._send_buf and chan._send_window):
+                        break
+                # One packet asyncssh's own way: typed data, or anything while fast_ok() is not.
+                data, datatype = take(min(chan._send_window, chan._send_pktsize))
                 chan._send_buf_len -= len(data)
                 chan._send_window -= len(data)
-                if datatype is None:
-                    send_data(data)
-                else:
-                    push()
+                push()  # in order: what was encoded before goes first
+                if datatype is not None:
                     chan.send_packet(95, datatype.to_bytes(4, "big"), len(data).to_bytes(4, "big") + bytes(data))
+                elif chan._send_chan is not None:  # closed meanwhile: asyncssh's send_packet drops it too
+                    chan.send_packet(MSG_CHANNEL_DATA, len(data).to_bytes(4, "big") + bytes(data))
         finally:
             push()  # every packet that took a sequence number goes out, whatever happened
         chan._pause_resume_writing()

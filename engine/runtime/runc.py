@@ -117,7 +117,7 @@ class Runc:
         Read from the cgroup runc recorded (what ``runc ps`` reads too, but
         that is a process start of ~10 ms of CPU, and the pre-copy rounds ask
         every round), else from ``runc ps``."""
-        return await self.frozen_pids(name, await asyncio.to_thread(self.freezer, name))
+        return await self.cgroup_pids(name, await asyncio.to_thread(self.freezer, name))
 
     async def _ps(self, name: str) -> list[int]:
         res = await proc.run(self._argv("ps", "--format", "json", name), timeout=15)
@@ -136,7 +136,7 @@ class Runc:
             return
         await self.pause(name)
 
-    async def frozen_pids(self, name: str, freezer: Freezer | None) -> list[int]:
+    async def cgroup_pids(self, name: str, freezer: Freezer | None) -> list[int]:
         """Host pids of the container's processes (from its cgroup, else runc ps);
         frozen or not, ``freezer`` as found before the freeze."""
         if freezer is not None:

@@ -80,7 +80,7 @@ class FrozenWindow(FailureHandling):
         # the downtime) only if some process on this host holds a lock.
         holders = file_lock_holders()
         for m in self.members:
-            m.file_locks = bool(holders) and held_file_locks(await self.runc.frozen_pids(m.name, m.freezer), holders)
+            m.file_locks = bool(holders) and held_file_locks(await self.runc.cgroup_pids(m.name, m.freezer), holders)
             if m.file_locks:
                 self.runc.file_locks.add(m.name)
                 self.note(f"{m.name!r} holds file locks: dumped and restored with them")

@@ -29,14 +29,17 @@ def test_a_packet_is_rfc4253_encrypted_as_asyncssh_encrypts_it() -> None:
         p = -(1 + n) % 16
         return p + 16 if p < 4 else p
 
-    wire, pktlen = fastdata.encode_data(7, memoryview(data), padlen_for, padding, AESGCM(key), iv)
     # RFC 4253 6: uint32 packet_length, byte padding_length, payload, random padding.
     payload = bytes([MSG_CHANNEL_DATA]) + (7).to_bytes(4, "big") + len(data).to_bytes(4, "big") + data
     padlen = padlen_for(len(payload))
+    assert fastdata.padding_length(len(payload), 16, 1) == padlen
+    plain = memoryview(bytearray(b"x" * (32768 + 64)))  # a buffer used before: stale bytes must not leak in
+    hdr_field, sealed, pktlen = fastdata.seal_data(plain, (7).to_bytes(4, "big"), memoryview(data), padding[:padlen],
+                                                   AESGCM(key), iv)
     packet = bytes([padlen]) + payload + padding[:padlen]
     hdr = len(packet).to_bytes(4, "big")
     body, tag = GCMCipher("aes128-gcm", key, iv).encrypt_and_sign(hdr, packet)
-    assert b"".join(wire) == body + tag and pktlen == len(packet)
+    assert hdr_field + sealed == body + tag and pktlen == len(packet)
 
 
 def test_padding_is_random_and_drawn_in_bulk(monkeypatch: pytest.MonkeyPatch) -> None:

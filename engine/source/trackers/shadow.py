@@ -30,6 +30,7 @@ allocated when a page in it is first recorded and holds only recorded pages.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from collections.abc import Iterator, Mapping
@@ -80,21 +81,17 @@ class ProcessMemory:
         self.pid = pid
         # First: while it reports the process alive, ``pid`` is that process
         # (the files below, and read_vectored, name it by pid).
-        self._pidfd = os.pidfd_open(pid)
-        try:
+        with contextlib.ExitStack() as undo:  # on any failure, what was opened is closed
+            self._pidfd = os.pidfd_open(pid)
+            undo.callback(os.close, self._pidfd)
             self.ns_pid = ns_pid(pid)
             self._mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                self._pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-            except BaseException:
-                os.close(self._mem)
-                raise
-        except BaseException:
-            os.close(self._pidfd)
-            raise
-        if not vmread.alive(self._pidfd):
-            self.close()
-            raise ProcessLookupError(f"process {pid} exited")
+            undo.callback(os.close, self._mem)
+            self._pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            undo.callback(os.close, self._pagemap)
+            if not vmread.alive(self._pidfd):
+                raise ProcessLookupError(f"process {pid} exited")
+            undo.pop_all()
 
     def close(self) -> None:
         os.close(self._mem)
