@@ -20,10 +20,10 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from tug.engine.errors import PreconditionError, RuntimeToolError
 
@@ -234,6 +234,7 @@ async def run(
     stdout_devnull: bool = False,
     stop: GracefulStop | None = None,
     via_files: bool = False,
+    watch: Callable[[int], Coroutine[Any, Any, None]] | None = None,
 ) -> Completed:
     """Run ``argv`` to completion; raise :class:`RuntimeToolError` on failure.
 
@@ -244,7 +245,8 @@ async def run(
     reaping are shielded: the cancellation propagates once the group is gone.
     ``via_files``: output goes to files read once the tool exited, for tools
     whose daemons inherit and keep its stdio (podman's conmon under uvloop,
-    whose socketpairs then never reach EOF).
+    whose socketpairs then never reach EOF). ``watch`` runs beside it, given
+    its pid (= its group's id), until it ends (criu/probes.py).
     """
     full_env = None if env is None else {**os.environ, **env}
     with contextlib.ExitStack() as stack:
@@ -263,8 +265,15 @@ async def run(
             )
         except FileNotFoundError as exc:
             raise PreconditionError(f"{argv[0]}: command not found (run 'tug doctor')") from exc
-        return await _finish(proc, argv, timeout=timeout, check=check, input=input, stop=stop,
-                             files=(out_f, err_f) if out_f is not None and err_f is not None else None)
+        watcher = asyncio.create_task(watch(proc.pid), name=f"tug-watch-{proc.pid}") if watch is not None else None
+        try:
+            return await _finish(proc, argv, timeout=timeout, check=check, input=input, stop=stop,
+                                 files=(out_f, err_f) if out_f is not None and err_f is not None else None)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):  # best effort, never the run's error
+                    await watcher
 
 
 async def _finish(

@@ -33,6 +33,7 @@ from typing import Any
 from tug.engine import proc
 from tug.engine.criu.gate import CriuGate
 from tug.engine.criu.netlockskip import skip_env
+from tug.engine.criu.probes import kill_orphaned_probes
 from tug.engine.criu.tool import DUMP_STOP, error_from_tool
 from tug.engine.errors import ConfigError, PreconditionError, RuntimeToolError
 from tug.engine.fsutil import remove_tree
@@ -299,7 +300,7 @@ class Runc:
         try:
             # Timed out or cancelled: CRIU is interrupted first, so that it cures
             # its parasites and re-freezes the container before anything is killed.
-            await proc.run(argv, timeout=timeout, stop=DUMP_STOP, env=env)
+            await proc.run(argv, timeout=timeout, stop=DUMP_STOP, env=env, watch=kill_orphaned_probes)
         except RuntimeToolError as exc:
             raise error_from_tool(exc, f"{action} of {name}", work_dir / "dump.log") from None
 
@@ -342,7 +343,8 @@ class Runc:
             argv.append("--file-locks")
         argv.append(name)
         try:
-            await proc.run(argv, timeout=timeout, stdout_devnull=True, env=criu_env(work_dir, net_held=net_held, gate=gate))
+            await proc.run(argv, timeout=timeout, stdout_devnull=True, env=criu_env(work_dir, net_held=net_held, gate=gate),
+                           watch=kill_orphaned_probes)
         except RuntimeToolError as exc:
             raise error_from_tool(exc, f"restore of {name}", work_dir / "restore.log") from None
         try:
