@@ -172,9 +172,9 @@ class LazyDump:
     async def goodbye(self, timeout: float = 10.0) -> None:
         """Tell CRIU's lazy server that every page is in place, as the lazy-pages daemon would.
 
-        For a fill CRIU did not serve (hybrid): ``PS_IOV_CLOSE`` on the held
-        connection (:meth:`hold`), its status read, then our close; CRIU then
-        ends its dump (see :meth:`finish`).
+        For a fill CRIU did not serve (hybrid, pre-copy's pushed eager step):
+        ``PS_IOV_CLOSE`` on the held connection (:meth:`hold`) and our end of
+        stream, then its status read; CRIU then ends its dump (see :meth:`finish`).
         """
         if not self.running:
             raise self._failure("had ended before the fill did")
@@ -185,6 +185,11 @@ class LazyDump:
         try:
             async with asyncio.timeout(timeout):
                 await loop.sock_sendall(sock, HEADER.pack(PS_IOV_CLOSE, 0, 0, 0))
+                # CRIU corks this socket (criu/page-xfer.c page_server_serve), so
+                # its 4-byte answer would wait ~200 ms for TCP's timer; it goes
+                # out at once when CRIU closes, which it does once it reads our
+                # end of stream after the CLOSE.
+                sock.shutdown(socket.SHUT_WR)
                 status = b""
                 while len(status) < 4 and (got := await loop.sock_recv(sock, 4 - len(status))):
                     status += got
