@@ -34,16 +34,14 @@ from typing import Any
 from tug.engine.destination.lazypages import latency_summary
 from tug.engine.destination.pagestore import PAGE, PageStore
 from tug.engine.destination.storeserver import StorePageServer
+from tug.engine.destination.verdicts import ADMIT_WAIT_S, Verdicts
 from tug.engine.errors import MigrationError, TransportError
-from tug.engine.pageset import PageSet
 from tug.transports import hybrid_wire as w
 from tug.transports.criu_lazy import Get, Goodbye, LazyRequests, goodbye_answer
 from tug.transports.forward import LOOPBACK
 
 #: Pages one background request may fetch from the source (256 KiB: ~2 ms at 1 gbit).
 BACKGROUND_FETCH = 64
-#: How long a forward's admission may wait for our own connection to be known.
-_ADMIT_WAIT_S = 5.0
 
 
 class HybridPageServer(StorePageServer):
@@ -55,11 +53,10 @@ class HybridPageServer(StorePageServer):
         #: Local ports of our two connections to the source's forwards (admission).
         self.own_ports: set[int] = set()
         self._own_known = asyncio.Event()
-        #: Pages whose stored copy is the frozen content.
-        self.confirmed = PageSet()
-        #: Pages whose bytes came from the source after the freeze.
-        self.fetched = PageSet()
-        self.sweep_done = False
+        #: What the source said about each page (confirmed, fetched).
+        self.verdicts = Verdicts(store)
+        self.confirmed = self.verdicts.confirmed
+        self.fetched = self.verdicts.fetched
         #: The source ended its lazy dump (END answered): the fill is complete on both sides.
         self.source_ended = False
         self._ending = False
@@ -67,7 +64,6 @@ class HybridPageServer(StorePageServer):
         self.source_pages = 0
         self.remote_faults = 0
         self.fetches = 0
-        self.source_bytes = 0
         self._fault_latency: list[float] = []
         self._answers = w.Answers()
         self._waiting: collections.deque[asyncio.Future[w.Answer | w.Ended]] = collections.deque()
@@ -102,33 +98,23 @@ class HybridPageServer(StorePageServer):
     async def is_own(self, peer_port: int) -> bool:
         """Is ``peer_port`` one of our connections to the source (a forward's admission)?"""
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_ADMIT_WAIT_S):
+            async with asyncio.timeout(ADMIT_WAIT_S):
                 await self._own_known.wait()
         return peer_port in self.own_ports
 
     # ---- what the source says --------------------------------------------------
 
-    def _apply(self, rec: w.Record) -> None:
-        if isinstance(rec, w.Fail):
-            raise MigrationError(f"the source has no page {rec.vaddr:#x} (+{rec.nr_pages}) of pid {rec.pid}")
-        if not isinstance(rec, (w.Pages, w.Same)):
-            return
-        end = rec.vaddr + rec.nr_pages * PAGE
-        if isinstance(rec, w.Pages):
-            self.store.write(rec.pid, rec.vaddr, rec.data)
-            self.fetched.add(rec.pid, rec.vaddr, end)
-            self.source_bytes += len(rec.data)
-        self.confirmed.add(rec.pid, rec.vaddr, end)
+    @property
+    def sweep_done(self) -> bool:
+        return self.verdicts.done
+
+    @property
+    def source_bytes(self) -> int:
+        return self.verdicts.source_bytes
 
     async def _read_sweep(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        parser = w.Parser.at_destination()
         try:
-            while data := await reader.read(1 << 18):
-                for rec in parser.feed(data):
-                    if isinstance(rec, w.Done):
-                        self.sweep_done = True
-                    self._apply(rec)
-                writer.write(w.encode(w.Ack(len(data))))
+            await self.verdicts.read_sweep(reader, writer)
         except (MigrationError, OSError) as exc:
             if not self._ending:
                 self._source_failed(f"sweep channel: {exc}")
@@ -142,7 +128,7 @@ class HybridPageServer(StorePageServer):
             while data := await reader.read(1 << 18):
                 for rec in parser.feed(data):
                     answer = self._answers.take(rec)
-                    self._apply(rec)
+                    self.verdicts.apply(rec)
                     if answer is not None:
                         fut = self._waiting.popleft()
                         if not fut.done():

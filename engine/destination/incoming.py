@@ -30,6 +30,7 @@ from tug.engine.destination.lazypages import LazyPages
 from tug.engine.destination.pagestore import PageStore
 from tug.engine.destination.relay import Relay
 from tug.engine.destination.storeserver import StorePageServer
+from tug.engine.destination.verdicts import PushedMemory
 from tug.engine.destination.volumes import ReceivedVolume
 from tug.engine.errors import ConfigError, IntegrityError, MigrationError, ProtocolError
 from tug.engine.hostcfg import HostConfig
@@ -95,6 +96,8 @@ class Incoming:
     lazy: LazyPages | None = None
     #: The agent's page server feeding that daemon from the page store (after pre-copy).
     store_server: StorePageServer | None = None
+    #: Pre-copy's eager step: the frozen source's verdicts on every page, before the restore.
+    push: PushedMemory | None = None
     #: The task running the restore call, while it runs: an abort or a lost
     #: session cancels it before deciding (a restore finishing after the
     #: cleanup would leave an orphan container).
@@ -358,5 +361,7 @@ async def stop_criu_daemons(inc: Incoming) -> None:
         await inc.lazy.kill()
     if inc.store_server is not None:
         await inc.store_server.close()
+    if inc.push is not None:
+        await inc.push.close()
     if n := await asyncio.to_thread(kill_strays, inc.work):
         log.warning("killed %d CRIU process(es) of %s that had outlived their daemon", n, inc.name)

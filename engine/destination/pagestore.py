@@ -44,6 +44,7 @@ from pathlib import Path
 
 from tug.engine.criu import images
 from tug.engine.errors import MigrationError
+from tug.engine.pageset import PageSet
 
 PAGE = 4096
 
@@ -178,6 +179,32 @@ def _level_entries(present: list[Run], parent: list[Run]) -> list[images.Pagemap
     return out
 
 
+def _is_lazy_dump(pm: images.Pagemap) -> bool:
+    """A lazy dump's pagemap: some entry is lazy only (no data in the pages image)."""
+    return any(e.flags & images.PE_LAZY and not e.present for e in pm.entries)
+
+
+def _lazy_runs(pm: images.Pagemap, pid: int, confirmed: PageSet | None) -> list[Run] | None:
+    """A lazy dump's lazy pages as runs (None: not a lazy dump's pagemap), each
+    one checked ``confirmed`` by the source; anything else absent is refused."""
+    if not _is_lazy_dump(pm):
+        return None
+    runs: list[Run] = []
+    for e in pm.entries:
+        if e.present:
+            continue
+        if e.flags & images.PE_PARENT or not e.flags & images.PE_LAZY:
+            raise MigrationError(f"pagemap of pid {pid} has pages at {e.vaddr:#x} neither present nor lazy")
+        if confirmed is None or confirmed.leading(pid, e.vaddr, e.end, held=True) != e.nr_pages:
+            at = e.vaddr + PAGE * (confirmed.leading(pid, e.vaddr, e.end, held=True) if confirmed is not None else 0)
+            raise MigrationError(
+                f"the source never confirmed page {at:#x} of pid {pid}: its frozen content is unknown here, "
+                "no restore from the page store"
+            )
+        runs.append((e.vaddr // PAGE, e.nr_pages))
+    return _coalesce(runs)
+
+
 class PageStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -244,14 +271,21 @@ class PageStore:
             pm_path.write_bytes(images.write_pagemap(images.Pagemap(pages_id=pm.pages_id, entries=tuple(entries))))
         return stats
 
-    def rebuild(self, images_dir: Path) -> dict[str, int]:
-        """Make every process pages image the restore needs readable by CRIU (module doc)."""
+    def rebuild(self, images_dir: Path, confirmed: PageSet | None = None) -> dict[str, int]:
+        """Make every process pages image the restore needs readable by CRIU (module doc).
+
+        A lazy dump's pagemaps (pre-copy's eager step from the frozen
+        processes: "pushed" in the module doc) keep their few non-lazy pages
+        in their own pages image; every lazy page must be ``confirmed`` by the
+        source (its stored copy is the frozen content) and comes from the chain.
+        """
         stats = {"renamed_files": 0, "empty_files": 0, "chained_processes": 0, "chain_levels": 0, "rebuilt_pages": 0}
         chained: dict[int, tuple[Path, images.Pagemap, list[Run]]] = {}
         for pid, pm_path, pm, target in _process_pagemaps(images_dir):
-            if target.exists():
+            lazy = _lazy_runs(pm, pid, confirmed)
+            if target.exists() and lazy is None:
                 continue  # sent whole
-            needed = _coalesce((v // PAGE, n) for v, n, _ in images.page_layout(pm))
+            needed = lazy if lazy is not None else _coalesce((v // PAGE, n) for v, n, _ in images.page_layout(pm))
             proc = self._procs.get(pid)
             segments = proc.segments if proc is not None else []
             missing = needed
@@ -263,12 +297,14 @@ class PageStore:
                     "source and destination disagree"
                 )
             stats["rebuilt_pages"] += sum(n for _, n in needed)
-            if not needed:
+            if not needed and lazy is None:
                 target.write_bytes(b"")  # a pagemap without pages: CRIU's pages image is empty too
                 stats["empty_files"] += 1
                 continue
+            if not needed:
+                continue  # a lazy dump's pagemap with nothing lazy: its own pages image has it all
             assert proc is not None
-            if len(segments) == 1 and segments[0].runs == needed:
+            if lazy is None and len(segments) == 1 and segments[0].runs == needed:
                 os.close(segments[0].fd)
                 segments[0].fd = -1
                 os.rename(segments[0].path, target)  # the store already is the image
@@ -310,9 +346,13 @@ class PageStore:
                     pagemap = images.Pagemap(pages_id=pm.pages_id, entries=tuple(entries))
                     (levels[k] / pm_path.name).write_bytes(images.write_pagemap(pagemap))
                 wanted = below
+            # A lazy dump's non-lazy pages stay in its own pages image (present
+            # entries, in file order); every other page comes from the chain.
+            lazy_dump = _is_lazy_dump(pm)
             top = images.Pagemap(
                 pages_id=pm.pages_id,
                 entries=tuple(
+                    e if lazy_dump and e.present else
                     images.PagemapEntry(vaddr=e.vaddr, nr_pages=e.nr_pages, flags=(e.flags & ~images.PE_PRESENT) | images.PE_PARENT)
                     for e in pm.entries
                 ),

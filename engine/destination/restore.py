@@ -17,13 +17,10 @@ from typing import Any
 
 from tug.engine.criu.stats import criu_restore_steps
 from tug.engine.criu.tool import check_criu_opts
-from tug.engine.criu.uncork import peer_is_criu
 from tug.engine.destination import criuconf, podmanstage, sysvattach
-from tug.engine.destination.hybridserver import HybridPageServer
 from tug.engine.destination.incoming import (
     HELD,
     INCOMING_MARKER,
-    AgentState,
     Incoming,
     check_name,
     stop_criu_daemons,
@@ -32,19 +29,18 @@ from tug.engine.destination.incoming import (
 from tug.engine.destination.lazypages import LazyPages, fault_latencies, latency_summary
 from tug.engine.destination.leftovers import kill_cgroup_of
 from tug.engine.destination.prestart import abandon_prestart, prestart_fits
-from tug.engine.destination.relay import Relay
+from tug.engine.destination.sourcecalls import SourceChannelCalls
 from tug.engine.destination.storeserver import StorePageServer
 from tug.engine.destination.volumes import CREATED_FILE
 from tug.engine.errors import CriuError, MigrationError, ProtocolError, RanThenFailed
 from tug.engine.fsutil import remove_tree
 from tug.engine.runtime import podloop
 from tug.engine.runtime.podman import PodmanContainer
-from tug.transports.forward import LOOPBACK
 
 log = logging.getLogger("tug.agent")
 
 
-class RestoreCalls(AgentState):
+class RestoreCalls(SourceChannelCalls):
     """Calls that run the container here and hand it over."""
 
     async def call_restore(
@@ -59,6 +55,7 @@ class RestoreCalls(AgentState):
         criu_opts: list[str] | None = None,
         hybrid_ports: list[int] | None = None,
         held_until: str | None = None,
+        pushed: bool = False,
     ) -> dict[str, Any]:
         """Restore; ``frames`` were held by the source's network lock, to be
         delivered once the restored sockets exist (see runtime.netlock).
@@ -104,6 +101,8 @@ class RestoreCalls(AgentState):
             else:
                 own = criuconf.write_restore_config(inc.bundle, inc.name, options) if options else None
             try:
+                if pushed:
+                    await self._rebuild_pushed(inc, lazy or rebuild_pages or hybrid_ports is not None)
                 return await self._restore(inc, tcp_close, rebuild_pages, frames, lazy, lazy_source_port, hybrid_ports)
             finally:
                 if own is not None:
@@ -218,33 +217,17 @@ class RestoreCalls(AgentState):
         steps = criu_restore_steps(inc.criu_work)
         return {"pid": pid, "status": "running", "restore_ms": (time.monotonic() - t0) * 1000, **steps, **inc.stats}
 
-    async def _hybrid_server(
-        self, inc: Incoming, lazy: bool, rebuild_pages: bool, lazy_source_port: int | None, ports: list[int]
-    ) -> int:
-        """Hybrid: the daemon asks the agent's page server, which asks the frozen source (hybridserver.py)."""
-        if (
-            not lazy or rebuild_pages or lazy_source_port is not None or inc.store is None
-            or len(ports) != 2 or not all(isinstance(p, int) and 0 < p < 65536 for p in ports)
-        ):
-            raise ProtocolError(f"a hybrid restore of {inc.name!r} is lazy, from its page store, through two source ports")
-        server = inc.store_server
-        if isinstance(server, HybridPageServer) and server.source_ports == (ports[0], ports[1]) and server.port:
-            return server.port  # connected before the freeze (call_hybrid_connect)
-        inc.store_server = server = HybridPageServer(inc.store, inc.name, ports[0], ports[1])
-        relays = [Relay(f"the hybrid {what} channel of {inc.name}", port) for what, port in zip(("fault", "sweep"), ports)]
-        inc.relays.extend(relays)
-        server.relayed = (relays[0].local_socket(), relays[1].local_socket())
-        for r in relays:
-            await r.connect(r.remote_port)
-        return await server.start()
-
-    async def call_hybrid_connect(self, container: str, ports: list[int]) -> dict[str, Any]:
-        """Hybrid, before the freeze: connect to the source's two forwards now, not inside the downtime."""
-        inc = self._get(container)
-        if inc.restoring is not None or inc.restored or inc.store_server is not None:
-            raise ProtocolError(f"hybrid channels of {container!r} asked for out of turn")
-        port = await self._hybrid_server(inc, True, False, None, ports)
-        return {"port": port, "relays": [len(inc.relays) - 2, len(inc.relays) - 1]}
+    async def _rebuild_pushed(self, inc: Incoming, other_mode: bool) -> None:
+        """The pages images of an eager restore after a lazy dump: every lazy page
+        confirmed by the source, read from the store's chain (pagestore.py)."""
+        if other_mode or inc.push is None or inc.store is None:
+            raise ProtocolError(f"an eager restore of {inc.name!r} from pushed memory is its own kind, and needs it connected")
+        verdicts = inc.push.complete()
+        await inc.push.close()
+        t0 = time.monotonic()
+        inc.stats.update(await asyncio.to_thread(inc.store.rebuild, inc.images, verdicts.confirmed))
+        inc.stats.update(rebuild_ms=int((time.monotonic() - t0) * 1000), pushed_pages=verdicts.fetched_pages)
+        log.info("rebuilt pages images of %s from pushed memory: %s", inc.name, inc.stats)
 
     async def call_release(self, container: str) -> dict[str, Any]:
         """Let a held member run: every member of its group is restored.
@@ -319,25 +302,6 @@ class RestoreCalls(AgentState):
         if inc.store_server is not None:
             out.update(inc.store_server.stats())
         return out
-
-    async def call_admit_lazy_peer(self, container: str, port: int, peer_port: int) -> dict[str, Any]:
-        """Post-copy: may the process at ``127.0.0.1:peer_port`` here fetch the frozen memory?
-
-        The source's reverse forward listens on ``127.0.0.1:port`` of this
-        host (sshd holds it), where any local process could connect: only
-        root's CRIU (our lazy-pages daemon) is admitted.
-        """
-        inc = self._get(container)
-        if any(peer_port in r.own_ports for r in inc.relays):
-            return {"refused": None}  # this agent's own relay (relay.py), which vetted its client
-        if isinstance(inc.store_server, HybridPageServer):
-            # Hybrid: only the agent's own two connections to the frozen source.
-            own = await inc.store_server.is_own(peer_port)
-            return {"refused": None if own else "not the agent's own connection to the frozen source"}
-        if inc.lazy is None or not inc.lazy.remote:
-            return {"refused": f"no post-copy restore of {container!r} is waiting for its memory"}
-        why = await asyncio.to_thread(peer_is_criu, (LOOPBACK, port), (LOOPBACK, peer_port))
-        return {"refused": why}
 
     async def call_stage_frames(self, container: str, frames: list[bytes]) -> dict[str, Any]:
         """Held frames sent ahead of a restore whose call cannot carry them all."""

@@ -38,106 +38,22 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from tug.engine.errors import MigrationError
 from tug.engine.pageset import PageSet
-from tug.engine.procfs import SPECIAL, Region, parse_maps
+from tug.engine.source.frozenmemory import FrozenMemory
 from tug.engine.source.psfilter import PageFilter
-from tug.engine.source.trackers.shadow import PAGE, ProcessMemory
+from tug.engine.source.trackers.shadow import PAGE
 from tug.transports import hybrid_wire as w
 
 #: Sweep bytes sent and not yet acknowledged, at most (8 ms at 1 gbit).
 SWEEP_WINDOW = 1 << 20
+#: Pre-copy's eager step: bytes pushed and not yet acknowledged, at most
+#: (nothing else uses the link then: only the round trips are to hide).
+PUSH_WINDOW = 16 << 20
+#: Pagemap runs read and encoded per worker-thread hop by the eager step's push.
+PUSH_BATCH = 64
 #: Pages around a fault (its aligned block) the sweep visits next.
 FAULT_AHEAD = 16
-
-
-class NotFrozen(MigrationError):
-    """The source's processes are no longer held stopped: their memory is no longer the truth."""
-
-
-def _private_regions(mem: ProcessMemory) -> list[Region]:
-    """Private mappings whose pages CRIU may leave lazy: readable or not (CRIU dumps a
-    PROT_NONE mapping's pages too, and /proc/PID/mem reads them as root)."""
-    return [r for r in parse_maps(Path(f"/proc/{mem.pid}/maps").read_text()) if r.private and r.path not in SPECIAL]
-
-
-class FrozenMemory:
-    """Read access to the frozen container's processes, keyed by namespace pid.
-
-    ``still_frozen`` is asked after every read: true then means the
-    processes were stopped during the read too (nothing lets them go and
-    stops them again), so the bytes read are the frozen ones. If CRIU died
-    and let them run, :class:`NotFrozen` is raised instead of serving them.
-    """
-
-    def __init__(self, procs: list[ProcessMemory], still_frozen: Callable[[], bool] = lambda: True) -> None:
-        self.procs = {m.ns_pid: m for m in procs}
-        self.regions: dict[int, list[Region]] = {pid: _private_regions(m) for pid, m in self.procs.items()}
-        self.still_frozen = still_frozen
-
-    @classmethod
-    def open(cls, host_pids: list[int], still_frozen: Callable[[], bool]) -> FrozenMemory:
-        procs = []
-        for pid in host_pids:
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                procs.append(ProcessMemory(pid))
-        return cls(procs, still_frozen)
-
-    def close(self) -> None:
-        for m in self.procs.values():
-            m.close()
-        self.procs.clear()
-
-    def covered(self, pid: int, vaddr: int, npages: int) -> bool:
-        """Do candidate mappings of ``pid`` cover the range without a gap?"""
-        at, end = vaddr, vaddr + npages * PAGE
-        for r in self.regions.get(pid, ()):
-            if r.start <= at < r.end:
-                at = r.end
-                if at >= end:
-                    return True
-        return False
-
-    def read(self, pid: int, vaddr: int, npages: int, *, check: bool = True) -> bytes | None:
-        """The pages' frozen bytes, or None if ``pid`` has no such pages.
-
-        ``check=False`` leaves :meth:`check_frozen` to the caller, once after
-        a batch of reads (a check reads /proc: one per page run was a good
-        part of the sweep's CPU when the changed pages are scattered).
-        """
-        if not self.covered(pid, vaddr, npages):
-            return None
-        data = self.procs[pid].read(vaddr, npages)
-        if check:
-            self.check_frozen()
-        return data if len(data) == npages * PAGE else None
-
-    def check_frozen(self) -> None:
-        """Raise :class:`NotFrozen` unless the processes are still held (then what
-        was read, or judged unchanged without a read, is the frozen content)."""
-        if not self.still_frozen():
-            raise NotFrozen("the source's processes are no longer held stopped (its CRIU ended): nothing more is served")
-
-    def present(self, pid: int, vaddr: int, npages: int) -> list[tuple[int, int, int]]:
-        """(pid, vaddr, npages) runs of dumpable pages in the range (none if unknown or unmapped)."""
-        mem = self.procs.get(pid)
-        if mem is None or not self.covered(pid, vaddr, npages):
-            return []
-        try:
-            return [(pid, v, n) for v, n in mem.present(vaddr, npages)]
-        except OSError:
-            return []
-
-    def sweep_runs(self, pid: int) -> list[tuple[int, int]]:
-        """The dumpable page runs of ``pid`` (chunks of at most MAX_PAGES), top down."""
-        mem = self.procs[pid]
-        runs: list[tuple[int, int]] = []
-        for region in self.regions[pid]:
-            with contextlib.suppress(OSError):
-                runs.extend(mem.runs(region))
-        return sorted(runs, reverse=True)
 
 
 #: Sweeps one range of one process into records (blocking).
@@ -283,46 +199,22 @@ class FrozenServer:
 
     async def sweep(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Push every page's verdict, top down, within the ack window; then DONE."""
-        unacked = 0
-        acked = asyncio.Event()
-        parser = w.Parser.at_source()
+        async with _Acked(reader, writer, SWEEP_WINDOW) as out:
 
-        async def acks() -> None:
-            nonlocal unacked
-            while data := await reader.read(1 << 12):
-                for rec in parser.feed(data):
-                    if not isinstance(rec, w.Ack) or rec.bytes > unacked:
-                        raise w.HybridWireError("the sweep channel carries only ACKs for what was sent")
-                    unacked -= rec.bytes
-                    acked.set()
+            async def push(pid: int, runs: list[tuple[int, int]]) -> None:
+                for vaddr, npages in runs:
+                    while self._urgent:  # around the latest faults first
+                        near = await asyncio.to_thread(self.memory.present, *self._urgent.popleft())
+                        for run in near:
+                            await push_one(*run)
+                    await push_one(pid, vaddr, npages)
 
-        async def push(pid: int, runs: list[tuple[int, int]]) -> None:
-            for vaddr, npages in runs:
-                while self._urgent:  # around the latest faults first
-                    near = await asyncio.to_thread(self.memory.present, *self._urgent.popleft())
-                    for run in near:
-                        await push_one(*run)
-                await push_one(pid, vaddr, npages)
+            async def push_one(pid: int, vaddr: int, npages: int, chunk: Chunk | None = None) -> None:
+                recs = await asyncio.to_thread(chunk or self._sweep_chunk, pid, vaddr, npages)
+                if recs:
+                    self._count(recs, sweep=True)
+                    await out.send(b"".join(w.encode(r) for r in recs))
 
-        async def push_one(pid: int, vaddr: int, npages: int, chunk: Chunk | None = None) -> None:
-            nonlocal unacked
-            recs = await asyncio.to_thread(chunk or self._sweep_chunk, pid, vaddr, npages)
-            if not recs:
-                return
-            self._count(recs, sweep=True)
-            out = b"".join(w.encode(r) for r in recs)
-            while unacked > 0 and unacked + len(out) > SWEEP_WINDOW:
-                if ack_task.done():
-                    ack_task.result()
-                    raise w.HybridWireError("the destination closed the sweep channel early")
-                acked.clear()
-                await acked.wait()
-            unacked += len(out)
-            writer.write(out)
-            await writer.drain()
-
-        ack_task = asyncio.create_task(acks(), name="tug-hybrid-sweep-acks")
-        try:
             # Only once the destination runs: measured on the lab's shared
             # CPU, sweeping during the transfer and the restore made the
             # downtime longer than the faults it saved.
@@ -333,16 +225,35 @@ class FrozenServer:
                     await push_one(pid, vaddr, npages, self._present_chunk)
             for pid in sorted(self.memory.procs):
                 await push(pid, await asyncio.to_thread(self.memory.sweep_runs, pid))
-            done = w.encode(w.Done())
-            unacked += len(done)  # the destination acknowledges every byte it consumed
-            writer.write(done)
-            await writer.drain()
+            await out.send(w.encode(w.Done()))
             self.stats.sweep_done_s = time.monotonic() - self._t0
-            await ack_task  # until the destination closes
-        finally:
-            ack_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await ack_task
+            await out.closed()  # until the destination closes
+
+    async def push(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, runs: list[tuple[int, int, int]]) -> None:
+        """Pre-copy's eager step: the verdict of every page of ``runs`` (pid, vaddr, pages),
+        then DONE; returns once the destination has acknowledged all of it (applied
+        it to its store), so that the restore may follow."""
+        self._t0 = time.monotonic()
+        async with _Acked(reader, writer, PUSH_WINDOW) as out:
+            for at in range(0, len(runs), PUSH_BATCH):
+                recs = await asyncio.to_thread(self._push_batch, runs[at : at + PUSH_BATCH])
+                self._count(recs, sweep=True)
+                await out.send(b"".join(w.encode(r) for r in recs))
+            await out.send(w.encode(w.Done()))
+            await out.drained()
+        self.stats.sweep_done_s = time.monotonic() - self._t0
+
+    def _push_batch(self, runs: list[tuple[int, int, int]]) -> list[w.Pages | w.Same]:
+        """The records of some runs, each split into records of at most MAX_PAGES (blocking).
+
+        A run the frozen processes do not map is left out: the destination
+        then lacks its verdict and refuses the restore (pagestore.py).
+        """
+        out: list[w.Pages | w.Same] = []
+        for pid, vaddr, npages in runs:
+            for at in range(0, npages, w.MAX_PAGES):
+                out.extend(self._sweep_chunk(pid, vaddr + at * PAGE, min(w.MAX_PAGES, npages - at)))
+        return out
 
     def _count(self, recs: list[w.Pages | w.Same] | list[w.Pages | w.Same | w.Fail], *, sweep: bool) -> None:
         if self.on_progress is not None:
@@ -355,3 +266,61 @@ class FrozenServer:
             elif isinstance(r, w.Same):
                 self.stats.pages_same += r.nr_pages
                 self.stats.sweep_pages_same += r.nr_pages if sweep else 0
+
+
+class _Acked:
+    """Bytes sent on a channel whose peer acknowledges what it consumed (ACK records),
+    with at most ``window`` bytes unacknowledged."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, window: int) -> None:
+        self.reader, self.writer, self.window = reader, writer, window
+        self.unacked = 0
+        self._acked = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> _Acked:
+        self._task = asyncio.create_task(self._acks(), name="tug-frozen-acks")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._task
+
+    async def _acks(self) -> None:
+        parser = w.Parser.at_source()
+        try:
+            while data := await self.reader.read(1 << 12):
+                for rec in parser.feed(data):
+                    if not isinstance(rec, w.Ack) or rec.bytes > self.unacked:
+                        raise w.HybridWireError("the channel carries only ACKs for what was sent")
+                    self.unacked -= rec.bytes
+                    self._acked.set()
+        finally:
+            self._acked.set()  # a sender waiting for an ack learns that none will come
+
+    async def _wait_ack(self) -> None:
+        assert self._task is not None
+        if self._task.done():
+            self._task.result()
+            raise w.HybridWireError("the destination closed the channel early")
+        self._acked.clear()
+        await self._acked.wait()
+
+    async def send(self, data: bytes) -> None:
+        while self.unacked > 0 and self.unacked + len(data) > self.window:
+            await self._wait_ack()
+        self.unacked += len(data)
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def drained(self) -> None:
+        """Until every byte sent is acknowledged."""
+        while self.unacked > 0:
+            await self._wait_ack()
+
+    async def closed(self) -> None:
+        """Until the peer closes the channel (its acks end)."""
+        assert self._task is not None
+        await self._task

@@ -226,7 +226,7 @@ class Migration(FrozenWindow):
                 )
             )
             m.lazy = m.strategy.restore_mode(lazy_possible) in (RestoreMode.LAZY_LOCAL, RestoreMode.LAZY_REMOTE)
-        if self.opts.lazy_restore and not all(m.lazy for m in self.members) and not explained:
+        if self.opts.lazy_restore and not lazy_possible and not explained:
             self.note(f"{self.target.host} has no userfaultfd (see tug doctor): its restore loads all memory first")
         for m in self.members:
             for vol in m.volumes:
@@ -251,14 +251,14 @@ class Migration(FrozenWindow):
         decided here, once the destination said whether it has userfaultfd and
         before anything changed on either host. True if its note already said
         that the destination has no userfaultfd (not said twice)."""
-        name, why = strategies.resolve(self.opts, lazy_possible=lazy_possible, members=len(self.members))
+        cls, why = strategies.resolve(self.opts, lazy_possible=lazy_possible, members=len(self.members))
         if why is not None:
             self.note(why)
-        if name != self.strategy.name:
-            self.opts = replace(self.opts, strategy=name)
+        if cls is not type(self.strategy):
+            self.opts = replace(self.opts, strategy=cls.name)
             for m in self.members:
                 m.strategy.close()
-                m.strategy = strategies.create(self.opts)
+                m.strategy = cls(self.opts)
                 await m.strategy.preflight()
         return why is not None and self.opts.lazy_restore and not lazy_possible
 

@@ -52,7 +52,8 @@ class FrozenWindow(FailureHandling):
         """The agent's notices (the driver reports them)."""
 
     async def _checkpoint(self) -> None:
-        if any(m.strategy.dump_keeps_serving for m in self.members):
+        if any(m.strategy.dump_keeps_serving and m.lazy for m in self.members):
+            # A fill served by the frozen source survives a lost link (relink.py).
             self.attach = await self.s.call("link_recovery", deadline_s=self.opts.link_recovery)
         for m in self.members:
             if m.net is not None:
@@ -164,6 +165,7 @@ class FrozenWindow(FailureHandling):
 
         async with asyncio.TaskGroup() as tg:
             tg.create_task(send_images())
+            tg.create_task(m.strategy.finish_memory())
             if m.final_ps is not None:
                 tg.create_task(pages_written())
         m.rebuild_pages = bool(rebuilt)

@@ -59,6 +59,9 @@ STRATEGIES = ["stop-copy", "precopy", "postcopy", "hybrid"]
 #: Strategies with rounds before the freeze, and with a fill served by the frozen source.
 ROUNDS = ("precopy", "hybrid")
 LAZY_DUMP = ("postcopy", "hybrid")
+#: Strategies whose source is held by a CRIU lazy dump through the transfer
+#: (pre-copy's eager step pushes the changed pages from it: strategies/pushed.py).
+HELD_IN_TRANSFER = (*LAZY_DUMP, "precopy")
 PHASES = ["pre-checkpoint", "precopy", "checkpoint", "transfer", "restore", "fill"]
 FAULTS = ["agent-kill", "link-drop", "agent-stop", "criu-kill", "sigterm", "migrate-kill"]
 
@@ -69,8 +72,8 @@ def _cases() -> Iterator[tuple[str, str, str]]:
             continue
         if phase == "fill" and strategy not in LAZY_DUMP:
             continue  # the local fills of the others last ~0.3 s: their faults land in restore's cases
-        if fault == "criu-kill" and (phase == "pre-checkpoint" or (phase == "transfer" and strategy not in LAZY_DUMP)):
-            continue  # no CRIU runs then (but a lazy dump holds the source from checkpoint to the end of the fill)
+        if fault == "criu-kill" and (phase == "pre-checkpoint" or (phase == "transfer" and strategy not in HELD_IN_TRANSFER)):
+            continue  # no CRIU runs then (but a lazy dump holds the source from checkpoint on)
         yield strategy, phase, fault
 
 

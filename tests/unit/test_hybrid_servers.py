@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from tug.engine.destination.hybridserver import HybridPageServer
 from tug.engine.destination.pagestore import PAGE, PageStore
 from tug.engine.procfs import Region
-from tug.engine.source.frozenserver import FrozenMemory, FrozenServer, NotFrozen
+from tug.engine.source.frozenmemory import FrozenMemory, NotFrozen
+from tug.engine.source.frozenserver import FrozenServer
 from tug.engine.source.trackers.shadow import ContentTracker
 from tug.transports import hybrid_wire as w
 from tug.transports.criu_lazy import LazyWatch
@@ -215,7 +216,7 @@ def test_frozen_memory_reads_real_pages_even_without_prot_read_and_nothing_outsi
     import mmap
     import os
 
-    from tug.engine.source.frozenserver import NotFrozen
+    from tug.engine.source.frozenmemory import NotFrozen
     from tug.engine.source.trackers.shadow import ProcessMemory
 
     n = 4

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from tug.engine.criu import images
 from tug.engine.destination.pagestore import PAGE, PageStore, _subtract
 from tug.engine.errors import MigrationError
+from tug.engine.pageset import PageSet
 
 from ..imagechain import resolve as resolve_page
 
@@ -149,3 +150,74 @@ def test_a_pagemap_without_pages_gets_an_empty_pages_image(tmp_path: Path) -> No
     d = dump(tmp_path, 2, [], pages_id=5)  # pid 2: nothing stored, nothing needed
     assert s.rebuild(d)["empty_files"] == 1
     assert (d / "pages-5.img").read_bytes() == b""
+
+
+# ---- pre-copy's pushed eager step: a lazy dump's pagemap ---------------------------
+
+
+def lazy_dump(tmp: Path, pid: int, entries: list[tuple[int, int, bool]], non_lazy: bytes, pages_id: int = 3) -> Path:
+    """A lazy dump's images: ``(vaddr, pages, lazy)`` entries; the non-lazy ones' bytes in its pages image."""
+    d = tmp / "images"
+    d.mkdir(exist_ok=True)
+    pm = images.Pagemap(pages_id=pages_id, entries=tuple(
+        images.PagemapEntry(vaddr=v, nr_pages=n, flags=images.PE_LAZY if lazy else images.PE_PRESENT) for v, n, lazy in entries
+    ))
+    (d / images.pagemap_file_name(pid)).write_bytes(images.write_pagemap(pm))
+    (d / images.pages_file_name(pages_id)).write_bytes(non_lazy)
+    return d
+
+
+def confirmed(*ranges: tuple[int, int, int]) -> PageSet:
+    out = PageSet()
+    for pid, vaddr, n in ranges:
+        out.add(pid, vaddr, vaddr + n * PAGE)
+    return out
+
+
+def test_lazy_dump_pages_come_from_the_chain_its_own_stay_in_its_image(tmp_path: Path) -> None:
+    """The lazy pages resolve to the store's (confirmed) copies through the chain;
+    the dump's non-lazy pages (a stack) stay in its own pages image, in order."""
+    s = PageStore(tmp_path / "store")
+    s.write(1, 0x1000, page(1) + page(2))
+    s.write(1, 0x9000, page(9))
+    s.write(1, 0x2000, page(12))  # the source's pushed frozen bytes of a changed page
+    d = lazy_dump(tmp_path, 1, [(0x1000, 2, True), (0x5000, 2, False), (0x9000, 1, True)], page(50) + page(51))
+    stats = s.rebuild(d, confirmed((1, 0x1000, 2), (1, 0x9000, 1)))
+    assert stats["chained_processes"] == 1 and stats["rebuilt_pages"] == 3
+    got = {v: resolve(d, 1, v) for v in (0x1000, 0x2000, 0x5000, 0x6000, 0x9000)}
+    assert got == {0x1000: page(1), 0x2000: page(12), 0x5000: page(50), 0x6000: page(51), 0x9000: page(9)}
+    top = images.read_pagemap((d / "pagemap-1.img").read_bytes())
+    assert [(e.vaddr, e.flags) for e in top.entries] == [
+        (0x1000, images.PE_PARENT | images.PE_LAZY), (0x5000, images.PE_PRESENT), (0x9000, images.PE_PARENT | images.PE_LAZY)
+    ]  # as the classic chain marks them: an eager restore reads PE_LAZY pages like any other
+    assert (d / "pages-3.img").read_bytes() == page(50) + page(51), "its own pages image is kept as it is"
+
+
+@pytest.mark.parametrize("said", [None, [(1, 0x1000, 2)], [(1, 0x2000, 2)], [(2, 0x1000, 3)]])
+def test_lazy_page_the_source_never_confirmed_refuses_the_restore(tmp_path: Path, said: list[tuple[int, int, int]] | None) -> None:
+    """The store's copy of a page the source did not vouch for may be stale: no restore from it."""
+    s = PageStore(tmp_path / "store")
+    s.write(1, 0x1000, page(1) + page(2) + page(3))
+    d = lazy_dump(tmp_path, 1, [(0x1000, 3, True)], b"")
+    with pytest.raises(MigrationError, match="never confirmed page"):
+        s.rebuild(d, confirmed(*said) if said is not None else None)
+    assert not (d / "parent").exists()
+
+
+def test_lazy_dump_page_missing_from_the_store_is_an_error(tmp_path: Path) -> None:
+    s = PageStore(tmp_path / "store")
+    s.write(1, 0x1000, page(1))
+    d = lazy_dump(tmp_path, 1, [(0x1000, 2, True)], b"")
+    with pytest.raises(MigrationError, match="no copy of page 0x2000"):
+        s.rebuild(d, confirmed((1, 0x1000, 2)))
+
+
+def test_lazy_dump_entry_neither_present_nor_lazy_is_refused(tmp_path: Path) -> None:
+    s = PageStore(tmp_path / "store")
+    s.write(1, 0x1000, page(1) + page(2))
+    d = lazy_dump(tmp_path, 1, [(0x1000, 1, True)], b"")
+    pm = images.read_pagemap((d / "pagemap-1.img").read_bytes())
+    odd = images.PagemapEntry(vaddr=0x2000, nr_pages=1, flags=images.PE_PARENT)
+    (d / "pagemap-1.img").write_bytes(images.write_pagemap(images.Pagemap(pages_id=3, entries=(*pm.entries, odd))))
+    with pytest.raises(MigrationError, match="neither present nor lazy"):
+        s.rebuild(d, confirmed((1, 0x1000, 2)))

@@ -37,35 +37,54 @@ def test_precopy_has_rounds_and_starts_no_page_server_before_them() -> None:
 
 
 def _resolved(lazy_possible: bool = True, members: int = 1, **kw: object) -> tuple[str, str | None]:
-    return strategies.resolve(MigrationOptions(**kw), lazy_possible=lazy_possible, members=members)  # type: ignore[arg-type]
+    cls, note = strategies.resolve(MigrationOptions(**kw), lazy_possible=lazy_possible, members=members)  # type: ignore[arg-type]
+    return cls.__name__, note
 
 
 def test_precopy_ends_as_hybrid_where_hybrid_can_run() -> None:
     name, note = _resolved(strategy="precopy")
-    assert name == "hybrid" and note is not None and "--eager" in note
+    assert name == "Hybrid" and note is not None and "--eager" in note
     for tracker in ("auto", "content", "uffd"):
-        assert _resolved(strategy="precopy", tracker=tracker)[0] == "hybrid"
+        assert _resolved(strategy="precopy", tracker=tracker)[0] == "Hybrid"
 
 
-@pytest.mark.parametrize(("kw", "why"), [
-    ({"eager": True}, None),
-    ({"lazy_restore": False}, "--no-lazy-restore"),
-    ({"lazy_possible": False}, "no userfaultfd"),
-    ({"members": 3}, "moves one container, and this migration moves 3"),
-    ({"tracker": "soft-dirty"}, "soft-dirty"),
+@pytest.mark.parametrize(("kw", "why", "cls"), [
+    ({"eager": True}, None, "PushedPrecopy"),
+    ({"eager": True, "tracker": "uffd"}, None, "PushedPrecopy"),
+    ({"eager": True, "members": 2}, None, "Precopy"),
+    ({"eager": True, "tracker": "soft-dirty"}, None, "Precopy"),
+    ({"lazy_restore": False}, "--no-lazy-restore", "PushedPrecopy"),
+    ({"lazy_possible": False}, "no userfaultfd", "PushedPrecopy"),
+    ({"members": 3}, "moves one container, and this migration moves 3", "Precopy"),
+    ({"tracker": "soft-dirty"}, "soft-dirty", "Precopy"),
 ])
-def test_precopy_stays_eager_and_says_why(kw: dict[str, object], why: str | None) -> None:
+def test_precopy_stays_eager_and_says_why(kw: dict[str, object], why: str | None, cls: str) -> None:
+    """One container's eager step is pushed from the frozen processes; a group's
+    and soft-dirty's (whose pre-dumps never reach the page store) are CRIU's."""
     name, note = _resolved(strategy="precopy", **kw)
-    assert name == "precopy"
+    assert name == cls
     if why is None:
         assert note is None  # asked for: nothing to explain
     else:
         assert note is not None and note.startswith("precopy restores eagerly") and why in note
+        assert ("pushed from the frozen processes" in note) == (cls == "PushedPrecopy")
+
+
+def test_pushed_precopy_answers() -> None:
+    """Reported as precopy; restores eagerly whatever the destination offers; its
+    dump holds the processes until the push ends; no fill, nothing to relay."""
+    from tug.engine.source.strategies.pushed import PushedPrecopy
+
+    s = PushedPrecopy(MigrationOptions(strategy="precopy", eager=True))
+    assert s.name == "precopy" and s.has_rounds and s.dump_keeps_serving and not s.dump_to_destination
+    assert s.restore_mode(True) is RestoreMode.EAGER and s.restore_mode(False) is RestoreMode.EAGER
+    assert s.relayed() == [] and not s.moves_groups
 
 
 @pytest.mark.parametrize("strategy", ["stop-copy", "postcopy", "hybrid"])
 def test_other_strategies_run_as_named(strategy: str) -> None:
-    assert _resolved(strategy=strategy, lazy_possible=False, members=2) == (strategy, None)
+    cls, note = strategies.resolve(MigrationOptions(strategy=strategy), lazy_possible=False, members=2)
+    assert (cls.name, note) == (strategy, None)
 
 
 @pytest.mark.parametrize("strategy", ["stop-copy", "postcopy", "hybrid"])

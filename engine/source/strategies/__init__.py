@@ -13,6 +13,7 @@ from tug.engine.source.strategies.base import RestoreMode, Strategy
 from tug.engine.source.strategies.hybrid import Hybrid
 from tug.engine.source.strategies.postcopy import Postcopy
 from tug.engine.source.strategies.precopy import Precopy
+from tug.engine.source.strategies.pushed import PushedPrecopy
 from tug.engine.source.strategies.stopcopy import StopCopy
 
 if TYPE_CHECKING:
@@ -34,8 +35,8 @@ def create(opts: MigrationOptions) -> Strategy:
     return cls(opts)
 
 
-def resolve(opts: MigrationOptions, *, lazy_possible: bool, members: int) -> tuple[str, str | None]:
-    """Which strategy ``--strategy precopy`` runs: ``(name, note)``.
+def resolve(opts: MigrationOptions, *, lazy_possible: bool, members: int) -> tuple[type[Strategy], str | None]:
+    """Which strategy ``--strategy precopy`` runs: ``(class, note)``.
 
     Pre-copy ends as hybrid wherever hybrid can run, because hybrid's frozen
     window holds no memory (the benchmark: at 1 GiB its client downtime is
@@ -43,13 +44,17 @@ def resolve(opts: MigrationOptions, *, lazy_possible: bool, members: int) -> tup
     the commit point: the destination runs before it holds the pages changed
     since the last round, so a source lost during the fill leaves the
     destination frozen for ``tug recover``. ``--eager`` keeps the classic
-    step; otherwise what hybrid cannot do yet falls back to it, said in the
-    note. Every other strategy runs as named (no note).
+    commit point; otherwise what hybrid cannot do yet falls back to it, said
+    in the note. An eager step of one container pushes the changed pages from
+    the frozen processes (pushed.py); a group's has CRIU dump them. Every
+    other strategy runs as named (no note).
     """
-    if opts.strategy != Precopy.name or opts.eager:
-        return opts.strategy, None
+    if opts.strategy != Precopy.name:
+        return REGISTRY[opts.strategy], None
     why = None
-    if not opts.lazy_restore:
+    if opts.eager:
+        why = "--eager"
+    elif not opts.lazy_restore:
         why = "--no-lazy-restore"
     elif not lazy_possible:
         why = "the destination has no userfaultfd (see tug doctor there)"
@@ -57,12 +62,16 @@ def resolve(opts: MigrationOptions, *, lazy_possible: bool, members: int) -> tup
         why = f"hybrid moves one container, and this migration moves {members}"
     elif opts.tracker == "soft-dirty":
         why = "the soft-dirty tracker's pre-dumps never reach hybrid's page store"
-    if why is not None:
-        return Precopy.name, f"precopy restores eagerly (every page in place before the processes run): {why}"
-    return Hybrid.name, (
-        "precopy ends as hybrid: the destination's processes run before the pages changed since the last round "
-        "arrive, and the frozen source serves them until they are in (--eager: every page in place first)"
-    )
+    if why is None:
+        return Hybrid, (
+            "precopy ends as hybrid: the destination's processes run before the pages changed since the last round "
+            "arrive, and the frozen source serves them until they are in (--eager: every page in place first)"
+        )
+    # The eager step: pushed from the frozen processes where hybrid's machinery applies.
+    pushed = (members == 1 or PushedPrecopy.moves_groups) and opts.tracker != "soft-dirty"
+    how = "the pages changed since the last round pushed from the frozen processes" if pushed else "CRIU dumps the changed pages"
+    note = None if opts.eager else f"precopy restores eagerly (every page in place before the processes run; {how}): {why}"
+    return (PushedPrecopy if pushed else Precopy), note
 
 
 __all__ = ["REGISTRY", "RestoreMode", "Strategy", "create", "resolve"]

@@ -10,8 +10,9 @@ strategy by name:
   destination (:attr:`Strategy.dump_to_destination`), against which parent
   images (:attr:`Strategy.final_parent`), and how is it run
   (:meth:`Strategy.prepare_final`, :meth:`Strategy.final_dump`)?
-- after it: which pages images does the destination rebuild itself
-  (:meth:`Strategy.rebuilt_pages`), and how does it restore
+- after it: what must still cross before the restore
+  (:meth:`Strategy.finish_memory`), which pages images does the destination
+  rebuild itself (:meth:`Strategy.rebuilt_pages`), and how does it restore
   (:meth:`Strategy.restore_mode`, :meth:`Strategy.restore_args`)?
 - does something on the source still serve the frozen memory after the dump
   (:attr:`Strategy.dump_keeps_serving`)? Then :meth:`Strategy.after_fill`
@@ -125,6 +126,10 @@ class Strategy(abc.ABC):
         """Where :meth:`final_dump` will send the memory (known once
         :meth:`prepare_final` ran), so that its runc can start before the freeze."""
         return page_server
+
+    async def finish_memory(self) -> None:
+        """The transfer phase, beside the images: whatever the memory still needs
+        before the restore may run (pre-copy's eager step pushes it: pushed.py)."""
 
     def rebuilt_pages(self) -> set[str]:
         """Pages images the agent rebuilds from what it received: the

@@ -27,12 +27,13 @@ import contextlib
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tug.engine.errors import MigrationError, PreconditionError, ProtocolError, TransportError
 from tug.engine.progress import Meter
 from tug.engine.source.context import DumpFn
-from tug.engine.source.frozenserver import FrozenMemory, FrozenServer, NotFrozen
+from tug.engine.source.frozenmemory import FrozenMemory, NotFrozen
+from tug.engine.source.frozenserver import FrozenServer
 from tug.engine.source.lazydump import LazyDump, tracer_of
 from tug.engine.source.strategies.base import RestoreMode
 from tug.engine.source.strategies.postcopy import FINISH_TIMEOUT_S, ask_admission, lazy_bytes
@@ -41,6 +42,9 @@ from tug.engine.source.trackers.content import ContentRounds
 from tug.engine.source.trackers.uffdrounds import UffdRounds
 from tug.transports.criu_pageserver import PAGE_SIZE
 from tug.transports.forward import PortForward
+
+if TYPE_CHECKING:
+    from tug.transports.ssh import AgentProcess
 
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -51,6 +55,8 @@ class Hybrid(Precopy):
     #: Two reverse forwards and a frozen-memory server per member: untested
     #: for several members, so a group is refused before anything changes.
     moves_groups = False
+    #: The phase whose progress shows the memory moving from the frozen processes.
+    memory_phase = "fill"
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -64,6 +70,8 @@ class Hybrid(Precopy):
         self.serve_error: str | None = None
         self._dump_ended = False
         self._dumped = asyncio.Event()
+        #: A channel's connection from the destination arrived (its serving task exists).
+        self._connected = asyncio.Event()
         self.meter: Meter | None = None
         self._lazy_bytes = 0
 
@@ -92,26 +100,29 @@ class Hybrid(Precopy):
         self.dump = LazyDump(self.ctx.runc, self.ctx.name, image_dir=images_dir, work_dir=self.ctx.work / "criu")
         # runc starts now, its CRIU held until the freeze (criu/gate.py).
         await self.dump.spawn()
+        # The agent connects the channels now: their set-up (SSH channels,
+        # admissions) stays out of the frozen window.
+        await self._connect_channels(agent)
+        await self.dump.at_gate(self.ctx.opts.timeout("checkpoint"))
+
+    async def _connect_channels(self, agent: AgentProcess) -> None:
         for what, serve in (("fault", self._serve_faults), ("sweep", self._sweep)):
             fwd = await agent.reverse_forward(
                 what=f"the frozen source's {what} channel", admit_remote=self._admit, connect_local=self._connector(serve),
                 resumable=True,
             )
             self.forwards.append(fwd)
-        # The agent connects both channels now: their set-up (two SSH channels,
-        # two admissions) stays out of the frozen window.
         res = await self.ctx.session.call("hybrid_connect", container=self.ctx.name, ports=[f.remote_port for f in self.forwards])
         relays = res.get("relays")
         if not (isinstance(relays, list) and len(relays) == 2 and all(type(r) is int for r in relays)):
             raise ProtocolError("hybrid_connect answered no relay ids")
         self.relay_ids = [int(r) for r in relays]
-        await self.dump.at_gate(self.ctx.opts.timeout("checkpoint"))
 
     async def final_dump(self, dump: DumpFn, page_server: str | None) -> None:
         assert self.dump is not None
         await self.dump.start(timeout=self.ctx.opts.timeout("checkpoint"))
         self._lazy_bytes = await asyncio.to_thread(lazy_bytes, self.dump.image_dir)
-        self.meter = Meter("fill", "memory", self._lazy_bytes, self.ctx.emit)
+        self.meter = Meter(self.memory_phase, "memory", self._lazy_bytes, self.ctx.emit)
         # The processes are stopped for good: open their memory while the images travel.
         self._memory = asyncio.create_task(self._open_memory(), name="tug-hybrid-memory")
         self._dumped.set()
@@ -169,6 +180,7 @@ class Hybrid(Precopy):
             self._tasks.append(task)
             if serve == self._sweep:
                 self._sweep_task = task
+            self._connected.set()
             return theirs
 
         return connect
