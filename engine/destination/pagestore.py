@@ -288,14 +288,7 @@ class PageStore:
             needed = lazy if lazy is not None else _coalesce((v // PAGE, n) for v, n, _ in images.page_layout(pm))
             proc = self._procs.get(pid)
             segments = proc.segments if proc is not None else []
-            missing = needed
-            for seg in segments:
-                missing = _subtract(missing, seg.runs)
-            if missing:
-                raise MigrationError(
-                    f"page store has no copy of page {missing[0][0] * PAGE:#x} of pid {pid}: "
-                    "source and destination disagree"
-                )
+            self._require(pid, needed)
             stats["rebuilt_pages"] += sum(n for _, n in needed)
             if not needed and lazy is None:
                 target.write_bytes(b"")  # a pagemap without pages: CRIU's pages image is empty too
@@ -315,6 +308,33 @@ class PageStore:
             stats["chain_levels"] = self._chain(images_dir, chained)
             stats["chained_processes"] = len(chained)
         return stats
+
+    def check_pushed(self, images_dir: Path, confirmed: PageSet) -> dict[str, int]:
+        """A lazy dump's images for a lazy restore served from this store: nothing to rebuild.
+
+        Its pagemaps already announce each lazy page as lazy only, and its
+        own pages image holds the others; every lazy page must be confirmed
+        by the source and held here (the lazy-pages daemon is then served from
+        the store: storeserver.py), else the restore is refused.
+        """
+        lazy_pages = 0
+        for pid, _, pm, _ in _process_pagemaps(images_dir):
+            runs = _lazy_runs(pm, pid, confirmed)
+            if runs:
+                self._require(pid, runs)
+                lazy_pages += sum(n for _, n in runs)
+        return {"lazy_pages": lazy_pages}
+
+    def _require(self, pid: int, needed: list[Run]) -> None:
+        """Every page of ``needed`` is held, or the restore cannot use the store."""
+        proc = self._procs.get(pid)
+        missing = needed
+        for seg in proc.segments if proc is not None else []:
+            missing = _subtract(missing, seg.runs)
+        if missing:
+            raise MigrationError(
+                f"page store has no copy of page {missing[0][0] * PAGE:#x} of pid {pid}: source and destination disagree"
+            )
 
     def _chain(self, images_dir: Path, chained: dict[int, tuple[Path, images.Pagemap, list[Run]]]) -> int:
         """Turn the segments into parent images under ``images_dir`` (module doc); returns the depth."""

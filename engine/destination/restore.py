@@ -102,7 +102,8 @@ class RestoreCalls(SourceChannelCalls):
                 own = criuconf.write_restore_config(inc.bundle, inc.name, options) if options else None
             try:
                 if pushed:
-                    await self._rebuild_pushed(inc, lazy or rebuild_pages or hybrid_ports is not None)
+                    other = rebuild_pages or hybrid_ports is not None or lazy_source_port is not None
+                    lazy_source_port = await self._rebuild_pushed(inc, lazy, other)
                 return await self._restore(inc, tcp_close, rebuild_pages, frames, lazy, lazy_source_port, hybrid_ports)
             finally:
                 if own is not None:
@@ -217,17 +218,25 @@ class RestoreCalls(SourceChannelCalls):
         steps = criu_restore_steps(inc.criu_work)
         return {"pid": pid, "status": "running", "restore_ms": (time.monotonic() - t0) * 1000, **steps, **inc.stats}
 
-    async def _rebuild_pushed(self, inc: Incoming, other_mode: bool) -> None:
-        """The pages images of an eager restore after a lazy dump: every lazy page
-        confirmed by the source, read from the store's chain (pagestore.py)."""
+    async def _rebuild_pushed(self, inc: Incoming, lazy: bool, other_mode: bool) -> int | None:
+        """A restore after pre-copy's pushed eager step: every lazy page confirmed by
+        the source, then read from the store's chain, or (``lazy``) served from the
+        store to the lazy-pages daemon; returns that server's port (pagestore.py)."""
         if other_mode or inc.push is None or inc.store is None:
-            raise ProtocolError(f"an eager restore of {inc.name!r} from pushed memory is its own kind, and needs it connected")
+            raise ProtocolError(f"a restore of {inc.name!r} from pushed memory is its own kind, and needs it connected")
         verdicts = inc.push.complete()
         await inc.push.close()
         t0 = time.monotonic()
-        inc.stats.update(await asyncio.to_thread(inc.store.rebuild, inc.images, verdicts.confirmed))
+        if lazy:
+            inc.stats.update(await asyncio.to_thread(inc.store.check_pushed, inc.images, verdicts.confirmed))
+            inc.store_server = StorePageServer(inc.store, inc.name)
+            port: int | None = await inc.store_server.start()
+        else:
+            inc.stats.update(await asyncio.to_thread(inc.store.rebuild, inc.images, verdicts.confirmed))
+            port = None
         inc.stats.update(rebuild_ms=int((time.monotonic() - t0) * 1000), pushed_pages=verdicts.fetched_pages)
-        log.info("rebuilt pages images of %s from pushed memory: %s", inc.name, inc.stats)
+        log.info("pages of %s from pushed memory: %s", inc.name, inc.stats)
+        return port
 
     async def call_release(self, container: str) -> dict[str, Any]:
         """Let a held member run: every member of its group is restored.

@@ -49,9 +49,12 @@ from tug.transports import hybrid_wire as w
 SWEEP_WINDOW = 1 << 20
 #: Pre-copy's eager step: bytes pushed and not yet acknowledged, at most
 #: (nothing else uses the link then: only the round trips are to hide).
-PUSH_WINDOW = 16 << 20
-#: Pagemap runs read and encoded per worker-thread hop by the eager step's push.
+PUSH_WINDOW = 4 << 20
+#: Chunks (of at most MAX_PAGES) read and encoded per worker-thread hop by
+#: the eager step's push, and the page data one hop gathers at most (about):
+#: a hot set's changed pages are held three times over until written.
 PUSH_BATCH = 64
+PUSH_BYTES = 1 << 20
 #: Pages around a fault (its aligned block) the sweep visits next.
 FAULT_AHEAD = 16
 
@@ -234,26 +237,36 @@ class FrozenServer:
         then DONE; returns once the destination has acknowledged all of it (applied
         it to its store), so that the restore may follow."""
         self._t0 = time.monotonic()
+        chunks = [
+            (pid, vaddr + at * PAGE, min(w.MAX_PAGES, npages - at)) for pid, vaddr, npages in runs
+            for at in range(0, npages, w.MAX_PAGES)
+        ]
         async with _Acked(reader, writer, PUSH_WINDOW) as out:
-            for at in range(0, len(runs), PUSH_BATCH):
-                recs = await asyncio.to_thread(self._push_batch, runs[at : at + PUSH_BATCH])
+            done = 0
+            while done < len(chunks):
+                recs, used = await asyncio.to_thread(self._push_batch, chunks[done : done + PUSH_BATCH])
+                done += used
                 self._count(recs, sweep=True)
                 await out.send(b"".join(w.encode(r) for r in recs))
             await out.send(w.encode(w.Done()))
             await out.drained()
         self.stats.sweep_done_s = time.monotonic() - self._t0
 
-    def _push_batch(self, runs: list[tuple[int, int, int]]) -> list[w.Pages | w.Same]:
-        """The records of some runs, each split into records of at most MAX_PAGES (blocking).
+    def _push_batch(self, chunks: list[tuple[int, int, int]]) -> tuple[list[w.Pages | w.Same], int]:
+        """The records of the first chunks, up to about PUSH_BYTES of page data; how many chunks (blocking).
 
-        A run the frozen processes do not map is left out: the destination
+        A chunk the frozen processes do not map is left out: the destination
         then lacks its verdict and refuses the restore (pagestore.py).
         """
         out: list[w.Pages | w.Same] = []
-        for pid, vaddr, npages in runs:
-            for at in range(0, npages, w.MAX_PAGES):
-                out.extend(self._sweep_chunk(pid, vaddr + at * PAGE, min(w.MAX_PAGES, npages - at)))
-        return out
+        size = 0
+        for used, (pid, vaddr, npages) in enumerate(chunks, 1):
+            recs = self._sweep_chunk(pid, vaddr, npages)
+            out.extend(recs)
+            size += sum(len(r.data) for r in recs if isinstance(r, w.Pages))
+            if size >= PUSH_BYTES:
+                return out, used
+        return out, len(chunks)
 
     def _count(self, recs: list[w.Pages | w.Same] | list[w.Pages | w.Same | w.Fail], *, sweep: bool) -> None:
         if self.on_progress is not None:

@@ -52,7 +52,7 @@ class FrozenWindow(FailureHandling):
         """The agent's notices (the driver reports them)."""
 
     async def _checkpoint(self) -> None:
-        if any(m.strategy.dump_keeps_serving and m.lazy for m in self.members):
+        if any(m.strategy.serves_fill for m in self.members):
             # A fill served by the frozen source survives a lost link (relink.py).
             self.attach = await self.s.call("link_recovery", deadline_s=self.opts.link_recovery)
         for m in self.members:
@@ -287,12 +287,12 @@ class FrozenWindow(FailureHandling):
         # The destination's lazy-pages daemon logged each fault and when its page
         # landed; a dump that keeps serving (post-copy) answered every one of them.
         counts: dict[str, int] = {}
-        if isinstance(settled.get("faults"), int) and m.strategy.dump_keeps_serving:
+        if isinstance(settled.get("faults"), int) and m.strategy.serves_fill:
             counts["remote_faults"] = settled["faults"]
         # A page server that serves from a store and asks the source only for
         # some pages (hybrid) counts which faults went to the source itself.
         for key in ("remote_faults", "store_pages", "source_pages"):
-            if isinstance(settled.get(key), int) and m.strategy.dump_keeps_serving:
+            if isinstance(settled.get(key), int) and m.strategy.serves_fill:
                 counts[key] = settled[key]
         for key, n in counts.items():  # the group's members add up
             fill[key] = n + int(self.tally.fill.get(key) or 0)
@@ -304,7 +304,7 @@ class FrozenWindow(FailureHandling):
         if isinstance(settled.get("store_pages"), int):
             self.note(f"the page store served {settled['store_pages']} pages to the fill "
                       f"({settled.get('store_requests')} requests, {settled.get('store_faults')} of them faults)")
-        if m.strategy.dump_keeps_serving:
+        if m.strategy.serves_fill:
             try:
                 await m.strategy.after_fill()
             except MigrationError as exc:

@@ -221,3 +221,20 @@ def test_lazy_dump_entry_neither_present_nor_lazy_is_refused(tmp_path: Path) -> 
     (d / "pagemap-1.img").write_bytes(images.write_pagemap(images.Pagemap(pages_id=3, entries=(*pm.entries, odd))))
     with pytest.raises(MigrationError, match="neither present nor lazy"):
         s.rebuild(d, confirmed((1, 0x1000, 2)))
+
+
+def test_a_lazy_restore_after_the_push_needs_no_rebuild_only_confirmed_pages(tmp_path: Path) -> None:
+    """Served lazily from the store, a lazy dump's images stay as CRIU wrote them;
+    every lazy page must still be confirmed by the source and held here."""
+    s = PageStore(tmp_path / "store")
+    s.write(1, 0x1000, page(1) + page(2))
+    d = lazy_dump(tmp_path, 1, [(0x1000, 2, True), (0x5000, 1, False)], page(50))
+    before = sorted((p.name, p.read_bytes()) for p in d.iterdir())
+    assert s.check_pushed(d, confirmed((1, 0x1000, 2))) == {"lazy_pages": 2}
+    assert sorted((p.name, p.read_bytes()) for p in d.iterdir()) == before and not (d / "parent").exists()
+    with pytest.raises(MigrationError, match="never confirmed page 0x2000"):
+        s.check_pushed(d, confirmed((1, 0x1000, 1)))
+    s2 = PageStore(tmp_path / "store2")
+    s2.write(1, 0x1000, page(1))
+    with pytest.raises(MigrationError, match="no copy of page 0x2000"):
+        s2.check_pushed(d, confirmed((1, 0x1000, 2)))

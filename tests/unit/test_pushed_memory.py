@@ -78,7 +78,10 @@ async def _pushing(tmp: Path, runs: list[tuple[int, int, int]], frozen: dict[int
 def test_every_lazy_page_restores_as_its_frozen_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window: int) -> None:
     """Changed and new pages cross as bytes, the rest as SAME; the push returns only
     once all of it is acknowledged, and the rebuilt images resolve to the frozen memory
-    (also with a window so small that every few records wait for an ack)."""
+    (also with a window so small that every few records wait for an ack, and
+    batches cut after each page of data)."""
+    if window < frozenserver.PUSH_WINDOW:
+        monkeypatch.setattr(frozenserver, "PUSH_BYTES", PAGE)
     monkeypatch.setattr(frozenserver, "PUSH_WINDOW", window)
 
     async def run() -> None:

@@ -71,13 +71,15 @@ def test_precopy_stays_eager_and_says_why(kw: dict[str, object], why: str | None
 
 
 def test_pushed_precopy_answers() -> None:
-    """Reported as precopy; restores eagerly whatever the destination offers; its
-    dump holds the processes until the push ends; no fill, nothing to relay."""
+    """Reported as precopy; every page on the destination before its processes run
+    (lazily from the local store where it can); its dump holds the processes until
+    the push ends and serves no fill; nothing to relay."""
     from tug.engine.source.strategies.pushed import PushedPrecopy
 
     s = PushedPrecopy(MigrationOptions(strategy="precopy", eager=True))
-    assert s.name == "precopy" and s.has_rounds and s.dump_keeps_serving and not s.dump_to_destination
-    assert s.restore_mode(True) is RestoreMode.EAGER and s.restore_mode(False) is RestoreMode.EAGER
+    assert s.name == "precopy" and s.has_rounds and s.dump_keeps_serving and not s.serves_fill
+    assert not s.dump_to_destination
+    assert s.restore_mode(True) is RestoreMode.LAZY_LOCAL and s.restore_mode(False) is RestoreMode.EAGER
     assert s.relayed() == [] and not s.moves_groups
 
 

@@ -14,11 +14,12 @@ strategy by name:
   (:meth:`Strategy.finish_memory`), which pages images does the destination
   rebuild itself (:meth:`Strategy.rebuilt_pages`), and how does it restore
   (:meth:`Strategy.restore_mode`, :meth:`Strategy.restore_args`)?
-- does something on the source still serve the frozen memory after the dump
-  (:attr:`Strategy.dump_keeps_serving`)? Then :meth:`Strategy.after_fill`
-  ends it once the destination holds every page, and
-  :meth:`Strategy.release_source` on any failure, before the driver decides
-  whether the source resumes.
+- does something on the source still hold the frozen memory after the dump
+  (:attr:`Strategy.dump_keeps_serving`)? Then :meth:`Strategy.release_source`
+  ends it on any failure, before the driver decides whether the source
+  resumes; and if it serves a lazy restore's fill
+  (:attr:`Strategy.serves_fill`), :meth:`Strategy.after_fill` ends it once
+  the destination holds every page.
 
 A strategy lives in three steps: constructed from the options (bad input is a
 :class:`ConfigError` before anything happens), :meth:`Strategy.preflight`
@@ -61,6 +62,8 @@ class Strategy(abc.ABC):
     #: Whether the frozen dump goes on serving the container's memory after it
     #: returns (CRIU then holds the processes stopped, not the freezer).
     dump_keeps_serving: ClassVar[bool] = False
+    #: Whether the frozen source serves a lazy restore's fill (its after_fill ends that).
+    serves_fill: ClassVar[bool] = False
     #: Whether it moves a group of containers (tested so; see source/member.py).
     moves_groups: ClassVar[bool] = True
 

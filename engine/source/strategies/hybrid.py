@@ -52,6 +52,7 @@ Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 class Hybrid(Precopy):
     name = "hybrid"
     dump_keeps_serving = True
+    serves_fill = True
     #: Two reverse forwards and a frozen-memory server per member: untested
     #: for several members, so a group is refused before anything changes.
     moves_groups = False

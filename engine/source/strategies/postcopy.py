@@ -59,6 +59,7 @@ async def ask_admission(ctx: SourceContext, port: int, peer_port: int) -> str | 
 class Postcopy(Strategy):
     name = "postcopy"
     dump_keeps_serving = True
+    serves_fill = True
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)

@@ -17,12 +17,15 @@ tracker feeds the destination's page store (content or uffd):
 - once the destination acknowledged the last verdict, the lazy dump ends as
   CRIU supports, which puts the processes back under the freezer: the source
   is where a classic eager dump leaves it;
-- the destination restores eagerly from the page store, and refuses to
-  unless the source confirmed every lazy page (``PageStore.rebuild``).
+- the destination restores from its page store, and refuses to unless the
+  source confirmed every lazy page held there: lazily where it has
+  userfaultfd (the dump's pagemaps already say which pages are lazy; the
+  agent's store server answers the lazy-pages daemon, nothing crosses the
+  network any more), else eagerly through the store's chain.
 
-The commit point is the classic one (the restore's answer): nothing of the
-destination runs before every page is there, and until then any failure
-resumes the source. Groups keep the classic step (hybrid's channels are
+The commit point is the classic one: every page is on the destination
+before its processes run, so until then any failure resumes the source, and
+once they run the source is no longer needed. Groups keep the classic step (hybrid's channels are
 per container and untested for several).
 """
 
@@ -68,8 +71,14 @@ class PushedPrecopy(Hybrid):
         super().__init__(*args, **kw)
         self.pushed = False
 
+    #: The frozen source is done once the push is: the fill (if any) is the destination's own.
+    serves_fill = False
+
     def restore_mode(self, lazy_possible: bool) -> RestoreMode:
-        return RestoreMode.EAGER
+        # Every page is on the destination before its processes run; with
+        # userfaultfd there they run before the pages are loaded, served from
+        # the local page store (as the classic eager step's pages are).
+        return RestoreMode.LAZY_LOCAL if lazy_possible else RestoreMode.EAGER
 
     async def _connect_channels(self, agent: AgentProcess) -> None:
         fwd = await agent.reverse_forward(
