@@ -1,4 +1,4 @@
-"""The source's side of a hybrid fill: the frozen memory decides which pages changed.
+"""The source's side of a hybrid fill and of pre-copy's pushed eager step: the frozen memory decides which pages changed.
 
 After pre-copy the destination's page store holds, page for page, what the
 tracker recorded as sent (the stream was ordered and lossless): the content
@@ -20,7 +20,11 @@ its record no longer changes):
   daemon fills from the bottom up, so the two meet instead of racing),
   skipping pages already answered, and
   pushes the same records unasked, with at most :data:`SWEEP_WINDOW` bytes
-  unacknowledged so a fault's answer never queues behind much sweep data.
+  unacknowledged so a fault's answer never queues behind much sweep data;
+* pre-copy's eager step has neither: before the restore, :meth:`FrozenServer.push`
+  sends the same records for every page the lazy dump left in the processes
+  on a channel of its own, within :data:`PUSH_WINDOW`, and returns once the
+  destination acknowledged all of it (strategies/pushed.py).
 
 A page is answered once: the two channels share the set of pages done (a
 GET racing the sweep may repeat a page the sweep has in flight; both carry

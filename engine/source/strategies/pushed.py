@@ -25,8 +25,8 @@ tracker feeds the destination's page store (content or uffd):
 
 The commit point is the classic one: every page is on the destination
 before its processes run, so until then any failure resumes the source, and
-once they run the source is no longer needed. Groups keep the classic step (hybrid's channels are
-per container and untested for several).
+once they run the source is no longer needed. Groups keep the classic step
+(hybrid's channels are per container and untested for several).
 """
 
 from __future__ import annotations
@@ -66,13 +66,13 @@ def lazy_runs(images_dir: Path) -> list[tuple[int, int, int]]:
 class PushedPrecopy(Hybrid):
     name = "precopy"
     memory_phase = "transfer"
+    #: The frozen source is done once the push is: the fill (if any) is the destination's own.
+    serves_fill = False
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
+        #: Every verdict was acknowledged by the destination.
         self.pushed = False
-
-    #: The frozen source is done once the push is: the fill (if any) is the destination's own.
-    serves_fill = False
 
     def restore_mode(self, lazy_possible: bool) -> RestoreMode:
         # Every page is on the destination before its processes run; with
@@ -90,7 +90,9 @@ class PushedPrecopy(Hybrid):
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 await self._connected.wait()
         except TimeoutError:
-            raise MigrationError(f"the destination's connection to the push channel did not arrive within {CONNECT_TIMEOUT_S:g} s") from None
+            raise MigrationError(
+                f"the destination's connection to the push channel did not arrive within {CONNECT_TIMEOUT_S:g} s"
+            ) from None
 
     async def _push(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert self.server is not None and self.dump is not None
