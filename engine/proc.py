@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tug.engine.errors import PreconditionError, RuntimeToolError
+from tug.engine.procfs import stat_fields
 
 #: How often a stopping process group is looked at.
 _POLL_S = 0.05
@@ -71,13 +72,8 @@ class GracefulStop:
 
 
 def _pgrp(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None  # gone meanwhile
-    # "pid (comm) state ppid pgrp ...": comm may hold spaces and parens.
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return int(fields[2]) if len(fields) > 2 else None
+    fields = stat_fields(pid)  # state, ppid, pgrp, ...
+    return int(fields[2]) if len(fields) > 2 else None  # (None: gone meanwhile)
 
 
 def group_members(pgid: int) -> list[int]:

@@ -49,6 +49,16 @@ def ns_pid(pid: int) -> int:
     return pid
 
 
+def stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...);
+    [] if the process is gone. The name may hold spaces and parens: cut at the last one."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    return stat.rsplit(")", 1)[-1].split()
+
+
 def thread_state(pid: int, tid: int) -> str:
     """The thread's state letter (``T``: stopped, ``Z``: zombie ...), "" if gone."""
     try:

@@ -27,22 +27,14 @@ from pathlib import Path
 from tug.engine.criu.tool import criu_binary
 from tug.engine.errors import PreconditionError
 from tug.engine.proc import group_members
+from tug.engine.procfs import stat_fields
 
 #: Seconds between two looks at the group (the orphan is killed on the second).
 INTERVAL_S = 0.25
 
 
-def _state_and_parent(pid: int) -> tuple[str, int] | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()  # "pid (comm) state ppid ...": comm may hold anything
-    return (fields[0], int(fields[1])) if len(fields) > 1 else None
-
-
 def _is_criu(pid: int, criu: str) -> bool:
-    """A live CRIU by its binary; a zombie (no exe any more) by its name."""
+    """A live CRIU, by its binary (a zombie has no exe any more: :func:`_name`)."""
     try:
         return os.path.realpath(f"/proc/{pid}/exe") == criu
     except OSError:
@@ -66,10 +58,10 @@ def orphaned_probes(pgid: int, criu: str) -> list[int]:
     """
     dead, live = False, []
     for pid in group_members(pgid):
-        got = _state_and_parent(pid)
-        if got is None or got[1] != pgid:
+        fields = stat_fields(pid)  # state, ppid, ...
+        if len(fields) < 2 or int(fields[1]) != pgid:
             continue
-        if got[0] == "Z":
+        if fields[0] == "Z":
             dead = dead or _name(pid) == "criu"
         elif _is_criu(pid, criu):
             live.append(pid)

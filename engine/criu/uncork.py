@@ -41,6 +41,7 @@ from pathlib import Path
 
 from tug.engine.criu.tool import criu_identity, why_not_root_criu
 from tug.engine.errors import PreconditionError
+from tug.engine.procfs import stat_fields
 
 #: pidfd_getfd(2): the same number on x86-64 and arm64 (generic syscall table).
 SYS_PIDFD_GETFD = 438
@@ -134,11 +135,8 @@ def criu_holder(ours: tuple[str, int], peer: tuple[str, int]) -> tuple[int, int]
 
 def _alive(pid: int) -> bool:
     """Whether ``pid`` still exists and is not a zombie (a zombie holds no files)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
+    fields = stat_fields(pid)
+    return bool(fields) and fields[0] != "Z"
 
 
 def peer_is_criu(ours: tuple[str, int], peer: tuple[str, int]) -> str | None:

@@ -195,11 +195,11 @@ def _lazy_runs(pm: images.Pagemap, pid: int, confirmed: PageSet | None) -> list[
             continue
         if e.flags & images.PE_PARENT or not e.flags & images.PE_LAZY:
             raise MigrationError(f"pagemap of pid {pid} has pages at {e.vaddr:#x} neither present nor lazy")
-        if confirmed is None or confirmed.leading(pid, e.vaddr, e.end, held=True) != e.nr_pages:
-            at = e.vaddr + PAGE * (confirmed.leading(pid, e.vaddr, e.end, held=True) if confirmed is not None else 0)
+        held = confirmed.leading(pid, e.vaddr, e.end, held=True) if confirmed is not None else 0
+        if held != e.nr_pages:
             raise MigrationError(
-                f"the source never confirmed page {at:#x} of pid {pid}: its frozen content is unknown here, "
-                "no restore from the page store"
+                f"the source never confirmed page {e.vaddr + held * PAGE:#x} of pid {pid}: its frozen content is "
+                "unknown here, no restore from the page store"
             )
         runs.append((e.vaddr // PAGE, e.nr_pages))
     return _coalesce(runs)
@@ -290,12 +290,10 @@ class PageStore:
             segments = proc.segments if proc is not None else []
             self._require(pid, needed)
             stats["rebuilt_pages"] += sum(n for _, n in needed)
-            if not needed and lazy is None:
+            if not needed:  # (a lazy dump's pagemap always has a lazy page)
                 target.write_bytes(b"")  # a pagemap without pages: CRIU's pages image is empty too
                 stats["empty_files"] += 1
                 continue
-            if not needed:
-                continue  # a lazy dump's pagemap with nothing lazy: its own pages image has it all
             assert proc is not None
             if lazy is None and len(segments) == 1 and segments[0].runs == needed:
                 os.close(segments[0].fd)

@@ -41,16 +41,16 @@ class Verdicts:
         #: Pages whose bytes came from the source after the freeze.
         self.fetched = PageSet()
         self.source_bytes = 0
-        self.fetched_pages = 0
         #: The source said DONE on its sweep channel: every verdict it meant to send came before.
         self.done = False
+
+    @property
+    def fetched_pages(self) -> int:
+        return self.source_bytes // PAGE
 
     def apply(self, rec: w.Record) -> None:
         if isinstance(rec, w.Fail):
             raise MigrationError(f"the source has no page {rec.vaddr:#x} (+{rec.nr_pages}) of pid {rec.pid}")
-        if isinstance(rec, w.Done):
-            self.done = True
-            return
         if not isinstance(rec, (w.Pages, w.Same)):
             return
         end = rec.vaddr + rec.nr_pages * PAGE
@@ -58,7 +58,6 @@ class Verdicts:
             self.store.write(rec.pid, rec.vaddr, rec.data)
             self.fetched.add(rec.pid, rec.vaddr, end)
             self.source_bytes += len(rec.data)
-            self.fetched_pages += rec.nr_pages
         self.confirmed.add(rec.pid, rec.vaddr, end)
 
     async def read_sweep(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -67,6 +66,8 @@ class Verdicts:
         parser = w.Parser.at_destination()
         while data := await reader.read(1 << 18):
             for rec in parser.feed(data):
+                if isinstance(rec, w.Done):
+                    self.done = True
                 self.apply(rec)
             writer.write(w.encode(w.Ack(len(data))))
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .conftest import Lab, lazy_wait, migrate, tug
+from .conftest import Lab, demo_container, lazy_wait, migrate
 from .test_network import Client, assert_clean_run
 
 PUSHED = re.compile(r"memory of '([^']+)' pushed from its frozen processes: (\d+) pages sent \([\d.]+ MiB\), (\d+) confirmed")
@@ -23,11 +23,7 @@ PUSHED = re.compile(r"memory of '([^']+)' pushed from its frozen processes: (\d+
 @pytest.fixture
 def pushed_demo(lab: Lab) -> Iterator[str]:
     """64 MiB of checked memory, 2000 pages/s dirtied in a 5% hot set."""
-    name = "tup-demo"
-    lab.remove(name)
-    tug("lab", "demo", "a", name, "--memory", "64", "--dirty-rate", "2000", "--hot-set", "0.05", check=True)
-    yield name
-    lab.remove(name)
+    yield from demo_container(lab, "tup", "--memory", "64", "--dirty-rate", "2000", "--hot-set", "0.05")
 
 
 @pytest.mark.parametrize(("tracker", "restore"), [("uffd", ()), ("content", ("--no-lazy-restore",))],
