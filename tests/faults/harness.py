@@ -124,6 +124,23 @@ def agent_pids(host: str) -> list[int]:
     return find(lambda pid, cmd: any("tug.engine.agent" in c for c in cmd) and _on_host(pid, host))
 
 
+def agents_left(lab: Lab, host: str) -> str:
+    """What keeps ``host``'s agents alive, for a failed wait on their end: each
+    one's command, state, parent and kernel wait, and the host's agent log."""
+    out = []
+    for pid in agent_pids(host):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            wchan = Path(f"/proc/{pid}/wchan").read_text()
+            out.append(f"{pid} {' '.join(_cmdline(pid))!r} state {fields[0]} ppid {fields[1]} wchan {wchan}")
+        except (OSError, IndexError):
+            continue
+    log = lab.layout.host_data_dir(host) / "logs" / "agent.log"
+    with contextlib.suppress(OSError):
+        out.append("agent.log:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-60:]))
+    return "\n".join(out)
+
+
 def stopped_on(host: str) -> list[int]:
     """Processes working for lab host ``host`` that a SIGSTOP holds (state T).
 
@@ -382,7 +399,8 @@ def assert_frozen_until_recover(lab: Lab, name: str, agent_wait: float) -> None:
     """A fill whose source is gone for good: both copies frozen (the destination's
     never running with holes), nothing left running, and ``tug recover`` undoes it
     (the only complete memory is the source's)."""
-    assert wait_for(lambda: not agent_pids("b"), agent_wait), "b's agent must end once its source is gone for good"
+    assert wait_for(lambda: not agent_pids("b"), agent_wait), \
+        f"b's agent must end once its source is gone for good\n{agents_left(lab, 'b')}"
     st_a, st_b = lab.state("a", name), lab.state("b", name)
     assert st_a is not None and st_a["status"] == "paused", st_a
     # Frozen; or killed, where the freezer cannot take a thread that waits on

@@ -39,6 +39,7 @@ from ..e2e.conftest import Lab, on, tug
 from ..e2e.test_network import Client
 from .harness import (
     agent_pids,
+    agents_left,
     criu_pids,
     describe,
     runc_checkpoints,
@@ -186,7 +187,7 @@ def test_fault(lab: Lab, victim: str, strategy: str, phase: str, fault: str) -> 
     assert result["replies"] > 0 and result["errors"] == 0 and result["reconnects"] == 0, f"{result}\n{where}"
     other = "b" if host == "a" else "a"
     assert _settled(lambda: lab.leftovers(other, victim) == []), f"leftovers on {other}: {lab.leftovers(other, victim)}\n{where}"
-    assert _settled(lambda: not agent_pids("b")), f"agents left: {agent_pids('b')}\n{where}"
+    assert _settled(lambda: not agent_pids("b")), f"agents left: {agents_left(lab, 'b')}\n{where}"
     assert _settled(lambda: not criu_pids("a") and not criu_pids("b")), f"CRIU left:\n{describe(criu_pids('a') + criu_pids('b'))}\n{where}"
     assert _settled(lambda: not runc_checkpoints()), f"runc checkpoint left: {runc_checkpoints()}\n{where}"
 

@@ -21,7 +21,8 @@ from tug.engine.procfs import thread_state
 
 from ..e2e.conftest import Lab, on, pod_containers
 from ..e2e.test_network import Client, assert_clean_run
-from .harness import agent_pids, criu_pids, running_copies, signal_all, sshd_sessions_of, start_migrate
+from .harness import agent_pids, agents_left, criu_pids, running_copies, signal_all, sshd_sessions_of, start_migrate
+from .syscallstop import kill_stopped, sends_signal, stop_at_syscall
 
 pytestmark = pytest.mark.e2e
 
@@ -101,8 +102,10 @@ def test_fault_while_members_are_held(lab: Lab, pod: list[str], fault: str, held
         assert _settled(lambda: marker.exists() and marker.read_text().strip() == "restoring", 30), "no restore of the holder"
         agents = agent_pids("b")
         signal_all(agents, signal.SIGSTOP)
-        assert _settled(lambda: (lab.state("b", holder) or {}).get("status") == "running", 60), "the holder never ran on b"
-        did = signal_all(agents, signal.SIGKILL)
+        try:
+            assert _settled(lambda: (lab.state("b", holder) or {}).get("status") == "running", 60), "the holder never ran on b"
+        finally:  # never a stopped agent left for the next test to find
+            did = signal_all(agents, signal.SIGKILL)
     elif fault == "link-drop":
         did = signal_all(sshd_sessions_of(agent_pids("b")), signal.SIGKILL)
     else:
@@ -112,7 +115,7 @@ def test_fault_while_members_are_held(lab: Lab, pod: list[str], fault: str, held
     res = run.finish()
     outcome = res.json()["outcome"] if res.stdout.strip() else "none"
     where = f"{fault} with {held} member(s) held: outcome {outcome}\n{res.stderr}"
-    assert _settled(lambda: not agent_pids("b"), 60), f"agents left: {agent_pids('b')}\n{where}"
+    assert _settled(lambda: not agent_pids("b"), 60), f"agents left: {agents_left(lab, 'b')}\n{where}"
 
     for n in pod:
         copies = running_copies(lab, n)
@@ -179,16 +182,26 @@ def test_agent_dies_while_the_last_member_waits_for_its_attach(lab: Lab, pod_all
         assert _settled(lambda: bool(_criu_swrk("b")), 30, interval=0.0005), "no CRIU restore of the holder"
         agents = agent_pids("b")
         signal_all(agents, signal.SIGSTOP)  # CRIU goes on; nobody attaches or lets the holder go
-        assert _settled(lambda: (lab.state("b", holder) or {}).get("status") == "running", 60), "CRIU never restored it"
+        try:
+            assert _settled(lambda: (lab.state("b", holder) or {}).get("status") == "running", 60), "CRIU never restored it"
+        finally:  # never a stopped agent left for the next test to find
+            assert signal_all(agents, signal.SIGKILL) > 0
     else:
         # The agent lists the holder's processes (runc ps, milliseconds) between
-        # writing "restoring" and its SIGCONT: stopped there, it never sends it.
-        agents = agent_pids("b")  # found first: a scan of /proc takes longer than that window
-        assert _settled(lambda: says("restoring"), 60, interval=0.0005), "the holder's attach never finished"
-        signal_all(agents, signal.SIGSTOP)
-        pid = (lab.state("b", holder) or {}).get("pid")
-        assert isinstance(pid, int) and thread_state(pid, pid) == "T", "the agent let the holder go before it was stopped (race lost)"
-    assert signal_all(agents, signal.SIGKILL) > 0
+        # writing "restoring" and its SIGCONT: held at that kill's entry (traced
+        # from before the holder's restore), it never sends it, and dies there.
+        agents = agent_pids("b")
+        assert len(agents) == 1, f"one agent on b expected: {agents}"
+        sent = stop_at_syscall(agents[0], sends_signal(signal.SIGCONT), 120)
+        assert sent is not None, "the agent never let the holder go"
+        try:
+            pid = (lab.state("b", holder) or {}).get("pid")
+            assert isinstance(pid, int), "the holder is not restored"
+            assert os.stat(f"/proc/{sent[0]}/ns/pid").st_ino == os.stat(f"/proc/{pid}/ns/pid").st_ino, "not the holder's"
+            assert says("restoring"), "stopped before the holder's attach finished"
+            assert thread_state(pid, pid) == "T", "the holder runs although its SIGCONT was never sent"
+        finally:
+            kill_stopped(agents[0])
     res = run.finish()
     where = f"outcome {res.json()['outcome'] if res.stdout.strip() else 'none'}\n{res.stderr}"
     assert _settled(lambda: not agent_pids("b"), 60), where

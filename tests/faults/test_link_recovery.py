@@ -20,6 +20,7 @@ from ..e2e.conftest import Lab, demo_container, wait_for
 from ..e2e.test_network import Client, assert_clean_run
 from .harness import (
     agent_pids,
+    agents_left,
     assert_frozen_until_recover,
     criu_pids,
     cut_link_again_after_recovery,
@@ -72,7 +73,7 @@ def test_link_cut_mid_fill_recovers(lab: Lab, big_demo: str, strategy: str) -> N
     assert result["reconnects"] == 0, result
     lab.check_moved_intact("b", demo, before, report["downtime_ms"], fault_wait_ms=report["fill_ms"])
     assert lab.leftovers("a", demo) == []
-    assert wait_for(lambda: not agent_pids("b"), 30), f"agents left: {agent_pids('b')}"
+    assert wait_for(lambda: not agent_pids("b"), 30), f"agents left: {agents_left(lab, 'b')}"
     assert not runc_checkpoints() and not criu_pids("a") and not criu_pids("b")
 
 
