@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ..faults.harness import refuse_restore_on
-from .conftest import Lab, migrate, tug
+from .conftest import Lab, demo_container, migrate, tug
 
 
 @pytest.fixture
@@ -25,11 +25,7 @@ def gbit(lab: Lab) -> Iterator[Lab]:
 @pytest.fixture
 def big_hot_set(lab: Lab) -> Iterator[str]:
     """256 MiB of checked memory, 2000 pages/s dirtied within a 2% hot set."""
-    name = "tpre-big"
-    lab.remove(name)
-    tug("lab", "demo", "a", name, "--memory", "256", "--dirty-rate", "2000", "--hot-set", "0.02", check=True)
-    yield name
-    lab.remove(name)
+    yield from demo_container(lab, "tpre", "--memory", "256", "--dirty-rate", "2000", "--hot-set", "0.02")
 
 
 def test_precopy_moves_little_while_frozen(gbit: Lab, big_hot_set: str) -> None:

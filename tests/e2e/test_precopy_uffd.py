@@ -11,18 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Lab, migrate, tug
+from .conftest import Lab, demo_container, migrate, tug
 from .test_network import Client, assert_clean_run
 
 
 @pytest.fixture
 def dirty_demo(lab: Lab) -> Iterator[str]:
     """64 MiB of checked memory, 2000 pages/s dirtied in a 5% hot set."""
-    name = "tuf-demo"
-    lab.remove(name)
-    tug("lab", "demo", "a", name, "--memory", "64", "--dirty-rate", "2000", "--hot-set", "0.05", check=True)
-    yield name
-    lab.remove(name)
+    yield from demo_container(lab, "tuf", "--memory", "64", "--dirty-rate", "2000", "--hot-set", "0.05")
 
 
 def host_pids(lab: Lab, host: str, name: str) -> list[int]:

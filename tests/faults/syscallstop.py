@@ -29,6 +29,7 @@ SYSCALL_INFO_ENTRY = 1
 SYSCALL_TRAP = 0x80 | 5  # SIGTRAP | 0x80: a syscall stop under TRACESYSGOOD
 
 #: x86_64 syscall numbers the tests match on.
+NR_SHUTDOWN = 48
 NR_KILL = 62
 NR_TGKILL = 234
 

@@ -7,7 +7,9 @@ since they were sent. The harness then SIGKILLs, mid-push, the CRIU whose
 lazy dump holds the source's processes (with the freezer thawed: they may
 run at once), or cuts the link. Either way the destination never ran, so
 the source must end up running, alone, with its memory intact, and neither
-host may keep anything of the migration.
+host may keep anything of the migration. The same holds when every page was
+pushed and CRIU dies as tug ends the lazy dump (tug held by ptrace at that
+instant: syscallstop.py).
 """
 
 from __future__ import annotations
@@ -16,23 +18,29 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
+from tug.engine.source.lazydump import LAZY_PORT
+
 from ..e2e.conftest import Lab, demo_container, wait_for
 from .harness import (
+    _on_host,
     agent_pids,
     criu_pids,
+    find,
     running_copies,
     shaped,
     signal_all,
     sshd_sessions_of,
     start_migrate,
 )
+from .syscallstop import NR_SHUTDOWN, Match, release_stopped, stop_at_syscall
 
 pytestmark = pytest.mark.e2e
 
@@ -77,6 +85,72 @@ def test_fault_mid_push_resumes_the_source_alone(lab: Lab, busy_demo: str, fault
     assert "pushing the frozen memory" in res.stderr, where
     if fault == "criu-kill":  # the push saw it: CRIU no longer held the processes, nothing more was read
         assert "no longer held stopped" in res.stderr, where
+    assert not any("pushed from its frozen processes" in n for n in report["notes"]), report["notes"]
+    copies = running_copies(lab, demo)
+    assert copies.get("a") == "running" and copies.get("b") is None, f"{copies}\n{where}"
+    after = lab.check("a", demo)
+    assert after["ok"] and after["verify"]["bad_pages"] == 0, after
+    assert after["heartbeat"]["last_counter"] > before["heartbeat"]["last_counter"], after
+    assert wait_for(lambda: lab.leftovers("b", demo) == [], 15), lab.leftovers("b", demo)
+    assert wait_for(lambda: not criu_pids("a") and not criu_pids("b"), 15), "CRIU left behind"
+    assert wait_for(lambda: not agent_pids("b"), 30), "agent left behind"
+
+
+def _tug_migrate(name: str) -> list[int]:
+    """``tug migrate NAME`` itself on host a (not the ``tug lab run`` wrapping it)."""
+    return find(lambda pid, cmd: "migrate" in cmd and name in cmd and "run" not in cmd and _on_host(pid, "a"))
+
+
+def _ends_the_lazy_dump(lab: Lab, name: str, tug_pid: int) -> Match:
+    """``shutdown(fd, SHUT_WR)`` on tug's connection to CRIU's lazy server: the
+    half-close right after ``PS_IOV_CLOSE`` that ends a lazy dump (lazydump.py
+    goodbye). That connection lives in the dump's private network namespace,
+    the one of the CRIU holding the processes."""
+    def match(nr: int, args: Sequence[int]) -> bool:
+        if nr != NR_SHUTDOWN or args[1] != socket.SHUT_WR:
+            return False
+        try:
+            link = os.readlink(f"/proc/{tug_pid}/fd/{args[0]}")
+            table = [ln.split() for h in _holder(lab, name) for ln in Path(f"/proc/{h}/net/tcp").read_text().splitlines()[1:]]
+        except OSError:
+            return False
+        inode = link.removeprefix("socket:[").removesuffix("]")
+        # local_address rem_address ... inode (the 10th field)
+        return any(f[9] == inode and int(f[2].split(":")[1], 16) == LAZY_PORT for f in table)
+    return match
+
+
+def test_criu_dies_as_the_lazy_dump_ends_after_the_push(lab: Lab, busy_demo: str) -> None:
+    """Every page pushed and acknowledged, and CRIU dies as tug ends its lazy
+    dump: tug is held at the half-close that follows ``PS_IOV_CLOSE`` while
+    the harness kills the CRIU holding the source, then let go. The dump's end
+    fails before the destination ran anything: the source runs again, alone."""
+    demo = busy_demo
+    before = lab.check("a", demo)
+    assert before["ok"], before
+    with shaped(lab, "a", RATE):
+        run = start_migrate("a", demo, lab.url("b"), "--strategy", "precopy", "--eager", "--tracker", "uffd",
+                            "--policy", "max-iter=1", "--timeout", "rollback=10")
+        assert run.wait_phase("transfer"), "the migration never reached its transfer phase"
+        tugs = _tug_migrate(demo)
+        assert len(tugs) == 1, f"one tug migrate expected: {tugs}"
+        args = stop_at_syscall(tugs[0], _ends_the_lazy_dump(lab, demo, tugs[0]), 120)
+        assert args is not None, "tug never ended its lazy dump"
+        try:
+            holder = _holder(lab, demo)
+            hit = signal_all(holder, signal.SIGKILL)
+            assert wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in holder), 10), "CRIU did not die"
+        finally:
+            release_stopped(tugs[0])
+        res = run.finish()
+    where = f"CRIU killed as the lazy dump ended\n{res.stderr}"
+    assert hit == 1, where
+    report = res.json()
+    assert report["outcome"] == "rolled-back", where
+    # CRIU killed with its answer to the goodbye corked flushes it as it dies:
+    # then the dump's end is what fails (runc's CRIU died), else the goodbye.
+    assert re.search(rf"the lazy dump of {demo} (exited with|answered the end|broke the connection|did not answer)",
+                     res.stderr), where
     assert not any("pushed from its frozen processes" in n for n in report["notes"]), report["notes"]
     copies = running_copies(lab, demo)
     assert copies.get("a") == "running" and copies.get("b") is None, f"{copies}\n{where}"
