@@ -262,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "where tug doctor's probe passes, else content; hybrid: uffd or content)")
     m.add_argument("--eager", action="store_true",
                    help="precopy: every page on the destination before its processes run (the commit point waits "
-                        "for it). Default: precopy ends as hybrid where the destination has userfaultfd and the "
-                        "migration is one container: a shorter frozen window, but the frozen source serves what "
+                        "for it). Default: precopy ends as hybrid where the destination has userfaultfd (a group's "
+                        "too, each member's own): a shorter frozen window, but the frozen source serves what "
                         "changed until the destination's memory is filled")
     m.add_argument("--lazy-restore", action=argparse.BooleanOptionalAction, default=MigrationOptions().lazy_restore,
                    help="the destination's processes run before their memory is in place; a local CRIU lazy-pages "

@@ -35,7 +35,6 @@ from typing import Any
 from tug.engine.criu import tool as criu
 from tug.engine.criu.tool import check_criu_opts
 from tug.engine.errors import (
-    ConfigError,
     MigrationError,
     PhaseTimeoutError,
     PreconditionError,
@@ -96,7 +95,6 @@ class Migration(FrozenWindow):
         #: and how the destination restores: the driver asks each member's
         #: strategy, never branches on one.
         self.members = [self._member(n) for n in names]
-        self._check_group_strategy()
         #: Set once anything was changed on either host; before that a failure
         #: has nothing to undo and its outcome is "aborted", not "rolled-back".
         self.changed = False
@@ -124,14 +122,7 @@ class Migration(FrozenWindow):
             m.ipc_of = ipc.get(m.name)
         if len(self.members) > len(by_name):
             self.note(f"pod: moving {', '.join(m.name for m in self.members)} as one group")
-        self._check_group_strategy()
 
-    def _check_group_strategy(self) -> None:
-        if len(self.members) > 1 and not self.strategy.moves_groups:
-            raise ConfigError(
-                f"strategy {self.strategy.name!r} moves one container for now, not a group "
-                f"({', '.join(m.name for m in self.members)}): use stop-copy, precopy or postcopy; nothing was changed"
-            )
 
     # ---- plumbing -----------------------------------------------------------
 
@@ -251,7 +242,7 @@ class Migration(FrozenWindow):
         decided here, once the destination said whether it has userfaultfd and
         before anything changed on either host. True if its note already said
         that the destination has no userfaultfd (not said twice)."""
-        cls, why = strategies.resolve(self.opts, lazy_possible=lazy_possible, members=len(self.members))
+        cls, why = strategies.resolve(self.opts, lazy_possible=lazy_possible)
         if why is not None:
             self.note(why)
         if cls is not type(self.strategy):

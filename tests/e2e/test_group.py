@@ -33,7 +33,7 @@ def migrate_group(src: str, names: tuple[str, ...], url: str, *extra: str) -> tu
     return res.returncode, json.loads(res.stdout) if res.stdout.strip() else {}, res.stderr
 
 
-@pytest.mark.parametrize("back", ["stop-copy", "postcopy"])
+@pytest.mark.parametrize("back", ["stop-copy", "postcopy", "precopy"])
 def test_group_moves_and_comes_back(lab: Lab, pair: tuple[str, str], back: str) -> None:
     before = {n: lab.check("a", n) for n in pair}
     assert all(c["ok"] for c in before.values()), before
@@ -57,6 +57,10 @@ def test_group_moves_and_comes_back(lab: Lab, pair: tuple[str, str], back: str) 
     rc, report, err = migrate_group("b", pair, lab.url("a"), "--strategy", back)
     assert rc == 0, err
     assert report["outcome"] == "migrated" and report["containers"] == list(pair)
+    if back == "precopy":  # ends as hybrid, each member's memory served by its own frozen source
+        assert report["strategy"] == "hybrid", report["strategy"]
+        for n in pair:
+            assert any(note.startswith(f"memory of {n!r} filled in place") for note in report["notes"]), report["notes"]
     fault_wait = lazy_wait(report)
     for n in pair:
         lab.check_moved_intact("a", n, mid[n], report["downtime_ms"], fault_wait_ms=fault_wait)

@@ -43,7 +43,16 @@ def test_splitting_a_pod_is_refused_before_anything_changes(lab: Lab, pod: list[
         assert lab.state("b", n) is None and lab.leftovers("b", n) == []
 
 
-@pytest.mark.parametrize("back", ["stop-copy", "postcopy", "precopy"])
+#: How the pod comes back: ``precopy`` ends as hybrid, ``precopy-eager`` pushes each member's changed pages.
+BACK = {
+    "stop-copy": ["--strategy", "stop-copy"],
+    "postcopy": ["--strategy", "postcopy"],
+    "precopy": ["--strategy", "precopy", "--policy", "max-iter=3"],
+    "precopy-eager": ["--strategy", "precopy", "--eager", "--policy", "max-iter=3"],
+}
+
+
+@pytest.mark.parametrize("back", list(BACK))
 def test_pod_moves_whole_and_back(lab: Lab, pod: list[str], back: str) -> None:
     holder = pod[0]
     before = {n: lab.check("a", n) for n in pod}
@@ -77,35 +86,47 @@ def test_pod_moves_whole_and_back(lab: Lab, pod: list[str], back: str) -> None:
         assert not lab.netns("b", n).exists()
 
     mid = {n: lab.check("b", n) for n in pod}
-    extra = ["--policy", "max-iter=3"] if back == "precopy" else []
-    rc, report, err = run("b", holder, "--pod", "--to", lab.url("a"), "--strategy", back, *extra)
+    rc, report, err = run("b", holder, "--pod", "--to", lab.url("a"), *BACK[back])
     assert rc == 0, err
-    if back == "precopy":
-        # Hybrid moves one container: a pod's pre-copy restores eagerly, and says so.
-        assert report["strategy"] == "precopy", report["strategy"]
-        assert any(n.startswith("precopy restores eagerly") and "moves 3" in n for n in report["notes"]), report["notes"]
+    if back.startswith("precopy"):
         # The pod's rounds ran side by side and converged as one: one round
         # report per round, counting every member's pages.
         assert 1 <= len(report["rounds"]) <= 3
         assert report["rounds"][0]["pages_scanned"] >= 3 * (16 << 20) // 4096
+    if back == "precopy":
+        # Ends as hybrid, each member with its own lazy dump and frozen-memory
+        # server: every member's memory filled in place on a.
+        assert report["strategy"] == "hybrid", report["strategy"]
+        assert any(n.startswith("precopy ends as hybrid") for n in report["notes"]), report["notes"]
+        for n in pod:
+            assert any(note.startswith(f"memory of {n!r} filled in place") for note in report["notes"]), (n, report["notes"])
+    if back == "precopy-eager":
+        # Each member's changed pages pushed from its own frozen processes.
+        assert report["strategy"] == "precopy", report["strategy"]
+        for n in pod:
+            assert any(note.startswith(f"memory of {n!r} pushed from its frozen processes") for note in report["notes"]), \
+                (n, report["notes"])
     fault_wait = lazy_wait(report)
     for n in pod:
         lab.check_moved_intact("a", n, mid[n], report["downtime_ms"], fault_wait_ms=fault_wait)
         assert lab.leftovers("b", n) == []
 
 
-def test_a_failed_restore_rolls_the_whole_pod_back(lab: Lab, pod: list[str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["stop-copy", "precopy", "precopy-eager"])
+def test_a_failed_restore_rolls_the_whole_pod_back(lab: Lab, pod: list[str], tmp_path: Path, how: str) -> None:
     """The holder's restore (the pod's last: it brings the link up) fails
     inside CRIU after both members were restored on b. They were held
     stopped behind a shut network gate, so nothing of the pod ran there: every
     member resumes on a, b keeps nothing, and a client of a member (port
-    7001) never notices beyond the pause: no reset, no lost reply."""
+    7001) never notices beyond the pause: no reset, no lost reply. Also when
+    each member's source is held by its own lazy dump (hybrid: the held
+    members' lazy restores were asking it for pages; the pushed eager step)."""
     holder = pod[0]
     before = {n: lab.check("a", n) for n in pod}
     refuse_restore_on(lab, "a", holder, "b", tmp_path)
     client = Client(lab, holder, port=7001)
     try:
-        rc, report, err = run("a", holder, "--pod", "--to", lab.url("b"))
+        rc, report, err = run("a", holder, "--pod", "--to", lab.url("b"), *BACK[how])
         assert rc == 1
         assert report["outcome"] == "rolled-back", err
         assert report["error"]["phase"] == "restore" and report["commit_point"] is None

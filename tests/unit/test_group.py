@@ -86,8 +86,11 @@ def test_a_group_round_is_its_members_rounds_summed() -> None:
     assert (both.bytes_sent, both.bandwidth_bps, both.dirty_rate_pps) == (3 * 4096, 3000.0, 6.0)
 
 
-def test_a_strategy_not_tried_on_groups_refuses_one(tmp_path: Path) -> None:
-    opts = MigrationOptions(strategy="hybrid", host=host(tmp_path))
-    with pytest.raises(ConfigError, match="moves one container for now"):
-        Migration(["a", "b"], "ssh://root@b", opts, None)
-    assert [m.name for m in Migration("a", "ssh://root@b", opts, None).members] == ["a"]
+@pytest.mark.parametrize("strategy", ["stop-copy", "precopy", "postcopy", "hybrid"])
+def test_every_strategy_moves_a_group(tmp_path: Path, strategy: str) -> None:
+    """Each member gets a strategy of its own (hybrid's and the pushed eager
+    step's channels, frozen-memory servers and lazy dumps are per member)."""
+    opts = MigrationOptions(strategy=strategy, host=host(tmp_path))
+    mig = Migration(["a", "b"], "ssh://root@b", opts, None)
+    assert [m.name for m in mig.members] == ["a", "b"]
+    assert mig.members[0].strategy is not mig.members[1].strategy

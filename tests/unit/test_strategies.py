@@ -36,8 +36,8 @@ def test_precopy_has_rounds_and_starts_no_page_server_before_them() -> None:
     assert s.has_rounds and not s.page_server_early and s.tracker is None  # chosen in preflight
 
 
-def _resolved(lazy_possible: bool = True, members: int = 1, **kw: object) -> tuple[str, str | None]:
-    cls, note = strategies.resolve(MigrationOptions(**kw), lazy_possible=lazy_possible, members=members)  # type: ignore[arg-type]
+def _resolved(lazy_possible: bool = True, **kw: object) -> tuple[str, str | None]:
+    cls, note = strategies.resolve(MigrationOptions(**kw), lazy_possible=lazy_possible)  # type: ignore[arg-type]
     return cls.__name__, note
 
 
@@ -51,16 +51,15 @@ def test_precopy_ends_as_hybrid_where_hybrid_can_run() -> None:
 @pytest.mark.parametrize(("kw", "why", "cls"), [
     ({"eager": True}, None, "PushedPrecopy"),
     ({"eager": True, "tracker": "uffd"}, None, "PushedPrecopy"),
-    ({"eager": True, "members": 2}, None, "Precopy"),
     ({"eager": True, "tracker": "soft-dirty"}, None, "Precopy"),
     ({"lazy_restore": False}, "--no-lazy-restore", "PushedPrecopy"),
     ({"lazy_possible": False}, "no userfaultfd", "PushedPrecopy"),
-    ({"members": 3}, "moves one container, and this migration moves 3", "Precopy"),
     ({"tracker": "soft-dirty"}, "soft-dirty", "Precopy"),
 ])
 def test_precopy_stays_eager_and_says_why(kw: dict[str, object], why: str | None, cls: str) -> None:
-    """One container's eager step is pushed from the frozen processes; a group's
-    and soft-dirty's (whose pre-dumps never reach the page store) are CRIU's."""
+    """The eager step is pushed from the frozen processes (a group's too, each
+    member from its own); soft-dirty's (whose pre-dumps never reach the page
+    store) is CRIU's."""
     name, note = _resolved(strategy="precopy", **kw)
     assert name == cls
     if why is None:
@@ -80,12 +79,12 @@ def test_pushed_precopy_answers() -> None:
     assert s.name == "precopy" and s.has_rounds and s.dump_keeps_serving and not s.serves_fill
     assert not s.dump_to_destination
     assert s.restore_mode(True) is RestoreMode.LAZY_LOCAL and s.restore_mode(False) is RestoreMode.EAGER
-    assert s.relayed() == [] and not s.moves_groups
+    assert s.relayed() == []
 
 
 @pytest.mark.parametrize("strategy", ["stop-copy", "postcopy", "hybrid"])
 def test_other_strategies_run_as_named(strategy: str) -> None:
-    cls, note = strategies.resolve(MigrationOptions(strategy=strategy), lazy_possible=False, members=2)
+    cls, note = strategies.resolve(MigrationOptions(strategy=strategy), lazy_possible=False)
     assert (cls.name, note) == (strategy, None)
 
 

@@ -35,7 +35,7 @@ def create(opts: MigrationOptions) -> Strategy:
     return cls(opts)
 
 
-def resolve(opts: MigrationOptions, *, lazy_possible: bool, members: int) -> tuple[type[Strategy], str | None]:
+def resolve(opts: MigrationOptions, *, lazy_possible: bool) -> tuple[type[Strategy], str | None]:
     """Which strategy ``--strategy precopy`` runs: ``(class, note)``.
 
     Pre-copy ends as hybrid wherever hybrid can run, because hybrid's frozen
@@ -45,9 +45,10 @@ def resolve(opts: MigrationOptions, *, lazy_possible: bool, members: int) -> tup
     since the last round, so a source lost during the fill leaves the
     destination frozen for ``tug recover``. ``--eager`` keeps the classic
     commit point; otherwise what hybrid cannot do yet falls back to it, said
-    in the note. An eager step of one container pushes the changed pages from
-    the frozen processes (pushed.py); a group's has CRIU dump them. Every
-    other strategy runs as named (no note).
+    in the note. The eager step pushes the changed pages from the frozen
+    processes (pushed.py), each member's of a group from its own; only the
+    soft-dirty tracker's has CRIU dump them. Every other strategy runs as
+    named (no note).
     """
     if opts.strategy != Precopy.name:
         return REGISTRY[opts.strategy], None
@@ -58,8 +59,6 @@ def resolve(opts: MigrationOptions, *, lazy_possible: bool, members: int) -> tup
         why = "--no-lazy-restore"
     elif not lazy_possible:
         why = "the destination has no userfaultfd (see tug doctor there)"
-    elif members > 1 and not Hybrid.moves_groups:
-        why = f"hybrid moves one container, and this migration moves {members}"
     elif opts.tracker == "soft-dirty":
         why = "the soft-dirty tracker's pre-dumps never reach hybrid's page store"
     if why is None:
@@ -68,7 +67,7 @@ def resolve(opts: MigrationOptions, *, lazy_possible: bool, members: int) -> tup
             "arrive, and the frozen source serves them until they are in (--eager: every page in place first)"
         )
     # The eager step: pushed from the frozen processes where hybrid's machinery applies.
-    pushed = (members == 1 or PushedPrecopy.moves_groups) and opts.tracker != "soft-dirty"
+    pushed = opts.tracker != "soft-dirty"
     how = "the pages changed since the last round pushed from the frozen processes" if pushed else "CRIU dumps the changed pages"
     note = None if opts.eager else f"precopy restores eagerly (every page in place before the processes run; {how}): {why}"
     return (PushedPrecopy if pushed else Precopy), note

@@ -64,8 +64,6 @@ class Strategy(abc.ABC):
     dump_keeps_serving: ClassVar[bool] = False
     #: Whether the frozen source serves a lazy restore's fill (its after_fill ends that).
     serves_fill: ClassVar[bool] = False
-    #: Whether it moves a group of containers (tested so; see source/member.py).
-    moves_groups: ClassVar[bool] = True
 
     def __init__(self, opts: MigrationOptions) -> None:
         self.opts = opts

@@ -53,9 +53,6 @@ class Hybrid(Precopy):
     name = "hybrid"
     dump_keeps_serving = True
     serves_fill = True
-    #: Two reverse forwards and a frozen-memory server per member: untested
-    #: for several members, so a group is refused before anything changes.
-    moves_groups = False
     #: The phase whose progress shows the memory moving from the frozen processes.
     memory_phase = "fill"
 

@@ -5,8 +5,9 @@ dump the whole frozen memory into tug's filtering page server, which sends
 on only what changed since the rounds: on the source, CRIU reads every page
 and splices it over loopback inside the downtime, for the few it keeps
 (most of what eager cost beyond hybrid; the benchmark's "The third"). The
-tracker knows those few at the freeze already. So, for one container whose
-tracker feeds the destination's page store (content or uffd):
+tracker knows those few at the freeze already. So, for a container whose
+tracker feeds the destination's page store (content or uffd), and for each
+member of a group on its own (its lazy dump, channel and push):
 
 - the frozen dump is hybrid's lazy dump (:mod:`tug.engine.source.lazydump`):
   CRIU dumps everything but the memory and holds the stopped processes;
@@ -25,8 +26,9 @@ tracker feeds the destination's page store (content or uffd):
 
 The commit point is the classic one: every page is on the destination
 before its processes run, so until then any failure resumes the source, and
-once they run the source is no longer needed. Groups keep the classic step
-(hybrid's channels are per container and untested for several).
+once they run the source is no longer needed. A group's members are
+restored held once all of them were pushed (restore runs after transfer),
+so the commit point is the group's, as with the classic step.
 """
 
 from __future__ import annotations
