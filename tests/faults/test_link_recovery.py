@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ..e2e.conftest import Lab, demo_container, wait_for
+from ..e2e.conftest import Lab, demo_container, pod_containers, wait_for
 from ..e2e.test_network import Client, assert_clean_run
 from .harness import (
     agent_pids,
@@ -101,3 +101,32 @@ def test_link_cut_for_good_leaves_both_frozen_until_recover(lab: Lab, big_demo: 
     assert f"tug recover {demo} --to {lab.url('b')}" in res.stderr
     assert "did not come back" in res.stderr, res.stderr
     assert_frozen_until_recover(lab, demo, 60)
+
+
+@pytest.fixture
+def big_pod(lab: Lab) -> Iterator[list[str]]:
+    yield from pod_containers(lab, "lp", 2, "--memory", "96", "--dirty-rate", "4000")
+
+
+def test_link_cut_mid_fill_of_a_pod_recovers(lab: Lab, big_pod: list[str]) -> None:
+    """A pod's pre-copy ends as hybrid, each member's fill served by its own
+    frozen source over relays of its own: the link cut while they fill is
+    recovered once for all of them, and every member arrives whole."""
+    holder = big_pod[0]
+    before = {n: lab.check("a", n) for n in big_pod}
+    with shaped(lab, "a", RATE):
+        run = start_migrate("a", holder, lab.url("b"), "--pod", "--strategy", "precopy", "--policy", "max-iter=1")
+        cut = cut_link_in_fill(run, "b")
+        res = run.finish()
+    assert cut, f"the link was never cut\n{res.stderr}"
+    assert res.returncode == 0, res.stderr
+    report = res.json()
+    assert report["outcome"] == "migrated" and report["strategy"] == "hybrid", report
+    assert report["link_recoveries"] == 1, report
+    assert "link lost" in res.stderr and "link recovered" in res.stderr, res.stderr
+    for n in big_pod:
+        assert any(note.startswith(f"memory of {n!r} filled in place") for note in report["notes"]), report["notes"]
+        lab.check_moved_intact("b", n, before[n], report["downtime_ms"], fault_wait_ms=report["fill_ms"])
+        assert lab.leftovers("a", n) == []
+    assert wait_for(lambda: not agent_pids("b"), 30), f"agents left: {agents_left(lab, 'b')}"
+    assert not runc_checkpoints() and not criu_pids("a") and not criu_pids("b")

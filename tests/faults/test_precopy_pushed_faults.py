@@ -28,7 +28,7 @@ import pytest
 
 from tug.engine.source.lazydump import LAZY_PORT
 
-from ..e2e.conftest import Lab, demo_container, wait_for
+from ..e2e.conftest import Lab, demo_container, pod_containers, wait_for
 from .harness import (
     _on_host,
     agent_pids,
@@ -158,5 +158,41 @@ def test_criu_dies_as_the_lazy_dump_ends_after_the_push(lab: Lab, busy_demo: str
     assert after["ok"] and after["verify"]["bad_pages"] == 0, after
     assert after["heartbeat"]["last_counter"] > before["heartbeat"]["last_counter"], after
     assert wait_for(lambda: lab.leftovers("b", demo) == [], 15), lab.leftovers("b", demo)
+    assert wait_for(lambda: not criu_pids("a") and not criu_pids("b"), 15), "CRIU left behind"
+    assert wait_for(lambda: not agent_pids("b"), 30), "agent left behind"
+
+
+@pytest.fixture
+def busy_pod(lab: Lab) -> Iterator[list[str]]:
+    yield from pod_containers(lab, "ppp", 2, "--memory", "96", "--dirty-rate", "4000")
+
+
+def test_a_members_criu_killed_mid_push_rolls_the_whole_pod_back(lab: Lab, busy_pod: list[str]) -> None:
+    """A pod's eager step pushes each member from its own lazy dump; the CRIU
+    holding one member (m1) is SIGKILLed mid-push. Nothing of the pod ran on b
+    (members are restored only once all were pushed): every member runs again
+    on a, alone, its memory intact, and b keeps nothing."""
+    holder, m1 = busy_pod[0], busy_pod[1]
+    before = {n: lab.check("a", n) for n in busy_pod}
+    with shaped(lab, "a", RATE):
+        run = start_migrate("a", holder, lab.url("b"), "--pod", "--strategy", "precopy", "--eager", "--tracker", "uffd",
+                            "--policy", "max-iter=1", "--timeout", "rollback=10")
+        assert run.wait_phase("transfer"), "the migration never reached its transfer phase"
+        time.sleep(0.3)
+        hit = signal_all(_holder(lab, m1), signal.SIGKILL)
+        res = run.finish()
+    where = f"{m1}'s CRIU killed mid-push\n{res.stderr}"
+    assert hit > 0, f"nothing to break: the push was over\n{where}"
+    report = res.json()
+    assert report["outcome"] == "rolled-back", where
+    assert report["commit_point"] is None, report
+    for n in busy_pod:
+        copies = running_copies(lab, n)
+        assert copies.get("a") == "running" and copies.get("b") is None, f"{n}: {copies}\n{where}"
+        after = lab.check("a", n)
+        assert after["ok"] and after["verify"]["bad_pages"] == 0, (n, after)
+        assert after["counter"] > before[n]["counter"], (n, after)
+        assert after["verify"]["pod"]["shm_peers"] == 2, (n, after["verify"]["pod"])
+        assert wait_for(lambda n=n: lab.leftovers("b", n) == [], 15), lab.leftovers("b", n)
     assert wait_for(lambda: not criu_pids("a") and not criu_pids("b"), 15), "CRIU left behind"
     assert wait_for(lambda: not agent_pids("b"), 30), "agent left behind"
