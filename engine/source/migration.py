@@ -123,7 +123,6 @@ class Migration(FrozenWindow):
         if len(self.members) > len(by_name):
             self.note(f"pod: moving {', '.join(m.name for m in self.members)} as one group")
 
-
     # ---- plumbing -----------------------------------------------------------
 
     async def _phase(self, phase: Phase, body: Callable[[], Awaitable[None]]) -> None:

@@ -185,7 +185,8 @@ def test_agent_dies_while_the_last_member_waits_for_its_attach(lab: Lab, pod_all
         try:
             assert _settled(lambda: (lab.state("b", holder) or {}).get("status") == "running", 60), "CRIU never restored it"
         finally:  # never a stopped agent left for the next test to find
-            assert signal_all(agents, signal.SIGKILL) > 0
+            killed = signal_all(agents, signal.SIGKILL)
+        assert killed > 0, "no agent to kill"
     else:
         # The agent lists the holder's processes (runc ps, milliseconds) between
         # writing "restoring" and its SIGCONT: held at that kill's entry (traced

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tug.engine.procfs import thread_state
 
-from ..faults.syscallstop import release_stopped, kill_stopped, sends_signal, stop_at_syscall
+from ..faults.syscallstop import kill_stopped, release_stopped, sends_signal, stop_at_syscall
 
 # Sends SIGCONT to a stopped target once a second has passed; touches a file after.
 SENDER = """
