@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ..e2e.conftest import Lab, demo_container, pod_containers, wait_for
+from ..e2e.conftest import Lab, demo_container, on, pod_containers, wait_for
 from ..e2e.test_network import Client, assert_clean_run
 from .harness import (
     agent_pids,
@@ -130,3 +130,45 @@ def test_link_cut_mid_fill_of_a_pod_recovers(lab: Lab, big_pod: list[str]) -> No
         assert lab.leftovers("a", n) == []
     assert wait_for(lambda: not agent_pids("b"), 30), f"agents left: {agents_left(lab, 'b')}"
     assert not runc_checkpoints() and not criu_pids("a") and not criu_pids("b")
+
+
+def test_link_cut_for_good_during_a_pods_fill_leaves_it_frozen_until_recover(lab: Lab, big_pod: list[str]) -> None:
+    """A pod's pre-copy ended as hybrid, and its link never comes back while
+    the members fill: every member's copy on b is frozen with part of its
+    memory, every source stays frozen on a, and ``tug recover`` of each member
+    undoes the migration: the whole pod runs again on a, alone, its memory
+    and shared segment intact, and b keeps nothing."""
+    holder = big_pod[0]
+    before = {n: lab.check("a", n) for n in big_pod}
+    with shaped(lab, "a", RATE):
+        run = start_migrate("a", holder, lab.url("b"), "--pod", "--strategy", "precopy", "--policy", "max-iter=1",
+                            "--link-recovery", "4", "--connect-timeout", "2")
+        assert run.wait_phase("fill"), "the fill never started"
+        with ssh_refused(lab, "b"):
+            cut = cut_link_in_fill(run, "b")
+            res = run.finish()
+    assert cut, f"the link was never cut\n{res.stderr}"
+    assert res.returncode == 1, res.stderr
+    report = res.json()
+    assert report["outcome"] == "failed" and report["strategy"] == "hybrid", report
+    assert "did not come back" in res.stderr, res.stderr
+    for n in big_pod:
+        assert f"tug recover {n} --to {lab.url('b')}" in res.stderr, (n, res.stderr)
+    assert wait_for(lambda: not agent_pids("b"), 60), f"agents left: {agents_left(lab, 'b')}"
+    for n in big_pod:
+        st_a, st_b = lab.state("a", n), lab.state("b", n)
+        assert st_a is not None and st_a["status"] == "paused", (n, st_a)
+        assert st_b is None or st_b["status"] in ("paused", "stopped"), f"{n} runs on b with missing memory: {st_b}"
+    assert not runc_checkpoints() and not criu_pids("a") and not criu_pids("b")
+    for n in big_pod:
+        rec = on("a", "tug", "recover", n, "--to", lab.url("b"), "--json")
+        assert rec.returncode == 0, f"recover {n}: {rec.stderr}"
+        assert rec.json()["action"] == "undone", rec.stdout
+    for n in big_pod:
+        st = lab.state("a", n)
+        assert st is not None and st["status"] == "running", (n, st)
+        after = lab.check("a", n)
+        assert after["ok"] and after["verify"]["bad_pages"] == 0, (n, after)
+        assert after["counter"] > before[n]["counter"], (n, after)
+        assert after["verify"]["pod"]["shm_peers"] == 2, (n, after["verify"]["pod"])
+        assert wait_for(lambda n=n: lab.leftovers("b", n) == [], 15), (n, lab.leftovers("b", n))
