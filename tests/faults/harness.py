@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tug.engine.lab import hosts as labhosts
 from tug.engine.lab.instance import current
@@ -395,22 +396,30 @@ def shaped(lab: Lab, host: str, rate: str) -> Iterator[None]:
         subprocess.run([*tc, "del", "dev", "eth0", "root"], check=False)
 
 
-def assert_frozen_until_recover(lab: Lab, name: str, agent_wait: float) -> None:
-    """A fill whose source is gone for good: both copies frozen (the destination's
-    never running with holes), nothing left running, and ``tug recover`` undoes it
-    (the only complete memory is the source's)."""
+def assert_frozen_until_recover(lab: Lab, names: str | list[str], agent_wait: float) -> dict[str, dict[str, Any]]:
+    """A fill whose source is gone for good: both copies of each container (a
+    group's members: all of them) frozen, the destination's never running with
+    holes, nothing left running, and ``tug recover`` of each undoes it (the only
+    complete memory is the source's). Returns each one's ``lab check`` on a."""
+    names = [names] if isinstance(names, str) else names
     assert wait_for(lambda: not agent_pids("b"), agent_wait), \
         f"b's agent must end once its source is gone for good\n{agents_left(lab, 'b')}"
-    st_a, st_b = lab.state("a", name), lab.state("b", name)
-    assert st_a is not None and st_a["status"] == "paused", st_a
-    # Frozen; or killed, where the freezer cannot take a thread that waits on
-    # a missing page inside a system call: never running with holes.
-    assert st_b is None or st_b["status"] in ("paused", "stopped"), f"the destination runs with missing memory: {st_b}"
+    for name in names:
+        st_a, st_b = lab.state("a", name), lab.state("b", name)
+        assert st_a is not None and st_a["status"] == "paused", (name, st_a)
+        # Frozen; or killed, where the freezer cannot take a thread that waits on
+        # a missing page inside a system call: never running with holes.
+        assert st_b is None or st_b["status"] in ("paused", "stopped"), f"{name} runs on b with missing memory: {st_b}"
     assert not runc_checkpoints() and not criu_pids("a") and not criu_pids("b")
-    rec = on("a", "tug", "recover", name, "--to", lab.url("b"), "--json")
-    assert rec.returncode == 0, rec.stderr
-    assert rec.json()["action"] == "undone", rec.stdout
-    st = lab.state("a", name)
-    assert st is not None and st["status"] == "running"
-    assert lab.check("a", name)["ok"]
-    assert lab.leftovers("b", name) == []
+    for name in names:
+        rec = on("a", "tug", "recover", name, "--to", lab.url("b"), "--json")
+        assert rec.returncode == 0, f"recover {name}: {rec.stderr}"
+        assert rec.json()["action"] == "undone", rec.stdout
+    checks = {}
+    for name in names:
+        st = lab.state("a", name)
+        assert st is not None and st["status"] == "running", (name, st)
+        checks[name] = lab.check("a", name)
+        assert checks[name]["ok"], checks[name]
+        assert lab.leftovers("b", name) == [], (name, lab.leftovers("b", name))
+    return checks

@@ -23,6 +23,7 @@ import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,6 +64,19 @@ def _holder(lab: Lab, name: str) -> list[int]:
     return [tracer] if tracer and os.readlink(f"/proc/{tracer}/exe").endswith("/criu") else []
 
 
+def _assert_runs_alone_on_a(lab: Lab, demo: str, before: dict[str, Any], where: str) -> None:
+    """Rolled back before b ran anything: the source runs again, alone, its
+    memory intact and its heartbeat going on; neither host keeps anything."""
+    copies = running_copies(lab, demo)
+    assert copies.get("a") == "running" and copies.get("b") is None, f"{copies}\n{where}"
+    after = lab.check("a", demo)
+    assert after["ok"] and after["verify"]["bad_pages"] == 0, after
+    assert after["heartbeat"]["last_counter"] > before["heartbeat"]["last_counter"], after
+    assert wait_for(lambda: lab.leftovers("b", demo) == [], 15), lab.leftovers("b", demo)
+    assert wait_for(lambda: not criu_pids("a") and not criu_pids("b"), 15), "CRIU left behind"
+    assert wait_for(lambda: not agent_pids("b"), 30), "agent left behind"
+
+
 @pytest.mark.parametrize("fault", ["criu-kill", "link-drop"])
 def test_fault_mid_push_resumes_the_source_alone(lab: Lab, busy_demo: str, fault: str) -> None:
     demo = busy_demo
@@ -86,14 +100,7 @@ def test_fault_mid_push_resumes_the_source_alone(lab: Lab, busy_demo: str, fault
     if fault == "criu-kill":  # the push saw it: CRIU no longer held the processes, nothing more was read
         assert "no longer held stopped" in res.stderr, where
     assert not any("pushed from its frozen processes" in n for n in report["notes"]), report["notes"]
-    copies = running_copies(lab, demo)
-    assert copies.get("a") == "running" and copies.get("b") is None, f"{copies}\n{where}"
-    after = lab.check("a", demo)
-    assert after["ok"] and after["verify"]["bad_pages"] == 0, after
-    assert after["heartbeat"]["last_counter"] > before["heartbeat"]["last_counter"], after
-    assert wait_for(lambda: lab.leftovers("b", demo) == [], 15), lab.leftovers("b", demo)
-    assert wait_for(lambda: not criu_pids("a") and not criu_pids("b"), 15), "CRIU left behind"
-    assert wait_for(lambda: not agent_pids("b"), 30), "agent left behind"
+    _assert_runs_alone_on_a(lab, demo, before, where)
 
 
 def _tug_migrate(name: str) -> list[int]:
@@ -152,14 +159,7 @@ def test_criu_dies_as_the_lazy_dump_ends_after_the_push(lab: Lab, busy_demo: str
     assert re.search(rf"the lazy dump of {demo} (exited with|answered the end|broke the connection|did not answer)",
                      res.stderr), where
     assert not any("pushed from its frozen processes" in n for n in report["notes"]), report["notes"]
-    copies = running_copies(lab, demo)
-    assert copies.get("a") == "running" and copies.get("b") is None, f"{copies}\n{where}"
-    after = lab.check("a", demo)
-    assert after["ok"] and after["verify"]["bad_pages"] == 0, after
-    assert after["heartbeat"]["last_counter"] > before["heartbeat"]["last_counter"], after
-    assert wait_for(lambda: lab.leftovers("b", demo) == [], 15), lab.leftovers("b", demo)
-    assert wait_for(lambda: not criu_pids("a") and not criu_pids("b"), 15), "CRIU left behind"
-    assert wait_for(lambda: not agent_pids("b"), 30), "agent left behind"
+    _assert_runs_alone_on_a(lab, demo, before, where)
 
 
 @pytest.fixture
